@@ -1,0 +1,56 @@
+"""quantjax: functional quantization, pruning and distillation for JAX/Flax.
+
+Transforms are pure functions over params pytrees (NNX `State`, linen dicts,
+nested dicts) selected by path-regex rules; quantized leaves are `QArray`
+pytrees that really hold fewer bytes. See README.md.
+"""
+
+from quantjax import ops
+from quantjax.eval.memory import bits_per_weight, estimate, memory_table, tree_bytes
+from quantjax.numerics.calibrate import Calibration, calibrate
+from quantjax.numerics.fake_quant import fake_quant, lsq_fake_quant, lsq_init_step, round_ste
+from quantjax.numerics.formats import QuantFormat
+from quantjax.numerics.inspect import describe as inspect_value
+from quantjax.numerics.qarray import ActQuantized, QArray, dequantize, quantize, quantize_with_scale
+from quantjax.ops import qdot, qeinsum
+from quantjax.rules import PruneRule, QuantRule, RuleReport, match_rules
+from quantjax.transforms import (Transform, chain, dequantization, dequantize_params,
+                                 fake_quant_params, fake_quantization, quantization,
+                                 quantize_params)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActQuantized",
+    "Calibration",
+    "PruneRule",
+    "QArray",
+    "QuantFormat",
+    "QuantRule",
+    "RuleReport",
+    "Transform",
+    "bits_per_weight",
+    "calibrate",
+    "chain",
+    "dequantization",
+    "dequantize",
+    "dequantize_params",
+    "estimate",
+    "fake_quant",
+    "fake_quant_params",
+    "fake_quantization",
+    "inspect_value",
+    "lsq_fake_quant",
+    "lsq_init_step",
+    "match_rules",
+    "memory_table",
+    "ops",
+    "qdot",
+    "qeinsum",
+    "quantization",
+    "quantize",
+    "quantize_params",
+    "quantize_with_scale",
+    "round_ste",
+    "tree_bytes",
+]

@@ -1,0 +1,1 @@
+"""Pallas kernels behind `quantjax.ops.qdot` (see `dispatch.py`)."""

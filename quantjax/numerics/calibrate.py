@@ -1,0 +1,156 @@
+"""Choosing scales and zero points: min-max, percentile clipping, MSE search.
+
+Every method works per block (tensor, channel or group, from the format's
+granularity) and returns block-shaped `(scale, zero_point)`; see
+`qarray.block_view`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from quantjax.numerics import qarray as qarray_lib
+from quantjax.numerics.formats import QuantFormat
+
+__all__ = ["Calibration", "calibrate", "calibrate_blocks", "sign_scales", "resolve_calibration"]
+
+METHODS = ("minmax", "percentile", "mse")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+  """How a range is chosen for each block.
+
+  Attributes:
+    method: "minmax" (the full range), "percentile" (clip at the given
+      percentile of |x|, or of x at both ends for asymmetric formats) or "mse"
+      (search clip ratios in [min_ratio, 1] for the least `norm`-error).
+    percentile: for "percentile", in (0, 100].
+    grid: number of clip ratios tried by "mse".
+    min_ratio: smallest clip ratio tried by "mse".
+    norm: error exponent for "mse" (2 = mean squared error; GPTQ's reference
+      search uses 2.4).
+  """
+
+  method: str = "minmax"
+  percentile: float = 99.9
+  grid: int = 100
+  min_ratio: float = 0.2
+  norm: float = 2.0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"calibration method {self.method!r} is not one of {METHODS}")
+    if not 0.0 < self.percentile <= 100.0:
+      raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+    if self.grid < 1:
+      raise ValueError(f"grid must be >= 1, got {self.grid}")
+    if not 0.0 < self.min_ratio <= 1.0:
+      raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
+
+
+def resolve_calibration(calibration: Any) -> Calibration:
+  if isinstance(calibration, Calibration):
+    return calibration
+  if isinstance(calibration, str):
+    return Calibration(method=calibration)
+  if calibration is None:
+    return Calibration()
+  raise TypeError(f"calibration must be a Calibration or a method name, got {calibration!r}")
+
+
+def _percentile(x: jax.Array, q: float, axes: tuple[int, ...]) -> jax.Array:
+  keep = [a for a in range(x.ndim) if a not in axes]
+  xt = jnp.transpose(x, keep + list(axes))
+  flat = xt.reshape(xt.shape[:len(keep)] + (-1,))
+  p = jnp.percentile(flat.astype(jnp.float32), q, axis=-1)
+  out_shape = [1 if a in axes else x.shape[a] for a in range(x.ndim)]
+  return p.reshape(out_shape)
+
+
+def _range(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
+           cal: Calibration) -> tuple[jax.Array, jax.Array]:
+  x = xb.astype(jnp.float32)
+  if cal.method == "percentile" and cal.percentile < 100.0:
+    if fmt.kind == "int" and not fmt.symmetric:
+      return (_percentile(x, 100.0 - cal.percentile, axes),
+              _percentile(x, cal.percentile, axes))
+    amax = _percentile(jnp.abs(x), cal.percentile, axes)
+    return -amax, amax
+  return (jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True))
+
+
+def calibrate_blocks(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
+                     calibration: Any = "minmax"):
+  """Block-shaped `(scale, zero_point)` for block-shaped `xb`."""
+  cal = resolve_calibration(calibration)
+  lo, hi = _range(xb, axes, fmt, cal)
+  if cal.method != "mse":
+    return qarray_lib.scale_from_range(fmt, lo, hi)
+
+  x = xb.astype(jnp.float32)
+  search_fmt = fmt.replace(rounding="nearest_even") if fmt.rounding == "stochastic" else fmt
+  ratios = jnp.linspace(1.0, cal.min_ratio, cal.grid)
+
+  def err_for(r):
+    s, z = qarray_lib.scale_from_range(fmt, lo * r, hi * r)
+    q = qarray_lib.encode(x, search_fmt, s, z)
+    d = qarray_lib.decode(q, search_fmt, s, z)
+    return jnp.sum(jnp.abs(d - x) ** cal.norm, axis=axes, keepdims=True), s, z
+
+  e0, s0, z0 = err_for(ratios[0])
+
+  def body(carry, r):
+    best_e, best_s, best_z = carry
+    e, s, z = err_for(r)
+    better = e < best_e
+    best_s = jnp.where(better, s, best_s)
+    best_z = None if z is None else jnp.where(better, z, best_z)
+    return (jnp.where(better, e, best_e), best_s, best_z), None
+
+  (_, s, z), _ = jax.lax.scan(body, (e0, s0, z0), ratios[1:])
+  return s, z
+
+
+def sign_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):
+  """Closed-form scales for binary and ternary codes.
+
+  Binary: alpha = mean|x| (the L2-optimal scale for sign(x), XNOR-Net).
+  Ternary: Delta = 0.7 * mean|x|, alpha = mean of |x| over |x| > Delta (TWN).
+
+  Returns `(scale, threshold)`, block-shaped; threshold is None for binary.
+
+  References:
+    Rastegari et al., XNOR-Net, ECCV 2016. Li & Liu, Ternary Weight Networks
+    (TWN), 2016, arXiv:1605.04711.
+  """
+  a = jnp.abs(xb.astype(jnp.float32))
+  mean_abs = jnp.mean(a, axis=axes, keepdims=True)
+  if fmt.kind == "binary":
+    # An all-zero block gets alpha = 0: its values decode to exactly 0.
+    return mean_abs.astype(fmt.scale_dtype), None
+  delta = 0.7 * mean_abs
+  mask = a > delta
+  cnt = jnp.sum(mask, axis=axes, keepdims=True).astype(jnp.float32)
+  alpha = jnp.sum(jnp.where(mask, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(cnt, 1)
+  alpha = jnp.where(cnt > 0, alpha, 0.0)
+  return alpha.astype(fmt.scale_dtype), delta
+
+
+def calibrate(x: jax.Array, fmt: QuantFormat, calibration: Any = "minmax"):
+  """Stored-shape `(scale, zero_point)` for `x` (see `QArray` for the layout)."""
+  from quantjax.numerics.formats import resolve_format
+  fmt = resolve_format(fmt)
+  xb, axes = qarray_lib.block_view(jnp.asarray(x), fmt)
+  if fmt.kind in ("binary", "ternary"):
+    s, _ = sign_scales(xb, axes, fmt)
+    z = None
+  else:
+    s, z = calibrate_blocks(xb, axes, fmt, calibration)
+  shape = tuple(jnp.shape(x))
+  return (qarray_lib.stored_scale(s, shape, fmt),
+          None if z is None else qarray_lib.stored_scale(z, shape, fmt))

@@ -1,0 +1,290 @@
+"""Number formats: what a quantized value is and how its scales are shared.
+
+A `QuantFormat` is pure description (no arrays): the kind of number (integer,
+binary, ternary, FP8, NF4, or a plain FP16/BF16 cast), its bit width and
+signedness, whether it is symmetric or asymmetric (and then whether the offset
+is an integer zero point, as in PyTorch/ONNX, or a float minimum, as GGUF's
+Q4_1 stores it), the granularity of the scales (per tensor, per channel, or in
+groups along the contraction axis), and the rounding mode.
+
+Axis conventions follow Flax kernels `[in, out]`: per-channel scales are per
+output column (`channel_axis=-1`), groups run along the input axis
+(`group_axis=0`). Change both for `[out, in]` weights.
+
+Invalid combinations are refused at construction, with a message naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+__all__ = ["QuantFormat", "NF4_CODEBOOK", "KINDS", "GRANULARITIES"]
+
+KINDS = ("int", "binary", "ternary", "fp8_e4m3", "fp8_e5m2", "nf4", "fp16", "bf16")
+GRANULARITIES = ("per_tensor", "per_channel", "group")
+ZERO_POINTS = ("int", "float")
+ROUNDINGS = ("nearest_even", "stochastic")
+
+# NormalFloat-4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an
+# exact zero (Dettmers et al., QLoRA, 2023, Appendix E).
+NF4_CODEBOOK = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0
+], dtype=np.float32)
+
+_FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+_CAST_DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantFormat:
+  """How values are quantized.
+
+  Attributes:
+    kind: one of `KINDS`.
+    bits: bit width of an integer code (1..8). Fixed for the other kinds
+      (binary 1, ternary 2, nf4 4, fp8 8, fp16/bf16 16); leave it unset.
+    signed: integer codes signed (two's complement range) or unsigned. Default
+      (None): signed when symmetric, unsigned when asymmetric.
+    symmetric: zero maps to code 0 and the scale comes from max|x|. Asymmetric
+      formats cover [min, max] with an offset. Only integer formats may be
+      asymmetric.
+    zero_point: for asymmetric formats, "int" (x = (q - z) * s with integer z)
+      or "float" (x = m + s * q with a float minimum m, GGUF Q4_1 style).
+    granularity: "per_tensor", "per_channel" or "group".
+    channel_axis: axis kept by per-channel scales (output channels).
+    group_axis: axis along which groups of `group_size` consecutive values
+      share a scale; sub-byte codes are packed along this axis too.
+    group_size: values per group (granularity "group" only).
+    rounding: "nearest_even" or "stochastic" (integer kinds; needs a key).
+    scale_dtype: dtype scales (and float zero points) are stored in.
+  """
+
+  kind: str = "int"
+  bits: int | None = None
+  signed: bool | None = None
+  symmetric: bool = True
+  zero_point: str = "int"
+  granularity: str = "per_channel"
+  channel_axis: int = -1
+  group_axis: int = 0
+  group_size: int | None = None
+  rounding: str = "nearest_even"
+  scale_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    def refuse(msg):
+      raise ValueError(f"invalid QuantFormat({self._short()}): {msg}")
+
+    if self.kind not in KINDS:
+      refuse(f"kind {self.kind!r} is not one of {KINDS}")
+    if self.granularity not in GRANULARITIES:
+      refuse(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
+    if self.zero_point not in ZERO_POINTS:
+      refuse(f"zero_point {self.zero_point!r} is not one of {ZERO_POINTS}")
+    if self.rounding not in ROUNDINGS:
+      refuse(f"rounding {self.rounding!r} is not one of {ROUNDINGS}")
+    fixed_bits = {"binary": 1, "ternary": 2, "nf4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8,
+                  "fp16": 16, "bf16": 16}
+    if self.kind == "int":
+      if self.bits is None:
+        object.__setattr__(self, "bits", 8)
+      if not isinstance(self.bits, (int, np.integer)) or isinstance(self.bits, bool):
+        refuse(f"bits must be an int, got {self.bits!r}")
+      if not 1 <= self.bits <= 8:
+        refuse(f"bits={self.bits} is out of range: integer formats have 1 to 8 bits")
+      if self.signed is None:
+        object.__setattr__(self, "signed", bool(self.symmetric))
+      if self.symmetric and self.signed and self.bits < 2:
+        refuse("a signed symmetric 1-bit integer has no non-zero level; use kind='binary'")
+      if not self.symmetric and self.zero_point == "float" and self.signed:
+        refuse("a float-offset (min + step*q) format stores unsigned codes; set signed=False")
+    else:
+      if self.bits is not None and self.bits != fixed_bits[self.kind]:
+        refuse(f"kind {self.kind!r} has {fixed_bits[self.kind]} bits, not bits={self.bits}")
+      object.__setattr__(self, "bits", fixed_bits[self.kind])
+      if self.signed is False:
+        refuse(f"kind {self.kind!r} is signed; signed=False is not supported")
+      object.__setattr__(self, "signed", True)
+      if not self.symmetric:
+        refuse(f"kind {self.kind!r} is symmetric only; asymmetric needs kind='int'")
+      if self.rounding == "stochastic" and self.kind in ("nf4", "fp8_e4m3", "fp8_e5m2",
+                                                        "fp16", "bf16"):
+        refuse(f"stochastic rounding is implemented for integer codes, not {self.kind!r}")
+    if self.granularity == "group":
+      if self.group_size is None:
+        refuse("granularity='group' needs group_size")
+      if not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
+        refuse(f"group_size must be a positive int, got {self.group_size!r}")
+    elif self.group_size is not None:
+      refuse(f"group_size={self.group_size} is only valid with granularity='group', "
+             f"not {self.granularity!r}")
+    if self.is_cast:
+      if self.granularity == "group":
+        refuse(f"{self.kind} is a plain cast with no scales; it has no groups")
+    if self.kind == "binary" and self.rounding == "stochastic":
+      refuse("binary codes are sign bits; stochastic rounding does not apply")
+
+  # --- descriptive properties ------------------------------------------------
+  def _short(self) -> str:
+    return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                     if getattr(self, f.name) != f.default)
+
+  @property
+  def is_cast(self) -> bool:
+    """True for FP16/BF16: a dtype cast, no scales."""
+    return self.kind in _CAST_DTYPES
+
+  @property
+  def is_float_code(self) -> bool:
+    """True when codes are floating point (FP8 and the casts)."""
+    return self.kind in _FP8_DTYPES or self.kind in _CAST_DTYPES
+
+  @property
+  def has_zero_point(self) -> bool:
+    return self.kind == "int" and not self.symmetric
+
+  @property
+  def packed(self) -> bool:
+    """True when several codes share one byte (and bit-planes for 3/5/6/7 bits)."""
+    return self.kind in ("int", "binary", "ternary", "nf4") and self.bits < 8
+
+  @property
+  def code_dtype(self):
+    """dtype of one unpacked code."""
+    if self.kind in _FP8_DTYPES:
+      return _FP8_DTYPES[self.kind]
+    if self.kind in _CAST_DTYPES:
+      return _CAST_DTYPES[self.kind]
+    if self.kind == "int" and self.bits == 8:
+      return jnp.int8 if self.signed else jnp.uint8
+    return jnp.int8
+
+  @property
+  def qmin(self) -> int:
+    """Smallest integer code (integer-like kinds)."""
+    if self.kind == "int":
+      if self.signed:
+        return -(2 ** (self.bits - 1))
+      return 0
+    if self.kind in ("binary", "ternary"):
+      return -1
+    if self.kind == "nf4":
+      return 0
+    raise ValueError(f"{self.kind} has no integer code range")
+
+  @property
+  def qmax(self) -> int:
+    if self.kind == "int":
+      if self.signed:
+        return 2 ** (self.bits - 1) - 1
+      return 2 ** self.bits - 1
+    if self.kind in ("binary", "ternary"):
+      return 1
+    if self.kind == "nf4":
+      return 15
+    raise ValueError(f"{self.kind} has no integer code range")
+
+  @property
+  def max_representable(self) -> float:
+    """Largest magnitude of a code before scaling (for scale = absmax / this)."""
+    if self.kind == "int":
+      if self.symmetric:
+        return float(self.qmax)
+      return float(self.qmax - self.qmin)
+    if self.kind in ("binary", "ternary", "nf4"):
+      return 1.0
+    if self.kind in _FP8_DTYPES:
+      return float(ml_dtypes.finfo(_FP8_DTYPES[self.kind]).max)
+    raise ValueError(f"{self.kind} has no scale")
+
+  def replace(self, **changes) -> "QuantFormat":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def name(self) -> str:
+    """Short string that `QuantFormat.parse` reads back."""
+    if self.is_cast or self.kind in _FP8_DTYPES or self.kind in ("binary", "ternary", "nf4"):
+      parts = [self.kind]
+    else:
+      parts = [f"{'u' if (self.signed is False and self.symmetric) else ''}int{self.bits}"]
+    if self.granularity == "group":
+      parts.append(f"g{self.group_size}")
+    elif self.granularity == "per_tensor" and not self.is_cast:
+      parts.append("t")
+    if self.has_zero_point:
+      parts.append("asymf" if self.zero_point == "float" else "asym")
+    if self.rounding == "stochastic":
+      parts.append("sr")
+    return "_".join(parts)
+
+  def __str__(self) -> str:
+    return self.name
+
+  # --- constructors ------------------------------------------------------------
+  @classmethod
+  def parse(cls, spec: str, **overrides) -> "QuantFormat":
+    """Reads a short spec: `int8`, `int4_g64`, `int4_g64_asym`, `int4_g64_asymf`,
+    `int3_g64_asym`, `int8_t` (per tensor), `uint8_t`, `nf4_g64`, `fp8_e4m3`,
+    `fp8_e5m2`, `binary`, `ternary_g64`, `fp16`, `bf16`; `_sr` adds stochastic
+    rounding. Keyword overrides are applied last (e.g. `group_axis=1`)."""
+    if not isinstance(spec, str) or not spec:
+      raise ValueError(f"format spec must be a non-empty string, got {spec!r}")
+    s = spec.strip().lower()
+    kw: dict[str, Any] = {}
+    for fp in ("fp8_e4m3", "fp8_e5m2"):
+      if s.startswith(fp):
+        kw["kind"] = fp
+        s = s[len(fp):]
+        break
+    else:
+      head, _, s = s.partition("_")
+      s = "_" + s if s else ""
+      m = re.fullmatch(r"(u?)int(\d+)", head)
+      if m:
+        kw.update(kind="int", bits=int(m.group(2)))
+        if m.group(1):
+          kw["signed"] = False
+      elif head in ("binary", "ternary", "nf4", "fp16", "bf16"):
+        kw["kind"] = head
+      else:
+        raise ValueError(f"unknown format spec {spec!r}: cannot read {head!r}")
+    if kw["kind"] in ("fp16", "bf16"):
+      kw["granularity"] = "per_tensor"
+    for tok in filter(None, s.split("_")):
+      if re.fullmatch(r"g\d+", tok):
+        kw.update(granularity="group", group_size=int(tok[1:]))
+      elif tok == "t":
+        kw["granularity"] = "per_tensor"
+      elif tok in ("c", "ch"):
+        kw["granularity"] = "per_channel"
+      elif tok == "asym":
+        kw.update(symmetric=False, zero_point="int")
+      elif tok == "asymf":
+        kw.update(symmetric=False, zero_point="float", signed=False)
+      elif tok == "sym":
+        kw["symmetric"] = True
+      elif tok == "sr":
+        kw["rounding"] = "stochastic"
+      else:
+        raise ValueError(f"unknown token {tok!r} in format spec {spec!r}")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def resolve_format(fmt: "QuantFormat | str") -> QuantFormat:
+  """Accepts a `QuantFormat` or a spec string."""
+  if isinstance(fmt, QuantFormat):
+    return fmt
+  if isinstance(fmt, str):
+    return QuantFormat.parse(fmt)
+  raise TypeError(f"expected a QuantFormat or a format spec string, got {type(fmt).__name__}")

@@ -1,0 +1,498 @@
+"""`QArray`: a quantized array that is a pytree, and the math to make one.
+
+A `QArray` holds array children (`qvalue`: the stored codes, packed for
+sub-byte formats; `scale`; optional `zero_point`) and static metadata (the
+`QuantFormat`, the logical `shape` and the original `dtype`). It jits, vmaps,
+shards and checkpoints like any pytree, and `nbytes` is what it really costs.
+
+Layout:
+  * Scales have the array's shape with the reduced axes kept as 1
+    (per-channel on `[in, out]`: `[1, out]`; per-tensor: all ones), except for
+    groups, where the group axis holds one entry per group (`[in/g, out]`).
+  * Codes of 1, 2 and 4 bits are packed 8, 4 and 2 per byte along the group
+    axis, low bits first; 3, 5, 6 and 7-bit codes are stored as bit planes
+    (bit p of 8 consecutive codes in one byte, planes concatenated along the
+    same axis), so every format costs exactly its bits per value. The packing
+    axis is padded to a whole number of bytes; `shape` keeps the logical size.
+  * Integer codes are stored offset to unsigned (`u = q - qmin`) when packed,
+    as int8/uint8 when 8-bit, FP8 codes as float8 dtypes, casts as fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quantjax.numerics import formats as formats_lib
+from quantjax.numerics.formats import QuantFormat
+
+__all__ = [
+    "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
+    "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
+    "quantize_with_scale",
+]
+
+
+# ----------------------------------------------------------------------------
+# Block views: where scales are shared.
+# ----------------------------------------------------------------------------
+
+def _norm_axis(axis: int, ndim: int, what: str, shape) -> int:
+  if ndim == 0:
+    return 0
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{what}={axis} is out of range for an array of shape {tuple(shape)}")
+  return axis % ndim
+
+
+def block_view(x: jax.Array, fmt: QuantFormat) -> tuple[jax.Array, tuple[int, ...]]:
+  """Reshapes `x` so each scale covers the values along the returned axes.
+
+  Returns `(xb, axes)`: reducing `xb` over `axes` with keepdims gives the
+  scale's shape in block space (see `unblock_scale` for the stored shape).
+  """
+  shape = tuple(x.shape)
+  nd = len(shape)
+  if fmt.granularity == "per_tensor" or nd == 0:
+    return x, tuple(range(nd))
+  if fmt.granularity == "per_channel":
+    ca = _norm_axis(fmt.channel_axis, nd, "channel_axis", shape)
+    return x, tuple(a for a in range(nd) if a != ca)
+  ga = _norm_axis(fmt.group_axis, nd, "group_axis", shape)
+  g = fmt.group_size
+  n = shape[ga]
+  if n % g:
+    raise ValueError(
+        f"group_size {g} does not divide axis {ga} of length {n} (array shape {shape}); "
+        f"choose a group size that divides {n} (e.g. "
+        f"{', '.join(str(d) for d in (32, 64, 128, 256) if n % d == 0) or 'per_channel'})")
+  xb = x.reshape(shape[:ga] + (n // g, g) + shape[ga + 1:])
+  return xb, (ga + 1,)
+
+
+def unblock(xb: jax.Array, shape: Sequence[int], fmt: QuantFormat) -> jax.Array:
+  """Inverse of `block_view` for arrays of the blocked shape."""
+  return xb.reshape(tuple(shape))
+
+
+def stored_scale(scale_b: jax.Array, shape, fmt: QuantFormat) -> jax.Array:
+  """Block-space scale `[.., n/g, 1, ..]` -> stored scale `[.., n/g, ..]`."""
+  if fmt.granularity == "group" and len(shape) > 0:
+    ga = _norm_axis(fmt.group_axis, len(shape), "group_axis", shape)
+    return jnp.squeeze(scale_b, axis=ga + 1)
+  return scale_b
+
+
+def block_scale(scale: jax.Array, shape, fmt: QuantFormat) -> jax.Array:
+  """Stored scale -> block-space scale that broadcasts against `block_view`."""
+  if fmt.granularity == "group" and len(shape) > 0:
+    ga = _norm_axis(fmt.group_axis, len(shape), "group_axis", shape)
+    return jnp.expand_dims(scale, ga + 1)
+  return scale
+
+
+# ----------------------------------------------------------------------------
+# Scales from ranges, encode and decode.
+# ----------------------------------------------------------------------------
+
+def scale_from_range(fmt: QuantFormat, lo: jax.Array, hi: jax.Array):
+  """Scale (and zero point) that map `[lo, hi]` onto the format's codes.
+
+  Symmetric formats use `max(|lo|, |hi|)`. An all-zero block gets scale 1 so
+  nothing becomes NaN or inf. Returns `(scale, zero_point_or_None)` with the
+  scale rounded to `fmt.scale_dtype` already.
+  """
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  tiny = jnp.finfo(jnp.float32).tiny
+  if fmt.is_cast:
+    return None, None
+  if fmt.kind == "int" and not fmt.symmetric:
+    if fmt.zero_point == "float":
+      span = hi - lo
+      scale = jnp.where(span > tiny, span / (fmt.qmax - fmt.qmin), 1.0)
+      scale = scale.astype(fmt.scale_dtype)
+      return scale, lo.astype(fmt.scale_dtype)
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    span = hi - lo
+    scale = jnp.where(span > tiny, span / (fmt.qmax - fmt.qmin), 1.0).astype(fmt.scale_dtype)
+    s32 = scale.astype(jnp.float32)
+    zp = jnp.clip(jnp.round(fmt.qmin - lo / s32), fmt.qmin, fmt.qmax)
+    return scale, zp.astype(jnp.int8 if fmt.signed else jnp.uint8)
+  if fmt.kind == "int" and not fmt.signed:
+    amax = jnp.maximum(hi, 0.0)  # unsigned symmetric: [0, hi], negatives clip to 0
+  else:
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  scale = jnp.where(amax > tiny, amax / fmt.max_representable, 1.0)
+  return scale.astype(fmt.scale_dtype), None
+
+
+def _round(v: jax.Array, fmt: QuantFormat, key: jax.Array | None) -> jax.Array:
+  if fmt.rounding == "stochastic":
+    if key is None:
+      raise ValueError(f"format {fmt} uses stochastic rounding: pass key=jax.random.key(...)")
+    return jnp.floor(v + jax.random.uniform(key, v.shape, jnp.float32))
+  return jnp.round(v)  # round half to even
+
+
+def encode(xb: jax.Array, fmt: QuantFormat, scale_b: jax.Array | None,
+           zp_b: jax.Array | None = None, *, key: jax.Array | None = None,
+           threshold_b: jax.Array | None = None) -> jax.Array:
+  """Codes for block-shaped `xb` with block-shaped scale and zero point.
+
+  Integer-like kinds return int8 codes in `[qmin, qmax]` (NF4: indices
+  0..15); FP8 and casts return their float dtype. For ternary codes,
+  `threshold_b` (TWN's Delta) decides zeros; without it, round(x/scale).
+  """
+  x = xb.astype(jnp.float32)
+  if fmt.is_cast:
+    return xb.astype(fmt.code_dtype)
+  s = scale_b.astype(jnp.float32)
+  if fmt.kind in ("fp8_e4m3", "fp8_e5m2"):
+    m = fmt.max_representable
+    return jnp.clip(x / s, -m, m).astype(fmt.code_dtype)
+  if fmt.kind == "binary":
+    return jnp.where(x >= 0, 1, -1).astype(jnp.int8)
+  if fmt.kind == "ternary":
+    if threshold_b is not None:
+      return jnp.where(jnp.abs(x) > threshold_b, jnp.sign(x), 0.0).astype(jnp.int8)
+    safe = jnp.where(s > 0, s, 1.0)
+    return jnp.clip(_round(x / safe, fmt, key), -1, 1).astype(jnp.int8)
+  if fmt.kind == "nf4":
+    v = jnp.clip(x / s, -1.0, 1.0)
+    cb = jnp.asarray(formats_lib.NF4_CODEBOOK)
+    mids = (cb[1:] + cb[:-1]) / 2
+    return jnp.sum(v[..., None] > mids, axis=-1).astype(jnp.int8)
+  # integer
+  if fmt.symmetric:
+    v = x / s
+  elif fmt.zero_point == "float":
+    v = (x - zp_b.astype(jnp.float32)) / s
+  else:
+    v = x / s + zp_b.astype(jnp.float32)
+  q = jnp.clip(_round(v, fmt, key), fmt.qmin, fmt.qmax)
+  return q.astype(jnp.uint8 if (fmt.bits == 8 and not fmt.signed) else
+                  (jnp.int8 if fmt.qmax <= 127 else jnp.int16))
+
+
+def decode(codes_b: jax.Array, fmt: QuantFormat, scale_b: jax.Array | None,
+           zp_b: jax.Array | None = None) -> jax.Array:
+  """Float32 values of block-shaped codes (exact math, no rounding)."""
+  if fmt.is_cast:
+    return codes_b.astype(jnp.float32)
+  s = scale_b.astype(jnp.float32)
+  if fmt.kind in ("fp8_e4m3", "fp8_e5m2"):
+    return codes_b.astype(jnp.float32) * s
+  if fmt.kind == "nf4":
+    cb = jnp.asarray(formats_lib.NF4_CODEBOOK)
+    return cb[codes_b.astype(jnp.int32)] * s
+  q = codes_b.astype(jnp.float32)
+  if fmt.kind == "int" and not fmt.symmetric:
+    if fmt.zero_point == "float":
+      return zp_b.astype(jnp.float32) + q * s
+    return (q - zp_b.astype(jnp.float32)) * s
+  return q * s
+
+
+# ----------------------------------------------------------------------------
+# Packing.
+# ----------------------------------------------------------------------------
+
+def _pack_axis(fmt: QuantFormat, ndim: int) -> int:
+  if ndim == 0:
+    return 0
+  return fmt.group_axis % ndim if -ndim <= fmt.group_axis < ndim else 0
+
+
+def _to_unsigned(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
+  if fmt.kind == "binary":
+    return (codes > 0).astype(jnp.uint8)
+  return (codes.astype(jnp.int32) - fmt.qmin).astype(jnp.uint8)
+
+
+def _from_unsigned(u: jax.Array, fmt: QuantFormat) -> jax.Array:
+  if fmt.kind == "binary":
+    return (u.astype(jnp.int8) * 2 - 1).astype(jnp.int8)
+  return (u.astype(jnp.int32) + fmt.qmin).astype(jnp.int8)
+
+
+def packed_length(n: int, bits: int) -> int:
+  """Bytes along the packing axis for `n` codes of `bits` bits."""
+  if bits in (1, 2, 4):
+    per = 8 // bits
+    return -(-n // per)
+  return bits * (-(-n // 8))
+
+
+def pack_codes(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """Packs sub-byte integer codes (logical shape) into uint8 along the group axis."""
+  if not fmt.packed:
+    return codes
+  b = fmt.bits
+  if codes.ndim == 0:
+    codes = codes.reshape(1)
+  axis = _pack_axis(fmt, codes.ndim)
+  u = jnp.moveaxis(_to_unsigned(codes, fmt), axis, -1)
+  n = u.shape[-1]
+  per = 8 // b if b in (1, 2, 4) else 8
+  pad = (-n) % per
+  if pad:
+    u = jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
+  u = u.reshape(u.shape[:-1] + (-1, per)).astype(jnp.uint32)
+  if b in (1, 2, 4):
+    shifts = jnp.arange(per, dtype=jnp.uint32) * b
+    packed = jnp.sum(u << shifts, axis=-1).astype(jnp.uint8)
+  else:
+    shifts = jnp.arange(8, dtype=jnp.uint32)
+    planes = [jnp.sum(((u >> p) & 1) << shifts, axis=-1).astype(jnp.uint8) for p in range(b)]
+    packed = jnp.concatenate(planes, axis=-1)
+  return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_codes(packed: jax.Array, fmt: QuantFormat, shape: Sequence[int]) -> jax.Array:
+  """Inverse of `pack_codes`: int8 codes of the logical `shape`."""
+  if not fmt.packed:
+    return packed
+  b = fmt.bits
+  shape = tuple(shape)
+  lshape = shape if shape else (1,)
+  axis = _pack_axis(fmt, len(lshape))
+  n = lshape[axis]
+  p = jnp.moveaxis(packed, axis, -1).astype(jnp.uint32)
+  if b in (1, 2, 4):
+    per = 8 // b
+    shifts = jnp.arange(per, dtype=jnp.uint32) * b
+    u = (p[..., None] >> shifts) & ((1 << b) - 1)
+    u = u.reshape(u.shape[:-2] + (-1,))
+  else:
+    nbytes = p.shape[-1] // b
+    shifts = jnp.arange(8, dtype=jnp.uint32)
+    u = jnp.zeros(p.shape[:-1] + (nbytes, 8), jnp.uint32)
+    for plane in range(b):
+      bits = (p[..., plane * nbytes:(plane + 1) * nbytes, None] >> shifts) & 1
+      u = u | (bits << plane)
+    u = u.reshape(u.shape[:-2] + (-1,))
+  u = u[..., :n]
+  codes = _from_unsigned(u, fmt)
+  return jnp.moveaxis(codes, -1, axis).reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# The pytree.
+# ----------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized array. Children: `qvalue`, `scale`, `zero_point`.
+
+  Static: `fmt` (QuantFormat), `shape` (logical), `dtype` (of the original
+  array, which `dequantize()` returns by default).
+
+  It stands in where an array is expected: `__jax_array__` and `__array__`
+  dequantize, `x[idx]` indexes the dequantized values, and `shape`, `dtype`,
+  `ndim`, `size` describe the logical array.
+  """
+
+  qvalue: jax.Array
+  scale: jax.Array | None
+  zero_point: jax.Array | None
+  fmt: QuantFormat = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(metadata=dict(static=True))
+
+  # --- array-like surface ---------------------------------------------------
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(math.prod(self.shape))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually stored: codes + scales + zero points."""
+    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize
+               for a in (self.qvalue, self.scale, self.zero_point) if a is not None)
+
+  @property
+  def bits_per_value(self) -> float:
+    """Effective bits per logical value, scales and zero points included."""
+    return 8.0 * self.nbytes / max(self.size, 1)
+
+  def codes(self) -> jax.Array:
+    """Unpacked codes of the logical shape (int8 / uint8 / float8 / fp16)."""
+    return unpack_codes(self.qvalue, self.fmt, self.shape)
+
+  def dequantize(self, dtype: Any = None) -> jax.Array:
+    """The represented values, in `dtype` (default: the original dtype)."""
+    dtype = self.dtype if dtype is None else dtype
+    codes = self.codes()
+    if self.fmt.is_cast:
+      return codes.astype(dtype)
+    cb, _ = block_view(codes, self.fmt)
+    sb = block_scale(self.scale, self.shape, self.fmt)
+    zb = None if self.zero_point is None else block_scale(self.zero_point, self.shape, self.fmt)
+    return decode(cb, self.fmt, sb, zb).reshape(self.shape).astype(dtype)
+
+  def __jax_array__(self) -> jax.Array:
+    return self.dequantize()
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.asarray(self.dequantize())
+    return out.astype(dtype) if dtype is not None else out
+
+  def __getitem__(self, idx) -> jax.Array:
+    return self.dequantize()[idx]
+
+  def astype(self, dtype) -> jax.Array:
+    return self.dequantize(dtype)
+
+  @property
+  def T(self) -> jax.Array:  # noqa: N802
+    return self.dequantize().T
+
+  def __matmul__(self, other):
+    return jnp.matmul(self.dequantize(), other)
+
+  def __rmatmul__(self, other):
+    return jnp.matmul(other, self.dequantize())
+
+  def __repr__(self) -> str:
+    return (f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, fmt={self.fmt.name}, "
+            f"qvalue={getattr(self.qvalue, 'dtype', '?')}{tuple(getattr(self.qvalue, 'shape', ()))}, "
+            f"nbytes={self.nbytes if hasattr(self.qvalue, 'size') else '?'})")
+
+  @classmethod
+  def from_codes(cls, codes: jax.Array, fmt: QuantFormat, scale: jax.Array | None,
+                 zero_point: jax.Array | None = None, dtype: Any = jnp.float32) -> "QArray":
+    """Builds a QArray from unpacked codes of the logical shape and stored scales."""
+    return cls(qvalue=pack_codes(codes, fmt), scale=scale, zero_point=zero_point,
+               fmt=fmt, shape=tuple(codes.shape), dtype=jnp.dtype(dtype))
+
+
+def is_qarray(x: Any) -> bool:
+  return isinstance(x, QArray)
+
+
+def _check_finite(x: jax.Array, name: str) -> None:
+  """Raises on NaN/Inf when `x` is concrete (skipped under tracing)."""
+  if isinstance(x, jax.core.Tracer):
+    return
+  arr = np.asarray(x)
+  if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V":
+    return
+  bad = ~np.isfinite(arr.astype(np.float32))
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"cannot quantize {name}: it holds {int(bad.sum())} NaN/Inf value(s) of "
+        f"{arr.size} (shape {arr.shape}; first at index {first}: {arr[first]})")
+
+
+def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "minmax",
+             key: jax.Array | None = None, name: str = "array") -> QArray:
+  """Quantizes `x` to a `QArray` in format `fmt`.
+
+  Args:
+    x: a floating-point array.
+    fmt: a `QuantFormat` or spec string (`"int4_g64_asym"`).
+    calibration: how ranges are chosen: "minmax", "percentile", "mse", or a
+      `quantjax.numerics.calibrate.Calibration`. Binary and ternary formats
+      always use their closed-form scales (XNOR-Net mean|w|; TWN threshold
+      0.7 mean|w| and optimal alpha).
+    key: PRNG key, required for stochastic rounding.
+    name: used in error messages.
+
+  Returns:
+    A `QArray`; jittable, vmappable. Gradients flow to nothing through the
+    codes (rounding); use `fake_quant` for a straight-through estimator.
+
+  Raises:
+    ValueError: NaN/Inf in a concrete `x`, a group size that does not divide
+      the grouped axis, or a non-float input.
+  """
+  from quantjax.numerics import calibrate as calibrate_lib  # cycle: calibrate uses encode
+
+  fmt = formats_lib.resolve_format(fmt)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"cannot quantize {name}: dtype {x.dtype} is not floating point")
+  _check_finite(x, name)
+  shape = tuple(x.shape)
+  if fmt.is_cast:
+    return QArray(qvalue=x.astype(fmt.code_dtype), scale=None, zero_point=None, fmt=fmt,
+                  shape=shape, dtype=jnp.dtype(x.dtype))
+  xb, axes = block_view(x, fmt)
+  threshold = None
+  if fmt.kind in ("binary", "ternary"):
+    scale_b, threshold = calibrate_lib.sign_scales(xb, axes, fmt)
+    zp_b = None
+  else:
+    scale_b, zp_b = calibrate_lib.calibrate_blocks(xb, axes, fmt, calibration)
+  codes_b = encode(xb, fmt, scale_b, zp_b, key=key, threshold_b=threshold)
+  codes = codes_b.reshape(shape)
+  scale = stored_scale(scale_b, shape, fmt)
+  zp = None if zp_b is None else stored_scale(zp_b, shape, fmt)
+  return QArray(qvalue=pack_codes(codes, fmt), scale=scale, zero_point=zp, fmt=fmt,
+                shape=shape, dtype=jnp.dtype(x.dtype))
+
+
+def quantize_with_scale(x: jax.Array, fmt: QuantFormat, scale: jax.Array,
+                        zero_point: jax.Array | None = None, *,
+                        key: jax.Array | None = None) -> QArray:
+  """Quantizes `x` with given stored-shape scales (as GPTQ/AWQ choose them)."""
+  fmt = formats_lib.resolve_format(fmt)
+  shape = tuple(x.shape)
+  xb, _ = block_view(x, fmt)
+  sb = block_scale(scale, shape, fmt)
+  zb = None if zero_point is None else block_scale(zero_point, shape, fmt)
+  codes = encode(xb, fmt, sb, zb, key=key).reshape(shape)
+  return QArray(qvalue=pack_codes(codes, fmt), scale=scale, zero_point=zero_point, fmt=fmt,
+                shape=shape, dtype=jnp.dtype(x.dtype))
+
+
+def dequantize(x: Any, dtype: Any = None) -> jax.Array:
+  """`x.dequantize(dtype)` for a QArray; arrays pass through (cast if `dtype`)."""
+  if isinstance(x, QArray):
+    return x.dequantize(dtype)
+  return x if dtype is None else jnp.asarray(x).astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Activation quantization carried beside a weight.
+# ----------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActQuantized:
+  """A weight plus the format its matmul's activations are quantized to.
+
+  `ops.qdot` recognises it and quantizes the activations dynamically
+  (int8 x int8 -> int32 when both are int8).
+  """
+
+  weight: Any
+  act_format: Any = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return self.weight.shape
+
+  @property
+  def dtype(self):
+    return self.weight.dtype
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.weight.nbytes)
+
+  def __jax_array__(self):
+    return dequantize(self.weight)

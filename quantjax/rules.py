@@ -1,0 +1,187 @@
+"""Rules: which leaf of a params tree gets which treatment.
+
+A rule is a frozen, keyword-only dataclass whose `module_path` regex is matched
+with `re.fullmatch` against the leaf's path: its keys joined with '/' (e.g.
+`params/Dense_0/kernel`, `layers/3/attn/q_proj/kernel`). Rules are an ordered
+tuple; the first match wins. `match_rules` also reports the rules that
+matched nothing and the leaves that no rule covered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+
+from quantjax.numerics.calibrate import Calibration, resolve_calibration
+from quantjax.numerics.formats import QuantFormat, resolve_format
+from quantjax.numerics.qarray import ActQuantized, QArray
+
+__all__ = ["QuantRule", "PruneRule", "RuleReport", "match_rules", "path_str", "tree_leaves_with_paths",
+           "map_with_paths"]
+
+
+def _compile(pattern: str, what: str) -> re.Pattern:
+  if not isinstance(pattern, str):
+    raise TypeError(f"{what}.module_path must be a regex string, got {type(pattern).__name__}")
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{what}.module_path {pattern!r} is not a valid regex: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRule:
+  """Quantize the leaves whose path fully matches `module_path`.
+
+  Attributes:
+    module_path: regex, matched with `re.fullmatch` on the '/'-joined path.
+    format: a `QuantFormat` or spec string (`"int4_g64_asym"`); required
+      unless `skip`.
+    calibration: how scales are chosen ("minmax", "percentile", "mse" or a
+      `Calibration`).
+    skip: leave matching leaves as they are (and stop searching rules).
+    act_format: optional activation format applied at run time by
+      `ops.qdot` (dynamic activation quantization, e.g. W8A8).
+  """
+
+  module_path: str
+  format: QuantFormat | str | None = None
+  calibration: Calibration | str = "minmax"
+  skip: bool = False
+  act_format: QuantFormat | str | None = None
+
+  def __post_init__(self):
+    _compile(self.module_path, "QuantRule")
+    if self.skip:
+      if self.format is not None:
+        raise ValueError(f"QuantRule({self.module_path!r}) has skip=True and a format; pick one")
+    else:
+      if self.format is None:
+        raise ValueError(f"QuantRule({self.module_path!r}) needs a format (or skip=True)")
+      object.__setattr__(self, "format", resolve_format(self.format))
+    if self.act_format is not None:
+      object.__setattr__(self, "act_format", resolve_format(self.act_format))
+    object.__setattr__(self, "calibration", resolve_calibration(self.calibration))
+
+  @property
+  def regex(self) -> re.Pattern:
+    return _compile(self.module_path, "QuantRule")
+
+  def matches(self, path: str) -> bool:
+    return self.regex.fullmatch(path) is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneRule:
+  """Prune the leaves whose path fully matches `module_path`.
+
+  Attributes:
+    module_path: regex, matched with `re.fullmatch`.
+    sparsity: fraction of zeros for unstructured pruning.
+    n, m: keep n of every m consecutive values along the input axis (N:M).
+    skip: leave matching leaves dense.
+  """
+
+  module_path: str
+  sparsity: float | None = None
+  n: int | None = None
+  m: int | None = None
+  skip: bool = False
+
+  def __post_init__(self):
+    _compile(self.module_path, "PruneRule")
+    if self.skip:
+      return
+    if self.sparsity is None and (self.n is None or self.m is None):
+      raise ValueError(f"PruneRule({self.module_path!r}) needs sparsity or n and m")
+    if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f"PruneRule sparsity must be in [0, 1), got {self.sparsity}")
+    if self.n is not None and self.m is not None and not 0 < self.n <= self.m:
+      raise ValueError(f"PruneRule needs 0 < n <= m, got {self.n}:{self.m}")
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.module_path, path) is not None
+
+
+def _key_name(k: Any) -> str | None:
+  if isinstance(k, jax.tree_util.DictKey):
+    return str(k.key)
+  if isinstance(k, jax.tree_util.GetAttrKey):
+    return k.name
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return str(k.idx)
+  if isinstance(k, jax.tree_util.FlattenedIndexKey):
+    return str(k.key)
+  return str(k)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'/'-joined key path; a trailing `.value` (Flax NNX Variables) is dropped."""
+  names = [_key_name(k) for k in path]
+  if names and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+    names = names[:-1]
+  return "/".join(n for n in names if n is not None)
+
+
+def _is_leaf(x: Any) -> bool:
+  return isinstance(x, (QArray, ActQuantized))
+
+
+def tree_leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+  """`[(path, leaf)]` with QArrays kept whole."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+  return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def map_with_paths(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+  """`jax.tree.map` with the leaf's path string; QArrays are leaves."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree,
+                                          is_leaf=_is_leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleReport:
+  """What rules did to a tree.
+
+  Attributes:
+    assignments: path -> index of the rule that matched it (first match).
+    unused_rules: rules that matched no leaf.
+    uncovered: paths of array leaves no rule matched.
+  """
+
+  assignments: dict[str, int]
+  unused_rules: tuple[Any, ...]
+  uncovered: tuple[str, ...]
+
+  def summary(self) -> str:
+    lines = [f"{len(self.assignments)} leaves matched a rule"]
+    if self.unused_rules:
+      lines.append("rules that matched nothing: " +
+                   ", ".join(repr(r.module_path) for r in self.unused_rules))
+    if self.uncovered:
+      shown = ", ".join(self.uncovered[:10]) + (" ..." if len(self.uncovered) > 10 else "")
+      lines.append(f"{len(self.uncovered)} leaves no rule covered: {shown}")
+    return "\n".join(lines)
+
+
+def match_rules(tree: Any, rules: Iterable[Any]) -> RuleReport:
+  """First-match assignment of `rules` to the leaves of `tree`."""
+  rules = tuple(rules)
+  assignments: dict[str, int] = {}
+  used = [False] * len(rules)
+  uncovered = []
+  for path, leaf in tree_leaves_with_paths(tree):
+    if leaf is None or not hasattr(leaf, "shape"):
+      continue
+    for i, rule in enumerate(rules):
+      if rule.matches(path):
+        assignments[path] = i
+        used[i] = True
+        break
+    else:
+      uncovered.append(path)
+  unused = tuple(r for r, u in zip(rules, used) if not u)
+  return RuleReport(assignments=assignments, unused_rules=unused, uncovered=tuple(uncovered))

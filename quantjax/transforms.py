@@ -1,0 +1,181 @@
+"""Pure transforms over params pytrees: quantize, dequantize, fake-quantize, chain.
+
+Each function takes a params tree (a Flax NNX `nnx.State`, a linen
+`{'params': ...}` dict or any nested container of arrays) and returns a tree of
+the same structure. Nothing is mutated; everything is jit-friendly (the rule
+matching only looks at the tree's structure).
+
+A `Transform` is a small named tuple `(name, apply)` with `apply(params) ->
+params`, so pipelines compose with `chain(...)`, in the spirit of Optax.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from quantjax import rules as rules_lib
+from quantjax.numerics import fake_quant as fake_quant_lib
+from quantjax.numerics import qarray as qarray_lib
+from quantjax.numerics.qarray import ActQuantized, QArray
+
+__all__ = [
+    "quantize_params", "dequantize_params", "fake_quant_params", "Transform", "chain",
+    "quantization", "dequantization", "fake_quantization", "ActQuantized",
+]
+
+logger = logging.getLogger("quantjax")
+
+
+def _report(tree: Any, rules: Sequence[Any], strict: bool, what: str) -> rules_lib.RuleReport:
+  report = rules_lib.match_rules(tree, rules)
+  problems = []
+  if report.unused_rules:
+    problems.append("rules that matched no leaf: " +
+                    ", ".join(repr(r.module_path) for r in report.unused_rules))
+  if report.uncovered and strict:
+    shown = ", ".join(report.uncovered[:8]) + (" ..." if len(report.uncovered) > 8 else "")
+    problems.append(f"{len(report.uncovered)} leaves matched no rule: {shown}")
+  if problems:
+    msg = f"{what}: " + "; ".join(problems)
+    if strict:
+      raise ValueError(msg + " (strict=True; add a QuantRule(module_path=..., skip=True) "
+                       "to leave leaves as they are)")
+    warnings.warn(msg, stacklevel=3)
+  return report
+
+
+def quantize_params(params: Any, rules: Sequence[rules_lib.QuantRule], *, strict: bool = False,
+                    key: jax.Array | None = None, return_report: bool = False) -> Any:
+  """Replaces the leaves matched by `rules` with `QArray`s.
+
+  Args:
+    params: any params pytree (NNX State, linen dict, nested dict).
+    rules: ordered `QuantRule`s; first match wins; `skip=True` rules keep a
+      leaf as it is. Already-quantized leaves are left alone.
+    strict: raise if a rule matches nothing or a leaf matches no rule
+      (otherwise unused rules are warned about).
+    key: PRNG key for formats with stochastic rounding (split per leaf).
+    return_report: also return the `RuleReport`.
+
+  Returns:
+    The tree with QArray leaves (and the report if asked). Leaves whose rule
+    has an `act_format` become `ActQuantized(weight, act_format)` so
+    `ops.qdot` quantizes activations at run time.
+
+  Raises:
+    ValueError: NaN/Inf in a concrete leaf (the message names its path), a
+      group size that does not divide the leaf's axis, strict violations.
+  """
+  rules = tuple(rules)
+  report = _report(params, rules, strict, "quantize_params")
+  counter = [0]
+
+  def fn(path: str, leaf: Any) -> Any:
+    idx = report.assignments.get(path)
+    if idx is None or isinstance(leaf, (QArray, ActQuantized)) or leaf is None:
+      return leaf
+    rule = rules[idx]
+    if rule.skip:
+      return leaf
+    leaf_key = None
+    if key is not None:
+      leaf_key = jax.random.fold_in(key, counter[0])
+      counter[0] += 1
+    try:
+      q = qarray_lib.quantize(leaf, rule.format, calibration=rule.calibration, key=leaf_key,
+                              name=path)
+    except ValueError as e:
+      if path in str(e):
+        raise
+      raise ValueError(f"{path}: {e}") from None
+    if rule.act_format is not None:
+      return ActQuantized(weight=q, act_format=rule.act_format)
+    return q
+
+  out = rules_lib.map_with_paths(fn, params)
+  return (out, report) if return_report else out
+
+
+def dequantize_params(params: Any, dtype: Any = None) -> Any:
+  """Replaces every `QArray` leaf with its dequantized array."""
+  def fn(x):
+    if isinstance(x, ActQuantized):
+      x = x.weight
+    if isinstance(x, QArray):
+      return x.dequantize(dtype)
+    return x
+  return jax.tree.map(fn, params, is_leaf=lambda x: isinstance(x, (QArray, ActQuantized)))
+
+
+def fake_quant_params(params: Any, rules: Sequence[rules_lib.QuantRule], *,
+                      strict: bool = False) -> Any:
+  """Quantize-dequantize the matched leaves with a straight-through gradient.
+
+  The result has plain arrays (same dtype) that lie on the quantization
+  grid; differentiate through it for quantization-aware training. Converting
+  the trained params with `quantize_params` and the same rules gives QArrays
+  whose dequantized values equal these.
+  """
+  rules = tuple(rules)
+  report = _report(params, rules, strict, "fake_quant_params")
+
+  def fn(path: str, leaf: Any) -> Any:
+    idx = report.assignments.get(path)
+    if idx is None or rules[idx].skip or isinstance(leaf, QArray) or leaf is None:
+      return leaf
+    return fake_quant_lib.fake_quant(leaf, rules[idx].format, rules[idx].calibration)
+
+  return rules_lib.map_with_paths(fn, params)
+
+
+# ----------------------------------------------------------------------------
+# Composable transforms.
+# ----------------------------------------------------------------------------
+
+class Transform(NamedTuple):
+  """A named pure function `params -> params`."""
+
+  name: str
+  apply: Callable[[Any], Any]
+
+  def __call__(self, params: Any) -> Any:
+    return self.apply(params)
+
+
+def quantization(rules: Sequence[rules_lib.QuantRule], *, strict: bool = False,
+                 key: jax.Array | None = None) -> Transform:
+  """A `Transform` running `quantize_params` with these rules."""
+  rules = tuple(rules)
+  return Transform("quantize", lambda p: quantize_params(p, rules, strict=strict, key=key))
+
+
+def dequantization(dtype: Any = None) -> Transform:
+  return Transform("dequantize", lambda p: dequantize_params(p, dtype))
+
+
+def fake_quantization(rules: Sequence[rules_lib.QuantRule], *, strict: bool = False) -> Transform:
+  rules = tuple(rules)
+  return Transform("fake_quant", lambda p: fake_quant_params(p, rules, strict=strict))
+
+
+def chain(*transforms: Transform | Callable[[Any], Any]) -> Transform:
+  """Composes transforms left to right: `chain(a, b)(p) == b(a(p))`."""
+  fns = []
+  names = []
+  for t in transforms:
+    if not callable(t):
+      raise TypeError(f"chain() takes Transforms or callables, got {type(t).__name__}")
+    fns.append(t)
+    names.append(getattr(t, "name", getattr(t, "__name__", "fn")))
+
+  def apply(params):
+    for f in fns:
+      params = f(params)
+    return params
+
+  return Transform("chain(" + ", ".join(names) + ")", apply)

@@ -1,0 +1,38 @@
+"""quantjax: model compression for JAX/Flax (quantization, pruning, distillation)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="quantjax",
+    version="0.1.0",
+    description="Functional quantization, pruning and distillation for JAX/Flax, with an experiment harness.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["quantjax", "quantjax.*", "experiments", "configs"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "numpy>=2.0,<3",
+        "ml_dtypes>=0.5",
+        "absl-py>=2.1",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "gguf==0.19.0",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "torch==2.13.0",
+            "accelerate>=1.0",
+        ],
+    },
+)
