@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta as flax_meta
 
 from quantjax.numerics import formats as formats_lib
 from quantjax.numerics.formats import QuantFormat
@@ -289,7 +290,7 @@ def unpack_codes(packed: jax.Array, fmt: QuantFormat, shape: Sequence[int]) -> j
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QArray:
+class QArray(flax_meta.AxisMetadata):
   """A quantized array. Children: `qvalue`, `scale`, `zero_point`.
 
   Static: `fmt` (QuantFormat), `shape` (logical), `dtype` (of the original
@@ -297,7 +298,10 @@ class QArray:
 
   It stands in where an array is expected: `__jax_array__` and `__array__`
   dequantize, `x[idx]` indexes the dequantized values, and `shape`, `dtype`,
-  `ndim`, `size` describe the logical array.
+  `ndim`, `size` describe the logical array. It is also a Flax
+  `AxisMetadata` box whose `unbox()` is the dequantized array, so stock linen
+  modules (which unbox their params and check their shapes) read it as the
+  array it stands for, dequantized inside the jitted computation.
   """
 
   qvalue: jax.Array
@@ -306,6 +310,19 @@ class QArray:
   fmt: QuantFormat = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(metadata=dict(static=True))
+
+  # --- flax.core.meta.AxisMetadata: linen unboxes params before use -------
+  def unbox(self) -> jax.Array:
+    return self.dequantize()
+
+  def replace_boxed(self, val):
+    return val
+
+  def add_axis(self, index, params):
+    return self
+
+  def remove_axis(self, index, params):
+    return self
 
   # --- array-like surface ---------------------------------------------------
   @property

@@ -1,0 +1,72 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quantjax.numerics import calibrate as cal
+from quantjax.numerics import qarray as qa
+
+
+def _heavy_tailed(shape, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(k1, shape)
+  return x.at[0].set(40.0 * jax.random.normal(k2, shape[1:]))  # one outlier row
+
+
+def test_minmax_scale_per_granularity():
+  x = jax.random.normal(jax.random.key(0), (128, 6))
+  s_t, _ = cal.calibrate(x, "int8_t")
+  s_c, _ = cal.calibrate(x, "int8")
+  s_g, _ = cal.calibrate(x, "int8_g32")
+  assert s_t.shape == (1, 1) and s_c.shape == (1, 6) and s_g.shape == (4, 6)
+  np.testing.assert_allclose(float(s_t[0, 0]), float(jnp.max(jnp.abs(x))) / 127, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(s_c[0]), np.asarray(jnp.max(jnp.abs(x), 0)) / 127, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(s_g[1]), np.asarray(jnp.max(jnp.abs(x[32:64]), 0)) / 127,
+                             rtol=1e-6)
+
+
+def test_asymmetric_zero_point_and_float_offset():
+  x = jax.random.uniform(jax.random.key(1), (64, 3), minval=-1.0, maxval=3.0)
+  s, z = cal.calibrate(x, "uint8_t".replace("uint8_t", "int8_t_asym"))
+  lo, hi = float(jnp.min(x)), float(jnp.max(x))
+  np.testing.assert_allclose(float(s[0, 0]), (hi - lo) / 255, rtol=1e-6)
+  assert z.dtype == jnp.uint8 and int(z[0, 0]) == round(-lo / float(s[0, 0]))
+  s, m = cal.calibrate(x, "int4_g32_asymf")
+  np.testing.assert_allclose(np.asarray(m[0]), np.asarray(jnp.min(x[:32], 0)), rtol=1e-6)
+
+
+def test_percentile_clips_outliers():
+  x = _heavy_tailed((256, 4))
+  s_mm, _ = cal.calibrate(x, "int4")
+  s_p, _ = cal.calibrate(x, "int4", cal.Calibration(method="percentile", percentile=99.0))
+  assert bool(jnp.all(s_p < s_mm))
+
+
+@pytest.mark.parametrize("spec", ["int4", "int3_g64_asym", "int4_g64_asymf", "nf4_g64", "fp8_e4m3"])
+def test_mse_never_worse_than_minmax(spec):
+  x = _heavy_tailed((256, 8), seed=3)
+  err = {}
+  for m in ("minmax", "mse"):
+    q = qa.quantize(x, spec, calibration=m)
+    xb, axes = qa.block_view(x, q.fmt)
+    db, _ = qa.block_view(q.dequantize(), q.fmt)
+    err[m] = jnp.sum((db - xb) ** 2, axis=axes)
+  assert bool(jnp.all(err["mse"] <= err["minmax"] * (1 + 1e-6)))
+  assert float(jnp.sum(err["mse"])) < float(jnp.sum(err["minmax"]))
+
+
+def test_mse_recovers_known_optimum():
+  """Many uniform values and one outlier: the least-squares clip ignores the outlier."""
+  x = jnp.concatenate([jnp.linspace(-1, 1, 4095), jnp.array([5.0])])[:, None]
+  s_mm, _ = cal.calibrate(x, "int4")
+  s_mse, _ = cal.calibrate(x, "int4", cal.Calibration(method="mse", grid=200, min_ratio=0.01))
+  assert float(s_mse[0, 0]) < 0.5 * float(s_mm[0, 0])
+
+
+def test_bad_calibration_arguments():
+  with pytest.raises(ValueError, match="calibration method"):
+    cal.Calibration(method="kl")
+  with pytest.raises(ValueError, match="percentile"):
+    cal.Calibration(method="percentile", percentile=0.0)
+  with pytest.raises(TypeError):
+    cal.resolve_calibration(3)
