@@ -14,16 +14,54 @@ def _formats(spec: str | None):
   return tuple(None if s in ("fp32", "f32") else s for s in spec.split(","))
 
 
+def _mlp_demo(width: int, formats) -> str:
+  """Quantizes a linen MLP of `width`x`width` layers and tabulates its real bytes."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from quantjax.eval.memory import markdown_memory_table, tree_bytes
+  from quantjax.rules import QuantRule
+  from quantjax.transforms import quantize_params
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(3):
+        x = nn.gelu(nn.Dense(width)(x))
+      return nn.Dense(width)(x)
+
+  params = MLP().init(jax.random.key(0), jnp.ones((1, width)))
+  base = tree_bytes(params)
+  out = [f"Flax linen MLP, 4 Dense layers of {width}x{width}: FP32 params {base:,} bytes", ""]
+  for f in formats:
+    if f is None:
+      continue
+    q = quantize_params(params, [QuantRule(module_path=r".*kernel", format=f)])
+    out.append(f"### kernels in {f} (biases FP32)")
+    out.append(markdown_memory_table(q, reference=params))
+    out.append("")
+  return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m quantjax.memory",
       description="Bytes to store and to train N parameters, per quantization format.")
-  parser.add_argument("n_params", type=float, help="number of parameters, e.g. 1e9 or 134515008")
+  parser.add_argument("n_params", type=float, nargs="?", default=None,
+                      help="number of parameters, e.g. 1e9 or 134515008")
+  parser.add_argument("--mlp", type=int, default=None, metavar="WIDTH",
+                      help="instead: quantize a real Flax MLP of WIDTHxWIDTH layers and print its bytes")
   parser.add_argument("--formats", default=None,
                       help="comma-separated format specs (fp32,bf16,int8,int4_g64_asym,...)")
   parser.add_argument("--row-length", type=int, default=4096,
                       help="values per per-channel scale (the input width)")
   args = parser.parse_args(argv)
+  if args.mlp is not None:
+    print(_mlp_demo(args.mlp, _formats(args.formats or "int8,int4_g64,int4_g64_asym")))
+    return 0
+  if args.n_params is None:
+    parser.error("give n_params (e.g. 1e9) or --mlp WIDTH")
   if not args.n_params > 0:
     parser.error(f"n_params must be positive, got {args.n_params}")
   try:

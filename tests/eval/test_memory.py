@@ -43,3 +43,11 @@ def test_cli_memory_and_inspect():
   assert "| bf16 | `0 10000000 1001001` | 3.140625" in out
   bad = subprocess.run([sys.executable, "-m", "quantjax.memory", "-5"], capture_output=True, text=True)
   assert bad.returncode != 0 and "positive" in bad.stderr
+
+
+def test_cli_mlp_prints_real_bytes():
+  out = subprocess.run([sys.executable, "-m", "quantjax.memory", "--mlp", "1024", "--formats",
+                        "int8,int4_g64"], capture_output=True, text=True, check=True).stdout
+  ratios = [float(line.split(" bytes = ")[1].split("%")[0]) for line in out.splitlines()
+            if "% of the reference" in line]
+  assert len(ratios) == 2 and ratios[0] <= 26.0 and ratios[1] <= 16.0
