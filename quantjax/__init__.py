@@ -14,6 +14,8 @@ from quantjax.numerics.inspect import describe as inspect_value
 from quantjax.numerics.qarray import ActQuantized, QArray, dequantize, quantize, quantize_with_scale
 from quantjax.ops import qdot, qeinsum
 from quantjax.rules import PruneRule, QuantRule, RuleReport, match_rules
+from quantjax.sparsity import (NMSparse, apply_masks, compress_nm, magnitude_mask, nm_mask,
+                               prune_params, sparsegpt_prune, sparsity_of, wanda_mask)
 from quantjax.transforms import (Transform, chain, dequantization, dequantize_params,
                                  fake_quant_params, fake_quantization, quantization,
                                  quantize_params)
@@ -21,6 +23,15 @@ from quantjax.transforms import (Transform, chain, dequantization, dequantize_pa
 __version__ = "0.1.0"
 
 __all__ = [
+    "wanda_mask",
+    "sparsity_of",
+    "sparsegpt_prune",
+    "prune_params",
+    "nm_mask",
+    "magnitude_mask",
+    "compress_nm",
+    "apply_masks",
+    "NMSparse",
     "ActQuantized",
     "Calibration",
     "PruneRule",

@@ -21,6 +21,9 @@ import numpy as np
 from quantjax import rules as rules_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.sparsity.nm import NMSparse
+
+_BOXES = (QArray, ActQuantized, NMSparse)
 
 __all__ = ["tree_bytes", "tree_param_count", "bits_per_weight", "LeafMemory", "memory_table",
            "markdown_memory_table", "MemoryEstimate", "estimate", "estimate_table",
@@ -28,7 +31,7 @@ __all__ = ["tree_bytes", "tree_param_count", "bits_per_weight", "LeafMemory", "m
 
 
 def _leaf_bytes(x: Any) -> int:
-  if isinstance(x, (QArray, ActQuantized)):
+  if isinstance(x, _BOXES):
     return int(x.nbytes)
   if hasattr(x, "shape") and hasattr(x, "dtype"):
     return int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize
@@ -42,7 +45,7 @@ def _leaf_count(x: Any) -> int:
 
 
 def _leaves(tree: Any):
-  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, (QArray, ActQuantized)))
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _BOXES))
 
 
 def tree_bytes(tree: Any) -> int:
@@ -63,7 +66,7 @@ def bits_per_weight(tree: Any, *, quantized_only: bool = False) -> float:
   """
   leaves = _leaves(tree)
   if quantized_only:
-    leaves = [x for x in leaves if isinstance(x, (QArray, ActQuantized))]
+    leaves = [x for x in leaves if isinstance(x, _BOXES)]
   n = sum(_leaf_count(x) for x in leaves)
   return 8.0 * sum(_leaf_bytes(x) for x in leaves) / n if n else 0.0
 
