@@ -107,6 +107,22 @@ def lsq_init_step(x: jax.Array, fmt: QuantFormat | str) -> jax.Array:
   return qarray_lib.stored_scale(step, tuple(x.shape), fmt)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_grad(x: jax.Array, factor: float) -> jax.Array:
+  return x
+
+
+def _scale_grad_fwd(x, factor):
+  return x, None
+
+
+def _scale_grad_bwd(factor, _, g):
+  return (g * factor,)
+
+
+_scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+
 def _check_lsq_format(fmt: QuantFormat) -> None:
   if fmt.kind != "int" or not fmt.symmetric:
     raise ValueError(f"LSQ here learns symmetric integer step sizes; got format {fmt}")
@@ -133,8 +149,7 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, fmt: QuantFormat | str) -> jax
   sb = qarray_lib.block_scale(step, shape, fmt)
   n_per_block = math.prod(xb.shape[a] for a in axes) if axes else 1
   grad_scale = 1.0 / math.sqrt(n_per_block * fmt.qmax)
-  # Gradient scaling trick: value of s, gradient of s * grad_scale.
-  s = sb * grad_scale + jax.lax.stop_gradient(sb - sb * grad_scale)
+  s = _scale_grad(sb, grad_scale)  # value exactly sb, gradient times grad_scale
   v = xb / s
   v = jnp.clip(v, fmt.qmin, fmt.qmax)
   out = round_ste(v) * s
