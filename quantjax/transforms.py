@@ -155,10 +155,12 @@ def quantization(rules: Sequence[rules_lib.QuantRule], *, strict: bool = False,
 
 
 def dequantization(dtype: Any = None) -> Transform:
+  """A `Transform` replacing QArrays by their dequantized arrays (in `dtype`)."""
   return Transform("dequantize", lambda p: dequantize_params(p, dtype))
 
 
 def fake_quantization(rules: Sequence[rules_lib.QuantRule], *, strict: bool = False) -> Transform:
+  """A `Transform` running `fake_quant_params` (straight-through quantize-dequantize)."""
   rules = tuple(rules)
   return Transform("fake_quant", lambda p: fake_quant_params(p, rules, strict=strict))
 
