@@ -10,9 +10,11 @@ Layout:
     (per-channel on `[in, out]`: `[1, out]`; per-tensor: all ones), except for
     groups, where the group axis holds one entry per group (`[in/g, out]`).
   * Codes of 1, 2 and 4 bits are packed 8, 4 and 2 per byte along the group
-    axis, low bits first; 3, 5, 6 and 7-bit codes are stored as bit planes
-    (bit p of 8 consecutive codes in one byte, planes concatenated along the
-    same axis), so every format costs exactly its bits per value. The packing
+    axis, low bits first; 3, 5, 6 and 7-bit codes are stored as bit planes:
+    each run of 8 consecutive codes becomes `bits` bytes (byte p holds bit p
+    of the 8 codes), runs one after another along the same axis. Every format
+    costs exactly its bits per value, and a shard of whole bytes along the
+    packing axis holds whole logical rows. The packing
     axis is padded to a whole number of bytes; `shape` keeps the logical size.
   * Integer codes are stored offset to unsigned (`u = q - qmin`) when packed,
     as int8/uint8 when 8-bit, FP8 codes as float8 dtypes, casts as fp16/bf16.
@@ -252,7 +254,9 @@ def pack_codes(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
   else:
     shifts = jnp.arange(8, dtype=jnp.uint32)
     planes = [jnp.sum(((u >> p) & 1) << shifts, axis=-1).astype(jnp.uint8) for p in range(b)]
-    packed = jnp.concatenate(planes, axis=-1)
+    # [..., n/8, b] -> [..., n/8 * b]: the b plane bytes of each run of 8 codes sit together,
+    # so a shard of whole runs along this axis is a contiguous slice.
+    packed = jnp.stack(planes, axis=-1).reshape(u.shape[:-2] + (-1,))
   return jnp.moveaxis(packed, -1, axis)
 
 
@@ -274,9 +278,10 @@ def unpack_codes(packed: jax.Array, fmt: QuantFormat, shape: Sequence[int]) -> j
   else:
     nbytes = p.shape[-1] // b
     shifts = jnp.arange(8, dtype=jnp.uint32)
-    u = jnp.zeros(p.shape[:-1] + (nbytes, 8), jnp.uint32)
+    p = p.reshape(p.shape[:-1] + (nbytes, b))
+    u = jnp.zeros(p.shape[:-2] + (nbytes, 8), jnp.uint32)
     for plane in range(b):
-      bits = (p[..., plane * nbytes:(plane + 1) * nbytes, None] >> shifts) & 1
+      bits = (p[..., plane, None] >> shifts) & 1
       u = u | (bits << plane)
     u = u.reshape(u.shape[:-2] + (-1,))
   u = u[..., :n]
