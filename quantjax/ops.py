@@ -86,8 +86,8 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
     w: weight `[k, n]` (contract_axis=0) or `[n, k]` (contract_axis=1); a
       `jax.Array` or a `QArray`.
     contract_axis: which weight axis is contracted with `x`'s last axis.
-    act_format: if given, the activations are quantized dynamically with it
-      (W8A8 when both are int8), else the weight is dequantized to `x.dtype`.
+    act_format: a `QuantFormat` or spec; if given, activations are quantized dynamically
+      with it (W8A8 when both are int8), else the weight is dequantized to `x.dtype`.
     precision: passed to `dot_general` on the floating-point path.
 
   Returns:
@@ -97,6 +97,8 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
     if act_format is None:
       act_format = w.act_format
     w = w.weight
+  if act_format is not None:
+    act_format = formats_lib.resolve_format(act_format)
   w_shape = tuple(w.shape)
   _check_shapes(x, w_shape, contract_axis)
   if isinstance(w, QArray):

@@ -80,9 +80,10 @@ def test_dispatch_paths():
   with pytest.raises(ValueError, match="unknown matmul path"):
     with dispatch.matmul_path("cuda"):
       pass
+  nf4 = qj.quantize(jnp.ones((64, 8)), "nf4_g32")
   with dispatch.matmul_path("kernel"):
     with pytest.raises(ValueError, match="no registered kernel"):
-      qj.qdot(x, w)
+      qj.qdot(x, nf4)
 
 
 def test_qeinsum():
