@@ -101,3 +101,12 @@ def test_dispatch_routes_to_kernel_and_model_outputs_match():
   # on CPU, auto takes the XLA path
   assert jax.default_backend() == "cpu"
   np.testing.assert_array_equal(np.asarray(jax.jit(mlp)(q, x)), np.asarray(ref))
+
+
+def test_benchmark_script_writes_its_tables(tmp_path):
+  from experiments import bench_kernels
+  rows = bench_kernels.run({"tiny": (128, 64)}, (1,), ("int8", "int4_g64"), str(tmp_path), repeats=1)
+  assert {r["path"] for r in rows} == {"bf16", "xla_int8", "xla_int4_g64"}
+  assert all(r["GB_s"] > 0 and r["roofline"] > 0 for r in rows)
+  assert (tmp_path / "bench.md").read_text().count("| tiny |") == 3
+  assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").exists()
