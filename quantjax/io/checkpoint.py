@@ -66,7 +66,11 @@ def _describe(node: Any, arrays: dict[str, Any], prefix: str) -> Any:
         entry[name] = f"{prefix}.{name}"
     return entry
   if isinstance(node, dict):
-    return {"__dict__": {str(k): _describe(v, arrays, f"{prefix}/{k}") for k, v in node.items()}}
+    for k in node:
+      if not isinstance(k, (str, int)) or isinstance(k, bool):
+        raise TypeError(f"cannot checkpoint dict key {k!r} ({type(k).__name__}) at {prefix or '/'}")
+    return {"__dict__": {str(k): _describe(v, arrays, f"{prefix}/{k}") for k, v in node.items()},
+            "int_keys": [str(k) for k in node if isinstance(k, int)]}
   if isinstance(node, (list, tuple)):
     return {"__list__": [_describe(v, arrays, f"{prefix}/{i}") for i, v in enumerate(node)],
             "tuple": isinstance(node, tuple)}
@@ -90,7 +94,8 @@ def _rebuild(desc: Any, arrays: dict[str, Any]) -> Any:
     return QArray(qvalue=get("qvalue"), scale=get("scale"), zero_point=get("zero_point"),
                   fmt=fmt, shape=tuple(desc["shape"]), dtype=jnp.dtype(desc["dtype"]))
   if "__dict__" in desc:
-    return {k: _rebuild(v, arrays) for k, v in desc["__dict__"].items()}
+    ints = set(desc.get("int_keys", ()))
+    return {(int(k) if k in ints else k): _rebuild(v, arrays) for k, v in desc["__dict__"].items()}
   if "__list__" in desc:
     items = [_rebuild(v, arrays) for v in desc["__list__"]]
     return tuple(items) if desc.get("tuple") else items

@@ -36,6 +36,9 @@ def test_roundtrip_with_qarrays(tmp_path):
   r = checkpoint.restore_params(path)
   _assert_same(q, r)
   assert r["layers"][0]["kernel"].fmt == q["layers"][0]["kernel"].fmt
+  # integer dict keys (nnx lists as pure dicts) come back as integers
+  checkpoint.save_params(tmp_path / "ints", {"layers": {0: jnp.ones(2), 1: jnp.zeros(2)}})
+  assert set(checkpoint.restore_params(tmp_path / "ints")["layers"]) == {0, 1}
   assert qj.tree_bytes(r) == qj.tree_bytes(q)
   # packed codes are stored as they are: the array files are small
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
