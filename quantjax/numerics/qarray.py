@@ -23,6 +23,7 @@ Layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -441,13 +442,24 @@ def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "minmax
     ValueError: NaN/Inf in a concrete `x`, a group size that does not divide
       the grouped axis, or a non-float input.
   """
-  from quantjax.numerics import calibrate as calibrate_lib  # cycle: calibrate uses encode
-
   fmt = formats_lib.resolve_format(fmt)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"cannot quantize {name}: dtype {x.dtype} is not floating point")
   _check_finite(x, name)
+  if not fmt.is_cast:
+    jax.eval_shape(lambda a: block_view(a, fmt), x)  # shape errors, before compiling
+  from quantjax.numerics import calibrate as calibrate_lib
+  calibration = calibrate_lib.resolve_calibration(calibration)
+  # One compiled computation per (format, calibration, shape): eager calls, calls
+  # under an outer jit and sharded calls then round identically.
+  return _quantize_jit(x, key, fmt=fmt, calibration=calibration)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "calibration"))
+def _quantize_jit(x: jax.Array, key, *, fmt: QuantFormat, calibration: Any) -> QArray:
+  from quantjax.numerics import calibrate as calibrate_lib  # cycle: calibrate uses encode
+
   shape = tuple(x.shape)
   if fmt.is_cast:
     return QArray(qvalue=x.astype(fmt.code_dtype), scale=None, zero_point=None, fmt=fmt,
