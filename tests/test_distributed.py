@@ -172,3 +172,28 @@ def test_two_processes_on_localhost_agree_with_one(tmp_path):
   assert m["processes"] == 2 and m["devices"] == 8 and s["processes"] == 1 and s["devices"] == 4
   assert m["codes_sum"] == s["codes_sum"]
   np.testing.assert_allclose(m["loss"], s["loss"], rtol=1e-5)
+
+
+def test_sharded_training_matches_single_device():
+  from jax.sharding import NamedSharding
+  from quantjax import distill
+  params = {"layers": {"0": {"mlp": {"up_proj": {"kernel": 0.1 * jax.random.normal(jax.random.key(0), (64, 128))},
+                                     "down_proj": {"kernel": 0.1 * jax.random.normal(jax.random.key(1), (128, 64))}}}}}
+  target = jax.random.normal(jax.random.key(2), (64, 64)) / 8
+
+  def loss_fn(p, x, key):
+    m = p["layers"]["0"]["mlp"]
+    y = qj.qdot(jax.nn.gelu(qj.qdot(x, m["up_proj"]["kernel"])), m["down_proj"]["kernel"])
+    return jnp.mean((y - x @ target) ** 2)
+
+  batch_fn = lambda s: jax.random.normal(jax.random.fold_in(jax.random.key(9), s), (32, 64))  # noqa
+  cfg = distill.TrainConfig(steps=10, learning_rate=1e-2, warmup_steps=1)
+  single, _ = distill.fit(loss_fn, params, batch_fn, cfg, progress=False)
+  mesh = dist.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded_params = dist.shard_params(params, mesh, dist.LLAMA_PARTITION_RULES)
+  out, hist = distill.fit(loss_fn, sharded_params, batch_fn, cfg, progress=False,
+                          batch_sharding=NamedSharding(mesh, P("data")))
+  k = out["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+  assert k.sharding.spec == P("fsdp", "tensor")
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(out)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

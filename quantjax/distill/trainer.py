@@ -108,7 +108,7 @@ def _restore(workdir: str, opt_state_like: Any) -> tuple[TrainState, list[dict]]
 def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
         batch_fn: Callable[[int], Any], config: TrainConfig, *, masks: Any = None,
         workdir: str | None = None, progress: bool = True, log_every: int = 10,
-        stop_after: int | None = None) -> tuple[Any, list[dict]]:
+        stop_after: int | None = None, batch_sharding: Any = None) -> tuple[Any, list[dict]]:
   """Minimises `loss_fn(params, batch, key)` over `config.steps` steps.
 
   Args:
@@ -124,6 +124,10 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
     log_every: record the loss every N steps in the returned history.
     stop_after: stop (after checkpointing) once this step is reached; for
       tests of interruption.
+    batch_sharding: a `jax.sharding.Sharding` for every batch (e.g.
+      `NamedSharding(mesh, P("data"))`); params keep whatever sharding they
+      arrive with (see `quantjax.distributed.shard_params`), and the optimizer
+      state follows them.
 
   Returns:
     `(params, history)`: final params, and `[{"step", "loss", "lr"}...]`.
@@ -157,7 +161,10 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
     bar = tqdm(total=config.steps, initial=state.step, desc="train", leave=False)
   p, opt_state, step = state.params, state.opt_state, state.step
   while step < config.steps:
-    p, opt_state, loss = train_step(p, opt_state, batch_fn(step), jnp.asarray(step, jnp.int32))
+    batch = batch_fn(step)
+    if batch_sharding is not None:
+      batch = jax.tree.map(lambda b: jax.device_put(b, batch_sharding), batch)
+    p, opt_state, loss = train_step(p, opt_state, batch, jnp.asarray(step, jnp.int32))
     step += 1
     if step % log_every == 0 or step == config.steps:
       history.append({"step": step, "loss": float(loss), "lr": schedule_lr(step)})
