@@ -1,0 +1,164 @@
+"""Corpora, tokenization and the calibration / evaluation split.
+
+The protocol (DESIGN.md, "The perplexity protocol"):
+
+1. Text: `"\\n\\n".join(topics[k] for k in sorted(topics))` from CPython's
+   `pydoc_data.topics.topics` (the default corpus, `"pydoc_topics"`), or any
+   UTF-8 text file, tokenized with the model's tokenizer and no special
+   tokens. SmolLM2's tokenizer gives 113,108 tokens on CPython 3.11.
+2. Evaluation: the last `eval_tokens` (16,384) tokens as `eval_tokens /
+   window` (32) windows of `window` (512) tokens, each scored independently.
+3. Calibration: only tokens before the evaluation set; `calib_windows` (128)
+   windows of `window` tokens at start positions drawn with
+   `numpy.random.default_rng(seed)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_CORPUS",
+    "Protocol",
+    "Split",
+    "corpus_text",
+    "make_split",
+    "load_split",
+    "sha256",
+    "tokenize",
+]
+
+DEFAULT_CORPUS = "pydoc_topics"
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """Sizes of the evaluation and calibration sets (defaults: DESIGN.md)."""
+
+  eval_tokens: int = 16384
+  window: int = 512
+  calib_windows: int = 128
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.window < 2:
+      raise ValueError(f"window must be >= 2 tokens, got {self.window}")
+    if self.eval_tokens < self.window or self.eval_tokens % self.window:
+      raise ValueError(f"eval_tokens ({self.eval_tokens}) must be a positive multiple of "
+                       f"window ({self.window})")
+    if self.calib_windows < 0:
+      raise ValueError(f"calib_windows must be >= 0, got {self.calib_windows}")
+
+  @property
+  def eval_windows(self) -> int:
+    return self.eval_tokens // self.window
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A tokenized corpus cut per the protocol.
+
+  Attributes:
+    eval_windows: int32 `[eval_tokens / window, window]`.
+    calib_windows: int32 `[calib_windows, window]`, from tokens before the
+      evaluation set only.
+    calib_starts: start offsets of the calibration windows.
+    num_tokens: tokens in the whole corpus.
+    corpus: the corpus name or path.
+    corpus_sha256: hash of the corpus text (UTF-8).
+    protocol: the sizes used.
+  """
+
+  eval_windows: np.ndarray
+  calib_windows: np.ndarray
+  calib_starts: np.ndarray
+  num_tokens: int
+  corpus: str
+  corpus_sha256: str
+  protocol: Protocol
+
+  def record(self) -> dict[str, Any]:
+    """The protocol fields every result carries."""
+    p = self.protocol
+    return {
+        "corpus": self.corpus,
+        "corpus_sha256": self.corpus_sha256,
+        "corpus_tokens": int(self.num_tokens),
+        "eval_tokens": int(p.eval_tokens),
+        "eval_windows": int(p.eval_windows),
+        "window": int(p.window),
+        "predicted_tokens": int(p.eval_windows * (p.window - 1)),
+        "calib_windows": int(self.calib_windows.shape[0]),
+        "calib_tokens_available": int(self.num_tokens - p.eval_tokens),
+        "seed": int(p.seed),
+    }
+
+
+def corpus_text(corpus: str = DEFAULT_CORPUS) -> str:
+  """The text of `corpus`: "pydoc_topics" or the path of a UTF-8 text file."""
+  if corpus == DEFAULT_CORPUS:
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+  path = os.fspath(corpus)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"corpus {corpus!r} is neither {DEFAULT_CORPUS!r} nor an "
+                            "existing text file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"corpus file {path} is not UTF-8 text: {e}") from e
+
+
+def sha256(text: str) -> str:
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenize(text: str, tokenizer: Any) -> np.ndarray:
+  """Token ids (int32) of `text` without special tokens (no BOS/EOS)."""
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  return np.asarray(ids, dtype=np.int32)
+
+
+def make_split(tokens: np.ndarray, protocol: Protocol = Protocol(), *,
+               corpus: str = DEFAULT_CORPUS, corpus_sha256: str = "") -> Split:
+  """Cuts `tokens` into evaluation and calibration windows.
+
+  Raises:
+    ValueError: the corpus is too short for `protocol` (the message gives both
+      counts).
+  """
+  tokens = np.asarray(tokens, np.int32)
+  p = protocol
+  n = int(tokens.shape[0])
+  need = p.eval_tokens + (p.window if p.calib_windows else 0)
+  if n < need:
+    raise ValueError(
+        f"corpus {corpus!r} has {n} tokens; the protocol needs at least {need} "
+        f"({p.eval_tokens} evaluation tokens"
+        + (f" + one {p.window}-token calibration window before them" if p.calib_windows else "")
+        + "). Use a longer text or lower eval.tokens / calib windows.")
+  eval_windows = tokens[n - p.eval_tokens:].reshape(p.eval_windows, p.window)
+  pre = n - p.eval_tokens
+  if p.calib_windows:
+    rng = np.random.default_rng(p.seed)
+    starts = np.sort(rng.integers(0, pre - p.window + 1, size=p.calib_windows))
+    calib = np.stack([tokens[s:s + p.window] for s in starts])
+  else:
+    starts = np.zeros((0,), np.int64)
+    calib = np.zeros((0, p.window), np.int32)
+  return Split(eval_windows=eval_windows, calib_windows=calib, calib_starts=starts,
+               num_tokens=n, corpus=str(corpus), corpus_sha256=corpus_sha256, protocol=p)
+
+
+def load_split(tokenizer: Any, corpus: str = DEFAULT_CORPUS,
+               protocol: Protocol = Protocol()) -> Split:
+  """Reads, hashes, tokenizes and splits `corpus`."""
+  text = corpus_text(corpus)
+  return make_split(tokenize(text, tokenizer), protocol, corpus=corpus,
+                    corpus_sha256=sha256(text))

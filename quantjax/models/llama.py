@@ -1,0 +1,525 @@
+"""A Llama-family decoder in Flax NNX whose every Linear goes through `ops.qdot`.
+
+Covers Llama 1/2/3-style checkpoints without RoPE scaling (SmolLM2 among them):
+RMSNorm, rotary embeddings with the model's theta (the "rotate half" layout
+that Hugging Face uses), grouped-query attention, a SwiGLU MLP and tied or
+untied embeddings.
+
+Weights are stored Flax-style, `[in, out]`, so a parameter tree reads
+
+    embed/embedding                      [vocab, d]
+    layers/{i}/input_norm/scale          [d]
+    layers/{i}/attn/{q,k,v,o}_proj/kernel
+    layers/{i}/post_attn_norm/scale      [d]
+    layers/{i}/mlp/{gate,up,down}_proj/kernel
+    final_norm/scale                     [d]
+    lm_head/kernel                       [d, vocab]   (untied models only)
+
+and quantization rules are plain regexes over those paths. Any kernel may be
+a `QArray`: the model never looks inside a weight, it hands it to `qdot`.
+
+Two ways to call it:
+
+* stateful: `model = Llama(config, rngs=nnx.Rngs(0)); logits = model(tokens)`;
+* functional, for jit and for parameter trees produced by transforms:
+  `logits = forward(config, params, tokens)` where `params` is an
+  `nnx.State` (or the equivalent pure dict) that may hold `QArray` leaves.
+  `forward` is jitted with the config static, so it compiles once per
+  parameter structure (formats, shapes) and input shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "LlamaConfig",
+    "Llama",
+    "KVCache",
+    "abstract_state",
+    "as_state",
+    "forward",
+    "graphdef",
+    "generate",
+    "init_cache",
+    "model_from_params",
+]
+
+
+def _qdot(x, w, contract_axis: int = 0):
+  # Imported lazily so that this module imports even while the numerics
+  # package is being built; every matmul goes through quantjax.ops.qdot.
+  from quantjax import ops
+  return ops.qdot(x, w, contract_axis=contract_axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a Llama-family decoder.
+
+  Attributes:
+    vocab_size: number of token embeddings.
+    hidden_size: model width `d`.
+    intermediate_size: MLP width.
+    num_layers: number of decoder blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention when smaller).
+    head_dim: width of one head.
+    rope_theta: RoPE base frequency.
+    rms_norm_eps: RMSNorm epsilon.
+    tie_embeddings: the output head reuses `embed/embedding`.
+    max_position_embeddings: longest sequence the model was trained on.
+    bos_token_id / eos_token_id: special tokens, when known.
+    dtype: activation (compute) dtype, e.g. "float32" or "bfloat16". Norms,
+      RoPE, softmax and the returned logits are always float32.
+    name: a label for reports.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_position_embeddings: int = 2048
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  dtype: str = "float32"
+  name: str = "llama"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+  def replace(self, **kw) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_hf(cls, hf: Any, name: str = "llama") -> "LlamaConfig":
+    """From a `transformers.LlamaConfig` or the dict of a `config.json`."""
+    d = hf if isinstance(hf, Mapping) else hf.to_dict()
+    arch = d.get("model_type", "llama")
+    if arch not in ("llama", "smollm", "smollm2", "mistral"):
+      raise ValueError(f"unsupported architecture {arch!r}: quantjax.models.llama covers "
+                       "Llama-family decoders (model_type 'llama')")
+    scaling = d.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+      raise ValueError(f"unsupported rope_scaling {scaling!r}; only plain RoPE is implemented")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+      raise ValueError("unsupported: attention_bias / mlp_bias (Llama uses none)")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"unsupported hidden_act {act!r}; Llama uses 'silu'")
+    heads = int(d["num_attention_heads"])
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    theta = d.get("rope_theta")
+    if theta is None:
+      theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    eos = d.get("eos_token_id")
+    if isinstance(eos, (list, tuple)):
+      eos = eos[0] if eos else None
+    return cls(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        rope_theta=float(theta),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=eos,
+        name=d.get("_name_or_path") or name,
+    )
+
+  @classmethod
+  def from_gguf_metadata(cls, meta: Mapping[str, Any], *, vocab_size: int | None = None,
+                         tie_embeddings: bool = True) -> "LlamaConfig":
+    """From GGUF key/values (`general.architecture` must be "llama")."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+      raise ValueError(f"unsupported GGUF architecture {arch!r}; expected 'llama'")
+
+    def get(key, default=None):
+      full = f"llama.{key}"
+      if full in meta:
+        return meta[full]
+      if default is None:
+        raise ValueError(f"GGUF metadata lacks {full!r}")
+      return default
+
+    d = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    head_dim = int(meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count",
+                                                                    d // heads)))
+    if "llama.rope.scaling.type" in meta and meta["llama.rope.scaling.type"] not in ("none",):
+      raise ValueError(f"unsupported RoPE scaling {meta['llama.rope.scaling.type']!r}")
+    if vocab_size is None:
+      vocab_size = meta.get("llama.vocab_size")
+      if vocab_size is None:
+        vocab_size = len(meta["tokenizer.ggml.tokens"])
+    name = meta.get("general.name", "llama")
+    return cls(
+        vocab_size=int(vocab_size),
+        hidden_size=d,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=tie_embeddings,
+        max_position_embeddings=int(get("context_length", 2048)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        name=str(name),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Building blocks.
+
+
+def _normal(rngs: nnx.Rngs, shape, std=0.02):
+  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+  """`y = x @ kernel` with `kernel` `[in, out]`, an array or a `QArray`."""
+
+  def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_normal(rngs, (din, dout)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _qdot(x, self.kernel.get_value())
+
+
+class Embed(nnx.Module):
+  """Token embedding `[vocab, d]`; `attend` uses it as a tied output head."""
+
+  def __init__(self, vocab: int, d: int, *, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(_normal(rngs, (vocab, d)))
+
+  def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+    from quantjax.numerics.qarray import QArray
+    table = self.embedding.get_value()
+    if isinstance(table, QArray):
+      rows = table[ids]  # QArray indexing dequantizes the gathered rows only.
+    else:
+      rows = jnp.take(jnp.asarray(table), ids, axis=0)
+    return jnp.asarray(rows).astype(dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return _qdot(x, self.embedding.get_value(), contract_axis=1)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32, like Hugging Face's LlamaRMSNorm."""
+
+  def __init__(self, d: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    xf = xf * jax.lax.rsqrt(var + self.eps)
+    scale = jnp.asarray(self.scale.get_value()).astype(jnp.float32)
+    return (scale * xf.astype(dtype).astype(jnp.float32)).astype(dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+  """cos/sin `[..., T, head_dim]` in float32 for integer `positions` `[..., T]`."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                              / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x `[B, T, H, D]`; cos/sin `[B, T, D]` ("rotate half" layout)."""
+  half = x.shape[-1] // 2
+  xf = x.astype(jnp.float32)
+  rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  return (xf * c + rot * s).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values for every layer: `k`, `v` `[L, B, S_max, H_kv, D]`."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, h, hk, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = Linear(d, h * hd, rngs=rngs)
+    self.k_proj = Linear(d, hk * hd, rngs=rngs)
+    self.v_proj = Linear(d, hk * hd, rngs=rngs)
+    self.o_proj = Linear(h * hd, d, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, hk, hd
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+    b, t, _ = x.shape
+    h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    q = self.q_proj(x).reshape(b, t, h, hd)
+    k = self.k_proj(x).reshape(b, t, hk, hd)
+    v = self.v_proj(x).reshape(b, t, hk, hd)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    new_kv = None
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      new_kv = (k, v)
+    g = h // hk
+    qg = q.reshape(b, t, hk, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    out = out.reshape(b, t, h * hd)
+    return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
+    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
+    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+    a, new_kv = self.attn(self.input_norm(x), cos, sin, mask, cache_kv, index)
+    x = x + a
+    x = x + self.mlp(self.post_attn_norm(x))
+    return x, new_kv
+
+
+class Llama(nnx.Module):
+  """Llama-family causal language model.
+
+  Call with `tokens` `[B, T]` (int) to get float32 logits `[B, T, vocab]`.
+  With a `KVCache` and `index` (the position of `tokens[:, 0]`), returns
+  `(logits, new_cache)`.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = Embed(config.vocab_size, config.hidden_size, rngs=rngs)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    if not config.tie_embeddings:
+      self.lm_head = Linear(config.hidden_size, config.vocab_size, rngs=rngs)
+
+  def hidden_states(self, tokens, cache: KVCache | None = None, index=None,
+                    positions=None):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    b, t = tokens.shape
+    if index is None:
+      index = 0
+    if positions is None:
+      positions = index + jnp.arange(t, dtype=jnp.int32)[None, :]
+      positions = jnp.broadcast_to(positions, (b, t))
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    x = self.embed(tokens, dtype)
+    if cache is None:
+      kpos = jnp.arange(t)
+    else:
+      kpos = jnp.arange(cache.k.shape[2])
+    mask = kpos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, nkv = layer(x, cos, sin, mask, kv, index)
+      if nkv is not None:
+        new_k.append(nkv[0])
+        new_v.append(nkv[1])
+    x = self.final_norm(x)
+    new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
+    return x, new_cache
+
+  def logits(self, x):
+    if self.config.tie_embeddings:
+      out = self.embed.attend(x)
+    else:
+      out = self.lm_head(x)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens, cache: KVCache | None = None, index=None):
+    x, new_cache = self.hidden_states(tokens, cache, index)
+    logits = self.logits(x)
+    if cache is None:
+      return logits
+    return logits, new_cache
+
+
+# ----------------------------------------------------------------------------
+# Functional API.
+
+
+@functools.lru_cache(maxsize=32)
+def _split_abstract(config: LlamaConfig):
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def graphdef(config: LlamaConfig):
+  """The `nnx.GraphDef` of a `Llama` with this config (cached)."""
+  return _split_abstract(config)[0]
+
+
+def abstract_state(config: LlamaConfig) -> nnx.State:
+  """The parameter `nnx.State` of this config with `jax.ShapeDtypeStruct` leaves."""
+  return _split_abstract(config)[1]
+
+
+def as_state(config: LlamaConfig, params: Any) -> nnx.State:
+  """Accepts an `nnx.State` or its pure dict; returns an `nnx.State`."""
+  if isinstance(params, nnx.State):
+    return params
+  state = jax.tree.map(lambda x: x, abstract_state(config))
+  nnx.replace_by_pure_dict(state, _intify(params))
+  return state
+
+
+def _intify(d):
+  """Pure dicts may come with string layer indices ("3"); nnx uses ints."""
+  if isinstance(d, Mapping):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _intify(v)
+            for k, v in d.items()}
+  return d
+
+
+def model_from_params(config: LlamaConfig, params: Any) -> Llama:
+  """A stateful `Llama` holding `params` (arrays or QArrays)."""
+  return nnx.merge(graphdef(config), as_state(config, params))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config, params, tokens):
+  model = nnx.merge(graphdef(config), params)
+  return model(tokens)
+
+
+def forward(config: LlamaConfig, params: Any, tokens: jax.Array) -> jax.Array:
+  """Jitted logits `[B, T, vocab]` (float32) for `tokens` `[B, T]`.
+
+  `params` is an `nnx.State` or pure dict whose leaves may be `QArray`s; the
+  function compiles once per (config, parameter structure, token shape).
+  """
+  return _forward(config, as_state(config, params), jnp.asarray(tokens, jnp.int32))
+
+
+# ----------------------------------------------------------------------------
+# Generation with a KV cache.
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int) -> KVCache:
+  dtype = jnp.dtype(config.dtype)
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
+def _step(config, params, tokens, cache, index):
+  model = nnx.merge(graphdef(config), params)
+  x, cache = model.hidden_states(tokens, cache, index)
+  logits = model.logits(x[:, -1:, :])[:, 0, :]
+  return logits, cache
+
+
+def _sample(logits, key, temperature: float, top_k: int | None):
+  if temperature <= 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             eos_token_id: int | None = None) -> np.ndarray:
+  """Autoregressive decoding with a KV cache.
+
+  Args:
+    config: the model config.
+    params: `nnx.State` / pure dict (may hold QArrays).
+    prompt: `[B, T]` (or `[T]`) token ids; all rows the same length.
+    max_new_tokens: tokens to append.
+    temperature: 0 for greedy, else sampling temperature.
+    top_k: optional top-k filter for sampling.
+    seed: PRNG seed for sampling.
+    eos_token_id: stop early once every row has produced it.
+
+  Returns:
+    `[B, T + n]` int32 numpy array (prompt followed by the generated tokens).
+  """
+  params = as_state(config, params)
+  prompt = np.asarray(prompt, np.int32)
+  if prompt.ndim == 1:
+    prompt = prompt[None]
+  b, t = prompt.shape
+  cache = init_cache(config, b, t + max_new_tokens)
+  key = jax.random.key(seed)
+  logits, cache = _step(config, params, jnp.asarray(prompt), cache, jnp.int32(0))
+  out = [prompt]
+  done = np.zeros((b,), bool)
+  for i in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    nxt = _sample(logits, sub, temperature, top_k)
+    nxt_np = np.asarray(nxt)
+    out.append(nxt_np[:, None])
+    if eos_token_id is not None:
+      done |= nxt_np == eos_token_id
+      if done.all():
+        break
+    if i + 1 == max_new_tokens:
+      break
+    logits, cache = _step(config, params, nxt[:, None], cache, jnp.int32(t + i))
+  return np.concatenate(out, axis=1)
