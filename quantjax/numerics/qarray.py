@@ -373,7 +373,33 @@ class QArray(flax_meta.AxisMetadata):
     return out.astype(dtype) if dtype is not None else out
 
   def __getitem__(self, idx) -> jax.Array:
+    if self._rows_independent() and _is_int_index(idx):
+      return self.take_rows(idx)
     return self.dequantize()[idx]
+
+  def _rows_independent(self) -> bool:
+    """True when each index of axis 0 has its own codes and scales (embedding tables)."""
+    f = self.fmt
+    if self.ndim < 2 or f.is_cast:
+      return self.ndim >= 1 and f.is_cast
+    if f.packed and _pack_axis(f, self.ndim) == 0:
+      return False
+    if f.granularity == "per_tensor":
+      return True
+    if f.granularity == "per_channel":
+      return f.channel_axis % self.ndim == 0
+    return f.group_axis % self.ndim != 0
+
+  def take_rows(self, ids) -> jax.Array:
+    """`self.dequantize()[ids]` for integer `ids`, dequantizing only those rows."""
+    ids = jnp.asarray(ids)
+    flat = ids.reshape(-1)
+    take = lambda a: None if a is None else (  # noqa: E731
+        a if a.shape[0] == 1 else jnp.take(a, flat, axis=0))
+    rows = QArray(qvalue=jnp.take(self.qvalue, flat, axis=0), scale=take(self.scale),
+                  zero_point=take(self.zero_point), fmt=self.fmt,
+                  shape=(flat.shape[0],) + tuple(self.shape[1:]), dtype=self.dtype)
+    return rows.dequantize().reshape(ids.shape + tuple(self.shape[1:]))
 
   def astype(self, dtype) -> jax.Array:
     return self.dequantize(dtype)
@@ -399,6 +425,12 @@ class QArray(flax_meta.AxisMetadata):
     """Builds a QArray from unpacked codes of the logical shape and stored scales."""
     return cls(qvalue=pack_codes(codes, fmt), scale=scale, zero_point=zero_point,
                fmt=fmt, shape=tuple(codes.shape), dtype=jnp.dtype(dtype))
+
+
+def _is_int_index(idx: Any) -> bool:
+  if isinstance(idx, (int, np.integer)) and not isinstance(idx, bool):
+    return True
+  return hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer)
 
 
 def is_qarray(x: Any) -> bool:

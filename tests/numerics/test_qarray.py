@@ -261,3 +261,15 @@ def test_fp8_nf4_ternary_binary_values():
   assert fp8.qvalue.dtype == jnp.float8_e4m3fn
   rel = jnp.abs(fp8.dequantize() - x) / jnp.maximum(jnp.abs(x), 1e-2)
   assert float(jnp.median(rel)) < 0.07
+
+
+@pytest.mark.parametrize("spec,kw", [("int8", dict(channel_axis=0)),
+                                     ("int4_g32_asym", dict(channel_axis=0, group_axis=1)),
+                                     ("int4_g32", dict()), ("bf16", dict()), ("nf4_g32", dict(group_axis=1))])
+def test_row_gather_equals_dequantize_then_index(spec, kw):
+  table = jax.random.normal(jax.random.key(4), (96, 64))
+  q = qa.quantize(table, qa.formats_lib.QuantFormat.parse(spec, **kw))
+  ids = jnp.array([[3, 0, 95], [7, 7, 1]])
+  np.testing.assert_array_equal(np.asarray(q[ids]), np.asarray(q.dequantize()[ids]))
+  np.testing.assert_array_equal(np.asarray(q[5]), np.asarray(q.dequantize()[5]))
+  assert q[ids].shape == (2, 3, 64)
