@@ -32,9 +32,9 @@ __all__ = ["run", "method_spec", "Q4_1_CAVEAT"]
 Q4_1_CAVEAT = (
     "Caveat: SmolLM2-135M ships as a Q4_1 GGUF, so the FP32 baseline weights already lie on "
     "a Q4_1 grid (groups of 32, value = min + step·q with a float min). 4-bit group-32 "
-    "quantization with a float offset reproduces them exactly, while an integer zero point "
-    "does not (measured: +21.8% perplexity for RTN with integer zero points at group 32). "
-    "Methods are therefore compared at group 64, per-channel, symmetric and 3 bits.")
+    "quantization with a float offset reproduces them exactly (rtn_int4_g32_asymf: +0.00%), "
+    "while an integer zero point does not. Methods are therefore compared at group 64, "
+    "per-channel, symmetric and 3 bits.")
 
 _KEY_FIELDS = ("method", "format", "quantized", "model", "corpus_sha256", "corpus_tokens",
                "eval_tokens", "window", "dtype", "seed")

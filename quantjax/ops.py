@@ -93,6 +93,10 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
   Returns:
     `[..., n]` in `x.dtype`.
   """
+  qdot_hook = getattr(type(w), "__qdot__", None)
+  if qdot_hook is not None and act_format is None:
+    # Leaves that carry their own matmul (methods.activations.StaticActQuantized).
+    return qdot_hook(w, x, contract_axis=contract_axis, precision=precision)
   if isinstance(w, qarray_lib.ActQuantized):
     if act_format is None:
       act_format = w.act_format

@@ -1,0 +1,295 @@
+"""Activation quantization: static ranges from observers, or dynamic at run time.
+
+The activation spec travels in the params tree beside the weight it feeds:
+
+* dynamic: `ActQuantized(weight, act_format)` (foundation); `ops.qdot`
+  quantizes the input of the matmul at run time, per token when the format is
+  per-channel, per tensor when it is per-tensor. W8A8 (int8 weight per output
+  channel, int8 activations) runs as an int8 x int8 -> int32 `dot_general`.
+* static: `StaticActQuantized(weight, act_scale, act_zero_point, act_format)`,
+  a subclass whose scales were fixed from calibration batches by an
+  `ActObserver` (min-max, percentile or MSE; per tensor or per input
+  channel). `static_qdot` computes its matmul: int8 x int8 -> int32 for a
+  per-tensor symmetric int8 activation scale and an int8 weight, else the
+  input is quantized-dequantized with the fixed scales (per-channel input
+  scales sit on the contraction axis and cannot be factored out of an integer
+  dot). `ops.qdot` calls it through the `__qdot__` hook (see
+  `StaticActQuantized.__qdot__`); an `ops.qdot` without that hook treats the
+  leaf as an `ActQuantized` and quantizes dynamically.
+
+The observers are pure: `init(k) -> stat`, `update(stat, x) -> stat`,
+`finalize(stat, fmt) -> (scale, zero_point)`; the sequential driver
+(`quantjax.methods.sequential`) feeds them every linear layer's input.
+
+References:
+  Jacob et al. Quantization and Training of Neural Networks for Efficient
+  Integer-Arithmetic-Only Inference. CVPR 2018, arXiv:1712.05877 (static
+  ranges). Nagel et al. A White Paper on Neural Network Quantization, 2021,
+  arXiv:2106.08295 (min-max / percentile / MSE range setting). Dettmers et al.
+  LLM.int8(), 2022, arXiv:2208.07339 and Xiao et al. SmoothQuant, 2023
+  (per-token dynamic activation scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quantjax import rules as rules_lib
+from quantjax.numerics import qarray as qarray_lib
+from quantjax.numerics.formats import QuantFormat, resolve_format
+from quantjax.numerics.qarray import ActQuantized, QArray
+
+__all__ = ["ActObserver", "ActStat", "StaticActQuantized", "static_qdot", "attach_act_quant",
+           "observe", "OBSERVER_METHODS"]
+
+OBSERVER_METHODS = ("minmax", "percentile", "mse")
+
+
+class ActStat(NamedTuple):
+  """Running statistics of one matmul input `[..., k]`.
+
+  `lo`, `hi`: per-channel min and max `[k]`; `absmean`: per-channel running
+  mean of |x| `[k]`; `count`: rows seen; `sample`: a bounded, evenly strided
+  sample of rows `[s, k]` (for percentile and MSE).
+  """
+
+  lo: jax.Array
+  hi: jax.Array
+  absmean: jax.Array
+  count: jax.Array
+  sample: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActObserver:
+  """How a static activation range is chosen.
+
+  Attributes:
+    method: "minmax", "percentile" (clip |x| at `percentile`) or "mse" (the
+      clip ratio of the min-max range with the least squared error on the
+      sampled rows, `grid` ratios in [`min_ratio`, 1]).
+    granularity: "per_tensor" (one scale, usable by the int8 dot) or
+      "per_channel" (one scale per input channel).
+    percentile: for "percentile", in (0, 100].
+    max_samples: rows kept for percentile / MSE.
+    grid, min_ratio: the MSE search.
+  """
+
+  method: str = "minmax"
+  granularity: str = "per_tensor"
+  percentile: float = 99.99
+  max_samples: int = 4096
+  grid: int = 50
+  min_ratio: float = 0.3
+
+  def __post_init__(self):
+    if self.method not in OBSERVER_METHODS:
+      raise ValueError(f"observer method {self.method!r} is not one of {OBSERVER_METHODS}")
+    if self.granularity not in ("per_tensor", "per_channel"):
+      raise ValueError(f"observer granularity must be 'per_tensor' or 'per_channel', got "
+                       f"{self.granularity!r}")
+    if not 0.0 < self.percentile <= 100.0:
+      raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+    if self.max_samples < 1 or self.grid < 1 or not 0.0 < self.min_ratio <= 1.0:
+      raise ValueError("max_samples and grid must be >= 1 and min_ratio in (0, 1]")
+
+  def init(self, k: int) -> ActStat:
+    return ActStat(lo=jnp.full((k,), jnp.inf, jnp.float32),
+                   hi=jnp.full((k,), -jnp.inf, jnp.float32),
+                   absmean=jnp.zeros((k,), jnp.float32), count=jnp.zeros((), jnp.float32),
+                   sample=jnp.zeros((0, k), jnp.float32))
+
+  def update(self, stat: ActStat, x: jax.Array) -> ActStat:
+    """Adds the rows of `x` `[..., k]`."""
+    x2 = jnp.asarray(x).reshape(-1, x.shape[-1]).astype(jnp.float32)
+    n = x2.shape[0]
+    cnt = stat.count + jnp.asarray(n, jnp.float32)
+    absmean = stat.absmean + (jnp.sum(jnp.abs(x2), 0) - stat.absmean * n) / cnt
+    sample = stat.sample
+    if self.method != "minmax":
+      room = self.max_samples - sample.shape[0]
+      if room > 0:
+        stride = max(1, n // room)
+        sample = jnp.concatenate([sample, x2[::stride][:room]], axis=0)
+    return ActStat(lo=jnp.minimum(stat.lo, jnp.min(x2, 0)), hi=jnp.maximum(stat.hi, jnp.max(x2, 0)),
+                   absmean=absmean, count=cnt, sample=sample)
+
+  def _fmt(self, fmt: QuantFormat) -> QuantFormat:
+    if fmt.granularity == "group" or fmt.is_cast:
+      raise ValueError(f"static activation formats are per tensor or per channel, got {fmt}")
+    if self.granularity == "per_tensor":
+      return fmt.replace(granularity="per_tensor")
+    return fmt.replace(granularity="per_channel", channel_axis=-1)
+
+  def finalize(self, stat: ActStat, fmt: QuantFormat | str) -> tuple[jax.Array, jax.Array | None]:
+    """Stored-shape `(scale, zero_point)` for an input `[t, k]`: `[1, 1]` or `[1, k]`."""
+    fmt = self._fmt(resolve_format(fmt))
+    if float(stat.count) == 0:
+      raise ValueError("the observer saw no activations; run calibration batches first")
+    per_tensor = self.granularity == "per_tensor"
+    lo = jnp.min(stat.lo, keepdims=True) if per_tensor else stat.lo
+    hi = jnp.max(stat.hi, keepdims=True) if per_tensor else stat.hi
+    lo, hi = lo.reshape(1, -1), hi.reshape(1, -1)
+    if self.method == "percentile" and self.percentile < 100.0:
+      s = stat.sample
+      if fmt.symmetric:
+        a = jnp.abs(s)
+        amax = (jnp.percentile(a, self.percentile) if per_tensor else
+                jnp.percentile(a, self.percentile, axis=0)).reshape(1, -1)
+        lo, hi = -amax, amax
+      else:
+        q_lo, q_hi = 100.0 - self.percentile, self.percentile
+        lo = (jnp.percentile(s, q_lo) if per_tensor else jnp.percentile(s, q_lo, axis=0))
+        hi = (jnp.percentile(s, q_hi) if per_tensor else jnp.percentile(s, q_hi, axis=0))
+        lo, hi = lo.reshape(1, -1), hi.reshape(1, -1)
+    elif self.method == "mse":
+      lo, hi = _mse_range(stat.sample, lo, hi, fmt, self.grid, self.min_ratio, per_tensor)
+    return qarray_lib.scale_from_range(fmt, lo, hi)
+
+
+def _mse_range(sample, lo, hi, fmt, grid, min_ratio, per_tensor):
+  axes = (0, 1) if per_tensor else (0,)
+  best_e, best_r = None, None
+  for r in np.linspace(1.0, min_ratio, grid):
+    s, z = qarray_lib.scale_from_range(fmt, lo * r, hi * r)
+    d = qarray_lib.decode(qarray_lib.encode(sample, fmt, s, z), fmt, s, z)
+    e = jnp.sum((d - sample) ** 2, axis=axes, keepdims=True)
+    rr = jnp.full(e.shape, r, jnp.float32)
+    if best_e is None:
+      best_e, best_r = e, rr
+    else:
+      better = e < best_e
+      best_e, best_r = jnp.where(better, e, best_e), jnp.where(better, rr, best_r)
+  return lo * best_r, hi * best_r
+
+
+def observe(observer: ActObserver, batches: Sequence[jax.Array]) -> ActStat:
+  """Runs `observer` over an iterable of activation batches `[..., k]`."""
+  stat = None
+  for x in batches:
+    if stat is None:
+      stat = observer.init(x.shape[-1])
+    stat = observer.update(stat, x)
+  if stat is None:
+    raise ValueError("observe() got no batches")
+  return stat
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StaticActQuantized(ActQuantized):
+  """A weight plus fixed (calibrated) scales for its matmul's input.
+
+  Children: `weight` (array or QArray), `act_scale` (`[1, 1]` or `[1, k]`),
+  `act_zero_point` (or None). Static: `act_format`.
+  """
+
+  act_scale: Any = None
+  act_zero_point: Any = None
+
+  def quantize_input(self, x: jax.Array) -> QArray:
+    """The input `[..., k]` as a `[t, k]` QArray with the static scales."""
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    fmt = self.input_format
+    return qarray_lib.quantize_with_scale(x2, fmt, self.act_scale, self.act_zero_point)
+
+  @property
+  def input_format(self) -> QuantFormat:
+    per_tensor = self.act_scale is None or int(np.prod(self.act_scale.shape)) == 1
+    if per_tensor:
+      return self.act_format.replace(granularity="per_tensor")
+    return self.act_format.replace(granularity="per_channel", channel_axis=-1)
+
+  def __qdot__(self, x: jax.Array, *, contract_axis: int = 0, precision: Any = None):
+    return static_qdot(x, self, contract_axis=contract_axis, precision=precision)
+
+
+def _int8_weight_ok(w: Any, contract_axis: int) -> bool:
+  if not isinstance(w, QArray):
+    return False
+  f = w.fmt
+  return (f.kind == "int" and f.bits == 8 and f.symmetric and
+          (f.granularity == "per_tensor" or
+           (f.granularity == "per_channel" and f.channel_axis % 2 == 1 - contract_axis)))
+
+
+def static_qdot(x: jax.Array, w: StaticActQuantized, *, contract_axis: int = 0,
+                precision: Any = None) -> jax.Array:
+  """`x @ w.weight` with `x` quantized by the static scales of `w`.
+
+  int8 x int8 -> int32 `dot_general` when the activation scale is per tensor,
+  symmetric int8, and the weight an int8 QArray with per-tensor or
+  per-output-channel scales; otherwise quantize-dequantize `x` and call
+  `ops.qdot` on the weight.
+  """
+  from quantjax import ops
+  lead = x.shape[:-1]
+  xq = w.quantize_input(x)
+  af = xq.fmt
+  if (af.kind == "int" and af.bits == 8 and af.symmetric and af.granularity == "per_tensor"
+      and _int8_weight_ok(w.weight, contract_axis)):
+    acc = jax.lax.dot_general(xq.codes(), w.weight.codes(),
+                              (((1,), (contract_axis,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    ws = w.weight.scale.reshape(1, -1) if w.weight.scale.size > 1 else w.weight.scale.reshape(())
+    out = (acc.astype(jnp.float32) * xq.scale.reshape(()).astype(jnp.float32)
+           * ws.astype(jnp.float32))
+    return out.astype(x.dtype).reshape(*lead, -1)
+  xd = xq.dequantize(jnp.float32).astype(x.dtype).reshape(x.shape)
+  return ops.qdot(xd, w.weight, contract_axis=contract_axis, precision=precision)
+
+
+def attach_act_quant(params: Any, rules: Sequence[rules_lib.QuantRule], *,
+                     act_stats: Mapping[str, ActStat] | None = None,
+                     observer: ActObserver | None = None, strict: bool = False) -> Any:
+  """Attaches activation quantization to the weights matched by rules with an `act_format`.
+
+  The weight leaf itself is kept (a float array or an already quantized
+  QArray, e.g. from GPTQ or SmoothQuant + RTN).
+
+  Args:
+    params: params tree.
+    rules: `QuantRule`s; those with `act_format` select the weights whose
+      matmul inputs are quantized (first match wins, as everywhere).
+    act_stats: path -> `ActStat` of that weight's matmul input (from
+      `sequential.collect` / `observe`). With `observer`, gives static scales.
+    observer: the range rule for static scales; None for dynamic.
+    strict: raise when a rule matches nothing.
+
+  Returns:
+    The tree with `StaticActQuantized` (static) or `ActQuantized` (dynamic)
+    leaves in place of the matched weights.
+
+  Raises:
+    ValueError: static requested but a matched weight has no statistics.
+  """
+  rules = tuple(rules)
+  report = rules_lib.match_rules(params, rules)
+  if strict and report.unused_rules:
+    raise ValueError("attach_act_quant: rules that matched no leaf: " +
+                     ", ".join(repr(r.module_path) for r in report.unused_rules))
+
+  def fn(path: str, leaf: Any) -> Any:
+    idx = report.assignments.get(path)
+    if idx is None or leaf is None:
+      return leaf
+    rule = rules[idx]
+    if rule.skip or rule.act_format is None:
+      return leaf
+    if isinstance(leaf, ActQuantized):
+      leaf = leaf.weight
+    if observer is None:
+      return ActQuantized(weight=leaf, act_format=rule.act_format)
+    if act_stats is None or path not in act_stats:
+      raise ValueError(f"static activation quantization of {path}: no activation statistics "
+                       "for it (collect them with quantjax.methods.sequential or observe())")
+    scale, zp = observer.finalize(act_stats[path], rule.act_format)
+    return StaticActQuantized(weight=leaf, act_format=rule.act_format, act_scale=scale,
+                              act_zero_point=zp)
+
+  return rules_lib.map_with_paths(fn, params)

@@ -1,0 +1,323 @@
+"""GPTQ: second-order, error-compensating weight quantization.
+
+For one linear layer `y = x @ W` (W `[in, out]`, our layout) and calibration
+inputs `X` `[n, in]`, GPTQ quantizes the input rows of `W` one at a time and
+spreads each row's rounding error over the rows not yet quantized, weighted
+by the inverse Hessian of the layer's reconstruction loss `||XW - XQ||^2`,
+`H = 2 X^T X / n`. The result is a plain `QArray` (group-wise, per-channel or
+per-tensor; symmetric or asymmetric), indistinguishable in layout from
+round-to-nearest.
+
+Implementation notes (following the reference implementation):
+  * dead inputs (`H_jj == 0`) get `H_jj = 1` and a zero weight row;
+  * dampening adds `percdamp * mean(diag H)` to the diagonal;
+  * the upper Cholesky factor of `H^-1` (computed in float64) drives the
+    updates; the quantization loop is jitted: a `lax.fori_loop` over blocks
+    of `block_size` rows with lazy batched updates of the rest, over groups
+    inside a block, and over rows inside a group;
+  * group scales are computed from the partially updated weights when a
+    group starts (the reference's behaviour), or with `act_order` from the
+    original weights in the original order ("static groups") so the result
+    stays a plain group-wise QArray whose groups are consecutive input rows.
+
+References:
+  Frantar, Ashkboos, Hoefler, Alistarh. GPTQ: Accurate Post-Training
+  Quantization for Generative Pre-trained Transformers. ICLR 2023,
+  arXiv:2210.17323. Reference code: github.com/IST-DASLab/gptq.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quantjax.numerics import calibrate as calibrate_lib
+from quantjax.numerics import qarray as qarray_lib
+from quantjax.numerics.formats import QuantFormat, resolve_format
+from quantjax.numerics.qarray import QArray
+
+__all__ = ["HessianStat", "hessian_init", "hessian_update", "hessian", "gptq_quantize",
+           "GPTQResult", "SUPPORTED_KINDS"]
+
+SUPPORTED_KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2")
+
+
+# ----------------------------------------------------------------------------
+# Hessian accumulation.
+# ----------------------------------------------------------------------------
+
+class HessianStat(NamedTuple):
+  """Running `sum x x^T` (float32 `[k, k]`) and the number of rows seen."""
+
+  xtx: jax.Array
+  count: jax.Array
+
+
+def hessian_init(k: int) -> HessianStat:
+  return HessianStat(jnp.zeros((k, k), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+@jax.jit
+def hessian_update(stat: HessianStat, x: jax.Array) -> HessianStat:
+  """Adds the rows of `x` `[..., k]` (all leading axes are samples)."""
+  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  xtx = stat.xtx + jnp.einsum("ni,nj->ij", x2, x2, precision=jax.lax.Precision.HIGHEST)
+  return HessianStat(xtx, stat.count + jnp.asarray(x2.shape[0], jnp.float32))
+
+
+def hessian(stat: HessianStat) -> jax.Array:
+  """`H = 2 X^T X / n`."""
+  return 2.0 * stat.xtx / jnp.maximum(stat.count, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# The algorithm.
+# ----------------------------------------------------------------------------
+
+class GPTQResult(NamedTuple):
+  """`qarray`: the quantized weight; `loss`: GPTQ's sum of (w - q)^2 / [H^-1]_jj / 2
+  (its own proxy for the added output error); `perm`: the act-order row order
+  (None without act-order)."""
+
+  qarray: QArray
+  loss: float
+  perm: np.ndarray | None
+
+
+def _check_format(fmt: QuantFormat, w_shape) -> None:
+  if fmt.kind not in SUPPORTED_KINDS:
+    raise ValueError(f"GPTQ supports formats of kind {SUPPORTED_KINDS}, not {fmt.kind!r} "
+                     f"({fmt}); binary/ternary use quantjax.methods.ternary")
+  if len(w_shape) != 2:
+    raise ValueError(f"GPTQ quantizes 2-D weights [in, out], got shape {tuple(w_shape)}")
+  if fmt.granularity == "group":
+    if fmt.group_axis % 2 != 0:
+      raise ValueError(f"GPTQ needs groups along the input axis (group_axis=0) of a [in, out] "
+                       f"weight; got group_axis={fmt.group_axis}")
+    if w_shape[0] % fmt.group_size:
+      raise ValueError(
+          f"group_size {fmt.group_size} does not divide the input dimension {w_shape[0]} of "
+          f"the weight (shape {tuple(w_shape)}); pick a divisor or per_channel")
+  if fmt.granularity == "per_channel" and fmt.channel_axis % 2 != 1:
+    raise ValueError(f"GPTQ needs per-output-channel scales (channel_axis=-1) on a [in, out] "
+                     f"weight; got channel_axis={fmt.channel_axis}")
+
+
+def _inverse_cholesky_upper(h: np.ndarray, percdamp: float) -> np.ndarray:
+  """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), in float64."""
+  h = np.array(h, np.float64)
+  n = h.shape[0]
+  damp = percdamp * float(np.mean(np.diag(h)))
+  if not np.isfinite(damp):
+    raise ValueError("GPTQ: the Hessian holds NaN/Inf values")
+  h[np.diag_indices(n)] += damp
+  try:
+    lower = np.linalg.cholesky(h)
+    inv = np.linalg.inv(lower)
+    hinv = inv.T @ inv
+    return np.linalg.cholesky(hinv).T
+  except np.linalg.LinAlgError:
+    raise ValueError(
+        f"GPTQ: the dampened Hessian is not positive definite (percdamp={percdamp}); "
+        "raise percdamp or use more calibration data") from None
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "cal", "block", "group", "dynamic"))
+def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
+  """The jitted column loop.
+
+  Args:
+    wt: `[out, n]` weights, rows of the paper's layout (n a multiple of block).
+    hinv: `[n, n]` upper Cholesky factor of the inverse Hessian.
+    col_scale, col_zp: `[n, out]` per-column scales (static mode) or unused.
+    dynamic: compute group scales when a group starts (no act-order).
+
+  Returns:
+    (codes `[out, n]` float32, group scales `[n/group, out]`, group zps, loss).
+  """
+  out, n = wt.shape
+  nblocks = n // block
+  gpb = block // group
+  has_zp = fmt.has_zero_point
+  search_fmt = fmt.replace(rounding="nearest_even")
+
+  def quant_col(w, s, z):
+    q = qarray_lib.encode(w, search_fmt, s, z if has_zp else None)
+    dq = qarray_lib.decode(q, search_fmt, s, z if has_zp else None)
+    return q.astype(jnp.float32), dq
+
+  def block_body(b, carry):
+    w_all, codes, g_scale, g_zp, loss = carry
+    i1 = b * block
+    w1 = jax.lax.dynamic_slice(w_all, (0, i1), (out, block))
+    h1 = jax.lax.dynamic_slice(hinv, (i1, i1), (block, block))
+
+    def group_body(gi, c):
+      w1, c1, e1, g_scale, g_zp, loss = c
+      j0 = gi * group
+      if dynamic:
+        wg = jax.lax.dynamic_slice(w1, (0, j0), (out, group))
+        s, z = calibrate_lib.calibrate_blocks(wg, (1,), fmt, cal)
+        s = s[:, 0].astype(jnp.float32)
+        z = jnp.zeros((out,), jnp.float32) if z is None else z[:, 0].astype(jnp.float32)
+        gidx = (i1 + j0) // group
+        g_scale = jax.lax.dynamic_update_slice(g_scale, s[None, :], (gidx, 0))
+        g_zp = jax.lax.dynamic_update_slice(g_zp, z[None, :], (gidx, 0))
+
+      def col_body(k, c2):
+        w1, c1, e1, loss = c2
+        i = j0 + k
+        if dynamic:
+          s_col, z_col = s, z
+        else:
+          s_col = jax.lax.dynamic_index_in_dim(col_scale, i1 + i, 0, keepdims=False)
+          z_col = jax.lax.dynamic_index_in_dim(col_zp, i1 + i, 0, keepdims=False)
+        w = jax.lax.dynamic_index_in_dim(w1, i, 1, keepdims=False)
+        hrow = jax.lax.dynamic_index_in_dim(h1, i, 0, keepdims=False)
+        d = hrow[i]
+        q, dq = quant_col(w, s_col, z_col)
+        err = (w - dq) / d
+        loss = loss + jnp.sum((w - dq) ** 2) / (d * d) / 2.0
+        # H^-1's factor is upper triangular: columns < i are untouched, column i
+        # becomes dq (never read again).
+        w1 = w1 - err[:, None] * hrow[None, :]
+        c1 = jax.lax.dynamic_update_index_in_dim(c1, q, i, 1)
+        e1 = jax.lax.dynamic_update_index_in_dim(e1, err, i, 1)
+        return w1, c1, e1, loss
+
+      w1, c1, e1, loss = jax.lax.fori_loop(0, group, col_body, (w1, c1, e1, loss))
+      return w1, c1, e1, g_scale, g_zp, loss
+
+    c1 = jnp.zeros((out, block), jnp.float32)
+    e1 = jnp.zeros((out, block), jnp.float32)
+    w1, c1, e1, g_scale, g_zp, loss = jax.lax.fori_loop(
+        0, gpb, group_body, (w1, c1, e1, g_scale, g_zp, loss))
+    # Lazy batch update of everything after the block (rows of H^-1 factor are
+    # zero left of the block; the block's own columns are done and not reused).
+    hrows = jax.lax.dynamic_slice(hinv, (i1, 0), (block, n))
+    w_all = w_all - jnp.dot(e1, hrows, precision=jax.lax.Precision.HIGHEST)
+    codes = jax.lax.dynamic_update_slice(codes, c1, (0, i1))
+    return w_all, codes, g_scale, g_zp, loss
+
+  ngroups = n // group
+  init = (wt, jnp.zeros((out, n), jnp.float32), jnp.ones((ngroups, out), jnp.float32),
+          jnp.zeros((ngroups, out), jnp.float32), jnp.zeros((), jnp.float32))
+  _, codes, g_scale, g_zp, loss = jax.lax.fori_loop(0, nblocks, block_body, init)
+  return codes, g_scale, g_zp, loss
+
+
+def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
+                  calibration: Any = "minmax", percdamp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False) -> GPTQResult:
+  """GPTQ-quantizes one weight matrix.
+
+  Args:
+    w: `[in, out]` float weight (y = x @ w).
+    h: `[in, in]` Hessian `2 X^T X / n` of the layer's inputs (see
+      `hessian_init` / `hessian_update` / `hessian`).
+    fmt: the target format: integer (any bits, sym/asym, int or float zero
+      point), NF4 or FP8; per-tensor, per-output-channel or groups along the
+      input axis.
+    calibration: how each scale's range is chosen from the (updated) weights
+      ("minmax", "percentile", "mse" or a `Calibration`).
+    percdamp: dampening, as a fraction of the mean Hessian diagonal.
+    block_size: rows per lazy-update block (rounded to a multiple of the
+      group size).
+    act_order: quantize rows in order of decreasing Hessian diagonal; group
+      scales are then fixed from the original weights ("static groups").
+
+  Returns:
+    `GPTQResult(qarray, loss, perm)`; `qarray` is a plain QArray of `fmt`.
+
+  Raises:
+    ValueError: unsupported format or layout, shape mismatch, a Hessian that
+      stays indefinite after dampening.
+  """
+  fmt = resolve_format(fmt)
+  w = jnp.asarray(w)
+  _check_format(fmt, w.shape)
+  cal = calibrate_lib.resolve_calibration(calibration)
+  k, out = w.shape
+  h = np.asarray(h, np.float64)
+  if h.shape != (k, k):
+    raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
+                     f"dimension {k} (weight shape {tuple(w.shape)})")
+  qarray_lib._check_finite(w, "the GPTQ weight")
+  wt = np.array(w, np.float32).T.copy()  # [out, in], the paper's layout
+  dead = np.diag(h) == 0
+  h = h.copy()
+  h[dead, dead] = 1.0
+  wt[:, dead] = 0.0
+
+  group = fmt.group_size if fmt.granularity == "group" else None
+  has_zp = fmt.has_zero_point
+  # Static scales: per-channel / per-tensor always, groups under act-order.
+  static = group is None or act_order
+  ngroups = k // group if group else 1
+  if static:
+    s_st, z_st = calibrate_lib.calibrate(jnp.asarray(wt.T), fmt, cal)  # stored layout
+    s_st = np.asarray(s_st, np.float32)
+    z_st = np.zeros_like(s_st) if z_st is None else np.asarray(z_st, np.float32)
+    rows = np.arange(k) // group if group else np.zeros(k, np.int64)
+    s_rows = np.broadcast_to(s_st[rows] if group else s_st, (k, out))
+    z_rows = np.broadcast_to(z_st[rows] if group else z_st, (k, out))
+
+  perm = None
+  if act_order:
+    perm = np.argsort(-np.diag(h), kind="stable")
+    wt = wt[:, perm]
+    h = h[perm][:, perm]
+    if static:
+      s_rows, z_rows = s_rows[perm], z_rows[perm]
+
+  hinv = _inverse_cholesky_upper(h, percdamp)
+
+  # Blocks hold whole groups; pad to whole blocks with identity Hessian rows
+  # (padded rows are zero, quantize to zero and never touch real rows).
+  g_loop = group if (group and not act_order) else 1
+  block = max(g_loop, (block_size // g_loop) * g_loop)
+  block = min(block, -(-k // g_loop) * g_loop)
+  npad = -(-k // block) * block
+  if npad > k:
+    wt = np.concatenate([wt, np.zeros((out, npad - k), np.float32)], axis=1)
+    hp = np.eye(npad)
+    hp[:k, :k] = hinv
+    hinv = hp
+  if static:
+    s_cols = np.ones((npad, out), np.float32)
+    z_cols = np.zeros((npad, out), np.float32)
+    s_cols[:k], z_cols[:k] = s_rows, z_rows
+  else:
+    s_cols = z_cols = np.zeros((1, out), np.float32)
+
+  codes, g_scale, g_zp, loss = _gptq_loop(
+      jnp.asarray(wt), jnp.asarray(hinv, jnp.float32), jnp.asarray(s_cols),
+      jnp.asarray(z_cols), fmt=fmt, cal=cal, block=block, group=g_loop, dynamic=not static)
+  codes = codes[:, :k]
+  if perm is not None:
+    codes = codes[:, np.argsort(perm)]
+  if static:
+    scale = jnp.asarray(s_st)
+    zp = jnp.asarray(z_st) if has_zp else None
+  else:
+    scale = g_scale[:ngroups]
+    zp = g_zp[:ngroups] if has_zp else None
+  scale = scale.astype(fmt.scale_dtype)
+  code_dtype = _code_dtype(fmt)
+  if zp is not None:
+    zdtype = fmt.scale_dtype if fmt.zero_point == "float" else (
+        jnp.int8 if fmt.signed else jnp.uint8)
+    zp = zp.astype(zdtype)
+  qa = QArray.from_codes(codes.T.astype(code_dtype), fmt, scale, zp, dtype=w.dtype)
+  return GPTQResult(qa, float(loss), perm)
+
+
+def _code_dtype(fmt: QuantFormat):
+  z = jnp.zeros((1,), jnp.float32) if fmt.has_zero_point else None
+  zz = None if z is None else (z if fmt.zero_point == "float" else z.astype(jnp.int8))
+  return jax.eval_shape(lambda: qarray_lib.encode(jnp.zeros((1,), jnp.float32), fmt,
+                                                  jnp.ones((1,), jnp.float32), zz)).dtype
