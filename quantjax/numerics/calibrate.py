@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat
 
-__all__ = ["Calibration", "calibrate", "calibrate_blocks", "sign_scales", "resolve_calibration"]
+__all__ = ["Calibration", "calibrate", "calibrate_blocks", "block_scales", "sign_scales",
+           "resolve_calibration"]
 
 METHODS = ("minmax", "percentile", "mse")
 
@@ -141,16 +142,26 @@ def sign_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):
   return alpha.astype(fmt.scale_dtype), delta
 
 
+def block_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
+                 calibration: Any = "minmax"):
+  """Block-shaped `(scale, zero_point, threshold)` for any non-cast format.
+
+  Binary and ternary use their closed-form scales (`sign_scales`; `threshold`
+  is TWN's Delta for ternary), every other kind `calibrate_blocks`.
+  """
+  if fmt.kind in ("binary", "ternary"):
+    s, threshold = sign_scales(xb, axes, fmt)
+    return s, None, threshold
+  s, z = calibrate_blocks(xb, axes, fmt, calibration)
+  return s, z, None
+
+
 def calibrate(x: jax.Array, fmt: QuantFormat, calibration: Any = "minmax"):
   """Stored-shape `(scale, zero_point)` for `x` (see `QArray` for the layout)."""
   from quantjax.numerics.formats import resolve_format
   fmt = resolve_format(fmt)
   xb, axes = qarray_lib.block_view(jnp.asarray(x), fmt)
-  if fmt.kind in ("binary", "ternary"):
-    s, _ = sign_scales(xb, axes, fmt)
-    z = None
-  else:
-    s, z = calibrate_blocks(xb, axes, fmt, calibration)
+  s, z, _ = block_scales(xb, axes, fmt, calibration)
   shape = tuple(jnp.shape(x))
   return (qarray_lib.stored_scale(s, shape, fmt),
           None if z is None else qarray_lib.stored_scale(z, shape, fmt))

@@ -50,12 +50,7 @@ def _qdq(x: jax.Array, fmt: QuantFormat, calibration: Any) -> tuple[jax.Array, j
   xb32 = xb.astype(jnp.float32)
   if fmt.is_cast:
     return x.astype(fmt.code_dtype).astype(x.dtype), jnp.ones(x.shape, bool)
-  threshold = None
-  if fmt.kind in ("binary", "ternary"):
-    s, threshold = calibrate_lib.sign_scales(xb32, axes, fmt)
-    z = None
-  else:
-    s, z = calibrate_lib.calibrate_blocks(xb32, axes, fmt, calibration)
+  s, z, threshold = calibrate_lib.block_scales(xb32, axes, fmt, calibration)
   codes = qarray_lib.encode(xb32, fmt, s, z, threshold_b=threshold)
   d = qarray_lib.decode(codes, fmt, s, z)
   # Inside the range: the values the extreme codes decode to.

@@ -497,12 +497,7 @@ def _quantize_jit(x: jax.Array, key, *, fmt: QuantFormat, calibration: Any) -> Q
     return QArray(qvalue=x.astype(fmt.code_dtype), scale=None, zero_point=None, fmt=fmt,
                   shape=shape, dtype=jnp.dtype(x.dtype))
   xb, axes = block_view(x, fmt)
-  threshold = None
-  if fmt.kind in ("binary", "ternary"):
-    scale_b, threshold = calibrate_lib.sign_scales(xb, axes, fmt)
-    zp_b = None
-  else:
-    scale_b, zp_b = calibrate_lib.calibrate_blocks(xb, axes, fmt, calibration)
+  scale_b, zp_b, threshold = calibrate_lib.block_scales(xb, axes, fmt, calibration)
   codes_b = encode(xb, fmt, scale_b, zp_b, key=key, threshold_b=threshold)
   codes = codes_b.reshape(shape)
   scale = stored_scale(scale_b, shape, fmt)
