@@ -201,10 +201,11 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 def _check_complete(config: llama_lib.LlamaConfig, pure: Mapping, source: str) -> None:
   import jax
+  from quantjax.numerics.qarray import is_qarray
   want = {jax.tree_util.keystr(p): l.shape for p, l in
           jax.tree_util.tree_flatten_with_path(_pure_dict(llama_lib.abstract_state(config)))[0]}
-  got = {jax.tree_util.keystr(p): np.shape(l) for p, l in
-         jax.tree_util.tree_flatten_with_path(pure)[0]}
+  got = {jax.tree_util.keystr(p): tuple(l.shape) if is_qarray(l) else np.shape(l) for p, l in
+         jax.tree_util.tree_flatten_with_path(pure, is_leaf=is_qarray)[0]}
   missing = sorted(set(want) - set(got))
   if missing:
     raise ValueError(f"{source}: missing parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -234,15 +235,33 @@ def _map_leaves(tree, fn):
   return fn(tree)
 
 
+def _config_from_reader(reader: Any, path: str) -> llama_lib.LlamaConfig:
+  meta = gguf_metadata(reader)
+  names = {t.name for t in reader.tensors}
+  arch = meta.get("general.architecture")
+  if arch != "llama":
+    raise GGUFError(f"{path}: unsupported architecture {arch!r}; quantjax.models.llama "
+                    "loads 'llama' GGUF files")
+  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if emb is None:
+    raise GGUFError(f"{path}: no token_embd.weight tensor")
+  vocab = int(list(emb.shape)[-1])
+  return llama_lib.LlamaConfig.from_gguf_metadata(
+      meta, vocab_size=vocab, tie_embeddings="output.weight" not in names)
+
+
 def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bool = True,
-              ) -> tuple[llama_lib.LlamaConfig, Any, Any]:
-  """Loads a Llama GGUF file, dequantized.
+              quantized: bool = False) -> tuple[llama_lib.LlamaConfig, Any, Any]:
+  """Loads a Llama GGUF file.
 
   Args:
     path: the `.gguf` file.
     dtype: dtype of the returned parameters (float32 by default).
     tokenizer: also build the transformers tokenizer from the file's vocabulary
       (a few seconds); `None` is returned in its place when False.
+    quantized: keep Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (and F16/BF16) tensors as QArrays
+      holding the file's own codes and scales, so the model runs at the file's
+      size (see `quantjax.io.gguf.import_gguf`); k-quants are dequantized.
 
   Returns:
     `(config, params, tokenizer)`; `params` an `nnx.State` with `[in, out]`
@@ -254,19 +273,12 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
       an unsupported tensor type (the message names it).
   """
   path = os.fspath(path)
+  if quantized:
+    from quantjax.io import gguf as gguf_io
+    config, params, tok, _ = gguf_io.import_gguf(path, tokenizer=tokenizer, dtype=dtype)
+    return config, params, tok
   reader = _open_gguf(path)
-  meta = gguf_metadata(reader)
-  names = {t.name for t in reader.tensors}
-  arch = meta.get("general.architecture")
-  if arch != "llama":
-    raise GGUFError(f"{path}: unsupported architecture {arch!r}; quantjax.models.llama "
-                    "loads 'llama' GGUF files")
-  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-  if emb is None:
-    raise GGUFError(f"{path}: no token_embd.weight tensor")
-  vocab = int(list(emb.shape)[-1])
-  config = llama_lib.LlamaConfig.from_gguf_metadata(
-      meta, vocab_size=vocab, tie_embeddings="output.weight" not in names)
+  config = _config_from_reader(reader, path)
   pure: dict = {}
   layer_re = re.compile(r"blk\.(\d+)\.(.+)")
   for t in reader.tensors:

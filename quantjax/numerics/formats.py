@@ -41,6 +41,16 @@ NF4_CODEBOOK = np.array([
     0.7229568362236023, 1.0
 ], dtype=np.float32)
 
+# llama.cpp's legacy GGUF block types as formats: groups of 32 along the
+# contraction axis with float16 scales (and float16 minima for the _1 types).
+GGUF_SPECS = {
+    "q8_0": dict(bits=8, symmetric=True, signed=True),
+    "q4_0": dict(bits=4, symmetric=True, signed=True),
+    "q4_1": dict(bits=4, symmetric=False, zero_point="float", signed=False),
+    "q5_0": dict(bits=5, symmetric=True, signed=True),
+    "q5_1": dict(bits=5, symmetric=False, zero_point="float", signed=False),
+}
+
 _FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 _CAST_DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
 
@@ -211,8 +221,23 @@ class QuantFormat:
     return dataclasses.replace(self, **changes)
 
   @property
+  def gguf_type(self) -> str | None:
+    """"Q4_0", "Q4_1", "Q5_0", "Q5_1" or "Q8_0" when this format is that GGUF block type."""
+    if (self.kind != "int" or self.granularity != "group" or self.group_size != 32
+        or jnp.dtype(self.scale_dtype) != jnp.float16):
+      return None
+    for spec, kw in GGUF_SPECS.items():
+      if (self.bits == kw["bits"] and self.symmetric == kw["symmetric"]
+          and self.signed == kw["signed"]
+          and (self.symmetric or self.zero_point == kw.get("zero_point"))):
+        return spec.upper()
+    return None
+
+  @property
   def name(self) -> str:
     """Short string that `QuantFormat.parse` reads back."""
+    if self.gguf_type and self.rounding == "nearest_even":
+      return self.gguf_type.lower()
     if self.is_cast or self.kind in _FP8_DTYPES or self.kind in ("binary", "ternary", "nf4"):
       parts = [self.kind]
     else:
@@ -236,10 +261,15 @@ class QuantFormat:
     """Reads a short spec: `int8`, `int4_g64`, `int4_g64_asym`, `int4_g64_asymf`,
     `int3_g64_asym`, `int8_t` (per tensor), `uint8_t`, `nf4_g64`, `fp8_e4m3`,
     `fp8_e5m2`, `binary`, `ternary_g64`, `fp16`, `bf16`; `_sr` adds stochastic
-    rounding. Keyword overrides are applied last (e.g. `group_axis=1`)."""
+    rounding; `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1` are GGUF's block types
+    (group 32, float16 scales), which export to GGUF code for code. Keyword
+    overrides are applied last (e.g. `group_axis=1`)."""
     if not isinstance(spec, str) or not spec:
       raise ValueError(f"format spec must be a non-empty string, got {spec!r}")
     s = spec.strip().lower()
+    if s in GGUF_SPECS:
+      return cls(**{"kind": "int", "granularity": "group", "group_size": 32,
+                    "scale_dtype": jnp.float16, **GGUF_SPECS[s], **overrides})
     kw: dict[str, Any] = {}
     for fp in ("fp8_e4m3", "fp8_e5m2"):
       if s.startswith(fp):

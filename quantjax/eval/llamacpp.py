@@ -1,0 +1,95 @@
+"""llama.cpp as an independent runtime: perplexity and greedy decoding of a GGUF file.
+
+Uses the `llama-cpp-python` bindings (pinned in setup.py, built from source
+by pip). Perplexity follows quantjax's protocol exactly (`eval.perplexity`):
+each window of the split is evaluated alone, with no BOS token added, and the
+NLL of tokens 1..window-1 is averaged in float64, so a number here and one
+from the JAX model are the same quantity on the same token ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["available", "open_model", "perplexity", "greedy"]
+
+
+def available() -> bool:
+  """True when `llama_cpp` imports."""
+  try:
+    import llama_cpp  # noqa: F401
+  except Exception:  # pragma: no cover - import errors of a native module vary
+    return False
+  return True
+
+
+@contextlib.contextmanager
+def open_model(path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | None = None):
+  """A `llama_cpp.Llama` over `path` with logits for every position, closed on exit."""
+  from llama_cpp import Llama
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  llm = Llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+              n_threads=n_threads or max(1, os.cpu_count() or 1), verbose=False, seed=0)
+  try:
+    yield llm
+  finally:
+    llm.close()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  m = x.max(axis=-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool = False,
+               n_threads: int | None = None) -> dict[str, Any]:
+  """Perplexity of the GGUF at `path` over `windows` (`[n, window]` token ids).
+
+  Returns `{"perplexity", "nll", "tokens", "seconds"}`.
+  """
+  windows = np.asarray(windows)
+  if windows.ndim != 2 or windows.shape[1] < 2:
+    raise ValueError(f"windows must be [n, window >= 2] token ids, got shape {windows.shape}")
+  n, w = windows.shape
+  total, count = 0.0, 0
+  t0 = time.perf_counter()
+  with open_model(path, n_ctx=w, n_threads=n_threads) as llm:
+    it = range(n)
+    if progress:
+      from tqdm.auto import tqdm
+      it = tqdm(it, desc="llama.cpp ppl", unit="win")
+    for i in it:
+      ids = [int(t) for t in windows[i]]
+      llm.reset()
+      llm.eval(ids)
+      logits = np.asarray(llm.scores[:w], np.float32)
+      lp = _log_softmax(logits[:-1])
+      total -= float(lp[np.arange(w - 1), np.asarray(ids[1:])].sum())
+      count += w - 1
+  nll = total / count
+  return {"perplexity": math.exp(nll), "nll": nll, "tokens": count,
+          "seconds": time.perf_counter() - t0}
+
+
+def greedy(path: str | os.PathLike, prompt: Sequence[int], steps: int, *,
+           n_ctx: int = 512) -> list[int]:
+  """Greedy (argmax) continuation of `prompt` for `steps` tokens, via llama.cpp."""
+  ids = [int(t) for t in prompt]
+  out: list[int] = []
+  with open_model(path, n_ctx=n_ctx) as llm:
+    llm.reset()
+    llm.eval(ids)
+    for _ in range(steps):
+      nxt = int(np.argmax(np.asarray(llm.scores[llm.n_tokens - 1])))
+      out.append(nxt)
+      llm.eval([nxt])
+  return out

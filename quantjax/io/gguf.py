@@ -1,0 +1,638 @@
+"""GGUF interop: export params that llama.cpp runs, import block types as QArrays.
+
+llama.cpp's legacy block types are group-wise integer formats with 32 values
+per block and float16 scales, stored along each row of a `[out, in]` matrix
+(so the blocks run along the contraction axis):
+
+=====  ===========================================  ==========================
+type   block of 32 values                           `QuantFormat` equivalent
+=====  ===========================================  ==========================
+Q8_0   fp16 d, 32 x int8 q;            x = d*q      int8_g32, fp16 scales
+Q4_0   fp16 d, 16 bytes of nibbles;    x = d*(u-8)  int4_g32 (q = u-8)
+Q4_1   fp16 d, fp16 m, 16 bytes;       x = d*u + m  int4_g32_asymf
+Q5_0   fp16 d, 32 high bits, 16 bytes; x = d*(u-16) int5_g32
+Q5_1   fp16 d, fp16 m, high bits, 16B; x = d*u + m  int5_g32_asymf
+=====  ===========================================  ==========================
+
+Nibble order inside a block: value `j < 16` is the low nibble of byte `j`,
+value `j + 16` its high nibble; Q5's fifth bits are bit `j` of a
+little-endian uint32.
+
+* `export_gguf` writes a params tree (arrays and QArrays) with the model's
+  config and tokenizer metadata. A QArray whose format *is* one of these block
+  types (group 32 along the contraction axis, fp16 scales, the right
+  signedness and offset kind) is written code for code: GPTQ and AWQ results
+  export losslessly. Anything else is quantized (float leaves) or
+  re-quantized (other QArray formats) to the type a rule or the default policy
+  picks, and the returned report says so per tensor. llama.cpp's Q/K row
+  permutation is re-applied. The file is written to a temporary name and
+  renamed, so a failed export leaves nothing behind.
+* `import_gguf` reads the block types above into QArrays without
+  dequantizing (the same bits, the same bytes), F16/BF16 into cast QArrays,
+  and dequantizes the k-quants (Q4_K, Q6_K, ...) to float32, recording which.
+  Import then export of those tensor types is byte-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from typing import Any, Iterable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from quantjax.models.load import GGUFError
+from quantjax.numerics.formats import QuantFormat
+from quantjax.numerics.qarray import QArray
+
+__all__ = [
+    "BLOCK_TYPES",
+    "GGUFError",
+    "block_format",
+    "block_type_of",
+    "blocks_to_qarray",
+    "export_gguf",
+    "file_tensor_bytes",
+    "import_gguf",
+    "pack_blocks",
+    "permute_qk",
+    "qarray_to_blocks",
+    "unpack_blocks",
+]
+
+QK = 32  # values per block of every legacy type
+
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockType:
+  name: str
+  bits: int
+  symmetric: bool
+  block_bytes: int
+
+
+BLOCK_TYPES: dict[str, BlockType] = {
+    "Q8_0": BlockType("Q8_0", 8, True, 2 + QK),
+    "Q4_0": BlockType("Q4_0", 4, True, 2 + QK // 2),
+    "Q4_1": BlockType("Q4_1", 4, False, 4 + QK // 2),
+    "Q5_0": BlockType("Q5_0", 5, True, 2 + 4 + QK // 2),
+    "Q5_1": BlockType("Q5_1", 5, False, 4 + 4 + QK // 2),
+}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _block_type(name: str) -> BlockType:
+  if name not in BLOCK_TYPES:
+    raise GGUFError(f"unknown GGUF block type {name!r}; supported: "
+                    f"{', '.join(list(BLOCK_TYPES) + list(FLOAT_TYPES))}")
+  return BLOCK_TYPES[name]
+
+
+def block_format(name: str, axis: int = 0) -> QuantFormat:
+  """The `QuantFormat` that is GGUF type `name` with blocks along `axis`.
+
+  `axis` is the contraction axis: 0 for `[in, out]` kernels, 1 for `[vocab, d]`
+  embedding tables. `QuantFormat.parse("q4_0")` is the axis-0 format.
+  """
+  _block_type(name)
+  return QuantFormat.parse(name.lower(), group_axis=axis, channel_axis=1 - axis)
+
+
+def block_type_of(fmt: QuantFormat, axis: int, ndim: int = 2) -> str | None:
+  """The GGUF block type `fmt` is exactly, with blocks along `axis`; else None."""
+  if fmt.gguf_type is None or fmt.group_axis % ndim != axis % ndim:
+    return None
+  return fmt.gguf_type
+
+
+# ----------------------------------------------------------------------------
+# Rows of codes <-> rows of blocks (numpy; rows are `[..., n]`, blocks along n).
+
+
+def _code_offset(bt: BlockType) -> int:
+  # Symmetric types store u = q + 2^(bits-1) (Q8_0 stores q itself as int8).
+  return 0 if (not bt.symmetric or bt.bits == 8) else 2 ** (bt.bits - 1)
+
+
+def pack_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, name: str) -> np.ndarray:
+  """Integer codes `[rows, n]` + fp16 scales (and minima) `[rows, n/32]` -> uint8 blocks.
+
+  Codes are in the `QuantFormat`'s range: signed for Q8_0/Q4_0/Q5_0, unsigned
+  for Q4_1/Q5_1. Returns `[rows, n/32 * block_bytes]` uint8.
+  """
+  bt = _block_type(name)
+  codes = np.asarray(codes)
+  rows, n = codes.shape
+  if n % QK:
+    raise GGUFError(f"rows of {n} values do not fit {name}'s blocks of {QK}")
+  nb = n // QK
+  d = np.asarray(d, np.float16).reshape(rows, nb, 1)
+  lo_code = -(2 ** (bt.bits - 1)) if bt.symmetric else 0
+  hi_code = lo_code + 2 ** bt.bits - 1
+  if codes.size and (codes.min() < lo_code or codes.max() > hi_code):
+    raise GGUFError(f"{name} codes must lie in [{lo_code}, {hi_code}], got "
+                    f"[{codes.min()}, {codes.max()}]")
+  q = codes.astype(np.int32).reshape(rows, nb, QK)
+  head = [d.view(np.uint8)]
+  if not bt.symmetric:
+    if m is None:
+      raise GGUFError(f"{name} needs a minimum per block")
+    head.append(np.asarray(m, np.float16).reshape(rows, nb, 1).view(np.uint8))
+  if bt.bits == 8:
+    body = [q.astype(np.int8).view(np.uint8)]
+  else:
+    u = (q + _code_offset(bt)).astype(np.uint8)
+    lo = u & 0x0F
+    qs = lo[..., :QK // 2] | (lo[..., QK // 2:] << 4)
+    body = [qs]
+    if bt.bits == 5:
+      hi = ((u >> 4) & 1).astype(np.uint32) << np.arange(QK, dtype=np.uint32)
+      qh = np.bitwise_or.reduce(hi, axis=-1, keepdims=True).astype("<u4")
+      body = [qh.view(np.uint8), qs]
+  return np.concatenate(head + body, axis=-1).reshape(rows, nb * bt.block_bytes)
+
+
+def unpack_blocks(raw: np.ndarray, name: str):
+  """Inverse of `pack_blocks`: uint8 `[rows, bytes]` -> `(codes, d, m_or_None)`."""
+  bt = _block_type(name)
+  raw = np.ascontiguousarray(raw, np.uint8)
+  if raw.ndim == 1:
+    raw = raw[None]
+  rows, nbytes = raw.shape
+  if nbytes % bt.block_bytes:
+    raise GGUFError(f"a {name} row of {nbytes} bytes is not a whole number of "
+                    f"{bt.block_bytes}-byte blocks")
+  b = raw.reshape(rows, nbytes // bt.block_bytes, bt.block_bytes)
+  d = b[..., 0:2].copy().view(np.float16)[..., 0]
+  off = 2
+  m = None
+  if not bt.symmetric:
+    m = b[..., 2:4].copy().view(np.float16)[..., 0]
+    off = 4
+  if bt.bits == 8:
+    q = b[..., off:].copy().view(np.int8).astype(np.int16)
+  else:
+    hi = None
+    if bt.bits == 5:
+      qh = b[..., off:off + 4].copy().view("<u4")
+      hi = ((qh >> np.arange(QK, dtype=np.uint32)) & 1).astype(np.int16)
+      off += 4
+    qs = b[..., off:].astype(np.int16)
+    u = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    if hi is not None:
+      u = u | (hi << 4)
+    q = u - _code_offset(bt)
+  return q.reshape(rows, -1).astype(np.int8), d, m
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's convert-time Q/K row permutation (rows of `[out, ...]`).
+
+  Inverse of `quantjax.models.load.unpermute_qk`; applies to codes, scales and
+  minima alike since it only moves whole rows.
+  """
+  head = w.shape[0] // n_head
+  return w.reshape(n_head, 2, head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qarray_to_blocks(q: QArray, name: str, axis: int, *, rows_fn=None) -> np.ndarray:
+  """A 2-D QArray of format `block_format(name, axis)` -> uint8 rows of blocks.
+
+  Rows are the non-contraction axis (GGUF's `[out, in]`). `rows_fn` (e.g. the
+  Q/K permutation) is applied to codes, scales and minima as rows.
+  """
+  if block_type_of(q.fmt, axis) != name:
+    raise GGUFError(f"QArray format {q.fmt.name} (group axis {q.fmt.group_axis}, scale dtype "
+                    f"{jnp.dtype(q.fmt.scale_dtype).name}) is not GGUF {name} along axis {axis}")
+  codes = np.asarray(q.codes())
+  d = np.asarray(q.scale)
+  m = None if q.zero_point is None else np.asarray(q.zero_point)
+  if axis == 0:
+    codes, d = codes.T, d.T
+    m = None if m is None else m.T
+  if rows_fn is not None:
+    codes, d = rows_fn(codes), rows_fn(d)
+    m = None if m is None else rows_fn(m)
+  return pack_blocks(codes, d, m, name)
+
+
+def blocks_to_qarray(raw: np.ndarray, name: str, axis: int, *, rows_fn=None,
+                     dtype: Any = jnp.float32) -> QArray:
+  """uint8 rows of blocks `[rows, bytes]` -> QArray (blocks along `axis`), no dequantization."""
+  codes, d, m = unpack_blocks(raw, name)
+  if rows_fn is not None:
+    codes, d = rows_fn(codes), rows_fn(d)
+    m = None if m is None else rows_fn(m)
+  if axis == 0:
+    codes, d = codes.T, d.T
+    m = None if m is None else m.T
+  fmt = block_format(name, axis)
+  return QArray.from_codes(jnp.asarray(np.ascontiguousarray(codes)), fmt,
+                           jnp.asarray(np.ascontiguousarray(d)),
+                           None if m is None else jnp.asarray(np.ascontiguousarray(m)),
+                           dtype=dtype)
+
+
+# ----------------------------------------------------------------------------
+# Tensor names <-> parameter paths.
+
+
+def _name_table(config) -> list[tuple[str, tuple, int | None, int]]:
+  """`(gguf name, params path, Q/K heads or None, contraction axis)` for every tensor."""
+  from quantjax.models import load as load_lib
+  out = []
+  for gname, path in load_lib._GGUF_TOP.items():
+    if gname == "output.weight" and config.tie_embeddings:
+      continue
+    axis = 1 if path == ("embed", "embedding") else 0
+    out.append((gname, path, None, axis))
+  for i in range(config.num_layers):
+    for rest, path in load_lib._GGUF_LAYER.items():
+      heads = {"attn_q.weight": config.num_heads, "attn_k.weight": config.num_kv_heads}.get(rest)
+      out.append((f"blk.{i}.{rest}", ("layers", i) + path, heads, 0))
+  return out
+
+
+def _get(tree: Any, path: tuple) -> Any:
+  node = tree
+  for k in path:
+    if isinstance(node, Mapping) and k in node:
+      node = node[k]
+    elif isinstance(node, Mapping) and str(k) in node:
+      node = node[str(k)]
+    else:
+      raise GGUFError(f"params have no leaf {'/'.join(map(str, path))} (is this a "
+                      "quantjax.models.llama params tree for this config?)")
+  return node
+
+
+def _pure(params: Any) -> Any:
+  from flax import nnx
+  if isinstance(params, nnx.State):
+    return nnx.to_pure_dict(params)
+  return params
+
+
+# ----------------------------------------------------------------------------
+# Export.
+
+
+@dataclasses.dataclass
+class TensorExport:
+  name: str
+  path: str
+  shape: tuple[int, ...]
+  source: str        # the leaf's format: float32, int4_g64, ...
+  gguf_type: str
+  how: str           # "lossless" | "quantized" | "re-quantized (lossy)" | "float"
+  nbytes: int
+
+
+def _default_type(leaf: Any, axis: int, n_in: int) -> tuple[str, str]:
+  """(type, how) when no rule names one."""
+  if isinstance(leaf, QArray):
+    fmt = leaf.fmt
+    exact = block_type_of(fmt, axis)
+    if exact is not None:
+      return exact, "lossless"
+    if fmt.is_cast:
+      return ("F16" if fmt.kind == "fp16" else "BF16"), "lossless"
+    if fmt.kind == "int" and n_in % QK == 0:
+      if fmt.bits >= 6:
+        return "Q8_0", "re-quantized (lossy)"
+      if fmt.bits == 5:
+        return ("Q5_0" if fmt.symmetric else "Q5_1"), "re-quantized (lossy)"
+      return ("Q4_0" if fmt.symmetric else "Q4_1"), "re-quantized (lossy)"
+    if n_in % QK == 0:
+      return "Q8_0", "re-quantized (lossy)"
+    return "F16", "re-quantized (lossy)"
+  return "F32", "float"
+
+
+def _float_tensor(x: np.ndarray, t: str) -> np.ndarray:
+  if t == "F32":
+    return np.asarray(x, np.float32)
+  if t == "F16":
+    return np.asarray(x, np.float16)
+  if t == "BF16":
+    u = np.asarray(x, np.float32).view(np.uint32)
+    # Round to nearest even, as a bf16 cast does.
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return u
+  raise GGUFError(f"not a float GGUF type: {t}")
+
+
+def _match_type(types: Iterable[tuple[str, str]] | Mapping[str, str] | None, path: str,
+                name: str) -> str | None:
+  if not types:
+    return None
+  items = types.items() if isinstance(types, Mapping) else types
+  for pattern, t in items:
+    if re.search(pattern, path) or re.fullmatch(pattern, name):
+      return str(t).upper()
+  return None
+
+
+def _file_type(kinds: list[str]) -> int:
+  import gguf
+  ft = gguf.LlamaFileType
+  table = {"F32": ft.ALL_F32, "F16": ft.MOSTLY_F16, "BF16": ft.MOSTLY_BF16,
+           "Q8_0": ft.MOSTLY_Q8_0, "Q4_0": ft.MOSTLY_Q4_0, "Q4_1": ft.MOSTLY_Q4_1,
+           "Q5_0": ft.MOSTLY_Q5_0, "Q5_1": ft.MOSTLY_Q5_1}
+  if not kinds:
+    return int(ft.ALL_F32)
+  most = max(set(kinds), key=kinds.count)
+  return int(table[most])
+
+
+def _copy_tokenizer_fields(writer, source: str) -> None:
+  import gguf
+  from quantjax.models import load as load_lib
+  reader = load_lib._open_gguf(source)
+  for key, field in reader.fields.items():
+    if not key.startswith("tokenizer."):
+      continue
+    types = list(field.types)
+    if types[0] == gguf.GGUFValueType.ARRAY:
+      writer.add_key_value(key, field.contents(), types[0], sub_type=types[-1])
+    else:
+      writer.add_key_value(key, field.contents(), types[0])
+
+
+def _hf_tokenizer_fields(writer, tokenizer) -> None:
+  """Tokenizer metadata for a byte-level BPE ("gpt2") Hugging Face tokenizer."""
+  import json
+  if isinstance(tokenizer, (str, os.PathLike)):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    raise GGUFError(f"tokenizer {type(tokenizer).__name__} has no fast (tokenizers) backend; "
+                    "pass a GGUF file as tokenizer source instead")
+  spec = json.loads(backend.to_str())
+  model = spec.get("model", {})
+  if model.get("type") != "BPE":
+    raise GGUFError(f"only byte-level BPE tokenizers can be exported from Hugging Face "
+                    f"(got {model.get('type')!r}); pass a GGUF file as tokenizer source")
+  vocab = dict(model["vocab"])
+  added = {t["content"]: t for t in spec.get("added_tokens", [])}
+  for content, t in added.items():
+    vocab.setdefault(content, t["id"])
+  n = max(vocab.values()) + 1
+  tokens = [f"[PAD{i}]" for i in range(n)]
+  types = [1] * n  # NORMAL
+  for tok, i in vocab.items():
+    tokens[i] = tok
+  for content, t in added.items():
+    types[t["id"]] = 3 if t.get("special") else 4  # CONTROL / USER_DEFINED
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("smollm" if "smollm" in str(getattr(tokenizer, "name_or_path", "")
+                                                       ).lower() else "default")
+  writer.add_token_list(tokens)
+  writer.add_token_types(types)
+  writer.add_token_merges(merges)
+  for attr, add in (("bos_token_id", writer.add_bos_token_id),
+                    ("eos_token_id", writer.add_eos_token_id),
+                    ("unk_token_id", writer.add_unk_token_id),
+                    ("pad_token_id", writer.add_pad_token_id)):
+    v = getattr(tokenizer, attr, None)
+    if v is not None:
+      add(int(v))
+  template = getattr(tokenizer, "chat_template", None)
+  if isinstance(template, str):
+    writer.add_chat_template(template)
+
+
+def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any = None,
+                types: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                float_type: str = "F32", name: str | None = None,
+                ) -> list[TensorExport]:
+  """Writes `params` (arrays and QArrays) as a llama.cpp GGUF file.
+
+  Args:
+    path: output `.gguf`; written to a temporary file and renamed.
+    config: the model's `LlamaConfig` (only the llama architecture is supported).
+    params: the params tree (`nnx.State` or nested dict, `[in, out]` kernels).
+    tokenizer: a GGUF file whose `tokenizer.*` metadata is copied (e.g. the file
+      the model came from), or a Hugging Face tokenizer / directory (byte-level
+      BPE) to build it from. None writes no tokenizer (llama.cpp then refuses the
+      file; useful only for tensor-level tests).
+    types: rules `{regex: GGUF type}` matched (first wins) against each leaf's
+      path (`layers/3/mlp/down_proj/kernel`) or GGUF name (`blk.3.ffn_down.weight`).
+      A rule forces the type; a QArray already of that type stays lossless.
+    float_type: type for float matrices with no rule ("F32", "F16", "BF16").
+      Norm weights are always F32, as llama.cpp requires.
+    name: `general.name` (default: the config's name).
+
+  Returns:
+    One `TensorExport` per tensor: its type and whether it went in losslessly,
+    was quantized from floats, or was re-quantized from another format.
+  """
+  import gguf
+
+  from quantjax.models import llama as llama_lib
+  from quantjax.numerics import qarray as qarray_lib
+
+  if not isinstance(config, llama_lib.LlamaConfig):
+    raise GGUFError(f"export supports quantjax.models.llama.LlamaConfig models, got "
+                    f"{type(config).__name__}")
+  if float_type.upper() not in FLOAT_TYPES:
+    raise GGUFError(f"float_type must be one of {FLOAT_TYPES}, got {float_type!r}")
+  float_type = float_type.upper()
+  pure = _pure(params)
+  path = os.fspath(path)
+  out_dir = os.path.dirname(os.path.abspath(path))
+  os.makedirs(out_dir, exist_ok=True)
+
+  # Encode every tensor first: a bad leaf fails before any file exists.
+  tensors: list[tuple[str, np.ndarray, str]] = []
+  report: list[TensorExport] = []
+  for gname, ppath, heads, axis in _name_table(config):
+    leaf = _get(pure, ppath)
+    spath = "/".join(map(str, ppath))
+    shape = tuple(int(s) for s in leaf.shape)
+    is_norm = ppath[-1] == "scale"
+    n_in = shape[axis] if len(shape) == 2 else shape[-1]
+    rows_fn = (lambda a, h=heads: permute_qk(a, h)) if heads else None
+    forced = None if is_norm else _match_type(types, spath, gname)
+    if is_norm:
+      t, how = "F32", "float"
+    elif forced is not None:
+      t = forced
+      if t not in BLOCK_TYPES and t not in FLOAT_TYPES:
+        raise GGUFError(f"rule for {spath}: unknown GGUF type {t!r}; supported: "
+                        f"{', '.join(list(BLOCK_TYPES) + list(FLOAT_TYPES))}")
+      if isinstance(leaf, QArray):
+        same = (block_type_of(leaf.fmt, axis) == t or
+                (leaf.fmt.is_cast and {"fp16": "F16", "bf16": "BF16"}[leaf.fmt.kind] == t))
+        how = "lossless" if same else "re-quantized (lossy)"
+      else:
+        how = "quantized" if t in BLOCK_TYPES else "float"
+    else:
+      t, how = _default_type(leaf, axis, n_in)
+      if t == "F32" and not isinstance(leaf, QArray) and len(shape) == 2:
+        t = float_type
+    if t in BLOCK_TYPES:
+      if len(shape) != 2 or n_in % QK:
+        raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: its contraction axis "
+                        f"({n_in}) does not fit {t}'s blocks of {QK}")
+      q = leaf
+      if not (isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t):
+        x = leaf.dequantize(jnp.float32) if isinstance(leaf, QArray) else jnp.asarray(
+            leaf, jnp.float32)
+        q = qarray_lib.quantize(x, block_format(t, axis))
+      raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
+    else:
+      if isinstance(leaf, QArray):
+        x = np.asarray(leaf.dequantize(jnp.float32)) if not leaf.fmt.is_cast else \
+            np.asarray(leaf.codes()).astype(np.float32)
+      else:
+        x = np.asarray(leaf, np.float32)
+      if len(shape) == 2 and axis == 0:
+        x = x.T
+      if rows_fn is not None:
+        x = rows_fn(x)
+      raw = _float_tensor(np.ascontiguousarray(x), t)
+    tensors.append((gname, raw, t))
+    report.append(TensorExport(gname, spath, shape, _source_name(leaf), t, how, int(raw.nbytes)))
+
+  fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".gguf")
+  os.close(fd)
+  try:
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(name or config.name)
+    w.add_context_length(int(config.max_position_embeddings))
+    w.add_embedding_length(int(config.hidden_size))
+    w.add_block_count(int(config.num_layers))
+    w.add_feed_forward_length(int(config.intermediate_size))
+    w.add_head_count(int(config.num_heads))
+    w.add_head_count_kv(int(config.num_kv_heads))
+    w.add_rope_freq_base(float(config.rope_theta))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_rope_dimension_count(int(config.head_dim))
+    if config.head_dim * config.num_heads != config.hidden_size:
+      w.add_key_length(int(config.head_dim))
+      w.add_value_length(int(config.head_dim))
+    w.add_vocab_size(int(config.vocab_size))
+    w.add_file_type(_file_type([t for _, r, t in tensors if r.ndim == 2]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer is not None:
+      if isinstance(tokenizer, (str, os.PathLike)) and os.fspath(tokenizer).endswith(".gguf"):
+        _copy_tokenizer_fields(w, os.fspath(tokenizer))
+      else:
+        _hf_tokenizer_fields(w, tokenizer)
+    for gname, raw, t in tensors:
+      if t in BLOCK_TYPES:
+        w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[t])
+      elif t == "BF16":
+        w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+      else:
+        w.add_tensor(gname, raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return report
+
+
+def _source_name(leaf: Any) -> str:
+  if isinstance(leaf, QArray):
+    return leaf.fmt.name
+  return np.dtype(getattr(leaf, "dtype", np.float32)).name
+
+
+def export_summary(report: list[TensorExport]) -> str:
+  """One line per (type, how) with tensor counts and bytes."""
+  groups: dict[tuple[str, str], list[TensorExport]] = {}
+  for r in report:
+    groups.setdefault((r.gguf_type, r.how), []).append(r)
+  lines = []
+  for (t, how), rs in sorted(groups.items()):
+    lines.append(f"{t:5s} {how:22s} {len(rs):4d} tensors {sum(r.nbytes for r in rs):>13,} bytes")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Import.
+
+
+def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any = jnp.float32):
+  """Loads a llama GGUF keeping block-quantized tensors as QArrays.
+
+  Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 become QArrays of the equivalent format with
+  the file's codes and scales (no dequantization); F16 and BF16 become cast
+  QArrays; F32 stays float32; k-quants (Q4_K, Q6_K, ...) are dequantized to
+  float32. Returns `(config, params, tokenizer, info)` with `info` mapping each
+  GGUF tensor name to `(type, "qarray" | "float" | "dequantized")`.
+  """
+  from quantjax.models import llama as llama_lib
+  from quantjax.models import load as load_lib
+
+  path = os.fspath(path)
+  reader = load_lib._open_gguf(path)
+  config = load_lib._config_from_reader(reader, path)
+  by_name = {t.name: t for t in reader.tensors}
+  info: dict[str, tuple[str, str]] = {}
+  pure: dict = {}
+  table = _name_table(config)
+  known = {g for g, *_ in table} | set(load_lib._IGNORED)
+  unknown = sorted(set(by_name) - known)
+  if unknown:
+    raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
+  for gname, ppath, heads, axis in table:
+    t = by_name.get(gname)
+    if t is None:
+      raise GGUFError(f"{path}: missing tensor {gname!r}")
+    kind = t.tensor_type.name
+    rows_fn = (lambda a, h=heads: load_lib.unpermute_qk(a, h)) if heads else None
+    shape = tuple(int(s) for s in reversed(list(t.shape)))  # row-major [out, in]
+    if kind in BLOCK_TYPES:
+      raw = np.asarray(t.data).reshape(shape[0], -1)
+      leaf = blocks_to_qarray(raw, kind, axis, rows_fn=rows_fn, dtype=dtype)
+      how = "qarray"
+    elif kind in ("F16", "BF16") and len(shape) == 2:
+      x = np.asarray(t.data)
+      if kind == "BF16":
+        x = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+      x = x.reshape(shape)
+      if rows_fn is not None:
+        x = rows_fn(x)
+      if axis == 0:
+        x = x.T
+      fmt = QuantFormat(kind="fp16" if kind == "F16" else "bf16", granularity="per_tensor")
+      leaf = QArray.from_codes(jnp.asarray(np.ascontiguousarray(x)).astype(fmt.code_dtype), fmt,
+                               None, dtype=dtype)
+      how = "qarray"
+    else:
+      x = load_lib.dequantize_gguf_tensor(t)
+      if rows_fn is not None:
+        x = rows_fn(x)
+      if len(shape) == 2 and axis == 0:
+        x = x.T
+      leaf = jnp.asarray(np.ascontiguousarray(x), dtype)
+      how = "float" if kind == "F32" else "dequantized"
+    info[gname] = (kind, how)
+    node = pure
+    for k in ppath[:-1]:
+      node = node.setdefault(k, {})
+    node[ppath[-1]] = leaf
+  load_lib._check_complete(config, pure, path)
+  params = llama_lib.as_state(config, pure)
+  tok = load_lib.load_tokenizer(path) if tokenizer else None
+  return config, params, tok, info
+
+
+def file_tensor_bytes(path: str | os.PathLike) -> int:
+  """Sum of the tensor data sizes in a GGUF file."""
+  from quantjax.models import load as load_lib
+  reader = load_lib._open_gguf(os.fspath(path))
+  return sum(int(t.n_bytes) for t in reader.tensors)

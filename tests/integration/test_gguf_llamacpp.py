@@ -1,0 +1,105 @@
+"""GGUF interop on SmolLM2-135M, checked by llama.cpp itself (llama-cpp-python).
+
+CI scores the first `WINDOWS` evaluation windows of the protocol (llama.cpp
+runs at about 4 s per 512-token window on 2 cores); the README's figures use
+all 32 (experiments/gguf_eval.py).
+"""
+
+import numpy as np
+import pytest
+
+from quantjax import rules as rules_lib
+from quantjax.eval import data as data_lib
+from quantjax.eval import llamacpp
+from quantjax.eval import memory
+from quantjax.eval import perplexity as ppl_lib
+from quantjax.io import gguf as gio
+from quantjax.models import load
+
+WINDOWS = 6
+TARGETS = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2_split):
+  return np.asarray(smollm2_split.eval_windows[:WINDOWS])
+
+
+def _jax_ppl(cfg, params, windows):
+  sub = data_lib.make_split(windows.reshape(-1),
+                            data_lib.Protocol(eval_tokens=windows.size, calib_windows=0))
+  return ppl_lib.evaluate(cfg, params, sub, progress=False)["perplexity"]
+
+
+def test_shipped_q4_1_imports_at_its_size_and_reexports_byte_identical(tmp_path, smollm2):
+  import gguf
+  src = load.smollm2_path()
+  cfg, params, _, info = gio.import_gguf(src, tokenizer=False)
+  assert {v for v in info.values()} == {("Q4_1", "qarray"), ("Q8_0", "qarray"), ("F32", "float")}
+  file_bytes = gio.file_tensor_bytes(src)
+  assert abs(memory.tree_bytes(params) - file_bytes) <= 0.03 * file_bytes
+  # Same values as the dequantizing loader: the model is the same model.
+  flat_q = dict(rules_lib.tree_leaves_with_paths(params))
+  flat_f = dict(rules_lib.tree_leaves_with_paths(smollm2[1]))
+  for p in ("layers/7/attn/q_proj/kernel", "layers/7/attn/k_proj/kernel", "embed/embedding"):
+    np.testing.assert_array_equal(np.asarray(flat_q[p].dequantize()), np.asarray(flat_f[p]))
+  out = tmp_path / "roundtrip.gguf"
+  report = gio.export_gguf(out, cfg, params, tokenizer=src)
+  assert {r.how for r in report if r.gguf_type != "F32"} == {"lossless"}
+  a = {t.name: t for t in gguf.GGUFReader(src).tensors}
+  for t in gguf.GGUFReader(str(out)).tensors:
+    assert t.tensor_type == a[t.name].tensor_type
+    assert np.array_equal(np.asarray(t.data).view(np.uint8),
+                          np.asarray(a[t.name].data).view(np.uint8)), t.name
+
+
+@pytest.fixture(scope="module")
+def gptq_q4_0(smollm2, smollm2_split):
+  """GPTQ W4 in Q4_0's own format (group 32, fp16 scales), 4 calibration windows."""
+  from quantjax.methods import sequential as seq
+  from quantjax.rules import QuantRule
+  cfg, params, _ = smollm2
+  rules = [QuantRule(module_path=TARGETS, format="q4_0")]
+  out, _ = seq.quantize_sequential(cfg, params, smollm2_split.calib_windows[:4],
+                                   seq.gptq_layer(rules), batch_size=4, hessian=True,
+                                   progress=False)
+  return out
+
+
+@pytest.mark.parametrize("kind", ["F16", "Q8_0", "Q4_0", "gptq_Q4_0"])
+def test_llamacpp_perplexity_matches_jax(kind, tmp_path, smollm2, windows, request):
+  cfg, params, _ = smollm2
+  src = load.smollm2_path()
+  out = tmp_path / f"{kind}.gguf"
+  if kind == "F16":
+    report = gio.export_gguf(out, cfg, params, tokenizer=src, float_type="F16")
+  elif kind == "gptq_Q4_0":
+    report = gio.export_gguf(out, cfg, request.getfixturevalue("gptq_q4_0"), tokenizer=src,
+                             types={"embed/embedding": "Q8_0"})
+    assert {r.how for r in report if "_proj" in r.path} == {"lossless"}
+  else:
+    report = gio.export_gguf(out, cfg, params, tokenizer=src,
+                             types={"embed/embedding": "Q8_0", TARGETS: kind})
+  # The JAX model runs the file's own weights (imported without dequantizing).
+  cfg2, imported, _, _ = gio.import_gguf(out, tokenizer=False)
+  want = _jax_ppl(cfg2, imported, windows)
+  got = llamacpp.perplexity(out, windows, n_threads=2)
+  assert got["tokens"] == windows.size - len(windows)
+  assert abs(got["perplexity"] / want - 1) < 0.01, (kind, got["perplexity"], want)
+  assert len(report) == 2 + 9 * cfg.num_layers + (0 if cfg.tie_embeddings else 1)
+
+
+def test_greedy_generation_identical_for_q8_0(tmp_path, smollm2):
+  import jax.numpy as jnp
+
+  from quantjax.models import llama
+  cfg, params, tok = smollm2
+  src = load.smollm2_path()
+  out = tmp_path / "q8.gguf"
+  gio.export_gguf(out, cfg, params, tokenizer=src, types={".*": "Q8_0"})
+  cfg2, imported, _, _ = gio.import_gguf(out, tokenizer=False)
+  prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+  ours = np.asarray(llama.generate(cfg2, imported, jnp.asarray([prompt]), 32))[0]
+  ours = [int(t) for t in ours[-32:]]
+  theirs = llamacpp.greedy(out, prompt, 32)
+  assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
