@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["available", "open_model", "perplexity", "greedy"]
+__all__ = ["available", "open_model", "perplexity", "greedy", "quantize"]
 
 
 def available() -> bool:
@@ -93,3 +93,33 @@ def greedy(path: str | os.PathLike, prompt: Sequence[int], steps: int, *,
       out.append(nxt)
       llm.eval([nxt])
   return out
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *,
+             n_threads: int | None = None) -> None:
+  """Runs llama.cpp's own quantizer (`llama-quantize`) on `src` into `dst`.
+
+  `ftype` is a llama.cpp file type without its prefix: "Q4_0", "Q4_K_M",
+  "Q3_K_M", "Q8_0", ... The output is written to a temporary name and renamed.
+  """
+  import ctypes
+
+  import llama_cpp
+  name = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}"
+  if not hasattr(llama_cpp, name):
+    known = sorted(k[len("LLAMA_FTYPE_MOSTLY_"):] for k in dir(llama_cpp)
+                   if k.startswith("LLAMA_FTYPE_MOSTLY_"))
+    raise ValueError(f"unknown llama.cpp file type {ftype!r}; known: {', '.join(known)}")
+  src, dst = os.fspath(src), os.fspath(dst)
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"GGUF file not found: {src}")
+  params = llama_cpp.llama_model_quantize_default_params()
+  params.ftype = getattr(llama_cpp, name)
+  params.nthread = n_threads or (os.cpu_count() or 1)
+  tmp = dst + ".tmp"
+  rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+  if rc != 0 or not os.path.exists(tmp):
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype} (return code {rc})")
+  os.replace(tmp, dst)

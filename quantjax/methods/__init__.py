@@ -11,6 +11,8 @@ from quantjax.methods.awq import awq_clip, awq_layer, awq_search_scales
 from quantjax.methods.calib_data import calibration_batches, calibration_windows
 from quantjax.methods.gptq import (GPTQResult, HessianStat, gptq_quantize, hessian, hessian_init,
                                    hessian_update)
+from quantjax.methods.mixed import (Allocation, Choice, allocate, assignment_rules,
+                                    candidate_costs, fisher_diagonal)
 from quantjax.methods.rtn import rtn_params, rtn_quantize, rtn_transform
 from quantjax.methods.sequential import (LinearStats, block_forward, collect_model_stats,
                                          gptq_layer, quantize_sequential, rtn_layer)
@@ -20,7 +22,8 @@ from quantjax.methods.ternary import (binary_rules, format_rules, fp8_rules, nf4
                                       quantize_lowbit, ternary_rules)
 
 __all__ = [
-    "ActObserver", "ActStat", "FoldGroup", "GPTQResult", "HessianStat", "LinearStats",
+    "ActObserver", "ActStat", "Allocation", "Choice", "allocate", "assignment_rules",
+    "candidate_costs", "fisher_diagonal", "FoldGroup", "GPTQResult", "HessianStat", "LinearStats",
     "StaticActQuantized", "apply_scales", "attach_act_quant", "awq_clip", "awq_layer",
     "awq_search_scales", "binary_rules", "block_forward", "calibration_batches",
     "calibration_windows", "collect_model_stats", "format_rules", "fp8_rules", "gptq_layer",

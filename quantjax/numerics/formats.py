@@ -250,6 +250,8 @@ class QuantFormat:
       parts.append("asymf" if self.zero_point == "float" else "asym")
     if self.rounding == "stochastic":
       parts.append("sr")
+    if not self.is_cast and jnp.dtype(self.scale_dtype) == jnp.float16:
+      parts.append("fp16s")
     return "_".join(parts)
 
   def __str__(self) -> str:
@@ -261,7 +263,7 @@ class QuantFormat:
     """Reads a short spec: `int8`, `int4_g64`, `int4_g64_asym`, `int4_g64_asymf`,
     `int3_g64_asym`, `int8_t` (per tensor), `uint8_t`, `nf4_g64`, `fp8_e4m3`,
     `fp8_e5m2`, `binary`, `ternary_g64`, `fp16`, `bf16`; `_sr` adds stochastic
-    rounding; `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1` are GGUF's block types
+    rounding; `_fp16s` stores scales (and float minima) in float16; `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1` are GGUF's block types
     (group 32, float16 scales), which export to GGUF code for code. Keyword
     overrides are applied last (e.g. `group_axis=1`)."""
     if not isinstance(spec, str) or not spec:
@@ -305,6 +307,8 @@ class QuantFormat:
         kw["symmetric"] = True
       elif tok == "sr":
         kw["rounding"] = "stochastic"
+      elif tok == "fp16s":
+        kw["scale_dtype"] = jnp.float16
       else:
         raise ValueError(f"unknown token {tok!r} in format spec {spec!r}")
     kw.update(overrides)

@@ -187,3 +187,28 @@ def test_bad_inputs_are_clear_and_leave_no_file(tmp_path):
     gio.unpack_blocks(np.zeros((1, 33), np.uint8), "Q4_0")
   with pytest.raises(gio.GGUFError, match="unknown GGUF block type"):
     gio.block_format("Q2_Z")
+
+
+def test_export_command_runs_a_chain_and_writes_gguf(tmp_path):
+  from configs import export as export_config
+  from quantjax import export as export_cli
+  c = export_config.get_config("rtn_q4_0")
+  c.model.source = "tiny"
+  c.export.llamacpp_eval = False
+  c.eval.tokens = 1024
+  c.calib.windows = 2
+  out = tmp_path / "tiny.gguf"
+  rec = export_cli.export(c, str(out), str(tmp_path / "work"))
+  assert out.exists() and rec["file_bytes"] == os.path.getsize(out)
+  how = {t["name"]: (t["gguf_type"], t["how"]) for t in rec["tensors"]}
+  assert how["blk.0.ffn_down.weight"] == ("Q4_0", "lossless")
+  assert how["token_embd.weight"] == ("Q8_0", "quantized")
+  reader = gguf.GGUFReader(str(out))
+  assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+  assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
+  # A second run resumes the chain (stage done) and rewrites the same file.
+  before = out.read_bytes()
+  export_cli.export(c, str(out), str(tmp_path / "work"))
+  assert out.read_bytes() == before
+  with pytest.raises(ValueError, match=".gguf"):
+    export_cli.export(c, str(tmp_path / "x.bin"))

@@ -1,0 +1,115 @@
+"""llama.cpp's own quantizers vs quantjax's GGUF exports, all scored by llama.cpp.
+
+    python -m experiments.gguf_compare --out=runs/gguf_compare \\
+        --llamacpp=Q8_0,Q6_K,Q5_0,Q4_K_M,Q4_0,Q3_K_M,Q2_K runs/export/*.gguf
+
+1. The FP32 model (SmolLM2-135M from its GGUF, dequantized) is exported as an
+   F32 GGUF with its tokenizer: the common source of every llama.cpp type.
+2. Each `--llamacpp` type is made from it with llama.cpp's quantizer
+   (`llama_model_quantize`, what `llama-quantize` runs).
+3. Every file (those, the F32 source, and any GGUF given as an argument) is
+   scored by llama.cpp on the perplexity protocol of DESIGN.md: the same
+   windows and token ids as quantjax's own evaluation.
+
+Bits per weight exclude the token embedding (as llama.cpp's tables do for
+this tied model, where it is Q8_0 in most types). Results: `results.json`,
+`results.md` and `pareto.png` (perplexity vs file size). Files already
+scored (same size and mtime) are not scored again.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+
+_OUT = flags.DEFINE_string("out", "runs/gguf_compare", "Output directory.")
+_TYPES = flags.DEFINE_list("llamacpp", ["Q8_0", "Q6_K", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M",
+                                        "Q2_K"], "llama.cpp file types to make and score.")
+_WINDOWS = flags.DEFINE_integer("windows", 0, "Score only the first N windows (0: all).")
+
+
+def file_stats(path: str) -> dict:
+  """Size, tensor types and bits per weight (embedding excluded) of a GGUF file."""
+  import collections
+
+  import gguf
+  import numpy as np
+  r = gguf.GGUFReader(path)
+  n = b = 0
+  types = collections.Counter()
+  for t in r.tensors:
+    if len(t.shape) == 2:
+      types[t.tensor_type.name] += 1
+      if t.name != "token_embd.weight":
+        n += int(np.prod([int(s) for s in t.shape]))
+        b += int(t.n_bytes)
+  return {"file_bytes": os.path.getsize(path), "bits_per_weight": 8.0 * b / max(n, 1),
+          "tensor_types": dict(types)}
+
+
+def main(argv):
+  from experiments import pipeline  # noqa: F401  (config-free model loading below)
+  from quantjax.eval import data as data_lib
+  from quantjax.eval import llamacpp
+  from quantjax.eval import report as report_lib
+  from quantjax.io import gguf as gguf_io
+  from quantjax.models import load as load_lib
+
+  out = _OUT.value
+  os.makedirs(out, exist_ok=True)
+  src = load_lib.smollm2_path()
+  cfg, params, tok = load_lib.load_gguf(src)
+  split = data_lib.load_split(tok)
+  windows = split.eval_windows[:_WINDOWS.value] if _WINDOWS.value else split.eval_windows
+  f32 = os.path.join(out, "smollm2-f32.gguf")
+  if not os.path.exists(f32):
+    gguf_io.export_gguf(f32, cfg, params, tokenizer=src, float_type="F32")
+  files = [("llama.cpp F32", f32)]
+  for t in _TYPES.value:
+    dst = os.path.join(out, f"smollm2-{t.lower()}.gguf")
+    if not os.path.exists(dst):
+      print(f"[quantjax] llama.cpp quantize -> {t}", flush=True)
+      llamacpp.quantize(f32, dst, t)
+    files.append((f"llama.cpp {t}", dst))
+  for p in argv[1:]:
+    files.append((f"quantjax {os.path.basename(p)[:-len('.gguf')]}", p))
+
+  path = os.path.join(out, "results.json")
+  old = {r["file"]: r for r in report_lib.read_json(path, {"records": []})["records"]}
+  records = []
+  for label, p in files:
+    st = os.stat(p)
+    key = [st.st_size, int(st.st_mtime), int(windows.shape[0]), split.corpus_sha256]
+    rec = old.get(os.path.abspath(p))
+    if rec is None or rec.get("key") != key:
+      res = llamacpp.perplexity(p, windows, progress=True)
+      rec = {"method": label, "file": os.path.abspath(p), "key": key,
+             "perplexity": res["perplexity"], "tokens": res["tokens"],
+             "seconds": res["seconds"], **file_stats(p)}
+    rec["method"] = label
+    records.append(rec)
+    report_lib.write_json_atomic(path, {"records": records + [r for f, r in old.items()
+                                                                if f not in {x["file"] for x in records}]})
+    print(f"[quantjax] {label}: perplexity {rec['perplexity']:.4f}, "
+          f"{rec['bits_per_weight']:.2f} bpw, {rec['file_bytes'] / 1e6:.1f} MB", flush=True)
+  base = records[0]["perplexity"]
+  lines = [f"# llama.cpp perplexity, SmolLM2-135M ({records[0]['tokens']} predicted tokens)", "",
+           "| file | tensor types | bits/weight (excl. embedding) | file MB | perplexity | Δ vs F32 |",
+           "|---|---|---:|---:|---:|---:|"]
+  for r in sorted(records, key=lambda r: -r["file_bytes"]):
+    types = ", ".join(f"{k}×{v}" for k, v in sorted(r["tensor_types"].items()))
+    lines.append(f"| {r['method']} | {types} | {r['bits_per_weight']:.2f} | "
+                 f"{r['file_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | "
+                 f"{100 * (r['perplexity'] / base - 1):+.1f}% |")
+  table = "\n".join(lines)
+  report_lib.write_text_atomic(os.path.join(out, "results.md"), table + "\n")
+  plot = [dict(r, params_bytes=r["file_bytes"]) for r in records]
+  report_lib.pareto_plot(plot, os.path.join(out, "pareto.png"),
+                         title="llama.cpp perplexity vs GGUF file size (SmolLM2-135M)")
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
