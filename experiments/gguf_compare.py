@@ -49,6 +49,19 @@ def file_stats(path: str) -> dict:
           "tensor_types": dict(types)}
 
 
+def _exported_score(path: str, windows, corpus_sha256: str) -> dict | None:
+  """The llama.cpp score `python -m quantjax.export` saved beside `path`, if it applies."""
+  from quantjax.eval import report as report_lib
+  side = path[:-len(".gguf")] + ".json"
+  rec = report_lib.read_json(side, None) if os.path.exists(side) else None
+  if (not rec or "llamacpp_perplexity" not in rec or rec.get("corpus_sha256") != corpus_sha256
+      or rec.get("llamacpp_tokens") != windows.size - windows.shape[0]
+      or os.path.getmtime(side) < os.path.getmtime(path)):
+    return None
+  return {"perplexity": rec["llamacpp_perplexity"], "tokens": rec["llamacpp_tokens"],
+          "seconds": rec.get("llamacpp_seconds")}
+
+
 def main(argv):
   from experiments import pipeline  # noqa: F401  (config-free model loading below)
   from quantjax.eval import data as data_lib
@@ -84,7 +97,8 @@ def main(argv):
     key = [st.st_size, int(st.st_mtime), int(windows.shape[0]), split.corpus_sha256]
     rec = old.get(os.path.abspath(p))
     if rec is None or rec.get("key") != key:
-      res = llamacpp.perplexity(p, windows, progress=True)
+      res = _exported_score(p, windows, split.corpus_sha256) or llamacpp.perplexity(
+          p, windows, progress=True)
       rec = {"method": label, "file": os.path.abspath(p), "key": key,
              "perplexity": res["perplexity"], "tokens": res["tokens"],
              "seconds": res["seconds"], **file_stats(p)}
