@@ -9,7 +9,10 @@
    (`llama_model_quantize`, what `llama-quantize` runs).
 3. Every file (those, the F32 source, and any GGUF given as an argument) is
    scored by llama.cpp on the perplexity protocol of DESIGN.md: the same
-   windows and token ids as quantjax's own evaluation.
+   windows and token ids as quantjax's own evaluation; with `--jax` (default)
+   the JAX model scores the same file too, imported with
+   `quantjax.io.gguf.import_gguf` (block types stay QArrays, k-quants are
+   dequantized).
 
 Bits per weight exclude the token embedding (as llama.cpp's tables do for
 this tied model, where it is Q8_0 in most types). Results: `results.json`,
@@ -28,6 +31,8 @@ _OUT = flags.DEFINE_string("out", "runs/gguf_compare", "Output directory.")
 _TYPES = flags.DEFINE_list("llamacpp", ["Q8_0", "Q6_K", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M",
                                         "Q2_K"], "llama.cpp file types to make and score.")
 _WINDOWS = flags.DEFINE_integer("windows", 0, "Score only the first N windows (0: all).")
+_JAX = flags.DEFINE_bool("jax", True, "Also score each file with the JAX model (imported "
+                         "without dequantizing block types) on the same windows.")
 
 
 def file_stats(path: str) -> dict:
@@ -103,6 +108,14 @@ def main(argv):
              "perplexity": res["perplexity"], "tokens": res["tokens"],
              "seconds": res["seconds"], **file_stats(p)}
     rec["method"] = label
+    if _JAX.value and "jax_perplexity" not in rec:
+      from quantjax.eval import perplexity as ppl_lib
+      jcfg, jparams, _, info = gguf_io.import_gguf(p, tokenizer=False)
+      sub = data_lib.make_split(windows.reshape(-1), data_lib.Protocol(
+          eval_tokens=int(windows.size), window=int(windows.shape[1]), calib_windows=0))
+      rec["jax_perplexity"] = ppl_lib.evaluate(jcfg, jparams, sub, progress=True,
+                                               desc="jax")["perplexity"]
+      rec["dequantized_on_import"] = sorted({k for k, h in info.values() if h == "dequantized"})
     records.append(rec)
     report_lib.write_json_atomic(path, {"records": records + [r for f, r in old.items()
                                                                 if f not in {x["file"] for x in records}]})
@@ -110,13 +123,15 @@ def main(argv):
           f"{rec['bits_per_weight']:.2f} bpw, {rec['file_bytes'] / 1e6:.1f} MB", flush=True)
   base = records[0]["perplexity"]
   lines = [f"# llama.cpp perplexity, SmolLM2-135M ({records[0]['tokens']} predicted tokens)", "",
-           "| file | tensor types | bits/weight (excl. embedding) | file MB | perplexity | Δ vs F32 |",
-           "|---|---|---:|---:|---:|---:|"]
+           "| file | tensor types | bits/weight (excl. embedding) | file MB | perplexity (llama.cpp) "
+           "| Δ vs F32 | perplexity (JAX, same file) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
   for r in sorted(records, key=lambda r: -r["file_bytes"]):
     types = ", ".join(f"{k}×{v}" for k, v in sorted(r["tensor_types"].items()))
+    jx = f"{r['jax_perplexity']:.3f}" if "jax_perplexity" in r else "—"
     lines.append(f"| {r['method']} | {types} | {r['bits_per_weight']:.2f} | "
                  f"{r['file_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | "
-                 f"{100 * (r['perplexity'] / base - 1):+.1f}% |")
+                 f"{100 * (r['perplexity'] / base - 1):+.1f}% | {jx} |")
   table = "\n".join(lines)
   report_lib.write_text_atomic(os.path.join(out, "results.md"), table + "\n")
   plot = [dict(r, params_bytes=r["file_bytes"]) for r in records]
