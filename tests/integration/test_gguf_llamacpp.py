@@ -103,3 +103,23 @@ def test_greedy_generation_identical_for_q8_0(tmp_path, smollm2):
   ours = [int(t) for t in ours[-32:]]
   theirs = llamacpp.greedy(out, prompt, 32)
   assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
+
+
+def test_files_quantized_by_llamacpp_import_and_agree(tmp_path, smollm2, windows):
+  cfg, params, _ = smollm2
+  src = load.smollm2_path()
+  f16 = tmp_path / "f16.gguf"
+  gio.export_gguf(f16, cfg, params, tokenizer=src, float_type="F16")
+  q40 = tmp_path / "llamacpp-q4_0.gguf"
+  llamacpp.quantize(f16, q40, "Q4_0")
+  cfg2, imported, _, info = gio.import_gguf(q40, tokenizer=False)
+  kinds = {k for k, _ in info.values()}
+  assert "Q4_0" in kinds and all(h != "dequantized" or k not in gio.BLOCK_TYPES
+                                 for k, h in info.values())
+  # Imported at the file's size: block types stay QArrays.
+  assert abs(memory.tree_bytes(imported) / gio.file_tensor_bytes(q40) - 1) < 0.03
+  got = llamacpp.perplexity(q40, windows[:3], n_threads=2)["perplexity"]
+  want = _jax_ppl(cfg2, imported, windows[:3])
+  assert abs(got / want - 1) < 0.01, (got, want)
+  with pytest.raises(ValueError, match="unknown llama.cpp file type"):
+    llamacpp.quantize(f16, tmp_path / "x.gguf", "Q9_9")
