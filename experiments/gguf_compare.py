@@ -31,6 +31,8 @@ _OUT = flags.DEFINE_string("out", "runs/gguf_compare", "Output directory.")
 _TYPES = flags.DEFINE_list("llamacpp", ["Q8_0", "Q6_K", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M",
                                         "Q2_K"], "llama.cpp file types to make and score.")
 _WINDOWS = flags.DEFINE_integer("windows", 0, "Score only the first N windows (0: all).")
+_SOURCE = flags.DEFINE_bool("score_source", True, "Score the F32 source file in llama.cpp "
+                            "(else the base for Δ is the JAX FP32 perplexity).")
 _JAX = flags.DEFINE_bool("jax", True, "Also score each file with the JAX model (imported "
                          "without dequantizing block types) on the same windows.")
 
@@ -84,7 +86,7 @@ def main(argv):
   f32 = os.path.join(out, "smollm2-f32.gguf")
   if not os.path.exists(f32):
     gguf_io.export_gguf(f32, cfg, params, tokenizer=src, float_type="F32")
-  files = [("llama.cpp F32", f32)]
+  files = [("llama.cpp F32", f32)] if _SOURCE.value else []
   for t in _TYPES.value:
     dst = os.path.join(out, f"smollm2-{t.lower()}.gguf")
     if not os.path.exists(dst):
@@ -121,8 +123,16 @@ def main(argv):
                                                                 if f not in {x["file"] for x in records}]})
     print(f"[quantjax] {label}: perplexity {rec['perplexity']:.4f}, "
           f"{rec['bits_per_weight']:.2f} bpw, {rec['file_bytes'] / 1e6:.1f} MB", flush=True)
-  base = records[0]["perplexity"]
-  lines = [f"# llama.cpp perplexity, SmolLM2-135M ({records[0]['tokens']} predicted tokens)", "",
+  if _SOURCE.value:
+    base = records[0]["perplexity"]
+  else:
+    from quantjax.eval import perplexity as ppl_lib
+    sub = data_lib.make_split(windows.reshape(-1), data_lib.Protocol(
+        eval_tokens=int(windows.size), window=int(windows.shape[1]), calib_windows=0))
+    base = ppl_lib.evaluate(cfg, params, sub, progress=True, desc="fp32")["perplexity"]
+    print(f"[quantjax] JAX FP32 perplexity (base for Δ): {base:.4f}", flush=True)
+  lines = [f"# llama.cpp perplexity, SmolLM2-135M ({records[0]['tokens']} predicted tokens; "
+           f"Δ against {'llama.cpp F32' if _SOURCE.value else 'JAX FP32'} = {base:.3f})", "",
            "| file | tensor types | bits/weight (excl. embedding) | file MB | perplexity (llama.cpp) "
            "| Δ vs F32 | perplexity (JAX, same file) |",
            "|---|---|---:|---:|---:|---:|---:|"]
