@@ -1,16 +1,31 @@
-"""Merges results directories into one table and one Pareto plot.
+"""Merges results directories into one table, one Pareto plot and training-loss curves.
 
-    python -m experiments.compare --out=runs/compare runs/default runs/other
+    python -m experiments.compare --out=runs/compare runs/default runs/pdq runs/qat
 
-Records are labelled `<dir name>/<method>` when more than one directory is
-given. Records measured under different protocols (corpus hash, evaluation
-tokens, window) are refused unless `--allow_mixed`, since their perplexities
-are not comparable.
+Each argument is a results directory (`results.json` inside) or a sweep's
+work directory, whose sub-directories hold the results (`runs/qat/rtn`,
+`runs/qat/qat_lsq`, ...). Records are labelled `<run>/<method>` when more
+than one results file is merged, and get a `family` (see
+`quantjax.eval.report.method_family`): the Pareto plot draws one marker per
+family. A record without a Δ vs FP32 (a sweep entry that did not evaluate
+FP32 itself) gets one from the merged FP32 record of the same model and
+protocol; repeated FP32 records of the same model and protocol are kept once.
+Records measured under different protocols (corpus hash, evaluation tokens,
+window) are refused unless `--allow_mixed`, since their perplexities are not
+comparable.
+
+Distillation and QAT stages of chain runs (`NN_distill/done.json`,
+`NN_qat/done.json`, found anywhere under the given directories) record their
+loss history; `loss_curves.png` draws them, one line per run.
+
+Writes `compare.md`, `compare.json`, `pareto.png` and `loss_curves.png` to `--out`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -21,40 +36,118 @@ _OUT = flags.DEFINE_string("out", None, "Directory for compare.md / compare.json
 _MIXED = flags.DEFINE_bool("allow_mixed", False, "Allow records from different protocols.")
 
 _PROTOCOL = ("corpus_sha256", "eval_tokens", "window")
+_TRAIN_STAGES = ("distill", "qat")
+
+COLUMNS = (("family", "family", str),) + tuple(report.DEFAULT_COLUMNS)
+
+
+def results_files(d: str) -> list[tuple[str, str]]:
+  """`[(run name, results.json path)]` of `d` itself, else of its sub-directories (a sweep)."""
+  own = os.path.join(d, "results.json")
+  base = os.path.basename(os.path.normpath(d))
+  if os.path.isfile(own):
+    return [(base, own)]
+  if not os.path.isdir(d):
+    raise FileNotFoundError(f"no results directory {d}")
+  subs = sorted(s for s in os.listdir(d)
+                if os.path.isfile(os.path.join(d, s, "results.json")))
+  if not subs:
+    raise FileNotFoundError(f"no results.json in {d} or in its sub-directories")
+  return [(f"{base}/{s}", os.path.join(d, s, "results.json")) for s in subs]
+
+
+def _protocol(r: dict) -> tuple:
+  return (r.get("model"),) + tuple(r.get(k) for k in _PROTOCOL)
 
 
 def merge(dirs: list[str], *, allow_mixed: bool = False) -> list[dict]:
-  """The records of every `results.json` under `dirs`, relabelled by directory."""
+  """The records of every results file under `dirs`, relabelled by run, with families."""
+  files = [f for d in dirs for f in results_files(d)]
   out = []
-  for d in dirs:
-    data = report.read_json(os.path.join(d, "results.json"))
-    if data is None:
-      raise FileNotFoundError(f"no results.json in {d}")
+  for run, path in files:
+    data = report.read_json(path)
     for r in data["records"]:
       r = dict(r)
-      r["run"] = os.path.basename(os.path.normpath(d))
-      if len(dirs) > 1:
-        r["method"] = f"{r['run']}/{r['method']}"
+      r["run"] = run
+      r["family"] = report.method_family(r)
+      if len(files) > 1:
+        r["method"] = f"{run}/{r['method']}"
       out.append(r)
   keys = {tuple(r.get(k) for k in _PROTOCOL) for r in out}
   if len(keys) > 1 and not allow_mixed:
     raise ValueError(f"records come from {len(keys)} different protocols "
                      f"({', '.join(_PROTOCOL)}): {sorted(map(str, keys))}; "
                      "pass --allow_mixed to merge anyway")
-  return out
+  # One FP32 record per model and protocol; it is the base of missing deltas.
+  base: dict[tuple, dict] = {}
+  merged = []
+  for r in out:
+    if r["family"] == "fp32" and r.get("perplexity") is not None:
+      first = base.setdefault(_protocol(r), r)
+      if first is not r and abs(first["perplexity"] / r["perplexity"] - 1.0) < 1e-6:
+        continue  # the same baseline measured again by another run
+    merged.append(r)
+  for r in merged:
+    b = base.get(_protocol(r))
+    if r.get("delta_pct") is None and b is not None and r.get("perplexity") is not None:
+      r["delta_pct"] = 100.0 * (r["perplexity"] / b["perplexity"] - 1.0)
+  return merged
+
+
+def loss_curves(dirs: list[str]) -> list[dict[str, Any]]:
+  """`[{"label", "stage", "steps", "tokens", "seconds", "history"}]` of every distill/QAT stage."""
+  curves = []
+  for d in dirs:
+    top = os.path.dirname(os.path.normpath(d))
+    for root, subdirs, files in os.walk(d):
+      subdirs.sort()
+      if "done.json" not in files:
+        continue
+      with open(os.path.join(root, "done.json"), encoding="utf-8") as f:
+        try:
+          done = json.load(f)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"corrupt stage record {root}/done.json: {e}") from None
+      info = done.get("info") or {}
+      if done.get("stage") not in _TRAIN_STAGES or not info.get("history"):
+        continue
+      run = os.path.relpath(os.path.dirname(root), top)
+      curves.append({"label": f"{run}: {done.get('label', done['stage'])}",
+                     "stage": done["stage"], "steps": info.get("steps"),
+                     "tokens": info.get("tokens"), "seconds": info.get("seconds"),
+                     "history": info["history"]})
+  return curves
+
+
+def compare(dirs: list[str], out: str, *, allow_mixed: bool = False) -> dict[str, Any]:
+  """Writes the merged table, JSON, Pareto plot and loss curves of `dirs` into `out`."""
+  records = merge(dirs, allow_mixed=allow_mixed)
+  curves = loss_curves(dirs)
+  table = report.markdown_table(records, COLUMNS)
+  report.write_json_atomic(os.path.join(out, "compare.json"),
+                           {"records": records, "loss_curves": curves})
+  text = table + "\n"
+  if curves:
+    text += "\n| training run | steps | tokens | wall s | first loss | last loss |\n"
+    text += "|---|---:|---:|---:|---:|---:|\n"
+    for c in curves:
+      h = c["history"]
+      text += (f"| {c['label']} | {c['steps']} | {c['tokens']} | "
+               f"{c['seconds'] or 0:.0f} | {h[0]['loss']:.4f} | {h[-1]['loss']:.4f} |\n")
+  report.write_text_atomic(os.path.join(out, "compare.md"), text)
+  styles = report.pareto_plot(records, os.path.join(out, "pareto.png"),
+                              title="perplexity vs size (one marker per method family)")
+  drawn = report.loss_curves_plot(curves, os.path.join(out, "loss_curves.png"),
+                                  title="distillation / QAT training loss")
+  print(text)
+  return {"records": records, "curves": curves, "families": styles, "curves_drawn": drawn}
 
 
 def main(argv):
   dirs = argv[1:]
   if not dirs:
     raise app.UsageError("give one or more results directories")
-  out = _OUT.value or "runs/compare"
-  records = merge(dirs, allow_mixed=_MIXED.value)
-  table = report.markdown_table(records)
-  report.write_json_atomic(os.path.join(out, "compare.json"), {"records": records})
-  report.write_text_atomic(os.path.join(out, "compare.md"), table + "\n")
-  report.pareto_plot(records, os.path.join(out, "pareto.png"), title="perplexity vs size")
-  print(table)
+  compare(dirs, _OUT.value or "runs/compare", allow_mixed=_MIXED.value)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ from typing import Any, Callable, Mapping, Sequence
 __all__ = [
     "Column",
     "DEFAULT_COLUMNS",
+    "FAMILY_STYLES",
+    "family_styles",
+    "loss_curves_plot",
     "markdown_table",
+    "method_family",
     "pareto_front",
     "pareto_plot",
     "read_json",
@@ -112,34 +116,83 @@ def pareto_front(records: Sequence[Mapping[str, Any]], x: str = "params_bytes",
   return front
 
 
-def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                x: str = "params_bytes", y: str = "perplexity", title: str = "",
-                label: str = "method") -> None:
-  """Scatter of `y` against `x` (MB) with the Pareto front; saved atomically as PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
+# ----------------------------------------------------------------------------
+# Method families: one marker per family in every plot.
+# ----------------------------------------------------------------------------
+
+_PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+# family -> (marker, colour); families not listed get the next of _EXTRA_STYLES.
+FAMILY_STYLES: dict[str, tuple[str, str]] = {
+    "fp32": ("*", "black"),
+    "cast": ("P", "tab:gray"),
+    "rtn": ("o", "tab:blue"),
+    "gptq": ("s", "tab:orange"),
+    "awq": ("D", "tab:green"),
+    "smoothquant": ("v", "tab:purple"),
+    "qat": ("^", "tab:red"),
+    "prune": ("x", "tab:brown"),
+    "prune+distill": ("X", "tab:pink"),
+    "prune+distill+rtn": ("h", "tab:olive"),
+    "prune+rtn": ("p", "tab:cyan"),
+}
+_EXTRA_STYLES = (("<", "tab:olive"), (">", "tab:cyan"), ("8", "tab:purple"), ("d", "tab:brown"),
+                 ("H", "tab:pink"), ("1", "tab:gray"), ("2", "tab:green"), ("3", "tab:red"))
+
+
+def _stage_head(stage: str) -> str:
+  head = str(stage).strip().split()[0] if str(stage).strip() else ""
+  head = head.split("-")[0]  # "qat-lsq" -> "qat"
+  if head not in _PRUNE_METHODS and "_" in head:
+    head = head.split("_")[0]  # pipeline names: "rtn_int4_g64" -> "rtn", "cast_bf16" -> "cast"
+  return head
+
+
+def method_family(record: Mapping[str, Any]) -> str:
+  """The record's method family, e.g. "fp32", "rtn", "gptq", "qat", "prune+distill+rtn".
+
+  An explicit `family` field wins. Otherwise the stages of a chain record
+  (`stages`, or the `method` label split at " → ") map to parts: magnitude /
+  Wanda / SparseGPT -> "prune", distillation -> "distill", anything else to
+  its method name ("rtn_int4_g64" -> "rtn", "qat-lsq int4_g64" -> "qat"),
+  joined with "+" in stage order; no stage at all is "fp32".
+  """
+  if record.get("family"):
+    return str(record["family"])
+  stages = record.get("stages")
+  if stages is None:
+    method = str(record.get("method", ""))
+    run = record.get("run")
+    if run and method.startswith(f"{run}/"):  # labels relabelled by experiments.compare
+      method = method[len(run) + 1:]
+    stages = [] if method in ("", "fp32") else method.split(" → ")
+  parts: list[str] = []
+  for stage in stages:
+    head = _stage_head(stage)
+    part = "prune" if head in _PRUNE_METHODS else head
+    if part and part != "fp32" and part not in parts:
+      parts.append(part)
+  return "+".join(parts) if parts else "fp32"
+
+
+def family_styles(families: Sequence[str]) -> dict[str, tuple[str, str]]:
+  """`{family: (marker, colour)}`: FAMILY_STYLES, then distinct extra markers in sorted order."""
+  out: dict[str, tuple[str, str]] = {}
+  used = {FAMILY_STYLES[f][0] for f in families if f in FAMILY_STYLES}
+  extra = [s for s in _EXTRA_STYLES if s[0] not in used]
+  for f in sorted(set(families)):
+    if f in FAMILY_STYLES:
+      out[f] = FAMILY_STYLES[f]
+    else:
+      if not extra:
+        raise ValueError(f"more than {len(FAMILY_STYLES) + len(_EXTRA_STYLES)} method families "
+                         f"to plot: {sorted(set(families))}")
+      out[f] = extra.pop(0)
+  return out
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
   import matplotlib.pyplot as plt
-  recs = [r for r in records if r.get(x) is not None and r.get(y) is not None]
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-  xs = [r[x] / 1e6 for r in recs]
-  ys = [r[y] for r in recs]
-  ax.scatter(xs, ys, color="tab:blue", zorder=3)
-  for i, (r, xv, yv) in enumerate(sorted(zip(recs, xs, ys), key=lambda t: (t[1], t[2]))):
-    # Alternate label offsets so that neighbours with equal perplexity stay readable.
-    ax.annotate(str(r.get(label, "")), (xv, yv), textcoords="offset points",
-                xytext=(4, 5 if i % 2 == 0 else -11), fontsize=8)
-  front = pareto_front(recs, x, y)
-  if len(front) > 1:
-    ax.plot([r[x] / 1e6 for r in front], [r[y] for r in front], color="tab:orange",
-            lw=1, zorder=2, label="Pareto front")
-    ax.legend(loc="upper right", fontsize=8)
-  ax.set_xlabel("parameter bytes (MB, scales included)")
-  ax.set_ylabel(y)
-  if ys and max(ys) / max(min(ys), 1e-9) > 4:
-    ax.set_yscale("log")
-  ax.grid(True, alpha=0.3)
-  ax.set_title(title, fontsize=9)
-  fig.tight_layout()
   path = os.fspath(path)
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
@@ -152,3 +205,83 @@ def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
     plt.close(fig)
     if os.path.exists(tmp):
       os.unlink(tmp)
+
+
+def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                x: str = "params_bytes", y: str = "perplexity", title: str = "",
+                label: str = "method") -> dict[str, tuple[str, str]]:
+  """Scatter of `y` against `x` (MB), one marker per method family, with the Pareto front.
+
+  Saved atomically as PNG. Returns `{family: (marker, colour)}` for the
+  families drawn (see `method_family`), in legend order.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  recs = [r for r in records if r.get(x) is not None and r.get(y) is not None]
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+  xs = [r[x] / 1e6 for r in recs]
+  ys = [r[y] for r in recs]
+  fams = [method_family(r) for r in recs]
+  styles = family_styles(fams)
+  for fam, (marker, colour) in styles.items():
+    pts = [(xv, yv) for xv, yv, f in zip(xs, ys, fams) if f == fam]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, s=45,
+               zorder=3, label=fam)
+  for i, (r, xv, yv) in enumerate(sorted(zip(recs, xs, ys), key=lambda t: (t[1], t[2]))):
+    # Alternate label offsets so that neighbours with equal perplexity stay readable.
+    ax.annotate(str(r.get(label, "")), (xv, yv), textcoords="offset points",
+                xytext=(4, 5 if i % 2 == 0 else -11), fontsize=7)
+  front = pareto_front(recs, x, y)
+  if len(front) > 1:
+    ax.plot([r[x] / 1e6 for r in front], [r[y] for r in front], color="tab:orange",
+            lw=1, zorder=2, label="Pareto front")
+  if recs:
+    ax.legend(loc="upper right", fontsize=7, title="method family", title_fontsize=7)
+  ax.set_xlabel("parameter bytes (MB, scales included)")
+  ax.set_ylabel(y)
+  if ys and max(ys) / max(min(ys), 1e-9) > 4:
+    ax.set_yscale("log")
+  ax.grid(True, alpha=0.3)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  _save_figure(fig, path)
+  return styles
+
+
+def loss_curves_plot(curves: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                     title: str = "training loss") -> int:
+  """Training-loss curves (distillation, QAT), one line per run; saved atomically as PNG.
+
+  Args:
+    curves: `{"label": str, "history": [{"step": int, "loss": float}, ...]}` each.
+    path: the PNG to write.
+
+  Returns:
+    The number of curves drawn (curves with an empty history are skipped).
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+  drawn, lo, hi = 0, math.inf, 0.0
+  for c in curves:
+    hist = [h for h in c.get("history") or () if h.get("loss") is not None]
+    if not hist:
+      continue
+    steps = [h["step"] for h in hist]
+    loss = [h["loss"] for h in hist]
+    ax.plot(steps, loss, marker="." if len(hist) < 30 else None, lw=1.2, label=str(c["label"]))
+    lo, hi = min(lo, min(loss)), max(hi, max(loss))
+    drawn += 1
+  if drawn:
+    ax.legend(loc="upper right", fontsize=7)
+    if lo > 0 and hi / lo > 10:
+      ax.set_yscale("log")
+  ax.set_xlabel("optimizer step")
+  ax.set_ylabel("training loss")
+  ax.grid(True, alpha=0.3)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  _save_figure(fig, path)
+  return drawn
