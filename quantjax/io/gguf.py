@@ -35,7 +35,9 @@ little-endian uint32.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -64,6 +66,7 @@ __all__ = [
 ]
 
 QK = 32  # values per block of every legacy type
+_log = logging.getLogger("quantjax.gguf")
 
 
 
@@ -626,6 +629,10 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
       node = node.setdefault(k, {})
     node[ppath[-1]] = leaf
   load_lib._check_complete(config, pure, path)
+  deq = collections.Counter(k for k, h in info.values() if h == "dequantized")
+  if deq:
+    _log.warning("%s: dequantized to float32 on import (no QArray equivalent): %s", path,
+                 ", ".join(f"{k} x{n}" for k, n in sorted(deq.items())))
   params = llama_lib.as_state(config, pure)
   tok = load_lib.load_tokenizer(path) if tokenizer else None
   return config, params, tok, info
