@@ -41,7 +41,8 @@ def chain_config(stages: str) -> ml_collections.ConfigDict:
   c.stages = stages
   c.prune = ml_collections.ConfigDict(dict(method="sparsegpt", pattern="2:4"))
   c.distill = _train_block()
-  c.qat = _train_block(format="int4_g64", lsq=True)
+  # init "minmax": LSQ starts from the RTN scales (the RTN model), not LSQ's 2 mean|w| / sqrt(Qp).
+  c.qat = _train_block(format="int4_g64", lsq=True, init="minmax")
   c.quantize = ml_collections.ConfigDict(dict(method="rtn", format="int4_g64"))
   c.sweep = []
   return c

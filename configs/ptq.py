@@ -5,11 +5,18 @@ Launch:
     python -m experiments.main --config=configs/ptq.py --workdir=runs/ptq
     python -m experiments.main --config=configs/ptq.py:int3_g64 --workdir=runs/ptq_w3
 
-`arg` is a comma-separated list of formats (default `int4_g64,int3_g64`);
-each sweep entry runs `evaluate -> quantize -> evaluate` with one method
-(`quantjax.methods`: rtn, gptq via `sequential.gptq_layer`, awq via
-`awq.awq_layer`) into its own sub-directory; calibration windows come from
-tokens before the evaluation set (`calib.windows`, seeded).
+    # W4 g64 only, RTN / GPTQ / AWQ (about 20 minutes on a 2-core CPU):
+    python -m experiments.main --config=configs/ptq.py:int4_g64/rtn,gptq,awq \
+        --workdir=runs/ptq
+
+`arg` is `FORMATS[/METHODS]`: a comma-separated list of formats (default
+`int4_g64,int3_g64`), optionally followed by `/` and a comma list of methods
+(default `rtn,gptq,awq`). The sweep's first entry, `fp32`, evaluates the
+FP32 model once; every other entry runs `quantize -> evaluate` with one
+method (`quantjax.methods`: rtn, gptq via `sequential.gptq_layer`, awq via
+`awq.awq_layer`) into its own sub-directory, and `experiments.compare` merges
+them with Δ against `fp32`. Calibration windows come from tokens before the
+evaluation set (`calib.windows`, seeded).
 
 Expected result (perplexity protocol, 32 calibration windows, see the methods
 report): GPTQ and AWQ below RTN at both widths, the gap widest at 3 bits.
@@ -23,9 +30,15 @@ METHODS = ("rtn", "gptq", "awq")
 
 
 def get_config(arg=None):
-  formats = tuple(arg.split(",")) if arg else ("int4_g64", "int3_g64")
-  c = chain_config("evaluate,quantize,evaluate")
+  fmts, _, meths = (arg or "").partition("/")
+  formats = tuple(f.strip() for f in fmts.split(",") if f.strip()) or ("int4_g64", "int3_g64")
+  methods = tuple(m.strip() for m in meths.split(",") if m.strip()) or METHODS
+  for m in methods:
+    if m not in METHODS:
+      raise ValueError(f"configs/ptq.py: unknown method {m!r} in {arg!r}; expected {METHODS}")
+  c = chain_config("quantize,evaluate")
   c.calib.windows = 32
-  c.sweep = [{"name": f"{m}_{f}", "quantize.method": m, "quantize.format": f}
-             for f in formats for m in METHODS]
+  c.sweep = [{"name": "fp32", "stages": "evaluate"}] + [
+      {"name": f"{m}_{f}", "quantize.method": m, "quantize.format": f}
+      for f in formats for m in methods]
   return c

@@ -17,7 +17,8 @@ Stages and their config blocks:
             seq_len, temperature, alpha (KD weight; 1 - alpha on the task
             cross-entropy), checkpoint_every. Teacher: the loaded FP32 model.
   qat       `config.qat`: format, lsq (learned step sizes) or STE with min-max
-            scales, plus the distill-style optimisation settings; ends with
+            scales, init (LSQ's initial steps: "lsq" or "minmax" = the RTN
+            scales), plus the distill-style optimisation settings; ends with
             real QArrays.
   quantize  `config.quantize`: method rtn | gptq | awq, format.
   evaluate  the perplexity protocol on the current params.
@@ -240,7 +241,8 @@ def _distill(cfg, teacher, params, masks, split, config, sdir, progress, *, qat_
 
   start = params
   if qat_rules is not None and lsq:
-    start = {"params": params, "steps": qat.lsq_init(params, qat_rules)}
+    start = {"params": params,
+             "steps": qat.lsq_init(params, qat_rules, init=str(tc.get("init", "lsq")))}
     mask_tree = None if mask_tree is None else {"params": mask_tree, "steps": jax.tree.map(
         lambda _: None, start["steps"])}
   t = time.perf_counter()

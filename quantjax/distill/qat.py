@@ -1,7 +1,8 @@
 """Quantization-aware training helpers: learned step sizes (LSQ) through rules.
 
 `lsq_init(params, rules)` creates one step-size array per matched leaf (in the
-format's scale layout); `lsq_apply(params, steps, rules)` fake-quantizes them
+format's scale layout; LSQ's `2 mean|w| / sqrt(Qp)` or, with `init="minmax"`,
+the round-to-nearest scales, so that training starts from the RTN model); `lsq_apply(params, steps, rules)` fake-quantizes them
 for the forward pass (straight-through for weights, LSQ gradient for steps);
 `lsq_convert(params, steps, rules)` turns the trained result into real
 `QArray`s whose dequantized values equal the fake-quantized ones exactly.
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax.numpy as jnp
+
 from quantjax import rules as rules_lib
+from quantjax.numerics import calibrate as calibrate_lib
 from quantjax.numerics import fake_quant as fq
+from quantjax.numerics import formats as formats_lib
 from quantjax.numerics import qarray as qarray_lib
 
-__all__ = ["lsq_init", "lsq_apply", "lsq_convert"]
+__all__ = ["INITS", "lsq_init", "lsq_apply", "lsq_convert"]
 
 
 def _rule_for(report, rules, path):
@@ -30,14 +35,37 @@ def _rule_for(report, rules, path):
   return rules[idx]
 
 
-def lsq_init(params: Any, rules: Sequence[rules_lib.QuantRule]) -> Any:
-  """Initial LSQ step sizes (2 mean|w| / sqrt(qmax)) for matched leaves; None elsewhere."""
+INITS = ("lsq",) + calibrate_lib.METHODS
+
+
+def lsq_init(params: Any, rules: Sequence[rules_lib.QuantRule], *, init: str = "lsq") -> Any:
+  """Initial step sizes for matched leaves (stored scale shape); None elsewhere.
+
+  Args:
+    params: float params.
+    rules: `QuantRule`s with symmetric integer formats.
+    init: "lsq" (the paper's `2 mean|w| / sqrt(Qp)` per block, meant for long
+      training) or a calibration method of `quantjax.numerics.calibrate`
+      ("minmax", "percentile", "mse"): the scales round-to-nearest would use,
+      so the fake-quantized model starts exactly at the RTN model (the better
+      start for a short fine-tune: LSQ's init has a much coarser step).
+  """
+  if init not in INITS:
+    raise ValueError(f"unknown LSQ init {init!r}; expected one of {INITS}")
   rules = tuple(rules)
   report = rules_lib.match_rules(params, rules)
 
   def fn(path, w):
     r = _rule_for(report, rules, path)
-    return None if r is None else fq.lsq_init_step(w, r.format)
+    if r is None:
+      return None
+    if init == "lsq":
+      return fq.lsq_init_step(w, r.format)
+    fmt = formats_lib.resolve_format(r.format)
+    if fmt.kind != "int" or not fmt.symmetric:
+      raise ValueError(f"LSQ learns symmetric integer step sizes; {path} has format {fmt}")
+    scale, _ = calibrate_lib.calibrate(w, fmt, init)
+    return scale.astype(jnp.float32)
   return rules_lib.map_with_paths(fn, params)
 
 

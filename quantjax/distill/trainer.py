@@ -22,7 +22,7 @@ import optax
 from quantjax.io import checkpoint as checkpoint_lib
 from quantjax.sparsity.magnitude import apply_masks
 
-__all__ = ["TrainConfig", "TrainState", "make_optimizer", "fit"]
+__all__ = ["TrainConfig", "TrainState", "make_optimizer", "make_schedule", "fit"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,11 +64,16 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Clip -> AdamW with warm-up + cosine schedule."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate`, then cosine decay to `end_lr_ratio` of it."""
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
       decay_steps=cfg.steps, end_value=cfg.learning_rate * cfg.end_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Clip -> AdamW with warm-up + cosine schedule."""
+  schedule = make_schedule(cfg)
   parts = []
   if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
@@ -154,7 +159,7 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
       p = apply_masks(p, masks)
     return p, opt_state, loss
 
-  schedule_lr = lambda s: config.learning_rate * min(1.0, s / max(config.warmup_steps, 1))  # noqa: E731
+  schedule = make_schedule(config)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -167,7 +172,8 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
     p, opt_state, loss = train_step(p, opt_state, batch, jnp.asarray(step, jnp.int32))
     step += 1
     if step % log_every == 0 or step == config.steps:
-      history.append({"step": step, "loss": float(loss), "lr": schedule_lr(step)})
+      # `lr`: the rate the update of this step used (optax counts from 0).
+      history.append({"step": step, "loss": float(loss), "lr": float(schedule(step - 1))})
       if bar is not None:
         bar.set_postfix(loss=f"{float(loss):.4f}")
     if bar is not None:

@@ -121,6 +121,38 @@ def test_qat_ste_and_lsq_convert_to_identical_qarrays():
       np.asarray(_apply(distill.lsq_apply(tp["params"], tp["steps"], rules), x)))
 
 
+def test_lsq_minmax_init_starts_at_the_rtn_model():
+  params = _mlp_params(jax.random.key(1), sizes=(128, 64, 16))
+  rules = [qj.QuantRule(module_path=r"l\d/kernel", format="int4_g64"),
+           qj.QuantRule(module_path=r".*bias", skip=True)]
+  rtn = qj.dequantize_params(qj.quantize_params(params, rules))
+  steps = distill.lsq_init(params, rules, init="minmax")
+  fq = distill.lsq_apply(params, steps, rules)
+  for a, b in zip(jax.tree.leaves(rtn), jax.tree.leaves(fq)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # LSQ's own init (2 mean|w| / sqrt(Qp)) is a coarser grid: a worse start than RTN
+  lsq = distill.lsq_apply(params, distill.lsq_init(params, rules), rules)
+  w = np.asarray(params["l0"]["kernel"])
+  assert (np.mean((np.asarray(lsq["l0"]["kernel"]) - w) ** 2)
+          > np.mean((np.asarray(fq["l0"]["kernel"]) - w) ** 2))
+  with pytest.raises(ValueError, match="unknown LSQ init"):
+    distill.lsq_init(params, rules, init="absmean")
+  with pytest.raises(ValueError, match="symmetric integer"):
+    distill.lsq_init(params, [qj.QuantRule(module_path=r"l\d/kernel", format="int4_g64_asym")],
+                     init="minmax")
+
+
+def test_history_records_the_schedule_learning_rate():
+  cfg = distill.TrainConfig(steps=8, learning_rate=1e-2, warmup_steps=2, end_lr_ratio=0.1)
+  params = _mlp_params(jax.random.key(2))
+  loss = lambda p, xb, key: jnp.mean(_apply(p, xb) ** 2)  # noqa: E731
+  _, hist = distill.fit(loss, params, _batch, cfg, progress=False, log_every=1)
+  lrs = [h["lr"] for h in hist]
+  assert [h["step"] for h in hist] == list(range(1, 9))
+  assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-2)  # warm-up from 0, then the peak
+  assert lrs[-1] < lrs[3] and lrs[-1] >= 1e-3 - 1e-9  # cosine decay towards 10% of the peak
+
+
 def test_train_config_validation():
   with pytest.raises(ValueError, match="warmup_steps"):
     distill.TrainConfig(steps=5, warmup_steps=10)

@@ -107,6 +107,33 @@ def test_qat_and_sweep(tmp_path):
     chain.run_sweep(c, str(tmp_path / "x"), chain.run)
 
 
+@pytest.mark.parametrize("module, arg, names", [
+    ("prune_compare", None, ["fp32", "magnitude_50pct", "wanda_50pct", "sparsegpt_50pct",
+                             "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4"]),
+    ("qat", None, ["fp32", "rtn", "qat_lsq"]),
+    ("qat", "ste", ["fp32", "rtn", "qat_ste"]),
+    ("ptq", "int4_g64/gptq,awq", ["fp32", "gptq_int4_g64", "awq_int4_g64"]),
+])
+def test_experiment_configs_and_their_sweeps(module, arg, names):
+  import copy
+  import importlib
+  c = importlib.import_module(f"configs.{module}").get_config(arg)
+  assert [e["name"] for e in c.sweep] == names
+  for entry in c.sweep:  # every override names an existing field and a valid stage list
+    sub = copy.deepcopy(c)
+    for k, v in entry.items():
+      if k != "name":
+        chain._apply_override(sub, k, v)
+    stages = chain.stage_list(sub)
+    if "prune" in stages:
+      chain.parse_pattern(sub.prune.pattern)
+  if module == "qat":
+    assert c.qat.init == "minmax" and c.quantize.format == c.qat.format
+  with pytest.raises(ValueError):
+    importlib.import_module(f"configs.{module}").get_config("nonsense/x" if module == "ptq"
+                                                            else "nonsense")
+
+
 _KILL_SCRIPT = """
 import sys
 from experiments import chain
