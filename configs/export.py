@@ -15,8 +15,6 @@ Expected result: GPTQ-Q4_0 below llama.cpp's own Q4_0 (13.831 on this
 protocol); the README records the measured figures.
 """
 
-import ml_collections
-
 from configs.chain_base import chain_config
 
 
@@ -27,8 +25,6 @@ def get_config(arg=None):
   c.quantize.method = method
   c.quantize.format = fmt or "q4_0"
   c.quantize.act_order = True
-  c.export = ml_collections.ConfigDict()
-  c.export.types = [("embed/embedding", "Q8_0")]
-  c.export.float_type = "F32"
+  c.quantize.calibration = "minmax"  # or "mse": clipping search for each group's scale
   c.export.llamacpp_eval = True
   return c

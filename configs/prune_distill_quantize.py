@@ -11,7 +11,10 @@ Shorter runs: `--config.distill.steps=20`.
 Stages: evaluate (FP32) -> prune (sparsegpt 2:4 over every *_proj kernel,
 64 calibration windows of 512 tokens) -> evaluate -> distill (FP32 teacher,
 logit KL, AdamW 5e-5 with warm-up/cosine, batch 4 x 256 tokens) -> evaluate ->
-quantize (RTN int4 group-64 symmetric: zeros stay exactly zero) -> evaluate.
+quantize (RTN int4 group-64 symmetric: zeros stay exactly zero) -> evaluate ->
+export (`07_export/model.gguf`: llama.cpp has no group-64 type, so the kernels
+are re-quantized to Q4_0 and the export report says so; use
+`--config.quantize.format=q4_0` for a lossless export).
 
 Expected result: the table in results.md lists perplexity after each stage;
 distillation should recover part of the gap pruning opened (README records
@@ -22,7 +25,7 @@ from configs.chain_base import chain_config
 
 
 def get_config(arg=None):
-  c = chain_config("evaluate,prune,evaluate,distill,evaluate,quantize,evaluate")
+  c = chain_config("evaluate,prune,evaluate,distill,evaluate,quantize,evaluate,export")
   if arg:
     c.prune.method = arg
   return c

@@ -50,7 +50,7 @@ def final_params(config, workdir: str):
   cfg, params, tok, _ = chain._load(config)
   stages = chain.stage_list(config)
   for idx in reversed(range(len(stages))):
-    if stages[idx] != "evaluate":
+    if stages[idx] not in ("evaluate", "export"):
       params, _ = chain._load_stage(os.path.join(workdir, f"{idx:02d}_{stages[idx]}"))
       break
   from quantjax.eval import data as data_lib

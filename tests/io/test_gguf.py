@@ -212,3 +212,23 @@ def test_export_command_runs_a_chain_and_writes_gguf(tmp_path):
   assert out.read_bytes() == before
   with pytest.raises(ValueError, match=".gguf"):
     export_cli.export(c, str(tmp_path / "x.bin"))
+
+
+def test_chain_export_stage(tmp_path):
+  from configs.chain_base import chain_config
+  from experiments import chain
+  c = chain_config("quantize,export")
+  c.model.source = "tiny"
+  c.eval.tokens = 1024
+  c.calib.windows = 2
+  c.quantize.format = "q4_1"
+  chain.run(c, str(tmp_path))
+  path = tmp_path / "01_export" / "model.gguf"
+  cfg, params, _, info = gio.import_gguf(path, tokenizer=False)
+  assert info["blk.1.ffn_up.weight"] == ("Q4_1", "qarray")
+  assert info["token_embd.weight"] == ("Q8_0", "qarray")
+  stamp = path.stat().st_mtime_ns
+  chain.run(c, str(tmp_path))  # done: not rewritten
+  assert path.stat().st_mtime_ns == stamp
+  with pytest.raises(ValueError, match="unknown pipeline stage 'exprt'"):
+    chain.run(chain_config("quantize,exprt"), str(tmp_path / "x"))
