@@ -43,6 +43,10 @@ def chain_config(stages: str) -> ml_collections.ConfigDict:
   c.distill = _train_block()
   # init "minmax": LSQ starts from the RTN scales (the RTN model), not LSQ's 2 mean|w| / sqrt(Qp).
   c.qat = _train_block(format="int4_g64", lsq=True, init="minmax")
-  c.quantize = ml_collections.ConfigDict(dict(method="rtn", format="int4_g64"))
+  c.quantize = ml_collections.ConfigDict(dict(method="rtn", format="int4_g64", act_order=False,
+                                              calibration="minmax"))
+  # GGUF export (stage "export", and `python -m quantjax.export`).
+  c.export = ml_collections.ConfigDict(dict(types=[("embed/embedding", "Q8_0")],
+                                            float_type="F32", llamacpp_eval=False))
   c.sweep = []
   return c

@@ -20,8 +20,13 @@ Stages and their config blocks:
             scales, init (LSQ's initial steps: "lsq" or "minmax" = the RTN
             scales), plus the distill-style optimisation settings; ends with
             real QArrays.
-  quantize  `config.quantize`: method rtn | gptq | awq, format.
+  quantize  `config.quantize`: method rtn | gptq | awq, format (any spec,
+            including GGUF's `q4_0`...), optional `act_order` for GPTQ and
+            `calibration` (minmax | percentile | mse) for the scales.
   evaluate  the perplexity protocol on the current params.
+  export    `config.export` (types, float_type; see `quantjax.export`): the
+            current params as `NN_export/model.gguf` for llama.cpp, with the
+            model's tokenizer; QArrays in GGUF block formats go in losslessly.
 
 `run_sweep(config, workdir, runner)` runs each entry of `config.sweep` (a
 list of `{dotted.key: value}` overrides with an optional `name`) into its own
@@ -46,7 +51,7 @@ from quantjax.eval import report as report_lib
 
 __all__ = ["STAGES", "run", "run_sweep", "parse_pattern", "stage_list"]
 
-STAGES = ("prune", "distill", "qat", "quantize", "evaluate")
+STAGES = ("prune", "distill", "qat", "quantize", "evaluate", "export")
 TARGETS_DEFAULT = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
 
 
@@ -260,9 +265,9 @@ def _distill(cfg, teacher, params, masks, split, config, sdir, progress, *, qat_
   return out, info
 
 
-def _quant_rules(config, fmt: str):
+def _quant_rules(config, fmt: str, calibration: str = "minmax"):
   from quantjax.rules import QuantRule
-  return [QuantRule(module_path=_targets(config), format=fmt)]
+  return [QuantRule(module_path=_targets(config), format=fmt, calibration=calibration)]
 
 
 def _quantize(cfg, params, masks, split, config, progress):
@@ -272,7 +277,7 @@ def _quantize(cfg, params, masks, split, config, progress):
   qc = config.quantize
   method, fmt = str(qc.method), str(qc.format)
   parsed = QuantFormat.parse(fmt)
-  rules = _quant_rules(config, fmt)
+  rules = _quant_rules(config, fmt, str(qc.get("calibration", "minmax")))
   if masks and method != "rtn":
     raise ValueError(f"quantize method {method!r} moves pruned weights off zero; after a prune "
                      "stage use method 'rtn' with a symmetric format (zeros stay exact)")
@@ -284,7 +289,8 @@ def _quantize(cfg, params, masks, split, config, progress):
     from quantjax.transforms import quantize_params
     out = quantize_params(params, rules)
   elif method in ("gptq", "awq"):
-    layer = seq.gptq_layer(rules) if method == "gptq" else awq_lib.awq_layer(rules)
+    layer = (seq.gptq_layer(rules, act_order=bool(qc.get("act_order", False)))
+             if method == "gptq" else awq_lib.awq_layer(rules))
     out, _ = seq.quantize_sequential(cfg, params, split.calib_windows, layer,
                                      batch_size=int(config.calib.batch_size),
                                      hessian=method == "gptq", progress=progress)
@@ -351,6 +357,8 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     done = _read_done(sdir)
     if done is not None and done.get("key") == chain_key:
       print(f"[quantjax] stage {idx} {stage}: done, loaded from {sdir}", flush=True)
+      if stage == "export":
+        continue
       if stage == "evaluate":
         records.append(done["record"])
       else:
@@ -372,6 +380,19 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     elif stage == "quantize":
       params, info = _quantize(cfg, params, masks, split, config, progress)
       label = info["label"]
+    elif stage == "export":
+      from quantjax import export as export_lib
+      from quantjax.io import gguf as gguf_io
+      ex = config.export if "export" in config else None
+      path = os.path.join(sdir, "model.gguf")
+      report = gguf_io.export_gguf(
+          path, cfg, params, tokenizer=export_lib.tokenizer_source(config),
+          types=[tuple(t) for t in (ex.types if ex is not None else [])],
+          float_type=str(ex.float_type) if ex is not None else "F32")
+      print(gguf_io.export_summary(report), flush=True)
+      _save_stage(sdir, None, None, {"key": chain_key, "stage": stage, "file": path,
+                                     "file_bytes": os.path.getsize(path)})
+      continue
     else:  # evaluate
       label = " → ".join(labels) if labels else "fp32"
       rec = _evaluate(cfg, params, split, config, base_bytes, name, label, progress)
