@@ -4,8 +4,9 @@
 
 Each argument is a results directory (`results.json` inside) or a sweep's
 work directory, whose sub-directories hold the results (`runs/qat/rtn`,
-`runs/qat/qat_lsq`, ...). Records are labelled `<run>/<method>` when more
-than one results file is merged, and get a `family` (see
+`runs/qat/qat_lsq`, ...). Records are labelled `<directory>/<method>` when
+more than one results file is merged (`<directory>/<entry>/<method>` where
+that label would repeat), and get a `family` (see
 `quantjax.eval.report.method_family`): the Pareto plot draws one marker per
 family. A record without a Δ vs FP32 (a sweep entry that did not evaluate
 FP32 itself) gets one from the merged FP32 record of the same model and
@@ -70,9 +71,12 @@ def merge(dirs: list[str], *, allow_mixed: bool = False) -> list[dict]:
       r = dict(r)
       r["run"] = run
       r["family"] = report.method_family(r)
-      if len(files) > 1:
-        r["method"] = f"{run}/{r['method']}"
       out.append(r)
+  if len(files) > 1:
+    # `<directory>/<method>`; a sweep's entry directory only where labels would collide.
+    short = [f"{r['run'].split('/')[0]}/{r['method']}" for r in out]
+    for r, label in zip(out, short):
+      r["method"] = label if short.count(label) == 1 else f"{r['run']}/{r['method']}"
   keys = {tuple(r.get(k) for k in _PROTOCOL) for r in out}
   if len(keys) > 1 and not allow_mixed:
     raise ValueError(f"records come from {len(keys)} different protocols "

@@ -88,7 +88,8 @@ def test_compare_merges_sweeps_fills_deltas_and_draws_loss_curves(tmp_path):
 
   res = compare.compare([str(base), str(sweep)], str(out))
   methods = [r["method"] for r in res["records"]]
-  assert methods == ["default/fp32", "default/rtn_int4_g64", "qat/qat_lsq/qat-lsq int4_g64"]
+  assert methods == ["default/fp32", "default/rtn_int4_g64", "qat/qat-lsq int4_g64"]
+  assert res["records"][-1]["run"] == "qat/qat_lsq"
   qat = res["records"][-1]
   assert qat["family"] == "qat" and qat["delta_pct"] == pytest.approx(20.0)
   assert set(res["families"]) == {"fp32", "rtn", "qat"}
@@ -100,6 +101,12 @@ def test_compare_merges_sweeps_fills_deltas_and_draws_loss_curves(tmp_path):
     assert (out / f).read_bytes()[:8] == PNG
   saved = json.loads((out / "compare.json").read_text())
   assert len(saved["records"]) == 3 and len(saved["loss_curves"]) == 1
+
+  # Two entries of one sweep with the same method label keep their entry names.
+  report.write_json_atomic(sweep / "qat_lsq2" / "results.json", {"records": [
+      _rec("qat-lsq int4_g64", 12.5, 173, stages=["qat-lsq int4_g64"])]})
+  methods = [r["method"] for r in compare.merge([str(base), str(sweep)])]
+  assert methods[-2:] == ["qat/qat_lsq/qat-lsq int4_g64", "qat/qat_lsq2/qat-lsq int4_g64"]
 
   with pytest.raises(FileNotFoundError, match="no results.json"):
     compare.compare([str(tmp_path / "cmp")], str(tmp_path / "cmp2"))
