@@ -36,6 +36,8 @@ _CANDIDATES = flags.DEFINE_list(
     "Candidate formats.")
 _TOL = flags.DEFINE_float("tolerance", 0.01, "Uniform formats within this many bits count.")
 _FISHER = flags.DEFINE_integer("fisher_windows", 16, "Calibration windows for the Fisher.")
+_OVERLAY = flags.DEFINE_list("overlay", [], "results.json files of experiments.gguf_compare "
+                              "whose files are drawn on the plot (llama.cpp perplexity).")
 _GGUF = flags.DEFINE_float("gguf_budget", 0.0, "Bits per weight of a GGUF-only mixed export.")
 
 TARGETS = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
@@ -162,10 +164,63 @@ def main(argv):
                  f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / fp - 1):+.1f}% |")
   table = "\n".join(lines)
   report_lib.write_text_atomic(os.path.join(out, "results.md"), table + "\n")
-  plot = [dict(r, params_bytes=r["bits_per_weight"] * 1e6) for r in records if r["key"] != "fp32"]
-  report_lib.pareto_plot(plot, os.path.join(out, "mixed.png"),
-                         title="perplexity vs bits per weight (x axis: bits, not MB)")
+  _plot(records, os.path.join(out, "mixed.png"), fp)
   print(table)
+
+
+def _plot(records, path: str, fp32: float) -> None:
+  """Perplexity vs bits per weight: uniform, mixed, and llama.cpp's files (`--overlay`)."""
+  import tempfile
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from quantjax.eval import report as report_lib
+  groups: dict[str, list[tuple[float, float, str]]] = {}
+  for r in records:
+    if r["key"] == "fp32":
+      continue
+    fam = f"{r.get('family', 'other')} ({r.get('quant', '')}, JAX)"
+    groups.setdefault(fam, []).append((r["bits_per_weight"], r["perplexity"], r["method"]))
+    if "llamacpp_perplexity" in r:
+      groups.setdefault("quantjax GGUF (llama.cpp)", []).append(
+          (r["bits_per_weight"], r["llamacpp_perplexity"], r["method"]))
+  for f in _OVERLAY.value:
+    for r in report_lib.read_json(f, {"records": []})["records"]:
+      if "llamacpp_perplexity" in r:  # a record of this script with a GGUF export
+        y = r["llamacpp_perplexity"]
+      elif "tensor_types" in r:  # a record of experiments.gguf_compare (scored by llama.cpp)
+        y = r["perplexity"]
+      else:
+        continue
+      fam = "llama.cpp quantizer" if r["method"].startswith("llama.cpp") else \
+          "quantjax GGUF (llama.cpp)"
+      groups.setdefault(fam, []).append((r["bits_per_weight"], y, r["method"]))
+  markers = "osD^v<>PX*"
+  fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+  for i, (fam, pts) in enumerate(sorted(groups.items())):
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+               label=fam, zorder=3)
+    for x, y, lab in pts:
+      ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+  ax.axhline(fp32, color="gray", lw=0.8, ls="--", label=f"FP32 {fp32:.3f}")
+  ax.set_xlabel("bits per weight of the linear layers (scales included; embedding excluded)")
+  ax.set_ylabel("perplexity (log scale)")
+  ax.set_yscale("log")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title("SmolLM2-135M: mixed vs uniform formats vs llama.cpp", fontsize=9)
+  fig.tight_layout()
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+  os.close(fd)
+  try:
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
 
 
 if __name__ == "__main__":
