@@ -35,7 +35,7 @@ def _rule_for(report, rules, path):
   return rules[idx]
 
 
-INITS = ("lsq",) + calibrate_lib.METHODS
+INITS = ("lsq", "minmax", "percentile", "mse")
 
 
 def lsq_init(params: Any, rules: Sequence[rules_lib.QuantRule], *, init: str = "lsq") -> Any:

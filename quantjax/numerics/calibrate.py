@@ -19,7 +19,7 @@ from quantjax.numerics.formats import QuantFormat
 __all__ = ["Calibration", "calibrate", "calibrate_blocks", "block_scales", "sign_scales",
            "resolve_calibration"]
 
-METHODS = ("minmax", "percentile", "mse")
+METHODS = ("minmax", "percentile", "mse", "signed_max")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,7 +29,11 @@ class Calibration:
   Attributes:
     method: "minmax" (the full range), "percentile" (clip at the given
       percentile of |x|, or of x at both ends for asymmetric formats) or "mse"
-      (search clip ratios in [min_ratio, 1] for the least `norm`-error).
+      (search clip ratios in [min_ratio, 1] for the least `norm`-error), or
+      "signed_max" (signed symmetric integers only: the value of largest
+      magnitude maps exactly to the code `qmin = -2^(b-1)`, so the scale
+      carries that value's sign and all 2^b codes are in use; llama.cpp's
+      rule for Q4_0/Q5_0, finer by a factor qmax/|qmin| than max|x|/qmax).
     percentile: for "percentile", in (0, 100].
     grid: number of clip ratios tried by "mse".
     min_ratio: smallest clip ratio tried by "mse".
@@ -89,6 +93,8 @@ def calibrate_blocks(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
                      calibration: Any = "minmax"):
   """Block-shaped `(scale, zero_point)` for block-shaped `xb`."""
   cal = resolve_calibration(calibration)
+  if cal.method == "signed_max":
+    return _signed_max_scale(xb, axes, fmt)
   lo, hi = _range(xb, axes, fmt, cal)
   if cal.method != "mse":
     return qarray_lib.scale_from_range(fmt, lo, hi)
@@ -115,6 +121,19 @@ def calibrate_blocks(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
 
   (_, s, z), _ = jax.lax.scan(body, (e0, s0, z0), ratios[1:])
   return s, z
+
+
+def _signed_max_scale(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):
+  if not (fmt.kind == "int" and fmt.symmetric and fmt.signed):
+    raise ValueError(f"calibration 'signed_max' needs a signed symmetric integer format, "
+                     f"not {fmt.name}")
+  x = xb.astype(jnp.float32)
+  hi = jnp.max(x, axis=axes, keepdims=True)
+  lo = jnp.min(x, axis=axes, keepdims=True)
+  ext = jnp.where(-lo > hi, lo, hi)  # the signed value of largest magnitude
+  tiny = jnp.finfo(jnp.float32).tiny
+  scale = jnp.where(jnp.abs(ext) > tiny, ext / fmt.qmin, 1.0)
+  return scale.astype(fmt.scale_dtype), None
 
 
 def sign_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):

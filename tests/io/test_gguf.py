@@ -232,3 +232,19 @@ def test_chain_export_stage(tmp_path):
   assert path.stat().st_mtime_ns == stamp
   with pytest.raises(ValueError, match="unknown pipeline stage 'exprt'"):
     chain.run(chain_config("quantize,exprt"), str(tmp_path / "x"))
+
+
+def test_signed_max_calibration_reproduces_llamacpp_q4_0():
+  # gguf-py's numpy port of llama.cpp's quantize_row_q4_0: the signed extreme maps to -8.
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 256)).astype(np.float32)
+  ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+  q = qj.quantize(jnp.asarray(x.T), "q4_0", calibration="signed_max")
+  ours = gio.qarray_to_blocks(q, "Q4_0", 0)
+  # Equal but for rare ties (we round half to even on fp16-rounded scales).
+  assert (ref == ours).mean() > 0.99
+  minmax = qj.quantize(jnp.asarray(x.T), "q4_0").dequantize()
+  err = lambda d: float(np.abs(np.asarray(d).T - x).mean())  # noqa: E731
+  assert err(q.dequantize()) < 0.9 * err(minmax)
+  with pytest.raises(ValueError, match="signed symmetric integer"):
+    qj.quantize(jnp.asarray(x), "q4_1", calibration="signed_max")
