@@ -255,6 +255,8 @@ def _distill(cfg, teacher, params, masks, split, config, sdir, progress, *, qat_
                              workdir=os.path.join(sdir, "train"), progress=progress,
                              log_every=max(1, int(tc.steps) // 50))
   seconds = time.perf_counter() - t
+  if history and "seconds" in history[-1]:
+    seconds = history[-1]["seconds"]  # summed over interrupted and resumed runs
   info = {"steps": int(tc.steps), "tokens": int(tc.steps) * tokens_per_step, "seconds": seconds,
           "history": history, "first_loss": history[0]["loss"] if history else None,
           "last_loss": history[-1]["loss"] if history else None}

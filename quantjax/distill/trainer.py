@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -62,6 +63,7 @@ class TrainState(NamedTuple):
   step: int
   params: Any
   opt_state: Any
+  seconds: float = 0.0  # training wall time up to `step`, summed over resumed runs
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -87,7 +89,8 @@ def _ckpt_dir(workdir: str) -> str:
 
 def _save(workdir: str, state: TrainState, history: list[dict]) -> None:
   tree = {"params": state.params, "opt_state": list(jax.tree.leaves(state.opt_state)),
-          "step": np.asarray(state.step, np.int64)}
+          "step": np.asarray(state.step, np.int64),
+          "seconds": np.asarray(state.seconds, np.float64)}
   checkpoint_lib.save_params(_ckpt_dir(workdir), tree)
   tmp = os.path.join(workdir, ".history.json.tmp")
   with open(tmp, "w", encoding="utf-8") as f:
@@ -107,7 +110,8 @@ def _restore(workdir: str, opt_state_like: Any) -> tuple[TrainState, list[dict]]
   if os.path.isfile(hist_path):
     with open(hist_path, encoding="utf-8") as f:
       history = json.load(f)
-  return TrainState(int(tree["step"]), tree["params"], opt_state), history
+  seconds = float(tree["seconds"]) if "seconds" in tree else 0.0  # older checkpoints: unknown
+  return TrainState(int(tree["step"]), tree["params"], opt_state, seconds), history
 
 
 def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
@@ -135,7 +139,9 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
       state follows them.
 
   Returns:
-    `(params, history)`: final params, and `[{"step", "loss", "lr"}...]`.
+    `(params, history)`: final params, and `[{"step", "loss", "lr", "seconds"}...]`
+    where `seconds` is the training wall time up to that step (compilation
+    included), summed over the runs that resumed one another.
   """
   opt = make_optimizer(config)
   if masks is not None:
@@ -165,6 +171,7 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
     from tqdm.auto import tqdm
     bar = tqdm(total=config.steps, initial=state.step, desc="train", leave=False)
   p, opt_state, step = state.params, state.opt_state, state.step
+  t0 = time.perf_counter() - state.seconds
   while step < config.steps:
     batch = batch_fn(step)
     if batch_sharding is not None:
@@ -173,7 +180,8 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
     step += 1
     if step % log_every == 0 or step == config.steps:
       # `lr`: the rate the update of this step used (optax counts from 0).
-      history.append({"step": step, "loss": float(loss), "lr": float(schedule(step - 1))})
+      history.append({"step": step, "loss": float(loss), "lr": float(schedule(step - 1)),
+                      "seconds": time.perf_counter() - t0})
       if bar is not None:
         bar.set_postfix(loss=f"{float(loss):.4f}")
     if bar is not None:
@@ -181,7 +189,7 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
     done = step == config.steps or (stop_after is not None and step >= stop_after)
     if workdir is not None and (done or (config.checkpoint_every and
                                          step % config.checkpoint_every == 0)):
-      _save(workdir, TrainState(step, p, opt_state), history)
+      _save(workdir, TrainState(step, p, opt_state, time.perf_counter() - t0), history)
     if stop_after is not None and step >= stop_after:
       break
   if bar is not None:

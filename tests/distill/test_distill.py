@@ -82,6 +82,11 @@ def test_resume_gives_identical_params(tmp_path):
   assert not all(np.array_equal(np.asarray(a), np.asarray(b))
                  for a, b in zip(jax.tree.leaves(part), jax.tree.leaves(resumed)))
   assert [h["step"] for h in hist] == [10, 20]
+  # wall time carries over the interruption: no restart from zero
+  secs = [h["seconds"] for h in hist]
+  assert 0 < secs[0] < secs[1]
+  state, _ = distill.trainer._restore(work, distill.make_optimizer(cfg).init(student))
+  assert state.step == 20 and state.seconds == pytest.approx(secs[1], rel=0.5)
 
 
 def test_qat_ste_and_lsq_convert_to_identical_qarrays():
