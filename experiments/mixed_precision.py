@@ -38,6 +38,8 @@ _TOL = flags.DEFINE_float("tolerance", 0.01, "Uniform formats within this many b
 _FISHER = flags.DEFINE_integer("fisher_windows", 16, "Calibration windows for the Fisher.")
 _OVERLAY = flags.DEFINE_list("overlay", [], "results.json files of experiments.gguf_compare "
                               "whose files are drawn on the plot (llama.cpp perplexity).")
+_CAL = flags.DEFINE_string("calibration", "minmax", "Scale calibration: minmax, or "
+                           "signed_max for the signed symmetric formats (llama.cpp's Q4_0 rule).")
 _GGUF = flags.DEFINE_float("gguf_budget", 0.0, "Bits per weight of a GGUF-only mixed export.")
 
 TARGETS = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
@@ -80,7 +82,7 @@ def main(argv):
     np.savez(tmp, **{k.replace("/", "|"): v for k, v in fisher.items()})
     os.replace(tmp, fisher_path)
   count = sum(int(np.prod(f.shape)) for f in fisher.values())
-  costs = mixed.candidate_costs(params, fisher, _CANDIDATES.value)
+  costs = mixed.candidate_costs(params, fisher, _CANDIDATES.value, calibration=_CAL.value)
   sizes = {c.fmt: 0 for c in next(iter(costs.values()))}
   for choices in costs.values():
     for c in choices:
@@ -130,11 +132,13 @@ def main(argv):
           f"({alloc.bits_per_weight:.3f} bpw)", flush=True)
     uniform = [f for f, s in sizes.items() if abs(8.0 * s / count - b) <= _TOL.value]
     for method in _METHODS.value:
-      run(f"mixed:{b}:{method}", f"{method} mixed @{b}", mixed.assignment_rules(alloc), method,
+      run(f"mixed:{b}:{method}", f"{method} mixed @{b}",
+          mixed.assignment_rules(alloc, calibration=_CAL.value), method,
           {"budget_bpw": b, "histogram": alloc.histogram(), "family": "mixed"})
       for f in uniform:
         run(f"uniform:{f}:{method}", f"{method} {f}",
-            [rules_lib.QuantRule(module_path=TARGETS, format=f)], method,
+            [rules_lib.QuantRule(module_path=TARGETS, format=f,
+                                 calibration=mixed.calibration_for(f, _CAL.value))], method,
             {"budget_bpw": b, "family": "uniform"})
 
   if _GGUF.value:
@@ -146,7 +150,8 @@ def main(argv):
     path = os.path.join(out, f"mixed-{_GGUF.value}.gguf")
     if key not in done or not os.path.exists(path):
       done.pop(key, None)
-      rec, q = run(key, f"gptq mixed GGUF @{_GGUF.value}", mixed.assignment_rules(alloc), "gptq",
+      rec, q = run(key, f"gptq mixed GGUF @{_GGUF.value}",
+                   mixed.assignment_rules(alloc, calibration=_CAL.value), "gptq",
                    {"budget_bpw": _GGUF.value, "histogram": alloc.histogram(), "family": "mixed"})
       gguf_io.export_gguf(path, cfg, q, tokenizer=src, types=[("embed/embedding", "Q8_0")])
       lc = llamacpp.perplexity(path, split.eval_windows, progress=True)

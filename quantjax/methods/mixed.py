@@ -36,7 +36,7 @@ from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 
 __all__ = ["Choice", "Allocation", "fisher_diagonal", "candidate_costs", "allocate",
-           "assignment_rules", "format_bytes"]
+           "assignment_rules", "calibration_for", "format_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,18 @@ def fisher_diagonal(config, params: Any, windows: np.ndarray, targets: str, *,
   return {p: np.asarray(flat[p]) / windows.shape[0] for p in paths}
 
 
+def calibration_for(fmt: QuantFormat | str, calibration: str = "minmax") -> str:
+  """`calibration` where the format supports it, else "minmax" ("signed_max" needs a
+  signed symmetric integer format)."""
+  fmt = resolve_format(fmt)
+  if calibration == "signed_max" and not (fmt.kind == "int" and fmt.symmetric and fmt.signed):
+    return "minmax"
+  return calibration
+
+
 def candidate_costs(params: Any, fisher: Mapping[str, np.ndarray],
-                    candidates: Sequence[str]) -> dict[str, list[Choice]]:
+                    candidates: Sequence[str], *, calibration: str = "minmax",
+                    ) -> dict[str, list[Choice]]:
   """Per tensor, every candidate format's bytes and `½ Σ F ⊙ (W − Q(W))²`."""
   from quantjax.methods import sequential as seq
   flat = dict(rules_lib.tree_leaves_with_paths(seq.to_pure(params)))
@@ -125,7 +135,8 @@ def candidate_costs(params: Any, fisher: Mapping[str, np.ndarray],
       if fmt.is_cast:
         err = w - w.astype(fmt.code_dtype).astype(jnp.float32)
       else:
-        err = w - qarray_lib.quantize(w, fmt).dequantize(jnp.float32)
+        err = w - qarray_lib.quantize(w, fmt, calibration=calibration_for(fmt, calibration)
+                                      ).dequantize(jnp.float32)
       cost = 0.5 * float(jnp.sum(jnp.asarray(f) * err * err))
       choices.append(Choice(str(spec), format_bytes(w.shape, fmt), cost))
     out[path] = choices
@@ -189,7 +200,10 @@ def allocate(costs: Mapping[str, Sequence[Choice]], budget_bytes: int, *,
                     count=int(count or 0))
 
 
-def assignment_rules(allocation: Allocation | Mapping[str, str]) -> list[rules_lib.QuantRule]:
-  """One exact-path `QuantRule` per allocated tensor."""
+def assignment_rules(allocation: Allocation | Mapping[str, str], *,
+                     calibration: str = "minmax") -> list[rules_lib.QuantRule]:
+  """One exact-path `QuantRule` per allocated tensor (see `calibration_for`)."""
   formats = allocation.formats if isinstance(allocation, Allocation) else dict(allocation)
-  return [rules_lib.QuantRule(module_path=re.escape(p), format=f) for p, f in formats.items()]
+  return [rules_lib.QuantRule(module_path=re.escape(p), format=f,
+                              calibration=calibration_for(f, calibration))
+          for p, f in formats.items()]
