@@ -248,3 +248,16 @@ def test_signed_max_calibration_reproduces_llamacpp_q4_0():
   assert err(q.dequantize()) < 0.9 * err(minmax)
   with pytest.raises(ValueError, match="signed symmetric integer"):
     qj.quantize(jnp.asarray(x), "q4_1", calibration="signed_max")
+
+
+def test_tokenizer_metadata_built_from_hugging_face_matches_the_gguf(tmp_path):
+  src = load.smollm2_path()
+  tok = load.load_tokenizer(src)  # a transformers fast tokenizer
+  path = tmp_path / "hf_tok.gguf"
+  gio.export_gguf(path, TINY, tiny_params(), tokenizer=tok)
+  ours = gguf.GGUFReader(str(path)).fields
+  theirs = gguf.GGUFReader(src).fields
+  assert ours["tokenizer.ggml.model"].contents() == "gpt2"
+  assert ours["tokenizer.ggml.tokens"].contents() == theirs["tokenizer.ggml.tokens"].contents()
+  assert ours["tokenizer.ggml.merges"].contents() == theirs["tokenizer.ggml.merges"].contents()
+  assert ours["tokenizer.ggml.bos_token_id"].contents() == tok.bos_token_id
