@@ -219,7 +219,7 @@ def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   recs = [r for r in records if r.get(x) is not None and r.get(y) is not None]
-  fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+  fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
   xs = [r[x] / 1e6 for r in recs]
   ys = [r[y] for r in recs]
   fams = [method_family(r) for r in recs]
@@ -237,7 +237,8 @@ def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
     ax.plot([r[x] / 1e6 for r in front], [r[y] for r in front], color="tab:orange",
             lw=1, zorder=2, label="Pareto front")
   if recs:
-    ax.legend(loc="upper right", fontsize=7, title="method family", title_fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title="method family",
+              title_fontsize=7)
   ax.set_xlabel("parameter bytes (MB, scales included)")
   ax.set_ylabel(y)
   if ys and max(ys) / max(min(ys), 1e-9) > 4:
