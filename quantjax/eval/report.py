@@ -99,7 +99,9 @@ def markdown_table(records: Sequence[Mapping[str, Any]],
   sep = "|" + "|".join("---" if i < 3 else "---:" for i, _ in enumerate(columns)) + "|"
   rows = []
   for r in records:
-    rows.append("| " + " | ".join(c[2](r.get(c[1])) for c in columns) + " |")
+    # A "|" inside a cell (a path regex like `(attn|mlp)`) would split it: escape it.
+    rows.append("| " + " | ".join(c[2](r.get(c[1])).replace("|", "\\|") for c in columns)
+                + " |")
   return "\n".join([head, sep, *rows])
 
 

@@ -54,6 +54,13 @@ def test_family_styles_refuses_too_many_families():
     report.family_styles(many)
 
 
+def test_markdown_table_escapes_pipes_in_cells():
+  md = report.markdown_table([_rec("rtn int4", 12.0, 173, quantized=r"layers/(attn|mlp)/kernel")])
+  row = md.splitlines()[2]
+  assert r"(attn\|mlp)" in row
+  assert len(row.replace(r"\|", "").split("|")) == len(md.splitlines()[0].split("|"))
+
+
 def test_loss_curves_plot(tmp_path):
   curves = [{"label": "a", "history": [{"step": s, "loss": 1.0 / s} for s in range(1, 11)]},
             {"label": "empty", "history": []},
