@@ -70,7 +70,6 @@ def _exported_score(path: str, windows, corpus_sha256: str) -> dict | None:
 
 
 def main(argv):
-  from experiments import pipeline  # noqa: F401  (config-free model loading below)
   from quantjax.eval import data as data_lib
   from quantjax.eval import llamacpp
   from quantjax.eval import report as report_lib
