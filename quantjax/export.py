@@ -26,10 +26,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Chain config with an export block.",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output .gguf path.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the chain stages.")
+_FLAGS: dict = {}
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program (the module is also a library,
+  imported beside other absl programs whose flags share names)."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", None, "Chain config with an export block.", lock_config=True)
+  _FLAGS["out"] = flags.DEFINE_string("out", None, "Output .gguf path.")
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "Work directory of the chain stages.")
 
 
 def tokenizer_source(config) -> str:
@@ -93,11 +99,12 @@ def export(config, out: str, workdir: str | None = None) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _OUT.value:
+  if not _FLAGS["out"].value:
     raise app.UsageError("--out=model.gguf is required")
-  export(_CONFIG.value, _OUT.value, _WORKDIR.value)
+  export(_FLAGS["config"].value, _FLAGS["out"].value, _FLAGS["workdir"].value)
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
