@@ -16,7 +16,7 @@ from quantjax.eval import perplexity as ppl_lib
 from quantjax.io import gguf as gio
 from quantjax.models import load
 
-WINDOWS = 6
+WINDOWS = 4
 TARGETS = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
 
 
@@ -118,8 +118,8 @@ def test_files_quantized_by_llamacpp_import_and_agree(tmp_path, smollm2, windows
                                  for k, h in info.values())
   # Imported at the file's size: block types stay QArrays.
   assert abs(memory.tree_bytes(imported) / gio.file_tensor_bytes(q40) - 1) < 0.03
-  got = llamacpp.perplexity(q40, windows[:3], n_threads=2)["perplexity"]
-  want = _jax_ppl(cfg2, imported, windows[:3])
+  got = llamacpp.perplexity(q40, windows[:2], n_threads=2)["perplexity"]
+  want = _jax_ppl(cfg2, imported, windows[:2])
   assert abs(got / want - 1) < 0.01, (got, want)
   with pytest.raises(ValueError, match="unknown llama.cpp file type"):
     llamacpp.quantize(f16, tmp_path / "x.gguf", "Q9_9")
