@@ -82,6 +82,9 @@ def main(argv):
   cfg, params, tok = load_lib.load_gguf(src)
   split = data_lib.load_split(tok)
   windows = split.eval_windows[:_WINDOWS.value] if _WINDOWS.value else split.eval_windows
+  # The scored windows as a split of their own, for the JAX evaluations.
+  sub = data_lib.make_split(windows.reshape(-1), data_lib.Protocol(
+      eval_tokens=int(windows.size), window=int(windows.shape[1]), calib_windows=0))
   f32 = os.path.join(out, "smollm2-f32.gguf")
   if not os.path.exists(f32):
     gguf_io.export_gguf(f32, cfg, params, tokenizer=src, float_type="F32")
@@ -112,8 +115,6 @@ def main(argv):
     if _JAX.value and "jax_perplexity" not in rec:
       from quantjax.eval import perplexity as ppl_lib
       jcfg, jparams, _, info = gguf_io.import_gguf(p, tokenizer=False)
-      sub = data_lib.make_split(windows.reshape(-1), data_lib.Protocol(
-          eval_tokens=int(windows.size), window=int(windows.shape[1]), calib_windows=0))
       rec["jax_perplexity"] = ppl_lib.evaluate(jcfg, jparams, sub, progress=True,
                                                desc="jax")["perplexity"]
       rec["dequantized_on_import"] = sorted({k for k, h in info.values() if h == "dequantized"})
@@ -126,8 +127,6 @@ def main(argv):
     base = records[0]["perplexity"]
   else:
     from quantjax.eval import perplexity as ppl_lib
-    sub = data_lib.make_split(windows.reshape(-1), data_lib.Protocol(
-        eval_tokens=int(windows.size), window=int(windows.shape[1]), calib_windows=0))
     base = ppl_lib.evaluate(cfg, params, sub, progress=True, desc="fp32")["perplexity"]
     print(f"[quantjax] JAX FP32 perplexity (base for Δ): {base:.4f}", flush=True)
   lines = [f"# llama.cpp perplexity, SmolLM2-135M ({records[0]['tokens']} predicted tokens; "
