@@ -31,8 +31,11 @@ def _check_shapes(x: jax.Array, w_shape: tuple[int, ...], contract_axis: int) ->
   k = w_shape[contract_axis]
   if x.shape[-1] != k:
     raise ValueError(
-        f"qdot: activation's last dim {x.shape[-1]} does not match the weight's "
-        f"contraction dim {k} (weight shape {w_shape}, contract_axis={contract_axis})")
+        f"qdot: activation shape {tuple(x.shape)} does not contract with weight shape {w_shape} "
+        f"(last dim {x.shape[-1]} vs contraction dim {k}, contract_axis={contract_axis})")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"qdot: activations must be floating point, got {x.dtype} "
+                     f"(activation shape {tuple(x.shape)}, weight shape {w_shape})")
 
 
 def quantize_activation(x: jax.Array, fmt: formats_lib.QuantFormat) -> QArray:
@@ -65,6 +68,11 @@ def _w8a8_dot(x: jax.Array, w: QArray, act_fmt: formats_lib.QuantFormat,
     raise ValueError(f"W8A8 needs a symmetric int8 activation format, got {act_fmt}")
   lead = x.shape[:-1]
   xq = quantize_activation(x, act_fmt)
+  if contract_axis == 0:
+    from quantjax.kernels import dispatch  # local: kernels import ops' helpers
+    out = dispatch.quantized_matmul_w8a8(xq, w, out_dtype=x.dtype)
+    if out is not None:
+      return out.reshape(*lead, -1)
   xc = xq.codes()  # [t, k] int8
   wc = w.codes()  # [k, n] or [n, k] int8
   acc = jax.lax.dot_general(

@@ -35,8 +35,11 @@ def test_qdot_plain_array_and_dtype():
 
 def test_qdot_shape_errors():
   w = qj.quantize(jnp.ones((64, 8)), "int8")
-  with pytest.raises(ValueError, match="last dim 32 does not match the weight's contraction dim 64"):
+  with pytest.raises(ValueError, match=r"activation shape \(2, 32\) does not contract with weight "
+                                       r"shape \(64, 8\) \(last dim 32 vs contraction dim 64"):
     qj.qdot(jnp.ones((2, 32)), w)
+  with pytest.raises(ValueError, match=r"floating point, got int32 \(activation shape \(2, 64\)"):
+    qj.qdot(jnp.ones((2, 64), jnp.int32), w)
   with pytest.raises(ValueError, match="2-D weight"):
     qj.qdot(jnp.ones((2, 4)), jnp.ones((4, 4, 4)))
 
@@ -82,7 +85,7 @@ def test_dispatch_paths():
       pass
   nf4 = qj.quantize(jnp.ones((64, 8)), "nf4_g32")
   with dispatch.matmul_path("kernel"):
-    with pytest.raises(ValueError, match="no registered kernel"):
+    with pytest.raises(ValueError, match=r"no kernel accepts weight nf4_g32 \(64, 8\)"):
       qj.qdot(x, nf4)
 
 

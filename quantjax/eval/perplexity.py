@@ -70,21 +70,26 @@ def _nll_from_shifted(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return lse - tgt
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _llama_nll(config, params, tokens):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _llama_nll(config, route, params, tokens):
   from flax import nnx
-  model = nnx.merge(llama_lib.graphdef(config), params)
-  x, _ = model.hidden_states(tokens)
-  # The last position predicts nothing inside the window: drop it before the head.
-  logits = model.logits(x[:, :-1])
+
+  from quantjax.kernels import dispatch
+  with dispatch.routed(route):
+    model = nnx.merge(llama_lib.graphdef(config), params)
+    x, _ = model.hidden_states(tokens)
+    # The last position predicts nothing inside the window: drop it before the head.
+    logits = model.logits(x[:, :-1])
   return _nll_from_shifted(logits, tokens[:, 1:])
 
 
 def window_nll_fn(config: llama_lib.LlamaConfig, params: Any) -> Callable[[np.ndarray], Any]:
   """A jitted `tokens [B, T] -> NLL [B, T-1]` for a quantjax Llama and its params."""
+  from quantjax.kernels import dispatch
   state = llama_lib.as_state(config, params)
-  fn = functools.partial(_llama_nll, config, state)
-  fn.lower = lambda tokens: _llama_nll.lower(config, state, tokens)  # type: ignore[attr-defined]
+  route = dispatch.route()
+  fn = functools.partial(_llama_nll, config, route, state)
+  fn.lower = lambda tokens: _llama_nll.lower(config, route, state, tokens)  # type: ignore[attr-defined]
   return fn
 
 

@@ -1,30 +1,40 @@
 """Chooses how `ops.qdot` computes a matmul with a `QArray` weight.
 
-Paths: `"xla"` (dequantize then `dot_general`, the reference, works on every
-backend), `"kernel"` (the Pallas kernel, native lowering) and `"interpret"`
-(the same kernel in Pallas interpret mode, for CPU tests). `"auto"` (the
-default) takes the XLA path: the kernels are verified against their
-references in interpret mode, but their GPU/TPU lowering has not been run on
-hardware from this repository yet, so they are opt-in via
-`matmul_path("kernel")` until it has. Forcing a path no kernel supports is a
-clear error.
+Paths: `"xla"` (dequantize then `dot_general`, or the int8 x int8 XLA dot for
+W8A8; works on every backend), `"kernel"` (a Pallas kernel, native lowering),
+`"interpret"` (the same kernel in Pallas interpret mode, for CPU tests) and
+`"auto"` (the default).
+
+`auto` takes the XLA path on CPU. On GPU/TPU it takes a kernel when one
+accepts the operands *and* kernels are enabled for auto dispatch: the
+kernels match their references in interpret mode and their Triton / Mosaic
+lowerings are checked in CI, but they have not yet been run on a GPU or TPU
+from this repository, so `auto` keeps XLA until `QUANTJAX_AUTO_KERNELS=1`
+(or `set_auto_kernels(True)`). `matmul_path("kernel")` forces them.
+
+Forcing `kernel`/`interpret` for operands no kernel accepts is a clear error;
+under `auto`, such a weight goes to XLA and the reason is logged at debug
+level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 from typing import Any, Callable, Iterator
 
+__all__ = ["matmul_path", "current_path", "register_kernel", "quantized_matmul",
+           "quantized_matmul_w8a8", "set_auto_kernels", "auto_uses_kernels", "route", "routed"]
+
 _PATHS = ("auto", "xla", "kernel", "interpret")
 _state = threading.local()
+_log = logging.getLogger(__name__)
 
-# Registered kernels: (can_use(x, w, contract_axis) -> bool, run(x, w, contract_axis, interpret) -> Array).
+# (name, can_use(x, w, contract_axis) -> bool, run(x, w, contract_axis, interpret) -> Array)
 _KERNELS: list[tuple[str, Callable[..., bool], Callable[..., Any]]] = []
-
-
-# Flip once the kernels' native lowering is verified on GPU/TPU (see module doc).
-_AUTO_USES_KERNELS = False
+_auto_override: bool | None = None
 
 
 def current_path() -> str:
@@ -44,40 +54,93 @@ def matmul_path(path: str) -> Iterator[None]:
     _state.path = old
 
 
+def set_auto_kernels(enabled: bool | None) -> None:
+  """Lets `auto` use kernels on GPU/TPU (True), never (False) or per the env var (None)."""
+  global _auto_override
+  _auto_override = enabled
+
+
+def auto_uses_kernels() -> bool:
+  import jax
+  if jax.default_backend() not in ("gpu", "tpu"):
+    return False
+  if _auto_override is not None:
+    return _auto_override
+  return os.environ.get("QUANTJAX_AUTO_KERNELS", "0").lower() in ("1", "true", "yes")
+
+
+def route() -> tuple[str, bool]:
+  """The current choice as a hashable value.
+
+  `jit` caches traces by argument, not by this module's state: a jitted
+  function that calls `qdot` should take `route()` as a static argument and
+  trace under `routed(route)`, so that changing the path re-traces it.
+  """
+  return current_path(), auto_uses_kernels()
+
+
+@contextlib.contextmanager
+def routed(r: tuple[str, bool]) -> Iterator[None]:
+  """Re-enters a `route()` value inside a jitted function."""
+  global _auto_override
+  old = _auto_override
+  _auto_override = r[1]
+  try:
+    with matmul_path(r[0]):
+      yield
+  finally:
+    _auto_override = old
+
+
 def register_kernel(name: str, can_use: Callable[..., bool], run: Callable[..., Any]) -> None:
-  """Adds a kernel that `qdot` may dispatch to."""
+  """Adds a weight-only kernel that `qdot` may dispatch to (tried in registration order)."""
   _KERNELS.append((name, can_use, run))
 
 
+def _describe(x, w) -> str:
+  return (f"weight {getattr(w, 'fmt', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}, "
+          f"x {getattr(x, 'dtype', '?')} {tuple(getattr(x, 'shape', ()))}")
+
+
 def quantized_matmul(x, w, *, contract_axis: int = 0, precision: Any = None):
-  """Runs a registered kernel if the path allows one; returns None for the XLA path."""
+  """Runs a registered kernel if the path allows one; None means: take the XLA path."""
   del precision
   path = current_path()
-  if path == "xla":
+  if path == "xla" or (path == "auto" and not auto_uses_kernels()):
     return None
-  import jax
-  on_accel = jax.default_backend() in ("gpu", "tpu")
   for name, can_use, run in _KERNELS:
-    if not can_use(x, w, contract_axis):
-      continue
-    if path == "interpret":
-      return run(x, w, contract_axis, interpret=True)
-    if path == "kernel" or (path == "auto" and on_accel and _AUTO_USES_KERNELS):
-      return run(x, w, contract_axis, interpret=False)
+    if can_use(x, w, contract_axis):
+      _log.debug("qdot: %s for %s", name, _describe(x, w))
+      return run(x, w, contract_axis, interpret=path == "interpret")
   if path in ("kernel", "interpret"):
-    raise ValueError(
-        f"matmul path {path!r} forced but no registered kernel accepts weight format "
-        f"{getattr(w, 'fmt', None)} with shape {getattr(w, 'shape', None)}")
+    raise ValueError(f"matmul path {path!r} forced but no kernel accepts {_describe(x, w)} "
+                     f"(contract_axis={contract_axis})")
+  _log.debug("qdot: no kernel for %s (contract_axis=%d); XLA path", _describe(x, w), contract_axis)
+  return None
+
+
+def quantized_matmul_w8a8(xq, w, *, out_dtype):
+  """The W8A8 kernel on per-token int8 activations `xq`, if the path allows; else None."""
+  from quantjax.kernels import w8a8_matmul
+  path = current_path()
+  if path == "xla" or (path == "auto" and not auto_uses_kernels()):
+    return None
+  if w8a8_matmul.can_use_w8a8_matmul(xq, w):
+    return w8a8_matmul.w8a8_matmul(xq, w, interpret=path == "interpret", out_dtype=out_dtype)
+  if path in ("kernel", "interpret"):
+    raise ValueError(f"matmul path {path!r} forced but the W8A8 kernel does not accept "
+                     f"{_describe(xq, w)}")
+  _log.debug("qdot: no W8A8 kernel for %s; XLA path", _describe(xq, w))
   return None
 
 
 def _register_builtin() -> None:
-  from quantjax.kernels import wq_matmul
+  from quantjax.kernels import int4_matmul, int8_matmul
 
-  def run(x, w, contract_axis, interpret):
-    return wq_matmul.wq_matmul(x, w, interpret=interpret)
-
-  register_kernel("wq_matmul", wq_matmul.can_use_wq_matmul, run)
+  register_kernel("int4_matmul", int4_matmul.can_use_int4_matmul,
+                  lambda x, w, axis, interpret: int4_matmul.int4_matmul(x, w, interpret=interpret))
+  register_kernel("int8_matmul", int8_matmul.can_use_int8_matmul,
+                  lambda x, w, axis, interpret: int8_matmul.int8_matmul(x, w, interpret=interpret))
 
 
 _register_builtin()

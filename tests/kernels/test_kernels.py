@@ -1,106 +1,230 @@
-"""Pallas kernels vs their pure-jnp references, in interpret mode on CPU."""
+"""Pallas kernels vs their pure-jnp references (interpret mode on CPU), their
+native lowerings (Triton for "cuda", Mosaic for "tpu", lowered on this CPU),
+and `ops.qdot`'s dispatch."""
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import quantjax as qj
-from quantjax.kernels import dispatch
+from quantjax.kernels import dispatch, tiling
+from quantjax.kernels import int4_matmul as i4
+from quantjax.kernels import int8_matmul as i8
 from quantjax.kernels import w8a8_matmul as w8a8
-from quantjax.kernels import wq_matmul as wq
+from quantjax.models import llama
 
-SHAPES = [(1, 256, 128), (7, 256, 96), (32, 512, 64), (130, 384, 128)]  # (M, K, N); M not blocked
+# (M, K, N): M never a multiple of the row block; K = 576 and N = 576 / 192 as in SmolLM2
+SHAPES = [(1, 256, 128), (7, 576, 192), (33, 384, 64), (130, 512, 576)]
+INT4 = ["int4", "int4_g32", "int4_g64_asym", "int4_g128_asymf", "int4_g128", "q4_0", "q4_1"]
+INT8 = ["int8", "int8_g64", "int8_g32_asym", "q8_0"]
 
 
-@pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("fmt", ["int8", "int8_g64", "int4", "int4_g32", "int4_g64_asym",
-                                 "int4_g128_asymf", "int4_g128"])
-def test_wq_matmul_matches_reference(m, k, n, fmt):
+def _close(out, ref, tol=2e-5):
+  # float32 accumulation in another order: relative to the output's scale
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=tol,
+                             atol=tol * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+
+
+def _case(m, k, n, fmt):
   kw, kx = jax.random.split(jax.random.key(m * 7 + n))
-  w = qj.quantize(jax.random.normal(kw, (k, n)), fmt)
-  x = jax.random.normal(kx, (m, k))
-  assert wq.can_use_wq_matmul(x, w)
-  out = wq.wq_matmul(x, w, interpret=True)
-  ref = wq.wq_matmul_reference(x, w)
-  # float32 accumulation in a different order: relative to the output scale
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5,
-                             atol=2e-5 * float(jnp.max(jnp.abs(ref))))
+  return jax.random.normal(kx, (m, k)), qj.quantize(jax.random.normal(kw, (k, n)), fmt)
+
+
+@pytest.mark.parametrize("target", tiling.TARGETS)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("fmt", INT4)
+def test_int4_matches_reference(m, k, n, fmt, target):
+  if k % 128 and "g128" in fmt:
+    pytest.skip("group 128 does not divide K")
+  x, w = _case(m, k, n, fmt)
+  assert i4.can_use_int4_matmul(x, w, target=target)
+  _close(i4.int4_matmul(x, w, target=target, interpret=True), i4.int4_matmul_reference(x, w))
+
+
+@pytest.mark.parametrize("target", tiling.TARGETS)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("fmt", INT8)
+def test_int8_matches_reference(m, k, n, fmt, target):
+  x, w = _case(m, k, n, fmt)
+  assert i8.can_use_int8_matmul(x, w, target=target)
+  _close(i8.int8_matmul(x, w, target=target, interpret=True), i8.int8_matmul_reference(x, w))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_wq_matmul_half_activations(dtype):
-  w = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), "int4_g64_asym")
+@pytest.mark.parametrize("fn,fmt", [(i4.int4_matmul, "int4_g64_asym"), (i8.int8_matmul, "int8")])
+def test_half_precision_activations(fn, fmt, dtype):
+  w = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), fmt)
   x = jax.random.normal(jax.random.key(1), (3, 4, 256)).astype(dtype)
-  out = wq.wq_matmul(x, w, interpret=True)
+  out = fn(x, w, interpret=True)
   assert out.dtype == dtype and out.shape == (3, 4, 64)
-  ref = wq.wq_matmul_reference(x, w)
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=2e-2,
-                             atol=2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+  # the dequantized tile is rounded to x's dtype before the dot, as a BF16 matmul would
+  _close(out, i4.int4_matmul_reference(x, w), tol=2e-2)
 
 
-def test_custom_blocks_and_errors():
-  w = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), "int4_g32")
-  x = jax.random.normal(jax.random.key(1), (5, 256))
-  out = wq.wq_matmul(x, w, blocks=wq.BlockSizes(bm=8, bn=32, bk=64), interpret=True)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(wq.wq_matmul_reference(x, w)), rtol=2e-5,
-                             atol=1e-4)
-  with pytest.raises(ValueError, match="not a multiple of blocks"):
-    wq.wq_matmul(x, w, blocks=wq.BlockSizes(bm=8, bn=48, bk=64), interpret=True)
-  with pytest.raises(ValueError, match="multiple of the group size"):
-    wq.wq_matmul(x, w, blocks=wq.BlockSizes(bm=8, bn=32, bk=16), interpret=True)
-  with pytest.raises(ValueError, match="int8 and int4"):
-    wq.wq_matmul(x, qj.quantize(jnp.ones((256, 64)), "nf4_g32"), interpret=True)
-  assert not wq.can_use_wq_matmul(x, qj.quantize(jnp.ones((256, 64)), "int3_g32"))
-  assert not wq.can_use_wq_matmul(x, qj.quantize(jnp.ones((256, 60)), "int8"))  # N % 8
+@pytest.mark.parametrize("target", tiling.TARGETS)
+def test_split_k_and_chunks_per_step(target):
+  x, w = _case(5, 1024, 128, "int4_g64_asym")  # 16 chunks
+  ref = i4.int4_matmul_reference(x, w)
+  for blocks in [tiling.BlockSizes(bm=8, bn=32, chunks_per_step=4, k_splits=2),
+                 tiling.BlockSizes(bm=16, bn=64, chunks_per_step=2, k_splits=8),
+                 tiling.BlockSizes(bm=16, bn=128, chunks_per_step=16, k_splits=1)]:
+    _close(i4.int4_matmul(x, w, blocks=blocks, target=target, interpret=True), ref)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 128, 64), (9, 256, 128), (33, 512, 96)])
-def test_w8a8_matmul_matches_reference(m, k, n):
+def test_default_blocks_split_k_for_decode():
+  b = tiling.BlockSizes.for_shape(1, 4096, 14336 // 64, 64, "gpu")
+  assert b.bm == 16 and b.k_splits > 1 and (4096 // b.bn) * b.k_splits >= 256
+  assert tiling.BlockSizes.for_shape(256, 4096, 64, 64, "gpu").k_splits == 1
+  t = tiling.BlockSizes.for_shape(1, 576, 9, 64, "tpu")
+  assert t.bn == 576 and t.k_splits == 1  # no 128-multiple divides 576: one full-width block
+  assert tiling.BlockSizes.for_shape(1, 100, 4, 64, "gpu") is None  # N % 16 != 0
+
+
+def test_bad_input_errors_name_the_problem():
+  x, w = _case(5, 256, 64, "int4_g32")
+  ref = i4.int4_matmul_reference(x, w)
+  _close(i4.int4_matmul(x, w, blocks=tiling.BlockSizes(bm=8, bn=32), interpret=True), ref)
+  with pytest.raises(ValueError, match="not multiples of bm=8 / bn=48"):
+    i4.int4_matmul(x, w, blocks=tiling.BlockSizes(bm=8, bn=48), interpret=True)
+  with pytest.raises(ValueError, match="8 K chunks do not divide into k_splits=3"):
+    i4.int4_matmul(x, w, blocks=tiling.BlockSizes(bm=8, bn=32, k_splits=3), interpret=True)
+  with pytest.raises(ValueError, match=r"x shape \(5, 128\) does not contract with weight shape "
+                                       r"\(256, 64\)"):
+    i4.int4_matmul(x[:, :128], w, interpret=True)
+  with pytest.raises(ValueError, match=r"x must be float32/bfloat16/float16, got int32 \(x shape "
+                                       r"\(5, 256\), weight shape \(256, 64\)\)"):
+    i4.int4_matmul(x.astype(jnp.int32), w, interpret=True)
+  with pytest.raises(ValueError, match="handles int4 weights, not"):
+    i4.int4_matmul(x, qj.quantize(jnp.ones((256, 64)), "nf4_g32"), interpret=True)
+  with pytest.raises(ValueError, match="handles int8 weights, not"):
+    i8.int8_matmul(x, w, interpret=True)
+  with pytest.raises(ValueError, match="unknown kernel target 'cuda'"):
+    i4.int4_matmul(x, w, target="cuda", interpret=True)
+  assert not i4.can_use_int4_matmul(x, qj.quantize(jnp.ones((256, 64)), "int3_g32"))
+  assert not i8.can_use_int8_matmul(x, qj.quantize(jnp.ones((256, 60)), "int8"))  # N % 16
+  assert not i8.can_use_int8_matmul(x[:, :250], qj.quantize(jnp.ones((250, 64)), "int8"))  # K
+  assert not i8.can_use_int8_matmul(x, qj.quantize(jnp.ones((256, 64)), "int8"), contract_axis=1)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 128, 64), (9, 256, 128), (40, 576, 192)])
+@pytest.mark.parametrize("target", tiling.TARGETS)
+def test_w8a8_matches_reference(m, k, n, target):
   x = jax.random.normal(jax.random.key(0), (m, k))
   w = qj.quantize(jax.random.normal(jax.random.key(1), (k, n)), "int8")
   xq = qj.quantize(x, qj.QuantFormat.parse("int8", channel_axis=0))
-  assert w8a8.can_use_w8a8_matmul(xq, w)
-  out = w8a8.w8a8_matmul(xq, w, interpret=True)
-  ref = w8a8.w8a8_matmul_reference(xq, w)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
-  # and the same as ops.qdot's XLA integer path
-  np.testing.assert_allclose(np.asarray(out), np.asarray(qj.qdot(x, w, act_format="int8")),
-                             rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="per-token int8"):
+  assert w8a8.can_use_w8a8_matmul(xq, w, target=target)
+  out = w8a8.w8a8_matmul(xq, w, target=target, interpret=True)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(w8a8.w8a8_matmul_reference(xq, w)))
+  with pytest.raises(ValueError, match=r"needs symmetric int8 QArrays .* w int4_g32"):
     w8a8.w8a8_matmul(xq, qj.quantize(jnp.ones((k, n)), "int4_g32"), interpret=True)
+  with pytest.raises(ValueError, match=r"shapes do not contract: x .*\(%d, %d\) and w .*\(64, %d\)"
+                     % (m, k, n)):
+    w8a8.w8a8_matmul(xq, qj.quantize(jnp.ones((64, n)), "int8"), interpret=True)
 
 
-def test_dispatch_routes_to_kernel_and_model_outputs_match():
-  """An MLP through ops.qdot: identical outputs on the XLA and interpret paths."""
-  keys = jax.random.split(jax.random.key(0), 3)
-  params = {"up": jax.random.normal(keys[0], (256, 512)), "down": jax.random.normal(keys[1], (512, 256))}
-  q = qj.quantize_params(params, [qj.QuantRule(module_path=".*", format="int4_g64_asym")])
-  x = jax.random.normal(keys[2], (4, 256))
-
-  def mlp(p, a):
-    return qj.qdot(jax.nn.gelu(qj.qdot(a, p["up"])), p["down"])
-
+def test_w8a8_through_qdot_equals_the_xla_integer_path():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 256))
+  w = qj.quantize(jax.random.normal(jax.random.key(1), (256, 128)), "int8")
   with dispatch.matmul_path("xla"):
-    ref = jax.jit(mlp)(q, x)
-  calls = []
-  orig = wq.wq_matmul
+    ref = qj.qdot(x, w, act_format="int8")
+  with dispatch.matmul_path("interpret"):
+    out = qj.qdot(x, w, act_format="int8")
+  assert out.shape == (2, 3, 128)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
-  def spy(*a, **kw):
-    calls.append(kw.get("interpret"))
-    return orig(*a, **kw)
 
-  wq.wq_matmul = spy
+LOWER_CASES = [("int4", i4.int4_matmul, "int4_g64_asym"), ("int4", i4.int4_matmul, "q4_0"),
+               ("int4", i4.int4_matmul, "int4"), ("int8", i8.int8_matmul, "int8"),
+               ("int8", i8.int8_matmul, "q8_0")]
+
+
+@pytest.mark.parametrize("platform,target,marker", [("cuda", "gpu", "__gpu$xla.gpu.triton"),
+                                                    ("tpu", "tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("kind,fn,fmt", LOWER_CASES)
+@pytest.mark.parametrize("m", [1, 64])
+def test_native_lowering(kind, fn, fmt, platform, target, marker, m):
+  """The kernels lower to Triton / Mosaic: block shapes and ops are accepted."""
+  w = qj.quantize(jax.random.normal(jax.random.key(0), (576, 1536)), fmt)
+  x = jnp.ones((m, 576), jnp.bfloat16)
+  text = tiling.lower_for(platform, functools.partial(fn, target=target), x, w)
+  assert marker in text
+
+
+@pytest.mark.parametrize("platform,target", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_native_lowering_w8a8(platform, target):
+  xq = qj.quantize(jnp.ones((256, 1024)), qj.QuantFormat.parse("int8", channel_axis=0))
+  w = qj.quantize(jax.random.normal(jax.random.key(0), (1024, 512)), "int8")
+  assert "custom_call" in tiling.lower_for(platform, functools.partial(w8a8.w8a8_matmul, target=target),
+                                           xq, w)
+
+
+def test_dispatch_routes_each_format_to_its_kernel(caplog):
+  x = jax.random.normal(jax.random.key(0), (4, 256))
+  cases = {"int4_g64_asym": "int4_matmul", "int8": "int8_matmul"}
+  for fmt, name in cases.items():
+    w = qj.quantize(jax.random.normal(jax.random.key(1), (256, 128)), fmt)
+    with dispatch.matmul_path("xla"):
+      ref = qj.qdot(x, w)
+    with caplog.at_level(logging.DEBUG, logger=dispatch.__name__), dispatch.matmul_path("interpret"):
+      caplog.clear()
+      out = qj.qdot(x, w)
+    assert f"qdot: {name} for weight {fmt}" in caplog.text
+    _close(out, ref, tol=1e-5)
+  # unsupported: forced paths raise naming format and shape; under auto -> XLA with a debug log
+  nf4 = qj.quantize(jnp.ones((256, 128)), "nf4_g32")
+  with dispatch.matmul_path("kernel"), pytest.raises(ValueError, match=r"no kernel accepts weight "
+                                                                        r"nf4.*\(256, 128\)"):
+    qj.qdot(x, nf4)
+  dispatch.set_auto_kernels(True)  # as on a GPU with kernels enabled; CPU never uses them
   try:
-    with dispatch.matmul_path("interpret"):
-      out = mlp(q, x)
+    assert not dispatch.auto_uses_kernels()
   finally:
-    wq.wq_matmul = orig
-  assert calls == [True, True]
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-3)
-  # on CPU, auto takes the XLA path
-  assert jax.default_backend() == "cpu"
-  np.testing.assert_array_equal(np.asarray(jax.jit(mlp)(q, x)), np.asarray(ref))
+    dispatch.set_auto_kernels(None)
+  with caplog.at_level(logging.DEBUG, logger=dispatch.__name__), dispatch.matmul_path("interpret"):
+    caplog.clear()
+    odd = qj.quantize(jnp.ones((256, 100)), "int8")  # N = 100 does not tile
+    with pytest.raises(ValueError, match=r"no kernel accepts weight int8.*\(256, 100\)"):
+      qj.qdot(x, odd)
+
+
+def test_auto_logs_the_fallback(monkeypatch, caplog):
+  monkeypatch.setattr(dispatch, "auto_uses_kernels", lambda: True)  # as on a GPU with kernels on
+  x = jnp.ones((2, 256))
+  nf4 = qj.quantize(jnp.ones((256, 128)), "nf4_g32")
+  with caplog.at_level(logging.DEBUG, logger=dispatch.__name__):
+    out = qj.qdot(x, nf4)
+  assert "no kernel for weight nf4" in caplog.text and "XLA path" in caplog.text
+  np.testing.assert_allclose(np.asarray(out), np.asarray(x @ nf4.dequantize()), rtol=1e-6)
+
+
+def test_model_outputs_with_either_path():
+  """A Llama through qdot: XLA and the kernels (interpret) give the same logits and tokens,
+  and jitted model functions re-trace when the path changes."""
+  cfg = llama.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=32)
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  q = qj.quantize_params(params, [qj.QuantRule(module_path=r".*mlp.*kernel", format="int8"),
+                                  qj.QuantRule(module_path=r".*_proj.*kernel", format="int4_g32_asym")])
+  kinds = {type(v).__name__ for v in jax.tree.leaves(q, is_leaf=lambda v: isinstance(v, qj.QArray))}
+  assert "QArray" in kinds
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
+  with dispatch.matmul_path("xla"):
+    ref = llama.forward(cfg, q, tokens)
+    ref_gen = llama.generate(cfg, q, tokens[:, :4], 6)
+  with dispatch.matmul_path("interpret"):
+    out = llama.forward(cfg, q, tokens)
+    gen = llama.generate(cfg, q, tokens[:, :4], 6)
+  _close(out, ref, tol=1e-4)
+  np.testing.assert_array_equal(gen, ref_gen)
+  assert not np.array_equal(np.asarray(out), np.asarray(ref))  # really another path
+  # auto on CPU is the XLA path: bit-identical
+  np.testing.assert_array_equal(np.asarray(llama.forward(cfg, q, tokens)), np.asarray(ref))
 
 
 def test_benchmark_script_writes_its_tables(tmp_path):

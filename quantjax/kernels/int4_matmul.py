@@ -1,0 +1,83 @@
+"""int4 weight-only matmul: `x @ dequant(W)` with W packed two codes per byte.
+
+Codes are quantjax's `QArray` int4 layout: `[K/2, N]` uint8, code `2i` in the
+low nibble of byte `i` and code `2i+1` in the high one, stored as
+`code - qmin`. Scales are group-wise along K (group 32/64/128, any size that
+divides K) or per output channel; asymmetric weights carry an integer zero
+point (`(q - z) * s`) or a float minimum (`m + q * s`, GGUF Q4_1).
+
+The kernel never interleaves nibbles: the wrapper splits x's even and odd K
+columns (a cheap copy of the activations), so a chunk's product is
+`x_even @ dequant(low nibbles) + x_odd @ dequant(high nibbles)`, both
+dequantized in registers from one read of the packed bytes and accumulated in
+float32. Grid structure, split-K and the TPU variant: `tiling.py`.
+
+Status: matches `int4_matmul_reference` in interpret mode (CI) in both the
+"gpu" and the "tpu" structure, and lowers for "cuda" (Triton) and "tpu"
+(Mosaic) on CPU (`tiling.lower_for`, also in CI). Not yet run on a GPU or
+TPU from this repository.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from quantjax.kernels import tiling
+from quantjax.kernels.tiling import BlockSizes
+from quantjax.numerics.qarray import QArray
+
+__all__ = ["BlockSizes", "int4_matmul", "int4_matmul_reference", "can_use_int4_matmul"]
+
+def can_use_int4_matmul(x: jax.Array, w, contract_axis: int = 0, target: str | None = None) -> bool:
+  """True when the kernel computes this `x @ w` exactly as the reference (up to rounding)."""
+  if not isinstance(w, QArray) or contract_axis != 0:
+    return False
+  try:
+    tiling.plan_weight_only(x.shape, x.dtype, w, 4, target or tiling.default_target(), "int4_matmul")
+  except ValueError:
+    return False
+  return True
+
+
+def int4_matmul_reference(x: jax.Array, w: QArray) -> jax.Array:
+  """Pure-jnp reference: dequantize to float32, dot, cast to x.dtype."""
+  return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32)).astype(x.dtype)
+
+
+def _body(xs, ws, cols, *, qmin, zp_mode, dtype):
+  xe, xo = xs
+  p = ws[0].astype(jnp.int32)  # Triton does no arithmetic on 8-bit types
+  s, z = cols[0], (cols[1] if zp_mode != "none" else None)
+  lo = tiling.dequantize_tile((p & 0xF).astype(jnp.float32) + qmin, s, z, zp_mode)
+  hi = tiling.dequantize_tile((p >> 4).astype(jnp.float32) + qmin, s, z, zp_mode)
+  out = jnp.dot(xe, lo.astype(dtype), preferred_element_type=jnp.float32)
+  return out + jnp.dot(xo, hi.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "target", "interpret"))
+def int4_matmul(x: jax.Array, w: QArray, *, blocks: BlockSizes | None = None,
+                target: str | None = None, interpret: bool = False) -> jax.Array:
+  """`x @ w` for `x` `[..., K]` and an int4 `QArray` `w` `[K, N]`; returns x.dtype.
+
+  target: "gpu" (Triton structure) or "tpu" (Mosaic structure); defaults to
+  the backend's. Rows of x are zero-padded to the row block and cropped.
+  """
+  target = target or tiling.default_target()
+  _, zp_mode, chunk, auto_blocks = tiling.plan_weight_only(x.shape, x.dtype, w, 4, target,
+                                                           "int4_matmul")
+  blocks = blocks or auto_blocks
+  k, n = w.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)
+  m = x2.shape[0]
+  half = chunk // 2
+  xs = [tiling.chunk_rows(x2[:, 0::2], half, blocks.bm), tiling.chunk_rows(x2[:, 1::2], half, blocks.bm)]
+  ws = [tiling.chunk_cols(w.qvalue, half)]
+  cols = tiling.scale_cols(w, zp_mode)
+  body = functools.partial(_body, qmin=float(w.fmt.qmin), zp_mode=zp_mode, dtype=x.dtype)
+  out = tiling.chunked_matmul(body, xs=xs, ws=ws, cols=cols, n=n, acc_dtype=jnp.float32,
+                              blocks=blocks, target=target, interpret=interpret, name="int4_matmul")
+  return out[:m].astype(x.dtype).reshape(*lead, n)
