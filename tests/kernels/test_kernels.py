@@ -229,8 +229,21 @@ def test_model_outputs_with_either_path():
 
 def test_benchmark_script_writes_its_tables(tmp_path):
   from experiments import bench_kernels
-  rows = bench_kernels.run({"tiny": (128, 64)}, (1,), ("int8", "int4_g64"), str(tmp_path), repeats=1)
-  assert {r["path"] for r in rows} == {"bf16", "xla_int8", "xla_int4_g64"}
-  assert all(r["GB_s"] > 0 and r["roofline"] > 0 for r in rows)
-  assert (tmp_path / "bench.md").read_text().count("| tiny |") == 3
+  rows = bench_kernels.run({"tiny": (128, 64)}, (1,), ("int8", "int4_g64"), str(tmp_path),
+                           repeats=1, e2e="tiny", decode_steps=2, interpret=True)
+  layer = [r for r in rows if "shape" in r]
+  assert {r["path"] for r in layer} == {"bf16", "xla_int8", "xla_int4_g64", "xla_w8a8",
+                                        "kernel_int8", "kernel_int4_g64", "kernel_w8a8"}
+  assert all("error" not in r for r in layer), [r.get("error") for r in layer]
+  assert all(r["GB_s"] > 0 and r["roofline"] > 0 for r in layer)
+  # the kernels' outputs are checked against the XLA path in the same run
+  assert all(r["max_rel_err"] < 1e-2 for r in layer if r["path"].startswith("kernel"))
+  e2e = [r for r in rows if "model" in r]
+  assert [(r["weights"], r["path"]) for r in e2e] == [
+      ("bf16", "xla"), ("int8", "xla"), ("int8", "interpret"), ("int4_g128", "xla"),
+      ("int4_g128", "interpret")]
+  assert e2e[0]["speedup_vs_bf16"] == 1.0 and all(r["decode_tokens_per_s"] > 0 for r in e2e)
+  assert e2e[2]["weight_bytes"] < e2e[0]["weight_bytes"] and e2e[3]["weight_bytes"] < e2e[1]["weight_bytes"]
+  md = (tmp_path / "bench.md").read_text()
+  assert md.count("| tiny |") == 7 and "End-to-end decode" in md
   assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").exists()
