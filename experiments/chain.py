@@ -400,6 +400,9 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
       rec = _evaluate(cfg, params, split, config, base_bytes, name, label, progress)
       rec["stages"] = list(labels)
       rec["chain_info"] = _read_infos(workdir, idx)
+      # the stages that produced the quantized weights (prune/distill times stay in chain_info)
+      rec["quantize_s"] = sum(float(i.get("seconds", 0.0)) for i in rec["chain_info"]
+                              if i["stage"] in ("quantize", "qat"))
       _save_stage(sdir, None, None, {"key": chain_key, "stage": stage, "record": rec})
       records.append(rec)
       print(f"[quantjax] {label}: perplexity {rec['perplexity']:.4f}, "

@@ -248,13 +248,13 @@ def _name_table(config) -> list[tuple[str, tuple, int | None, int]]:
   """`(gguf name, params path, Q/K heads or None, contraction axis)` for every tensor."""
   from quantjax.models import load as load_lib
   out = []
-  for gname, path in load_lib._GGUF_TOP.items():
+  for gname, path in load_lib.GGUF_TOP_NAMES.items():
     if gname == "output.weight" and config.tie_embeddings:
       continue
     axis = 1 if path == ("embed", "embedding") else 0
     out.append((gname, path, None, axis))
   for i in range(config.num_layers):
-    for rest, path in load_lib._GGUF_LAYER.items():
+    for rest, path in load_lib.GGUF_LAYER_NAMES.items():
       heads = {"attn_q.weight": config.num_heads, "attn_k.weight": config.num_kv_heads}.get(rest)
       out.append((f"blk.{i}.{rest}", ("layers", i) + path, heads, 0))
   return out

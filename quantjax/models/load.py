@@ -28,6 +28,8 @@ from quantjax.models import llama as llama_lib
 
 __all__ = [
     "GGUFError",
+    "GGUF_LAYER_NAMES",
+    "GGUF_TOP_NAMES",
     "dequantize_gguf_tensor",
     "dequantize_q4_0",
     "dequantize_q4_1",
@@ -174,7 +176,9 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
   return meta
 
 
-_GGUF_LAYER = {
+# GGUF tensor names -> quantjax parameter paths (per block `blk.{i}.` / top level);
+# shared with the GGUF writer (`quantjax.io.gguf`).
+GGUF_LAYER_NAMES = {
     "attn_norm.weight": ("input_norm", "scale"),
     "ffn_norm.weight": ("post_attn_norm", "scale"),
     "attn_q.weight": ("attn", "q_proj", "kernel"),
@@ -185,7 +189,7 @@ _GGUF_LAYER = {
     "ffn_up.weight": ("mlp", "up_proj", "kernel"),
     "ffn_down.weight": ("mlp", "down_proj", "kernel"),
 }
-_GGUF_TOP = {
+GGUF_TOP_NAMES = {
     "token_embd.weight": ("embed", "embedding"),
     "output_norm.weight": ("final_norm", "scale"),
     "output.weight": ("lm_head", "kernel"),
@@ -287,11 +291,11 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
     m = layer_re.fullmatch(t.name)
     if m:
       i, rest = int(m.group(1)), m.group(2)
-      if rest not in _GGUF_LAYER:
+      if rest not in GGUF_LAYER_NAMES:
         raise GGUFError(f"{path}: unsupported tensor {t.name!r}")
-      dest = ("layers", i) + _GGUF_LAYER[rest]
-    elif t.name in _GGUF_TOP:
-      dest = _GGUF_TOP[t.name]
+      dest = ("layers", i) + GGUF_LAYER_NAMES[rest]
+    elif t.name in GGUF_TOP_NAMES:
+      dest = GGUF_TOP_NAMES[t.name]
       rest = t.name
     else:
       raise GGUFError(f"{path}: unsupported tensor {t.name!r}")

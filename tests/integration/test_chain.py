@@ -51,6 +51,7 @@ def test_chain_runs_records_and_resumes(tmp_path, capsys):
   assert quant["params_bytes"] < fp32["params_bytes"] == pruned["params_bytes"]
   info = {i["stage"]: i for i in quant["chain_info"]}
   assert info["distill"]["steps"] == 6 and info["distill"]["tokens"] == 6 * 2 * 64
+  assert quant["quantize_s"] == info["quantize"]["seconds"] > 0 and fp32["quantize_s"] == 0.0
   # masks survive distillation and symmetric quantization
   params, masks = chain._load_stage(os.path.join(work, "05_quantize"))
   k = params["layers"][0]["mlp"]["up_proj"]["kernel"]

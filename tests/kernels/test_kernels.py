@@ -240,8 +240,8 @@ def test_benchmark_script_writes_its_tables(tmp_path):
   assert all(r["max_rel_err"] < 1e-2 for r in layer if r["path"].startswith("kernel"))
   e2e = [r for r in rows if "model" in r]
   assert [(r["weights"], r["path"]) for r in e2e] == [
-      ("bf16", "xla"), ("int8", "xla"), ("int8", "interpret"), ("int4_g128", "xla"),
-      ("int4_g128", "interpret")]
+      ("bf16", "xla"), ("int8", "xla"), ("int8", "interpret"), ("int4_g64", "xla"),
+      ("int4_g64", "interpret")]
   assert e2e[0]["speedup_vs_bf16"] == 1.0 and all(r["decode_tokens_per_s"] > 0 for r in e2e)
   assert e2e[2]["weight_bytes"] < e2e[0]["weight_bytes"] and e2e[3]["weight_bytes"] < e2e[1]["weight_bytes"]
   md = (tmp_path / "bench.md").read_text()
