@@ -32,19 +32,11 @@ from quantjax.numerics.qarray import QArray
 __all__ = ["BlockSizes", "int4_matmul", "int4_matmul_reference", "can_use_int4_matmul"]
 
 def can_use_int4_matmul(x: jax.Array, w, contract_axis: int = 0, target: str | None = None) -> bool:
-  """True when the kernel computes this `x @ w` exactly as the reference (up to rounding)."""
-  if not isinstance(w, QArray) or contract_axis != 0:
-    return False
-  try:
-    tiling.plan_weight_only(x.shape, x.dtype, w, 4, target or tiling.default_target(), "int4_matmul")
-  except ValueError:
-    return False
-  return True
+  """True when the kernel computes this `x @ w` as the reference does (up to rounding)."""
+  return tiling.accepts_weight_only(x, w, 4, contract_axis, target, "int4_matmul")
 
 
-def int4_matmul_reference(x: jax.Array, w: QArray) -> jax.Array:
-  """Pure-jnp reference: dequantize to float32, dot, cast to x.dtype."""
-  return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32)).astype(x.dtype)
+int4_matmul_reference = tiling.weight_only_reference
 
 
 def _body(xs, ws, cols, *, qmin, zp_mode, dtype):

@@ -28,19 +28,11 @@ __all__ = ["BlockSizes", "int8_matmul", "int8_matmul_reference", "can_use_int8_m
 
 
 def can_use_int8_matmul(x: jax.Array, w, contract_axis: int = 0, target: str | None = None) -> bool:
-  """True when the kernel computes this `x @ w` exactly as the reference (up to rounding)."""
-  if not isinstance(w, QArray) or contract_axis != 0:
-    return False
-  try:
-    tiling.plan_weight_only(x.shape, x.dtype, w, 8, target or tiling.default_target(), "int8_matmul")
-  except ValueError:
-    return False
-  return True
+  """True when the kernel computes this `x @ w` as the reference does (up to rounding)."""
+  return tiling.accepts_weight_only(x, w, 8, contract_axis, target, "int8_matmul")
 
 
-def int8_matmul_reference(x: jax.Array, w: QArray) -> jax.Array:
-  """Pure-jnp reference: dequantize to float32, dot, cast to x.dtype."""
-  return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32)).astype(x.dtype)
+int8_matmul_reference = tiling.weight_only_reference
 
 
 def _body(xs, ws, cols, *, zp_mode, dtype):

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["BlockSizes", "TARGETS", "default_target", "chunked_matmul", "chunk_rows",
-           "chunk_cols", "pick_chunk", "weight_layout", "plan_weight_only", "scale_cols",
+           "chunk_cols", "pick_chunk", "weight_layout", "plan_weight_only", "accepts_weight_only",
+           "weight_only_reference", "scale_cols",
            "dequantize_tile", "lower_for"]
 
 TARGETS = ("gpu", "tpu")
@@ -154,6 +155,23 @@ def plan_weight_only(x_shape, x_dtype, w, bits: int, target: str, name: str):
   if blocks is None:
     raise ValueError(f"{name}: N={n} of weight {tuple(w.shape)} does not tile for {target}")
   return group, zp_mode, chunk, blocks
+
+
+def accepts_weight_only(x, w, bits: int, contract_axis: int, target: str | None, name: str) -> bool:
+  """True when `plan_weight_only` accepts the pair (the kernels' `can_use_*`)."""
+  from quantjax.numerics.qarray import QArray
+  if not isinstance(w, QArray) or contract_axis != 0:
+    return False
+  try:
+    plan_weight_only(x.shape, x.dtype, w, bits, target or default_target(), name)
+  except ValueError:
+    return False
+  return True
+
+
+def weight_only_reference(x: jax.Array, w) -> jax.Array:
+  """Pure-jnp reference of a weight-only kernel: dequantize to float32, dot, cast to x.dtype."""
+  return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32)).astype(x.dtype)
 
 
 def scale_cols(w, zp_mode: str) -> list[jax.Array]:
