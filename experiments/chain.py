@@ -238,9 +238,9 @@ def _distill(cfg, teacher, params, masks, split, config, sdir, progress, *, qat_
            else transforms.fake_quant_params(p, qat_rules))
     return llama_lib.forward(cfg, p, x)
 
-  def loss_fn(p, tokens, key):
+  def loss_fn(p, tokens, key, teacher_params):
     x = tokens[:, :-1]
-    t_logits = jax.lax.stop_gradient(llama_lib.forward(cfg, teacher, x))
+    t_logits = jax.lax.stop_gradient(llama_lib.forward(cfg, teacher_params, x))
     return losses.distill_loss(student_logits(p, x), t_logits, tokens[:, 1:], alpha=alpha,
                                temperature=temperature)
 
@@ -253,7 +253,7 @@ def _distill(cfg, teacher, params, masks, split, config, sdir, progress, *, qat_
   t = time.perf_counter()
   out, history = trainer.fit(loss_fn, start, batch_fn, _train_config(tc), masks=mask_tree,
                              workdir=os.path.join(sdir, "train"), progress=progress,
-                             log_every=max(1, int(tc.steps) // 50))
+                             log_every=max(1, int(tc.steps) // 50), frozen=teacher)
   seconds = time.perf_counter() - t
   if history and "seconds" in history[-1]:
     seconds = history[-1]["seconds"]  # summed over interrupted and resumed runs

@@ -10,6 +10,7 @@ from its last checkpoint ends with exactly the params of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -117,11 +118,13 @@ def _restore(workdir: str, opt_state_like: Any) -> tuple[TrainState, list[dict]]
 def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
         batch_fn: Callable[[int], Any], config: TrainConfig, *, masks: Any = None,
         workdir: str | None = None, progress: bool = True, log_every: int = 10,
-        stop_after: int | None = None, batch_sharding: Any = None) -> tuple[Any, list[dict]]:
+        stop_after: int | None = None, batch_sharding: Any = None,
+        frozen: Any = None) -> tuple[Any, list[dict]]:
   """Minimises `loss_fn(params, batch, key)` over `config.steps` steps.
 
   Args:
-    loss_fn: differentiable in `params`; `key` is a per-step PRNG key.
+    loss_fn: differentiable in `params`; `key` is a per-step PRNG key. With
+      `frozen`, called as `loss_fn(params, batch, key, frozen)`.
     params: initial trainable params (any pytree of float arrays).
     batch_fn: `step -> batch`; must be deterministic for exact resumption.
     config: `TrainConfig`.
@@ -137,6 +140,13 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
       `NamedSharding(mesh, P("data"))`); params keep whatever sharding they
       arrive with (see `quantjax.distributed.shard_params`), and the optimizer
       state follows them.
+    frozen: a pytree the loss reads but does not train (a teacher's params).
+      Pass large arrays here rather than closing over them in `loss_fn`: a
+      closed-over array becomes a constant of the compiled step, which XLA
+      copies and constant-folds (slow compiles, gigabytes of extra memory).
+
+  Params and optimizer state are updated in place (buffer donation); `params`
+  itself is copied first, so the caller's arrays stay valid.
 
   Returns:
     `(params, history)`: final params, and `[{"step", "loss", "lr", "seconds"}...]`
@@ -155,10 +165,13 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
       state, history = restored
   base_key = jax.random.key(config.seed)
 
-  @jax.jit
-  def train_step(p, opt_state, batch, step):
+  def step_loss(p, batch, key, frozen_):
+    return loss_fn(p, batch, key) if frozen is None else loss_fn(p, batch, key, frozen_)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(p, opt_state, batch, step, frozen_):
     key = jax.random.fold_in(base_key, step)
-    loss, grads = jax.value_and_grad(loss_fn)(p, batch, key)
+    loss, grads = jax.value_and_grad(step_loss)(p, batch, key, frozen_)
     updates, opt_state = opt.update(grads, opt_state, p)
     p = optax.apply_updates(p, updates)
     if masks is not None:
@@ -171,12 +184,14 @@ def fit(loss_fn: Callable[[Any, Any, jax.Array], jax.Array], params: Any,
     from tqdm.auto import tqdm
     bar = tqdm(total=config.steps, initial=state.step, desc="train", leave=False)
   p, opt_state, step = state.params, state.opt_state, state.step
+  # donated below: never hand the caller's (or `frozen`'s) buffers to the step
+  p = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else jnp.array(a), p)
   t0 = time.perf_counter() - state.seconds
   while step < config.steps:
     batch = batch_fn(step)
     if batch_sharding is not None:
       batch = jax.tree.map(lambda b: jax.device_put(b, batch_sharding), batch)
-    p, opt_state, loss = train_step(p, opt_state, batch, jnp.asarray(step, jnp.int32))
+    p, opt_state, loss = train_step(p, opt_state, batch, jnp.asarray(step, jnp.int32), frozen)
     step += 1
     if step % log_every == 0 or step == config.steps:
       # `lr`: the rate the update of this step used (optax counts from 0).
