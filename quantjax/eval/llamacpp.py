@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["available", "open_model", "perplexity", "greedy", "quantize"]
+__all__ = ["available", "open_model", "perplexity", "greedy", "quantize", "ggml_quantize_rows"]
 
 
 def available() -> bool:
@@ -123,3 +123,39 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *,
       os.unlink(tmp)
     raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype} (return code {rc})")
   os.replace(tmp, dst)
+
+
+def ggml_quantize_rows(x: np.ndarray, type_name: str,
+                       importance: np.ndarray | None = None) -> np.ndarray:
+  """ggml's own row quantizer (`ggml_quantize_chunk`) on float32 rows `[rows, n]`.
+
+  Returns the GGUF bytes `[rows, row bytes]`: the reference quantjax's
+  encoders are compared with (`tests/io/test_kquants.py`).
+  """
+  import ctypes
+
+  import gguf
+  import llama_cpp
+  lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+  lib = ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"))
+  qt = gguf.GGMLQuantizationType[type_name]
+  block, type_bytes = gguf.GGML_QUANT_SIZES[qt]
+  x = np.ascontiguousarray(x, np.float32)
+  rows, n = x.shape
+  if n % block:
+    raise ValueError(f"rows of {n} values do not fill {type_name}'s blocks of {block}")
+  out = np.zeros((rows, n // block * type_bytes), np.uint8)
+  imp = None
+  if importance is not None:
+    imp = np.ascontiguousarray(importance, np.float32).reshape(n)
+  lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+  lib.ggml_quantize_init(int(qt))
+  fn = lib.ggml_quantize_chunk
+  fn.restype = ctypes.c_size_t
+  fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                 ctypes.c_int64, ctypes.c_void_p]
+  written = fn(int(qt), x.ctypes.data, out.ctypes.data, 0, rows, n,
+               None if imp is None else imp.ctypes.data)
+  if written != out.nbytes:
+    raise RuntimeError(f"ggml wrote {written} bytes for {type_name}, expected {out.nbytes}")
+  return out

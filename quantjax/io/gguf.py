@@ -46,12 +46,14 @@ from typing import Any, Iterable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from quantjax.io import kquants
 from quantjax.models.load import GGUFError
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import QArray
 
 __all__ = [
     "BLOCK_TYPES",
+    "K_TYPES",
     "GGUFError",
     "block_format",
     "block_type_of",
@@ -86,6 +88,12 @@ BLOCK_TYPES: dict[str, BlockType] = {
     "Q5_1": BlockType("Q5_1", 5, False, 4 + 4 + QK // 2),
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# k-quants (super-blocks of 256; `quantjax.io.kquants`): written from float
+# weights. A tensor whose rows are not a multiple of 256 gets the same
+# fallback type llama.cpp's quantizer gives it.
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_ALL_TYPES = tuple(BLOCK_TYPES) + K_TYPES + FLOAT_TYPES
 
 
 def _block_type(name: str) -> BlockType:
@@ -345,7 +353,8 @@ def _file_type(kinds: list[str]) -> int:
   ft = gguf.LlamaFileType
   table = {"F32": ft.ALL_F32, "F16": ft.MOSTLY_F16, "BF16": ft.MOSTLY_BF16,
            "Q8_0": ft.MOSTLY_Q8_0, "Q4_0": ft.MOSTLY_Q4_0, "Q4_1": ft.MOSTLY_Q4_1,
-           "Q5_0": ft.MOSTLY_Q5_0, "Q5_1": ft.MOSTLY_Q5_1}
+           "Q5_0": ft.MOSTLY_Q5_0, "Q5_1": ft.MOSTLY_Q5_1, "Q4_K": ft.MOSTLY_Q4_K_M,
+           "Q5_K": ft.MOSTLY_Q5_K_M, "Q6_K": ft.MOSTLY_Q6_K}
   if not kinds:
     return int(ft.ALL_F32)
   most = max(set(kinds), key=kinds.count)
@@ -414,7 +423,7 @@ def _hf_tokenizer_fields(writer, tokenizer) -> None:
 def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any = None,
                 types: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                 float_type: str = "F32", name: str | None = None,
-                ) -> list[TensorExport]:
+                importance: Mapping[str, Any] | None = None) -> list[TensorExport]:
   """Writes `params` (arrays and QArrays) as a llama.cpp GGUF file.
 
   Args:
@@ -428,9 +437,13 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
     types: rules `{regex: GGUF type}` matched (first wins) against each leaf's
       path (`layers/3/mlp/down_proj/kernel`) or GGUF name (`blk.3.ffn_down.weight`).
       A rule forces the type; a QArray already of that type stays lossless.
+      Block types Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, k-quants Q4_K/Q5_K/Q6_K (rows not a
+      multiple of 256 fall back as in llama.cpp: Q5_0/Q5_1/Q8_0), F32/F16/BF16.
     float_type: type for float matrices with no rule ("F32", "F16", "BF16").
       Norm weights are always F32, as llama.cpp requires.
     name: `general.name` (default: the config's name).
+    importance: optional `{leaf path: per-input-column weights}` (e.g. mean
+      squared activations, llama.cpp's imatrix) used by the k-quant encoders.
 
   Returns:
     One `TensorExport` per tensor: its type and whether it went in losslessly,
@@ -467,15 +480,19 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
       t, how = "F32", "float"
     elif forced is not None:
       t = forced
-      if t not in BLOCK_TYPES and t not in FLOAT_TYPES:
+      if t not in _ALL_TYPES:
         raise GGUFError(f"rule for {spath}: unknown GGUF type {t!r}; supported: "
-                        f"{', '.join(list(BLOCK_TYPES) + list(FLOAT_TYPES))}")
+                        f"{', '.join(_ALL_TYPES)}")
+      if t in K_TYPES and (len(shape) != 2 or n_in % kquants.QK_K):
+        _log.info("%s: %d values per row do not fill %s's super-blocks of %d; using %s",
+                  gname, n_in, t, kquants.QK_K, K_FALLBACK[t])
+        t = K_FALLBACK[t]
       if isinstance(leaf, QArray):
         same = (block_type_of(leaf.fmt, axis) == t or
                 (leaf.fmt.is_cast and {"fp16": "F16", "bf16": "BF16"}[leaf.fmt.kind] == t))
         how = "lossless" if same else "re-quantized (lossy)"
       else:
-        how = "quantized" if t in BLOCK_TYPES else "float"
+        how = "quantized" if (t in BLOCK_TYPES or t in K_TYPES) else "float"
     else:
       t, how = _default_type(leaf, axis, n_in)
       if t == "F32" and not isinstance(leaf, QArray) and len(shape) == 2:
@@ -490,17 +507,11 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
             leaf, jnp.float32)
         q = qarray_lib.quantize(x, block_format(t, axis))
       raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
+    elif t in K_TYPES:
+      raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
+                               importance=None if importance is None else importance.get(spath))
     else:
-      if isinstance(leaf, QArray):
-        x = np.asarray(leaf.dequantize(jnp.float32)) if not leaf.fmt.is_cast else \
-            np.asarray(leaf.codes()).astype(np.float32)
-      else:
-        x = np.asarray(leaf, np.float32)
-      if len(shape) == 2 and axis == 0:
-        x = x.T
-      if rows_fn is not None:
-        x = rows_fn(x)
-      raw = _float_tensor(np.ascontiguousarray(x), t)
+      raw = _float_tensor(_float_rows(leaf, axis, rows_fn), t)
     tensors.append((gname, raw, t))
     report.append(TensorExport(gname, spath, shape, _source_name(leaf), t, how, int(raw.nbytes)))
 
@@ -530,7 +541,7 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
       else:
         _hf_tokenizer_fields(w, tokenizer)
     for gname, raw, t in tensors:
-      if t in BLOCK_TYPES:
+      if t in BLOCK_TYPES or t in K_TYPES:
         w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[t])
       elif t == "BF16":
         w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
@@ -545,6 +556,20 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
     if os.path.exists(tmp):
       os.unlink(tmp)
   return report
+
+
+def _float_rows(leaf: Any, axis: int, rows_fn) -> np.ndarray:
+  """A leaf as float32 GGUF rows (`[out, in]` for matrices, Q/K permuted)."""
+  if isinstance(leaf, QArray):
+    x = np.asarray(leaf.dequantize(jnp.float32)) if not leaf.fmt.is_cast else \
+        np.asarray(leaf.codes()).astype(np.float32)
+  else:
+    x = np.asarray(leaf, np.float32)
+  if x.ndim == 2 and axis == 0:
+    x = x.T
+  if rows_fn is not None:
+    x = rows_fn(x)
+  return np.ascontiguousarray(x)
 
 
 def _source_name(leaf: Any) -> str:

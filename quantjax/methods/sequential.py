@@ -38,7 +38,8 @@ from quantjax.models import llama as llama_lib
 
 __all__ = ["LINEARS", "INPUT_OF", "LinearStats", "LayerMethod", "block_forward", "embed_inputs",
            "to_pure", "collect_layer_stats", "quantize_sequential", "rtn_layer", "gptq_layer",
-           "collect_model_stats", "get_param", "set_param"]
+           "collect_model_stats", "get_param", "set_param", "importance_layer",
+           "input_importance"]
 
 # Linear layers of a block, by path inside the block, and which input each reads.
 LINEARS = ("attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel",
@@ -312,6 +313,29 @@ def rtn_layer(rules: Sequence[rules_lib.QuantRule]) -> LayerMethod:
                                                 calibration=rule.calibration))
     return lp
   return run
+
+
+def importance_layer(out: dict[str, np.ndarray]) -> LayerMethod:
+  """Records each linear's input importance (mean squared activation per input
+  column, the diagonal of `X^T X / n`) into `out[path]`; leaves weights as they are."""
+
+  def run(i, lp, stats, ctx):
+    for name in LINEARS:
+      h = gptq_lib.hessian(stats[name].hessian)
+      out[f"{ctx['prefix']}/{name}"] = np.asarray(jnp.diagonal(h), np.float32) / 2.0
+    return lp
+  return run
+
+
+def input_importance(config: llama_lib.LlamaConfig, params: Any, calib_tokens: np.ndarray, *,
+                     batch_size: int = 8, progress: bool = True) -> dict[str, np.ndarray]:
+  """`{"layers/i/mlp/down_proj/kernel": mean x^2 per input column, ...}` over the
+  calibration windows: llama.cpp's "importance matrix", for the k-quant encoders
+  (`io.gguf.export_gguf(..., importance=...)`)."""
+  out: dict[str, np.ndarray] = {}
+  quantize_sequential(config, params, calib_tokens, importance_layer(out), batch_size=batch_size,
+                      hessian=True, progress=progress)
+  return out
 
 
 def gptq_layer(rules: Sequence[rules_lib.QuantRule], *, percdamp: float = 0.01,
