@@ -13,6 +13,10 @@
    the JAX model scores the same file too, imported with
    `quantjax.io.gguf.import_gguf` (block types stay QArrays, k-quants are
    dequantized).
+4. With `--mix_of=Q4_K_M`, the FP32 model is also exported by quantjax with
+   that llama.cpp file's per-tensor types (`io.gguf.type_rules`), once as is
+   and once with an importance matrix (mean squared inputs of every linear
+   over `--importance_windows` calibration windows) for the k-quants.
 
 Bits per weight exclude the token embedding (as llama.cpp's tables do for
 this tied model, where it is Q8_0 in most types). Results: `results.json`,
@@ -35,6 +39,11 @@ _SOURCE = flags.DEFINE_bool("score_source", True, "Score the F32 source file in 
                             "(else the base for Δ is the JAX FP32 perplexity).")
 _JAX = flags.DEFINE_bool("jax", True, "Also score each file with the JAX model (imported "
                          "without dequantizing block types) on the same windows.")
+_MIX = flags.DEFINE_string("mix_of", "", "A llama.cpp type from --llamacpp (e.g. Q4_K_M): also "
+                           "export the FP32 model with quantjax's encoders and that file's "
+                           "per-tensor types, plain and with an importance matrix.")
+_IMP_WINDOWS = flags.DEFINE_integer("importance_windows", 128, "Calibration windows (drawn "
+                                    "before the evaluation text) for the importance matrix.")
 
 
 def file_stats(path: str) -> dict:
@@ -69,6 +78,39 @@ def _exported_score(path: str, windows, corpus_sha256: str) -> dict | None:
           "seconds": rec.get("llamacpp_seconds")}
 
 
+def _mixed_exports(out, ftype, cfg, params, src, split):
+  """quantjax's encoders with llama.cpp's per-tensor type mix of `ftype`: plain and
+  with an importance matrix (mean squared inputs over calibration windows)."""
+  import numpy as np
+
+  from quantjax.io import gguf as gguf_io
+  from quantjax.methods import sequential as seq
+  theirs = os.path.join(out, f"smollm2-{ftype.lower()}.gguf")
+  if not os.path.exists(theirs):
+    raise app.UsageError(f"--mix_of={ftype} needs {ftype} in --llamacpp")
+  rules = gguf_io.type_rules(theirs)
+  plain = os.path.join(out, f"quantjax-{ftype.lower()}-mix.gguf")
+  if not os.path.exists(plain):
+    gguf_io.export_gguf(plain, cfg, params, tokenizer=src, types=rules)
+  files = [(f"quantjax {ftype} mix", plain)]
+  n = _IMP_WINDOWS.value
+  if n:
+    weighted = os.path.join(out, f"quantjax-{ftype.lower()}-mix-imatrix{n}.gguf")
+    if not os.path.exists(weighted):
+      cache = os.path.join(out, f"importance-{n}.npz")  # 6-7 min to collect on 2 cores
+      if os.path.exists(cache):
+        with np.load(cache) as z:
+          imp = {k: z[k] for k in z.files}
+      else:
+        imp = seq.input_importance(cfg, params, split.calib_windows[:n], batch_size=8)
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, **imp)
+        os.replace(tmp, cache)
+      gguf_io.export_gguf(weighted, cfg, params, tokenizer=src, types=rules, importance=imp)
+    files.append((f"quantjax {ftype} mix + importance ({n} windows)", weighted))
+  return files
+
+
 def main(argv):
   from quantjax.eval import data as data_lib
   from quantjax.eval import llamacpp
@@ -95,6 +137,8 @@ def main(argv):
       print(f"[quantjax] llama.cpp quantize -> {t}", flush=True)
       llamacpp.quantize(f32, dst, t)
     files.append((f"llama.cpp {t}", dst))
+  if _MIX.value:
+    files += _mixed_exports(out, _MIX.value, cfg, params, src, split)
   for p in argv[1:]:
     files.append((f"quantjax {os.path.basename(p)[:-len('.gguf')]}", p))
 

@@ -54,6 +54,7 @@ from quantjax.numerics.qarray import QArray
 __all__ = [
     "BLOCK_TYPES",
     "K_TYPES",
+    "type_rules",
     "GGUFError",
     "block_format",
     "block_type_of",
@@ -443,7 +444,9 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
       Norm weights are always F32, as llama.cpp requires.
     name: `general.name` (default: the config's name).
     importance: optional `{leaf path: per-input-column weights}` (e.g. mean
-      squared activations, llama.cpp's imatrix) used by the k-quant encoders.
+      squared activations, llama.cpp's imatrix): the k-quant encoders and the
+      Q4_0/Q5_0 scale search weight each value's error by it (tensors written
+      from floats only; QArrays already in their type stay lossless).
 
   Returns:
     One `TensorExport` per tensor: its type and whether it went in losslessly,
@@ -502,10 +505,22 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
         raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: its contraction axis "
                         f"({n_in}) does not fit {t}'s blocks of {QK}")
       q = leaf
+      imp = None if importance is None else importance.get(spath)
+      if imp is not None and t in ("Q4_0", "Q5_0") and not (
+          isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t):
+        codes, d = kquants.fit_symmetric_blocks(_float_rows(leaf, axis, rows_fn),
+                                                _block_type(t).bits, imp)
+        raw = pack_blocks(codes, d, None, t)
+        tensors.append((gname, raw, t))
+        report.append(TensorExport(gname, spath, shape, _source_name(leaf), t, how,
+                                   int(raw.nbytes)))
+        continue
       if not (isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t):
         x = leaf.dequantize(jnp.float32) if isinstance(leaf, QArray) else jnp.asarray(
             leaf, jnp.float32)
-        q = qarray_lib.quantize(x, block_format(t, axis))
+        # llama.cpp's rule for Q4_0/Q5_0: the extreme value maps to the lowest code
+        cal = "signed_max" if t in ("Q4_0", "Q5_0") else "minmax"
+        q = qarray_lib.quantize(x, block_format(t, axis), calibration=cal)
       raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
     elif t in K_TYPES:
       raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
@@ -556,6 +571,18 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
     if os.path.exists(tmp):
       os.unlink(tmp)
   return report
+
+
+def type_rules(path: str | os.PathLike) -> list[tuple[str, str]]:
+  """Rules that give every matrix the GGUF type it has in the file at `path`.
+
+  `export_gguf(..., types=type_rules("model-Q4_K_M.gguf"))` writes quantjax's
+  encoding of a model with the same per-tensor type mix as that file.
+  """
+  import gguf
+  reader = gguf.GGUFReader(os.fspath(path))
+  return [(f"^{re.escape(t.name)}$", t.tensor_type.name) for t in reader.tensors
+          if len(t.shape) == 2]
 
 
 def _float_rows(leaf: Any, axis: int, rows_fn) -> np.ndarray:

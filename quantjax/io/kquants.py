@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["QK_K", "K_BLOCK_BYTES", "quantize_k", "quantize_q4_k", "quantize_q5_k",
-           "quantize_q6_k"]
+           "quantize_q6_k", "fit_symmetric_blocks"]
 
 QK_K = 256
 K_BLOCK_BYTES = {"Q4_K": 2 + 2 + 12 + QK_K // 2,
@@ -170,6 +170,33 @@ def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int = 9):
     best_s = np.where(better, s, best_s)
     best_err = np.where(better, err, best_err)
   return np.where(zero, 0.0, best_s)
+
+
+def fit_symmetric_blocks(x: np.ndarray, bits: int, importance: np.ndarray | None = None,
+                         block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """Importance-weighted scales for the legacy symmetric types (Q4_0: 4 bits, Q5_0: 5).
+
+  `x` `[rows, n]`; returns `(codes [rows, n] in [-2^(b-1), 2^(b-1) - 1], fp16-rounded
+  scales [rows, n / block])`. Weights per value: `importance * sqrt(rms^2 + x^2)`
+  over a search of scales around the signed-max rule (extreme value -> lowest code).
+  """
+  x = np.asarray(x, np.float32)
+  rows, n = x.shape
+  if n % block:
+    raise ValueError(f"rows of {n} values do not fill blocks of {block}")
+  xb = x.reshape(-1, block)
+  rms2 = np.mean(xb * xb, axis=1, keepdims=True)
+  w = np.sqrt(rms2 + xb * xb)
+  if importance is not None:
+    imp = np.asarray(importance, np.float32).reshape(-1)
+    if imp.shape[0] != n:
+      raise ValueError(f"importance has {imp.shape[0]} values for rows of {n}")
+    w = w * np.broadcast_to(imp, (rows, n)).reshape(-1, block)
+  half = 2 ** (bits - 1)
+  d = _fp16(_fit_symmetric(xb, w, half))
+  q = np.clip(np.rint(xb / np.where(d != 0, d, 1.0)[:, None]), -half, half - 1)
+  q = np.where(d[:, None] != 0, q, 0)
+  return q.reshape(rows, n).astype(np.int8), d.reshape(rows, n // block)
 
 
 def quantize_q6_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:

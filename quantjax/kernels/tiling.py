@@ -86,8 +86,6 @@ class BlockSizes:
         splits = s
         if programs * s >= 256:
           break
-      if (chunks // splits) % cps:
-        cps = 1
     return cls(bm=bm, bn=bn, chunks_per_step=cps, k_splits=splits)
 
 

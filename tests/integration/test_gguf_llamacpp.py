@@ -123,3 +123,26 @@ def test_files_quantized_by_llamacpp_import_and_agree(tmp_path, smollm2, windows
   assert abs(got / want - 1) < 0.01, (got, want)
   with pytest.raises(ValueError, match="unknown llama.cpp file type"):
     llamacpp.quantize(f16, tmp_path / "x.gguf", "Q9_9")
+
+
+def test_k_quant_export_matches_llamacpps_own_q4_k_m(tmp_path, smollm2, windows):
+  """quantjax's encoders given llama.cpp Q4_K_M's per-tensor types (Q4_K/Q6_K on the
+  1536-wide ffn_down rows, Q5_0/Q8_0 fallbacks elsewhere) score like llama.cpp's file."""
+  cfg, params, _ = smollm2
+  src = load.smollm2_path()
+  f32 = tmp_path / "f32.gguf"
+  gio.export_gguf(f32, cfg, params, tokenizer=src, float_type="F32")
+  theirs = tmp_path / "llamacpp-q4_k_m.gguf"
+  llamacpp.quantize(f32, theirs, "Q4_K_M")
+  f32.unlink()
+  rules = gio.type_rules(theirs)
+  assert {"Q4_K", "Q6_K"} <= {t for _, t in rules}
+  ours = tmp_path / "quantjax-q4_k_m-mix.gguf"
+  report = gio.export_gguf(ours, cfg, params, tokenizer=src, types=rules)
+  assert {r.gguf_type for r in report if "ffn_down" in r.name} <= {"Q4_K", "Q6_K"}
+  import gguf
+  assert ({t.name: t.tensor_type for t in gguf.GGUFReader(str(ours)).tensors} ==
+          {t.name: t.tensor_type for t in gguf.GGUFReader(str(theirs)).tensors})
+  got = llamacpp.perplexity(ours, windows[:2], n_threads=2)["perplexity"]
+  want = llamacpp.perplexity(theirs, windows[:2], n_threads=2)["perplexity"]
+  assert got <= 1.01 * want, (got, want)

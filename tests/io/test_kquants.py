@@ -102,3 +102,20 @@ def test_export_k_types_with_llamacpps_fallback(tmp_path, caplog):
   report2 = gio.export_gguf(tmp_path / "imp.gguf", cfg, params, types={r".*_proj.*": "Q4_K"},
                             importance=imp)
   assert len(report2) == len(report)
+
+
+def test_importance_weighted_legacy_blocks():
+  from quantjax.numerics import qarray
+  x = _data("heavy", rows=64, n=512)
+  imp = np.ones(512, np.float32)
+  imp[::5] = 40.0
+  w = np.broadcast_to(imp, x.shape)
+  for t, bits in (("Q4_0", 4), ("Q5_0", 5)):
+    codes, d = kq.fit_symmetric_blocks(x, bits, imp)
+    assert codes.min() >= -2 ** (bits - 1) and codes.max() <= 2 ** (bits - 1) - 1
+    y = (codes.reshape(64, -1, 32) * d[..., None]).reshape(x.shape)
+    raw = gio.pack_blocks(codes, d, None, t)
+    np.testing.assert_array_equal(_decode(raw, t), y)  # what the file holds
+    fmt = gio.block_format(t, axis=1)
+    base = np.asarray(qarray.quantize(x, fmt, calibration="signed_max").dequantize())
+    assert _rel(y, x, w) < 0.95 * _rel(base, x, w), t
