@@ -35,12 +35,13 @@ def _case(m, k, n, fmt):
   return jax.random.normal(kx, (m, k)), qj.quantize(jax.random.normal(kw, (k, n)), fmt)
 
 
+def _fits(fmt, k):  # group 128 needs K % 128 == 0 (576 is not: those weights cannot exist)
+  return "g128" not in fmt or k % 128 == 0
+
+
 @pytest.mark.parametrize("target", tiling.TARGETS)
-@pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("fmt", INT4)
+@pytest.mark.parametrize("fmt,m,k,n", [(f, *s) for f in INT4 for s in SHAPES if _fits(f, s[1])])
 def test_int4_matches_reference(m, k, n, fmt, target):
-  if k % 128 and "g128" in fmt:
-    pytest.skip("group 128 does not divide K")
   x, w = _case(m, k, n, fmt)
   assert i4.can_use_int4_matmul(x, w, target=target)
   _close(i4.int4_matmul(x, w, target=target, interpret=True), i4.int4_matmul_reference(x, w))
