@@ -296,11 +296,8 @@ def sharded_nll_fn(config: Any, params: Any, mesh: Mesh,
   state = llama_lib.as_state(config, shard_params(to_pure(params), mesh, rules))
   batch_sharding = NamedSharding(mesh, P(axis))
 
-  from quantjax.kernels import dispatch
-  route = dispatch.route()
-
   def fn(tokens):
-    return ppl_lib._llama_nll(config, route, state, jax.device_put(jnp.asarray(tokens), batch_sharding))
+    return ppl_lib._llama_nll(config, state, jax.device_put(jnp.asarray(tokens), batch_sharding))
   return fn
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax.eval import data as data_lib
+from quantjax.kernels import dispatch
 from quantjax.models import llama as llama_lib
 
 __all__ = ["environment", "evaluate", "token_nll", "window_nll_fn"]
@@ -70,26 +71,21 @@ def _nll_from_shifted(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return lse - tgt
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _llama_nll(config, route, params, tokens):
+@dispatch.routed_jit(static_argnums=0)
+def _llama_nll(config, params, tokens):
   from flax import nnx
-
-  from quantjax.kernels import dispatch
-  with dispatch.routed(route):
-    model = nnx.merge(llama_lib.graphdef(config), params)
-    x, _ = model.hidden_states(tokens)
-    # The last position predicts nothing inside the window: drop it before the head.
-    logits = model.logits(x[:, :-1])
+  model = nnx.merge(llama_lib.graphdef(config), params)
+  x, _ = model.hidden_states(tokens)
+  # The last position predicts nothing inside the window: drop it before the head.
+  logits = model.logits(x[:, :-1])
   return _nll_from_shifted(logits, tokens[:, 1:])
 
 
 def window_nll_fn(config: llama_lib.LlamaConfig, params: Any) -> Callable[[np.ndarray], Any]:
   """A jitted `tokens [B, T] -> NLL [B, T-1]` for a quantjax Llama and its params."""
-  from quantjax.kernels import dispatch
   state = llama_lib.as_state(config, params)
-  route = dispatch.route()
-  fn = functools.partial(_llama_nll, config, route, state)
-  fn.lower = lambda tokens: _llama_nll.lower(config, route, state, tokens)  # type: ignore[attr-defined]
+  fn = functools.partial(_llama_nll, config, state)
+  fn.lower = lambda tokens: _llama_nll.lower(config, state, tokens)  # type: ignore[attr-defined]
   return fn
 
 

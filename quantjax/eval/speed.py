@@ -65,10 +65,8 @@ def prefill_decode(config: llama_lib.LlamaConfig, params: Any, *, batch_sizes=(1
   size with `prefill_tokens_per_s`, `decode_tokens_per_s`, the per-step
   decode latency and the compile times of both shapes.
   """
-  from quantjax.kernels import dispatch
   state = llama_lib.as_state(config, params)
   step = llama_lib._step  # pylint: disable=protected-access
-  route = dispatch.route()  # the qdot path (XLA or kernels) is part of the compiled step
   out = []
   rng = np.random.default_rng(0)
   for b in batch_sizes:
@@ -77,10 +75,10 @@ def prefill_decode(config: llama_lib.LlamaConfig, params: Any, *, batch_sizes=(1
     one = jnp.zeros((b, 1), jnp.int32)
     cache = llama_lib.init_cache(config, b, max_len)
     t0 = time.perf_counter()
-    pre_c = step.lower(config, route, state, prompt, cache, jnp.int32(0)).compile()
+    pre_c = step.lower(config, state, prompt, cache, jnp.int32(0)).compile()
     compile_prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dec_c = step.lower(config, route, state, one, cache, jnp.int32(prompt_len)).compile()
+    dec_c = step.lower(config, state, one, cache, jnp.int32(prompt_len)).compile()
     compile_decode = time.perf_counter() - t0
 
     def prefill():

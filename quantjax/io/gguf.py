@@ -504,24 +504,20 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
       if len(shape) != 2 or n_in % QK:
         raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: its contraction axis "
                         f"({n_in}) does not fit {t}'s blocks of {QK}")
-      q = leaf
       imp = None if importance is None else importance.get(spath)
-      if imp is not None and t in ("Q4_0", "Q5_0") and not (
-          isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t):
+      if isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t:
+        raw = qarray_to_blocks(leaf, t, axis, rows_fn=rows_fn)  # code for code
+      elif imp is not None and t in ("Q4_0", "Q5_0"):
         codes, d = kquants.fit_symmetric_blocks(_float_rows(leaf, axis, rows_fn),
                                                 _block_type(t).bits, imp)
         raw = pack_blocks(codes, d, None, t)
-        tensors.append((gname, raw, t))
-        report.append(TensorExport(gname, spath, shape, _source_name(leaf), t, how,
-                                   int(raw.nbytes)))
-        continue
-      if not (isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t):
+      else:
         x = leaf.dequantize(jnp.float32) if isinstance(leaf, QArray) else jnp.asarray(
             leaf, jnp.float32)
         # llama.cpp's rule for Q4_0/Q5_0: the extreme value maps to the lowest code
         cal = "signed_max" if t in ("Q4_0", "Q5_0") else "minmax"
         q = qarray_lib.quantize(x, block_format(t, axis), calibration=cal)
-      raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
+        raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
     elif t in K_TYPES:
       raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
                                importance=None if importance is None else importance.get(spath))

@@ -38,13 +38,17 @@ def _super_blocks(x: np.ndarray, importance: np.ndarray | None, name: str):
   if x.ndim != 2 or x.shape[1] % QK_K:
     raise ValueError(f"{name} needs rows whose length is a multiple of {QK_K}, got shape {x.shape}")
   rows, n = x.shape
-  imp = None
-  if importance is not None:
-    imp = np.asarray(importance, np.float32).reshape(-1)
-    if imp.shape[0] != n:
-      raise ValueError(f"{name}: importance has {imp.shape[0]} values for rows of {n}")
-    imp = np.broadcast_to(imp, (rows, n)).reshape(-1, QK_K)
-  return x.reshape(-1, QK_K), imp, rows
+  return x.reshape(-1, QK_K), _importance_blocks(importance, rows, n, QK_K, name), rows
+
+
+def _importance_blocks(importance, rows: int, n: int, block: int, name: str):
+  """Per-column importance `[n]` broadcast to the rows and cut like them: `[-1, block]`."""
+  if importance is None:
+    return None
+  imp = np.asarray(importance, np.float32).reshape(-1)
+  if imp.shape[0] != n:
+    raise ValueError(f"{name}: importance has {imp.shape[0]} values for rows of {n}")
+  return np.broadcast_to(imp, (rows, n)).reshape(-1, block)
 
 
 def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -89,9 +93,9 @@ def _fp16(v: np.ndarray) -> np.ndarray:
 
 
 def _affine_k(x, importance, bits: int, name: str):
-  """Shared Q4_K / Q5_K fit: codes [B, 8, 32], 6-bit scales/mins [B, 8], fp16 d, dmin [B]."""
+  """Shared Q4_K / Q5_K fit: codes [B, 8, 32], 6-bit scales/mins [B, 8], fp16 d, dmin [B], rows."""
   nmax = 2 ** bits - 1
-  xb, imp, _ = _super_blocks(x, importance, name)
+  xb, imp, rows = _super_blocks(x, importance, name)
   nb = xb.shape[0]
   sub = xb.reshape(nb * 8, 32)
   rms = np.sqrt(np.mean(sub * sub, axis=1, keepdims=True))
@@ -110,7 +114,7 @@ def _affine_k(x, importance, bits: int, name: str):
   xs = xb.reshape(nb, 8, 32)
   q = np.rint((xs + off[..., None]) / np.where(step > 0, step, 1.0)[..., None])
   q = np.where(step[..., None] > 0, np.clip(q, 0, nmax), 0).astype(np.uint8)
-  return q, ls, lm, d, dmin
+  return q, ls, lm, d, dmin, rows
 
 
 def _pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -134,16 +138,14 @@ def _nibble_pairs(q: np.ndarray) -> np.ndarray:
 
 
 def quantize_q4_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-  q, ls, lm, d, dmin = _affine_k(x, importance, 4, "Q4_K")
-  rows = np.asarray(x).shape[0]
+  q, ls, lm, d, dmin, rows = _affine_k(x, importance, 4, "Q4_K")
   blocks = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales(ls, lm), _nibble_pairs(q)],
                           axis=1)
   return blocks.reshape(rows, -1)
 
 
 def quantize_q5_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-  q, ls, lm, d, dmin = _affine_k(x, importance, 5, "Q5_K")
-  rows = np.asarray(x).shape[0]
+  q, ls, lm, d, dmin, rows = _affine_k(x, importance, 5, "Q5_K")
   # qh[l]: bit s = the fifth bit of sub-block s's value l
   high = ((q >> 4) & 1).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
   qh = np.bitwise_or.reduce(high, axis=1)  # [B, 32]
@@ -187,11 +189,9 @@ def fit_symmetric_blocks(x: np.ndarray, bits: int, importance: np.ndarray | None
   xb = x.reshape(-1, block)
   rms2 = np.mean(xb * xb, axis=1, keepdims=True)
   w = np.sqrt(rms2 + xb * xb)
-  if importance is not None:
-    imp = np.asarray(importance, np.float32).reshape(-1)
-    if imp.shape[0] != n:
-      raise ValueError(f"importance has {imp.shape[0]} values for rows of {n}")
-    w = w * np.broadcast_to(imp, (rows, n)).reshape(-1, block)
+  imp = _importance_blocks(importance, rows, n, block, f"Q{bits}_0 blocks")
+  if imp is not None:
+    w = w * imp
   half = 2 ** (bits - 1)
   d = _fp16(_fit_symmetric(xb, w, half))
   q = np.clip(np.rint(xb / np.where(d != 0, d, 1.0)[:, None]), -half, half - 1)

@@ -20,13 +20,14 @@ level.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 from typing import Any, Callable, Iterator
 
 __all__ = ["matmul_path", "current_path", "register_kernel", "quantized_matmul",
-           "quantized_matmul_w8a8", "set_auto_kernels", "auto_uses_kernels", "route", "routed"]
+           "quantized_matmul_w8a8", "set_auto_kernels", "auto_uses_kernels", "route", "routed", "routed_jit"]
 
 _PATHS = ("auto", "xla", "kernel", "interpret")
 _state = threading.local()
@@ -64,32 +65,68 @@ def auto_uses_kernels() -> bool:
   import jax
   if jax.default_backend() not in ("gpu", "tpu"):
     return False
+  traced = getattr(_state, "auto", None)  # set by `routed` while a routed_jit function traces
+  if traced is not None:
+    return traced
   if _auto_override is not None:
     return _auto_override
   return os.environ.get("QUANTJAX_AUTO_KERNELS", "0").lower() in ("1", "true", "yes")
 
 
 def route() -> tuple[str, bool]:
-  """The current choice as a hashable value.
-
-  `jit` caches traces by argument, not by this module's state: a jitted
-  function that calls `qdot` should take `route()` as a static argument and
-  trace under `routed(route)`, so that changing the path re-traces it.
-  """
+  """The current choice (path, whether auto uses kernels) as a hashable value."""
   return current_path(), auto_uses_kernels()
 
 
 @contextlib.contextmanager
 def routed(r: tuple[str, bool]) -> Iterator[None]:
-  """Re-enters a `route()` value inside a jitted function."""
-  global _auto_override
-  old = _auto_override
-  _auto_override = r[1]
+  """Re-enters a `route()` value (in this thread), e.g. while a jitted function traces."""
+  old = getattr(_state, "auto", None)
+  _state.auto = r[1]
   try:
     with matmul_path(r[0]):
       yield
   finally:
-    _auto_override = old
+    _state.auto = old
+
+
+def routed_jit(fn: Callable | None = None, *, static_argnums=(), donate_argnums=()):
+  """`jax.jit` for functions that reach `qdot`, re-traced when the matmul path changes.
+
+  `jit` caches traces by argument, not by this module's state, so a plain
+  `jax.jit` keeps whichever path it traced first. This one passes `route()`
+  as an extra static argument and traces under it. `.lower(*args)` works as
+  on a jitted function.
+  """
+  if fn is None:
+    return functools.partial(routed_jit, static_argnums=static_argnums,
+                             donate_argnums=donate_argnums)
+  import jax
+
+  def shift(nums):
+    return tuple(i + 1 for i in ((nums,) if isinstance(nums, int) else nums))
+
+  def traced(r, *args):
+    with routed(r):
+      return fn(*args)
+
+  jitted = jax.jit(traced, static_argnums=(0,) + shift(static_argnums),
+                   donate_argnums=shift(donate_argnums))
+
+  @functools.wraps(fn)
+  def call(*args):
+    return jitted(route(), *args)
+
+  call.lower = lambda *args: jitted.lower(route(), *args)
+  return call
+
+
+def _kernel_path() -> str | None:
+  """"kernel" / "interpret" when this call should try a kernel, else None (XLA)."""
+  path = current_path()
+  if path == "xla" or (path == "auto" and not auto_uses_kernels()):
+    return None
+  return "interpret" if path == "interpret" else "kernel"
 
 
 def register_kernel(name: str, can_use: Callable[..., bool], run: Callable[..., Any]) -> None:
@@ -105,13 +142,14 @@ def _describe(x, w) -> str:
 def quantized_matmul(x, w, *, contract_axis: int = 0, precision: Any = None):
   """Runs a registered kernel if the path allows one; None means: take the XLA path."""
   del precision
-  path = current_path()
-  if path == "xla" or (path == "auto" and not auto_uses_kernels()):
+  kpath = _kernel_path()
+  if kpath is None:
     return None
+  path = current_path()
   for name, can_use, run in _KERNELS:
     if can_use(x, w, contract_axis):
       _log.debug("qdot: %s for %s", name, _describe(x, w))
-      return run(x, w, contract_axis, interpret=path == "interpret")
+      return run(x, w, contract_axis, interpret=kpath == "interpret")
   if path in ("kernel", "interpret"):
     raise ValueError(f"matmul path {path!r} forced but no kernel accepts {_describe(x, w)} "
                      f"(contract_axis={contract_axis})")
@@ -122,11 +160,12 @@ def quantized_matmul(x, w, *, contract_axis: int = 0, precision: Any = None):
 def quantized_matmul_w8a8(xq, w, *, out_dtype):
   """The W8A8 kernel on per-token int8 activations `xq`, if the path allows; else None."""
   from quantjax.kernels import w8a8_matmul
-  path = current_path()
-  if path == "xla" or (path == "auto" and not auto_uses_kernels()):
+  kpath = _kernel_path()
+  if kpath is None:
     return None
+  path = current_path()
   if w8a8_matmul.can_use_w8a8_matmul(xq, w):
-    return w8a8_matmul.w8a8_matmul(xq, w, interpret=path == "interpret", out_dtype=out_dtype)
+    return w8a8_matmul.w8a8_matmul(xq, w, interpret=kpath == "interpret", out_dtype=out_dtype)
   if path in ("kernel", "interpret"):
     raise ValueError(f"matmul path {path!r} forced but the W8A8 kernel does not accept "
                      f"{_describe(xq, w)}")

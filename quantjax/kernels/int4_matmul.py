@@ -6,8 +6,9 @@ low nibble of byte `i` and code `2i+1` in the high one, stored as
 divides K) or per output channel; asymmetric weights carry an integer zero
 point (`(q - z) * s`) or a float minimum (`m + q * s`, GGUF Q4_1).
 
-The kernel never interleaves nibbles: the wrapper splits x's even and odd K
-columns (a cheap copy of the activations), so a chunk's product is
+The kernel never interleaves nibbles: the driver (`tiling.weight_only_matmul`)
+splits x's even and odd K columns (a cheap copy of the activations), so a
+chunk's product is
 `x_even @ dequant(low nibbles) + x_odd @ dequant(high nibbles)`, both
 dequantized in registers from one read of the packed bytes and accumulated in
 float32. Grid structure, split-K and the TPU variant: `tiling.py`.
@@ -57,19 +58,6 @@ def int4_matmul(x: jax.Array, w: QArray, *, blocks: BlockSizes | None = None,
   target: "gpu" (Triton structure) or "tpu" (Mosaic structure); defaults to
   the backend's. Rows of x are zero-padded to the row block and cropped.
   """
-  target = target or tiling.default_target()
-  _, zp_mode, chunk, auto_blocks = tiling.plan_weight_only(x.shape, x.dtype, w, 4, target,
-                                                           "int4_matmul")
-  blocks = blocks or auto_blocks
-  k, n = w.shape
-  lead = x.shape[:-1]
-  x2 = x.reshape(-1, k)
-  m = x2.shape[0]
-  half = chunk // 2
-  xs = [tiling.chunk_rows(x2[:, 0::2], half, blocks.bm), tiling.chunk_rows(x2[:, 1::2], half, blocks.bm)]
-  ws = [tiling.chunk_cols(w.qvalue, half)]
-  cols = tiling.scale_cols(w, zp_mode)
-  body = functools.partial(_body, qmin=float(w.fmt.qmin), zp_mode=zp_mode, dtype=x.dtype)
-  out = tiling.chunked_matmul(body, xs=xs, ws=ws, cols=cols, n=n, acc_dtype=jnp.float32,
-                              blocks=blocks, target=target, interpret=interpret, name="int4_matmul")
-  return out[:m].astype(x.dtype).reshape(*lead, n)
+  body = functools.partial(_body, qmin=float(w.fmt.qmin))
+  return tiling.weight_only_matmul(x, w, 4, body, blocks=blocks, target=target,
+                                   interpret=interpret, name="int4_matmul")

@@ -49,18 +49,5 @@ def int8_matmul(x: jax.Array, w: QArray, *, blocks: BlockSizes | None = None,
   target: "gpu" (Triton structure) or "tpu" (Mosaic structure); defaults to
   the backend's. Rows of x are zero-padded to the row block and cropped.
   """
-  target = target or tiling.default_target()
-  _, zp_mode, chunk, auto_blocks = tiling.plan_weight_only(x.shape, x.dtype, w, 8, target,
-                                                           "int8_matmul")
-  blocks = blocks or auto_blocks
-  k, n = w.shape
-  lead = x.shape[:-1]
-  x2 = x.reshape(-1, k)
-  m = x2.shape[0]
-  xs = [tiling.chunk_rows(x2, chunk, blocks.bm)]
-  ws = [tiling.chunk_cols(w.qvalue, chunk)]
-  body = functools.partial(_body, zp_mode=zp_mode, dtype=x.dtype)
-  out = tiling.chunked_matmul(body, xs=xs, ws=ws, cols=tiling.scale_cols(w, zp_mode), n=n,
-                              acc_dtype=jnp.float32, blocks=blocks, target=target,
-                              interpret=interpret, name="int8_matmul")
-  return out[:m].astype(x.dtype).reshape(*lead, n)
+  return tiling.weight_only_matmul(x, w, 8, _body, blocks=blocks, target=target,
+                                   interpret=interpret, name="int8_matmul")

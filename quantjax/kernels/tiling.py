@@ -32,6 +32,7 @@ the native lowerings are accepted without the hardware.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -40,7 +41,7 @@ from jax.experimental import pallas as pl
 
 __all__ = ["BlockSizes", "TARGETS", "default_target", "chunked_matmul", "chunk_rows",
            "chunk_cols", "pick_chunk", "weight_layout", "plan_weight_only", "accepts_weight_only",
-           "weight_only_reference", "scale_cols",
+           "weight_only_reference", "weight_only_matmul", "scale_cols",
            "dequantize_tile", "lower_for"]
 
 TARGETS = ("gpu", "tpu")
@@ -170,6 +171,35 @@ def accepts_weight_only(x, w, bits: int, contract_axis: int, target: str | None,
 def weight_only_reference(x: jax.Array, w) -> jax.Array:
   """Pure-jnp reference of a weight-only kernel: dequantize to float32, dot, cast to x.dtype."""
   return jnp.dot(x.astype(jnp.float32), w.dequantize(jnp.float32)).astype(x.dtype)
+
+
+def weight_only_matmul(x: jax.Array, w, bits: int, body: Callable[..., jax.Array], *,
+                       blocks: "BlockSizes | None", target: str | None, interpret: bool,
+                       name: str) -> jax.Array:
+  """`x [..., K] @ w [K, N]` for an int8 or packed-int4 `QArray`, through `body`.
+
+  `body(xs, ws, cols, *, zp_mode, dtype)` computes one chunk: for int8, `xs`
+  is `[x_chunk]`; for int4, `[x_even, x_odd]` (x's even / odd K columns, the
+  low / high nibbles of each packed byte), so no nibble interleaving is
+  needed in registers. Returns x.dtype; rows are zero-padded to `bm`, cropped.
+  """
+  target = target or default_target()
+  _, zp_mode, chunk, auto_blocks = plan_weight_only(x.shape, x.dtype, w, bits, target, name)
+  blocks = blocks or auto_blocks
+  k, n = w.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)
+  if bits == 4:
+    rows = chunk // 2  # packed rows per chunk
+    xs = [chunk_rows(x2[:, 0::2], rows, blocks.bm), chunk_rows(x2[:, 1::2], rows, blocks.bm)]
+  else:
+    rows = chunk
+    xs = [chunk_rows(x2, chunk, blocks.bm)]
+  out = chunked_matmul(functools.partial(body, zp_mode=zp_mode, dtype=x.dtype), xs=xs,
+                       ws=[chunk_cols(w.qvalue, rows)], cols=scale_cols(w, zp_mode), n=n,
+                       acc_dtype=jnp.float32, blocks=blocks, target=target, interpret=interpret,
+                       name=name)
+  return out[:x2.shape[0]].astype(x.dtype).reshape(*lead, n)
 
 
 def scale_cols(w, zp_mode: str) -> list[jax.Array]:

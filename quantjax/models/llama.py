@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quantjax.kernels import dispatch
+
 __all__ = [
     "LlamaConfig",
     "Llama",
@@ -439,12 +441,10 @@ def model_from_params(config: LlamaConfig, params: Any) -> Llama:
   return nnx.merge(graphdef(config), as_state(config, params))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _forward(config, route, params, tokens):
-  from quantjax.kernels import dispatch
-  with dispatch.routed(route):
-    model = nnx.merge(graphdef(config), params)
-    return model(tokens)
+@dispatch.routed_jit(static_argnums=0)
+def _forward(config, params, tokens):
+  model = nnx.merge(graphdef(config), params)
+  return model(tokens)
 
 
 def forward(config: LlamaConfig, params: Any, tokens: jax.Array) -> jax.Array:
@@ -453,9 +453,7 @@ def forward(config: LlamaConfig, params: Any, tokens: jax.Array) -> jax.Array:
   `params` is an `nnx.State` or pure dict whose leaves may be `QArray`s; the
   function compiles once per (config, parameter structure, token shape).
   """
-  from quantjax.kernels import dispatch
-  return _forward(config, dispatch.route(), as_state(config, params),
-                  jnp.asarray(tokens, jnp.int32))
+  return _forward(config, as_state(config, params), jnp.asarray(tokens, jnp.int32))
 
 
 # ----------------------------------------------------------------------------
@@ -468,13 +466,11 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int) -> KVCache:
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
-def _step(config, route, params, tokens, cache, index):
-  from quantjax.kernels import dispatch
-  with dispatch.routed(route):
-    model = nnx.merge(graphdef(config), params)
-    x, cache = model.hidden_states(tokens, cache, index)
-    logits = model.logits(x[:, -1:, :])[:, 0, :]
+@dispatch.routed_jit(static_argnums=0, donate_argnums=3)
+def _step(config, params, tokens, cache, index):
+  model = nnx.merge(graphdef(config), params)
+  x, cache = model.hidden_states(tokens, cache, index)
+  logits = model.logits(x[:, -1:, :])[:, 0, :]
   return logits, cache
 
 
@@ -513,9 +509,7 @@ def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens
   b, t = prompt.shape
   cache = init_cache(config, b, t + max_new_tokens)
   key = jax.random.key(seed)
-  from quantjax.kernels import dispatch
-  route = dispatch.route()
-  logits, cache = _step(config, route, params, jnp.asarray(prompt), cache, jnp.int32(0))
+  logits, cache = _step(config, params, jnp.asarray(prompt), cache, jnp.int32(0))
   out = [prompt]
   done = np.zeros((b,), bool)
   for i in range(max_new_tokens):
@@ -529,5 +523,5 @@ def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens
         break
     if i + 1 == max_new_tokens:
       break
-    logits, cache = _step(config, route, params, nxt[:, None], cache, jnp.int32(t + i))
+    logits, cache = _step(config, params, nxt[:, None], cache, jnp.int32(t + i))
   return np.concatenate(out, axis=1)
