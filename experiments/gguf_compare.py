@@ -16,7 +16,8 @@
 4. With `--mix_of=Q4_K_M`, the FP32 model is also exported by quantjax with
    that llama.cpp file's per-tensor types (`io.gguf.type_rules`), once as is
    and once with an importance matrix (mean squared inputs of every linear
-   over `--importance_windows` calibration windows) for the k-quants.
+   over `--importance_windows` calibration windows) weighting the k-quant
+   fits and the Q4_0/Q5_0 scale search.
 
 Bits per weight exclude the token embedding (as llama.cpp's tables do for
 this tied model, where it is Q8_0 in most types). Results: `results.json`,

@@ -330,8 +330,9 @@ def importance_layer(out: dict[str, np.ndarray]) -> LayerMethod:
 def input_importance(config: llama_lib.LlamaConfig, params: Any, calib_tokens: np.ndarray, *,
                      batch_size: int = 8, progress: bool = True) -> dict[str, np.ndarray]:
   """`{"layers/i/mlp/down_proj/kernel": mean x^2 per input column, ...}` over the
-  calibration windows: llama.cpp's "importance matrix", for the k-quant encoders
-  (`io.gguf.export_gguf(..., importance=...)`)."""
+  calibration windows: llama.cpp's "importance matrix", for the GGUF encoders
+  (`io.gguf.export_gguf(..., importance=...)`). Collected through the GPTQ
+  Hessian pass (full `X^T X`, of which only the diagonal is kept)."""
   out: dict[str, np.ndarray] = {}
   quantize_sequential(config, params, calib_tokens, importance_layer(out), batch_size=batch_size,
                       hessian=True, progress=progress)
