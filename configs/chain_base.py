@@ -43,8 +43,15 @@ def chain_config(stages: str) -> ml_collections.ConfigDict:
   c.distill = _train_block()
   # init "minmax": LSQ starts from the RTN scales (the RTN model), not LSQ's 2 mean|w| / sqrt(Qp).
   c.qat = _train_block(format="int4_g64", lsq=True, init="minmax")
+  # method: rtn | gptq | awq | smoothquant | static (RTN weights + static activation
+  # ranges); act_format (e.g. "int8_t", per-tensor int8) quantizes the inputs too;
+  # act_observer ("" = dynamic, or minmax / percentile / mse = static ranges);
+  # mode: sequential | one_pass; input_scales: "foldable" (AWQ / SmoothQuant scales only
+  # where the model's fold table absorbs them) or "all" (every weight, kept as InputScaled).
   c.quantize = ml_collections.ConfigDict(dict(method="rtn", format="int4_g64", act_order=False,
-                                              calibration="minmax"))
+                                              calibration="minmax", act_format="",
+                                              act_observer="", alpha=0.5, mode="sequential",
+                                              input_scales="foldable"))
   # GGUF export (stage "export", and `python -m quantjax.export`).
   c.export = ml_collections.ConfigDict(dict(types=[("embed/embedding", "Q8_0")],
                                             float_type="F32", llamacpp_eval=False))

@@ -13,15 +13,14 @@ Launch:
 `int4_g64,int3_g64`), optionally followed by `/` and a comma list of methods
 (default `rtn,gptq,awq`). The sweep's first entry, `fp32`, evaluates the
 FP32 model once; every other entry runs `quantize -> evaluate` with one
-method (`quantjax.methods`: rtn, gptq via `sequential.gptq_layer`, awq via
-`awq.awq_layer`) into its own sub-directory, and `experiments.compare` merges
+method (`quantjax.methods`: rtn, or GPTQ / AWQ through the model-agnostic
+`capture.calibrate`) into its own sub-directory, and `experiments.compare` merges
 them with Δ against `fp32`. Calibration windows come from tokens before the
 evaluation set (`calib.windows`, seeded).
 
 Expected result (perplexity protocol, 32 calibration windows, see the methods
 report): GPTQ and AWQ below RTN at both widths, the gap widest at 3 bits.
-W8A8 with SmoothQuant needs a `quantize.method = "smoothquant"` hook in
-experiments/chain.py (not there yet).
+W8A8 with SmoothQuant: `configs/smoothquant.py`.
 """
 
 from configs.chain_base import chain_config

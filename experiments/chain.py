@@ -111,9 +111,9 @@ def _load(config):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return cfg, params, tok, f"tiny-random-llama(d={t.hidden_size}, L={t.num_layers})"
   from experiments import pipeline
+  from quantjax.rules import to_pure
   cfg, params, tok = pipeline._load_model(config)
-  from quantjax.methods import sequential as seq
-  return cfg, seq.to_pure(params), tok, cfg.name
+  return cfg, to_pure(params), tok, cfg.name
 
 
 def _leaf_dims(params) -> dict[str, tuple[int, ...]]:
@@ -184,19 +184,41 @@ def _targets(config) -> str:
   return str(config.get("targets", TARGETS_DEFAULT)) if hasattr(config, "get") else TARGETS_DEFAULT
 
 
+def _calib_batches(split, config) -> list[np.ndarray]:
+  """The calibration windows as equal batches (a short last batch is dropped:
+  the capture traces one batch shape)."""
+  windows = np.asarray(split.calib_windows)
+  bs = min(int(config.calib.batch_size), windows.shape[0])
+  if bs == 0:
+    raise ValueError("calibrated methods need calibration windows (config.calib.windows > 0)")
+  n = (windows.shape[0] // bs) * bs
+  return [windows[i:i + bs] for i in range(0, n, bs)]
+
+
+def _mask_dict(masks_tree) -> dict:
+  from quantjax import rules as rules_lib
+  return {p: m for p, m in rules_lib.tree_leaves_with_paths(masks_tree) if m is not None}
+
+
+def _mask_tree(params, masks: dict):
+  from quantjax import rules as rules_lib
+  return rules_lib.map_with_paths(lambda p, x: masks.get(p), params)
+
+
 def _prune(cfg, params, split, config, progress):
+  from quantjax.models import llama as llama_lib
   from quantjax.rules import PruneRule
-  from quantjax.sparsity import layerwise
+  from quantjax import sparsity
   pc = config.prune
   pattern = parse_pattern(pc.pattern)
   rules = [PruneRule(module_path=_targets(config), **pattern)]
-  calib = split.calib_windows
+  methods = {"magnitude": "magnitude", "wanda": sparsity.Wanda(), "sparsegpt": sparsity.SparseGPT()}
   t = time.perf_counter()
-  params, masks = layerwise.prune_sequential(cfg, params, calib, str(pc.method), rules,
-                                             batch_size=int(config.calib.batch_size),
-                                             progress=progress)
+  params, masks = sparsity.prune_calibrated(llama_lib.calib_fn(cfg), params,
+                                            _calib_batches(split, config), rules,
+                                            methods[str(pc.method)], progress=progress)
   label = f"{pc.method} {pc.pattern}"
-  return params, masks, {"label": label, "seconds": time.perf_counter() - t}
+  return params, _mask_dict(masks), {"label": label, "seconds": time.perf_counter() - t}
 
 
 def _train_batches(split, tc, seed: int):
@@ -226,10 +248,9 @@ def _distill(cfg, teacher, params, masks, split, config, sdir, progress, *, qat_
   from quantjax import transforms
   from quantjax.distill import losses, qat, trainer
   from quantjax.models import llama as llama_lib
-  from quantjax.sparsity import layerwise
   tc = config.qat if qat_rules is not None else config.distill
   batch_fn, tokens_per_step = _train_batches(split, tc, int(tc.seed))
-  mask_tree = layerwise.mask_tree(params, masks) if masks else None
+  mask_tree = _mask_tree(params, masks) if masks else None
   temperature, alpha = float(tc.temperature), float(tc.alpha)
 
   def student_logits(p, x):
@@ -272,14 +293,28 @@ def _quant_rules(config, fmt: str, calibration: str = "minmax"):
   return [QuantRule(module_path=_targets(config), format=fmt, calibration=calibration)]
 
 
+QUANT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "static")
+
+
+def _observer(qc):
+  from quantjax.methods.activations import ActObserver
+  obs = str(qc.get("act_observer", "") or "")
+  return ActObserver(method=obs) if obs else None
+
+
 def _quantize(cfg, params, masks, split, config, progress):
-  from quantjax.methods import awq as awq_lib
-  from quantjax.methods import sequential as seq
+  from quantjax import methods
+  from quantjax.models import llama as llama_lib
   from quantjax.numerics.formats import QuantFormat
+  from quantjax.rules import QuantRule
   qc = config.quantize
   method, fmt = str(qc.method), str(qc.format)
+  if method not in QUANT_METHODS:
+    raise ValueError(f"unknown quantize method {method!r}; expected one of {QUANT_METHODS}")
   parsed = QuantFormat.parse(fmt)
-  rules = _quant_rules(config, fmt, str(qc.get("calibration", "minmax")))
+  act = str(qc.get("act_format", "") or "") or None
+  rules = [QuantRule(module_path=_targets(config), format=fmt,
+                     calibration=str(qc.get("calibration", "minmax")), act_format=act)]
   if masks and method != "rtn":
     raise ValueError(f"quantize method {method!r} moves pruned weights off zero; after a prune "
                      "stage use method 'rtn' with a symmetric format (zeros stay exact)")
@@ -290,15 +325,25 @@ def _quantize(cfg, params, masks, split, config, progress):
   if method == "rtn":
     from quantjax.transforms import quantize_params
     out = quantize_params(params, rules)
-  elif method in ("gptq", "awq"):
-    layer = (seq.gptq_layer(rules, act_order=bool(qc.get("act_order", False)))
-             if method == "gptq" else awq_lib.awq_layer(rules))
-    out, _ = seq.quantize_sequential(cfg, params, split.calib_windows, layer,
-                                     batch_size=int(config.calib.batch_size),
-                                     hessian=method == "gptq", progress=progress)
   else:
-    raise ValueError(f"unknown quantize method {method!r}; expected rtn, gptq or awq")
-  return out, {"label": f"{method} {fmt}", "seconds": time.perf_counter() - t}
+    observer = _observer(qc)
+    foldable = llama_lib.foldable(cfg) if str(qc.get("input_scales", "foldable")) == \
+        "foldable" else None
+    meth = {"gptq": lambda: methods.GPTQ(act_order=bool(qc.get("act_order", False)),
+                                          act_observer=observer),
+            "awq": lambda: methods.AWQ(scales_for=foldable, no_clip=llama_lib.AWQ_NO_CLIP,
+                                       act_observer=observer),
+            "smoothquant": lambda: methods.SmoothQuant(alpha=float(qc.get("alpha", 0.5)),
+                                                       scales_for=foldable,
+                                                       act_observer=observer),
+            "static": lambda: methods.RTN(act_observer=observer or
+                                          methods.ActObserver(method="minmax"))}[method]()
+    res = methods.calibrate(llama_lib.calib_fn(cfg), params, _calib_batches(split, config),
+                            rules, meth, mode=str(qc.get("mode", "sequential")),
+                            progress=progress)
+    out, _ = methods.fold_input_scales(res.params, llama_lib.fold_groups(cfg))
+  return out, {"label": f"{method} {fmt}" + (f" a{act}" if act else ""),
+               "seconds": time.perf_counter() - t}
 
 
 def _evaluate(cfg, params, split, config, base_bytes, name, label, progress):

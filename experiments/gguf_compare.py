@@ -85,7 +85,8 @@ def _mixed_exports(out, ftype, cfg, params, src, split):
   import numpy as np
 
   from quantjax.io import gguf as gguf_io
-  from quantjax.methods import sequential as seq
+  from quantjax.methods import importance as importance_lib
+  from quantjax.models import llama as llama_lib
   theirs = os.path.join(out, f"smollm2-{ftype.lower()}.gguf")
   if not os.path.exists(theirs):
     raise app.UsageError(f"--mix_of={ftype} needs {ftype} in --llamacpp")
@@ -103,7 +104,10 @@ def _mixed_exports(out, ftype, cfg, params, src, split):
         with np.load(cache) as z:
           imp = {k: z[k] for k in z.files}
       else:
-        imp = seq.input_importance(cfg, params, split.calib_windows[:n], batch_size=8)
+        w = np.asarray(split.calib_windows[:n])
+        imp = importance_lib.input_importance(
+            llama_lib.calib_fn(cfg), params, [w[i:i + 8] for i in range(0, n - n % 8, 8)],
+            llama_lib.PROJ_KERNELS)
         tmp = cache + ".tmp.npz"
         np.savez(tmp, **imp)
         os.replace(tmp, cache)

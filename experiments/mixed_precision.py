@@ -54,8 +54,9 @@ def main(argv):
   from quantjax.eval import memory as memory_lib
   from quantjax.eval import perplexity as ppl_lib
   from quantjax.eval import report as report_lib
+  from quantjax import methods
   from quantjax.methods import mixed
-  from quantjax.methods import sequential as seq
+  from quantjax.models import llama as llama_lib
   from quantjax.models import load as load_lib
   from quantjax.transforms import quantize_params
 
@@ -63,7 +64,7 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   src = load_lib.smollm2_path()
   cfg, params, tok = load_lib.load_gguf(src)
-  params = seq.to_pure(params)
+  params = rules_lib.to_pure(params)
   split = data_lib.load_split(tok, protocol=data_lib.Protocol(calib_windows=32))
   res_path = os.path.join(out, "results.json")
   records = report_lib.read_json(res_path, {"records": []})["records"]
@@ -75,8 +76,9 @@ def main(argv):
       fisher = {k.replace("|", "/"): z[k] for k in z.files}
   else:
     t = time.perf_counter()
-    fisher = mixed.fisher_diagonal(cfg, params, split.calib_windows[:_FISHER.value], TARGETS,
-                                   progress=True)
+    fisher = mixed.fisher_diagonal(llama_lib.loss_fn(cfg), params,
+                                   [w[None] for w in split.calib_windows[:_FISHER.value]],
+                                   TARGETS, progress=True)
     print(f"[quantjax] Fisher over {_FISHER.value} windows: {time.perf_counter() - t:.0f} s")
     tmp = fisher_path + ".tmp.npz"
     np.savez(tmp, **{k.replace("/", "|"): v for k, v in fisher.items()})
@@ -91,10 +93,10 @@ def main(argv):
   def quantize(rules, method):
     if method == "rtn":
       return quantize_params(params, rules)
-    layer = seq.gptq_layer(rules, act_order=True)
-    q, _ = seq.quantize_sequential(cfg, params, split.calib_windows, layer, batch_size=8,
-                                   hessian=True, progress=True)
-    return q
+    windows = np.asarray(split.calib_windows)
+    batches = [windows[i:i + 8] for i in range(0, len(windows) - len(windows) % 8, 8)]
+    return methods.calibrate(llama_lib.calib_fn(cfg), params, batches, rules,
+                             methods.GPTQ(act_order=True)).params
 
   def run(key, label, rules, method, extra):
     if key in done:

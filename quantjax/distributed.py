@@ -291,7 +291,7 @@ def sharded_nll_fn(config: Any, params: Any, mesh: Mesh,
   the protocol with the model spread over the mesh.
   """
   from quantjax.eval import perplexity as ppl_lib
-  from quantjax.methods.sequential import to_pure
+  from quantjax.rules import to_pure
   from quantjax.models import llama as llama_lib
   state = llama_lib.as_state(config, shard_params(to_pure(params), mesh, rules))
   batch_sharding = NamedSharding(mesh, P(axis))

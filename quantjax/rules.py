@@ -17,10 +17,10 @@ import jax
 
 from quantjax.numerics.calibrate import Calibration, resolve_calibration
 from quantjax.numerics.formats import QuantFormat, resolve_format
-from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
 __all__ = ["QuantRule", "PruneRule", "RuleReport", "match_rules", "path_str", "tree_leaves_with_paths",
-           "map_with_paths"]
+           "map_with_paths", "to_pure"]
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:
@@ -127,13 +127,21 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def _is_leaf(x: Any) -> bool:
-  return isinstance(x, (QArray, ActQuantized))
+  return isinstance(x, (QArray, ActQuantized, InputScaled))
 
 
 def tree_leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
   """`[(path, leaf)]` with QArrays kept whole."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
   return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def to_pure(params: Any) -> Any:
+  """An `nnx.State` as its pure nested dict (QArrays kept); other trees pass through."""
+  from flax import nnx
+  if isinstance(params, nnx.State):
+    return nnx.to_pure_dict(params)
+  return params
 
 
 def map_with_paths(fn: Callable[[str, Any], Any], tree: Any) -> Any:

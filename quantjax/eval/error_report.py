@@ -1,12 +1,9 @@
 """Per-layer quantization error: weight SQNR, output SQNR, tables, bar chart, sensitivity.
 
 * weight SQNR of a leaf: `10 log10(||W||^2 / ||W - Q||^2)` dB;
-* output SQNR of a linear: `10 log10(||XW||^2 / ||XW - XQ||^2)` on its
-  calibration inputs `X` taken from the float model (the layer's own error,
-  not accumulated);
-* block output SQNR: the hidden state after each decoder block of the
-  quantized model against the float model's, on the same calibration
-  windows (accumulated error);
+* output SQNR of a weight: `10 log10(||XW||^2 / ||XW - XQ||^2)` on its
+  matmul inputs `X` taken from the float model (the layer's own error, not
+  accumulated), on any model through `quantjax.methods.capture`;
 * `sensitivity_scan`: quantize one leaf at a time and measure any metric.
 
 Tables are markdown; the chart is a PNG (matplotlib, Agg backend).
@@ -15,15 +12,18 @@ Tables are markdown; the chart is a PNG (matplotlib, Agg backend).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+import re
+from typing import Any, Callable, Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
-from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
-__all__ = ["sqnr_db", "weight_sqnr_table", "output_sqnr_table", "block_sqnr", "markdown_table",
+_QUANT_TYPES = (QArray, ActQuantized, InputScaled)
+
+__all__ = ["sqnr_db", "weight_sqnr_table", "output_sqnr_table", "markdown_table",
            "bar_chart", "sensitivity_scan"]
 
 
@@ -40,83 +40,89 @@ def sqnr_db(ref: Any, approx: Any) -> float:
   return 10.0 * math.log10(sig / noise)
 
 
-def _unwrap(x):
-  return x.weight if isinstance(x, ActQuantized) else x
+def _inner_qarray(x):
+  while isinstance(x, (ActQuantized, InputScaled)):
+    x = x.weight
+  return x
+
+
+def _effective(x):
+  if isinstance(x, InputScaled):
+    return x.effective(jnp.float32)
+  q = _inner_qarray(x)
+  return q.dequantize(jnp.float32) if isinstance(q, QArray) else jnp.asarray(q, jnp.float32)
 
 
 def weight_sqnr_table(float_params: Any, quant_params: Any) -> list[dict[str, Any]]:
-  """One row per quantized leaf: path, format, shape, bits/value, weight SQNR."""
+  """One row per quantized leaf: path, format, shape, bits/value, weight SQNR
+  (of the effective weight: input scales of AWQ / SmoothQuant included)."""
   ref = dict(rules_lib.tree_leaves_with_paths(float_params))
   rows = []
   for path, leaf in rules_lib.tree_leaves_with_paths(quant_params):
-    q = _unwrap(leaf)
+    q = _inner_qarray(leaf)
     if not isinstance(q, QArray):
       continue
     if path not in ref:
       raise KeyError(f"{path} is quantized but has no float counterpart")
     rows.append({"path": path, "format": q.fmt.name, "shape": "x".join(map(str, q.shape)),
-                 "bits": round(q.bits_per_value, 3),
-                 "weight_sqnr_db": sqnr_db(_unwrap(ref[path]), q.dequantize(jnp.float32))})
+                 "bits": round(8.0 * leaf.nbytes / max(q.size, 1), 3),
+                 "weight_sqnr_db": sqnr_db(_effective(ref[path]), _effective(leaf))})
   return rows
 
 
-def output_sqnr_table(config: Any, float_params: Any, quant_params: Any, tokens: np.ndarray, *,
-                      batch_size: int = 8, rows: list[dict[str, Any]] | None = None
-                      ) -> list[dict[str, Any]]:
-  """Adds `output_sqnr_db` (each linear on the float model's inputs) to the
-  weight table rows of a `quantjax.models.llama` model, and returns them."""
-  from quantjax.methods import sequential as seq
-  fp = seq.to_pure(float_params)
-  qp = seq.to_pure(quant_params)
-  rows = weight_sqnr_table(fp, qp) if rows is None else rows
+def output_sqnr_table(fn: Callable[[Any, Any], Any], float_params: Any, quant_params: Any,
+                      batches: Iterable[Any], *, rows: list[dict[str, Any]] | None = None,
+                      progress: bool = False) -> list[dict[str, Any]]:
+  """Adds `output_sqnr_db` to the weight-table rows and returns them.
+
+  For every quantized leaf, the SQNR of its matmul outputs `X W` vs `X Q` on
+  the float model's inputs `X` (the layer's own error, not accumulated),
+  over `batches`, on any model `fn(params, batch)`: computed from the input
+  Hessian as `tr(W^T X^T X W) / tr(E^T X^T X E)`, `E = W - Q`, with `Q` the
+  leaf's effective float weight (input scales included; activation
+  quantization not). Stacked weights get one row per layer slice.
+  """
+  from quantjax.methods import capture
+  fp = dict(rules_lib.tree_leaves_with_paths(float_params))
+  qp = dict(rules_lib.tree_leaves_with_paths(quant_params))
+  paths = [p for p, leaf in qp.items() if isinstance(leaf, _QUANT_TYPES)]
+  if not paths:
+    raise ValueError("output_sqnr_table: quant_params holds no quantized leaf")
+  rows = weight_sqnr_table(float_params, quant_params) if rows is None else rows
   by_path = {r["path"]: r for r in rows}
-  x_all, cos, sin, mask = seq.embed_inputs(config, fp, tokens)
-  acc: dict[str, list[float]] = {}
-  for i in range(config.num_layers):
-    lf, lq = fp["layers"][i], qp["layers"][i]
-    nxt = []
-    for b in range(0, x_all.shape[0], batch_size):
-      x = x_all[b:b + batch_size]
-      n = x.shape[0]
-      out, ins = seq._block_jit(config, lf, x, cos[:n], sin[:n], mask[:n])
-      nxt.append(out)
-      for name in seq.LINEARS:
-        path = f"layers/{i}/{name}"
-        if path not in by_path:
-          continue
-        xin = ins[seq.INPUT_OF[name]].reshape(-1, ins[seq.INPUT_OF[name]].shape[-1])
-        w = jnp.asarray(seq._get(lf, name), jnp.float32)
-        q = _unwrap(seq._get(lq, name)).dequantize(jnp.float32)
-        y = xin.astype(jnp.float32) @ w
-        yq = xin.astype(jnp.float32) @ q
-        s = acc.setdefault(path, [0.0, 0.0])
-        s[0] += float(jnp.sum(y * y))
-        s[1] += float(jnp.sum((y - yq) ** 2))
-    x_all = jnp.concatenate(nxt)
-  for path, (sig, noise) in acc.items():
-    by_path[path]["output_sqnr_db"] = (math.inf if noise == 0 else
-                                       10.0 * math.log10(sig / noise) if sig > 0 else -math.inf)
-  return rows
+  from quantjax.rules import QuantRule
+  rules = [QuantRule(module_path=re.escape(p), format="int8") for p in paths]
+  acc: dict[str, tuple[float, float]] = {}
 
+  class _OutputError:
+    label = "output SQNR"
+    needs = frozenset({"hessian"})
+    rule_type = QuantRule
 
-def block_sqnr(config: Any, float_params: Any, quant_params: Any, tokens: np.ndarray, *,
-               batch_size: int = 8) -> list[float]:
-  """SQNR (dB) of the hidden state after each block, quantized vs float model."""
-  from quantjax.methods import sequential as seq
-  fp, qp = seq.to_pure(float_params), seq.to_pure(quant_params)
-  xf, cos, sin, mask = seq.embed_inputs(config, fp, tokens)
-  xq, _, _, _ = seq.embed_inputs(config, qp, tokens)
+    def apply(self, parts, record):
+      for part in parts:
+        q = capture.effective_weight(qp[part.path], jnp.float32)
+        q = q[part.region] if part.region else q
+        w = part.matrix()
+        e = w - part.layout.to_matrix(q)
+        xtx = jnp.asarray(part.stats.xtx)
+        sig = float(jnp.sum(w * (xtx @ w)))
+        noise = float(jnp.sum(e * (xtx @ e)))
+        acc[part.name] = (sig, noise)
+      return {}
+
+  capture.calibrate(fn, float_params, batches, rules, _OutputError(), mode="one_pass",
+                    progress=progress)
   out = []
-  for i in range(config.num_layers):
-    nf, nq = [], []
-    for b in range(0, xf.shape[0], batch_size):
-      n = xf[b:b + batch_size].shape[0]
-      r = (cos[:n], sin[:n], mask[:n])
-      nf.append(seq._block_out(config, fp["layers"][i], xf[b:b + batch_size], *r))
-      nq.append(seq._block_out(config, qp["layers"][i], xq[b:b + batch_size], *r))
-    xf, xq = jnp.concatenate(nf), jnp.concatenate(nq)
-    out.append(sqnr_db(xf, xq))
-  return out
+  for name, (sig, noise) in acc.items():
+    db = math.inf if noise <= 0 else (10.0 * math.log10(sig / noise) if sig > 0 else -math.inf)
+    path = name.split("[", 1)[0]
+    row = by_path.get(path)
+    if name != path or row is None:
+      row = dict(by_path.get(path, {"path": path}), path=name)
+      out.append(row)
+    row["output_sqnr_db"] = db
+  return rows + out
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,

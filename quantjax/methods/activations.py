@@ -19,7 +19,7 @@ The activation spec travels in the params tree beside the weight it feeds:
 
 The observers are pure: `init(k) -> stat`, `update(stat, x) -> stat`,
 `finalize(stat, fmt) -> (scale, zero_point)`; the sequential driver
-(`quantjax.methods.sequential`) feeds them every linear layer's input.
+(`quantjax.methods.capture`) feeds them every matmul's input.
 
 References:
   Jacob et al. Quantization and Training of Neural Networks for Efficient
@@ -45,7 +45,7 @@ from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import ActQuantized, QArray
 
 __all__ = ["ActObserver", "ActStat", "StaticActQuantized", "static_qdot", "attach_act_quant",
-           "observe", "OBSERVER_METHODS"]
+           "observe", "OBSERVER_METHODS", "observer_needs", "wrap_weight"]
 
 OBSERVER_METHODS = ("minmax", "percentile", "mse")
 
@@ -257,7 +257,8 @@ def attach_act_quant(params: Any, rules: Sequence[rules_lib.QuantRule], *,
     rules: `QuantRule`s; those with `act_format` select the weights whose
       matmul inputs are quantized (first match wins, as everywhere).
     act_stats: path -> `ActStat` of that weight's matmul input (from
-      `sequential.collect` / `observe`). With `observer`, gives static scales.
+      `capture.collect_stats(...)[path].act_stat()` / `observe`). With
+      `observer`, gives static scales.
     observer: the range rule for static scales; None for dynamic.
     strict: raise when a rule matches nothing.
 
@@ -287,9 +288,44 @@ def attach_act_quant(params: Any, rules: Sequence[rules_lib.QuantRule], *,
       return ActQuantized(weight=leaf, act_format=rule.act_format)
     if act_stats is None or path not in act_stats:
       raise ValueError(f"static activation quantization of {path}: no activation statistics "
-                       "for it (collect them with quantjax.methods.sequential or observe())")
+                       "for it (collect them with quantjax.methods.capture.collect_stats or observe())")
     scale, zp = observer.finalize(act_stats[path], rule.act_format)
     return StaticActQuantized(weight=leaf, act_format=rule.act_format, act_scale=scale,
                               act_zero_point=zp)
 
   return rules_lib.map_with_paths(fn, params)
+
+
+def observer_needs(observer: ActObserver | None) -> frozenset:
+  """The input statistics (`capture.STAT_KINDS`) an observer's ranges need."""
+  if observer is None:
+    return frozenset()
+  return frozenset({"range", "absmean"} | ({"sample"} if observer.method != "minmax" else set()))
+
+
+def wrap_weight(part: Any, weight: Any, *, observer: ActObserver | None = None,
+                input_scale: jax.Array | None = None) -> Any:
+  """A calibrated method's final leaf for one weight (`capture.Part`).
+
+  With the rule's `act_format`, the weight carries activation quantization:
+  dynamic (`ActQuantized`) without an observer, static
+  (`StaticActQuantized`, ranges from the part's input statistics) with one.
+  With `input_scale` (`[K]`, AWQ / SmoothQuant), the input is divided by it
+  (`InputScaled`); static ranges are then those of the scaled input.
+  """
+  from quantjax.numerics.qarray import InputScaled
+  act_fmt = getattr(part.rule, "act_format", None)
+  w = weight
+  if act_fmt is not None:
+    if observer is None:
+      w = ActQuantized(weight=w, act_format=act_fmt)
+    else:
+      if part.stats is None or part.stats.lo is None:
+        raise ValueError(f"static activation ranges for {part.name}: no input statistics "
+                         "(the method did not collect 'range')")
+      stat = part.stats.act_stat(scale=input_scale)
+      scale, zp = observer.finalize(stat, act_fmt)
+      w = StaticActQuantized(weight=w, act_format=act_fmt, act_scale=scale, act_zero_point=zp)
+  if input_scale is not None:
+    w = InputScaled(weight=w, scale=part.k_to_leaf(jnp.asarray(input_scale, jnp.float32)))
+  return w

@@ -1,19 +1,19 @@
 """AWQ: activation-aware weight quantization by per-input-channel scaling.
 
 Weights that see large activations matter most. AWQ multiplies input channel
-`j` of the weights by `s_j = mean|X_j|^a` (and divides the input by it,
-folded into the producing op: the RMSNorm before q/k/v and gate/up, up_proj
-before down_proj, v_proj before o_proj when there is no grouped-query
-attention), with `a` chosen on a grid in [0, 1) to minimise the error of the
-group's outputs after quantization, `||X W - (X/s) Q(diag(s) W)||^2`, on
-calibration rows. An optional clipping search then shrinks each group's
+`j` of the weights by `s_j = mean|X_j|^a` (and divides the input by it: the
+scale travels with the weight as an `InputScaled` leaf, and can be folded
+into the producing op, e.g. the RMSNorm before q/k/v, with
+`methods.fold.fold_input_scales` and a model's fold table), with `a` chosen
+on a grid in [0, 1) to minimise the error of the weights that share the
+input, `||X W - (X/s) Q(diag(s) W)||^2`, on calibration rows. An optional clipping search then shrinks each group's
 weight range (per output channel and weight group) to the ratio with the
 least output error. The weights are finally quantized round-to-nearest to
 plain `QArray`s; the model stays equivalent up to quantization.
 
-Here the error is measured on each fold group's own linear outputs (the
-concatenation of its consumers' outputs); the reference implementation
-measures it after the whole attention / MLP module.
+Here the error is measured on the outputs of the weights that share the input
+(their concatenation); the reference implementation measures it after the
+whole attention / MLP module.
 
 References:
   Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han. AWQ:
@@ -24,18 +24,19 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+import re
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from quantjax import rules as rules_lib
-from quantjax.methods import smoothquant as sq
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 
-__all__ = ["awq_search_scales", "awq_clip", "awq_layer", "fake_quant_weight"]
+__all__ = ["awq_search_scales", "awq_clip", "AWQ", "fake_quant_weight"]
 
 
 @functools.partial(jax.jit, static_argnames=("fmt",))
@@ -127,59 +128,78 @@ def awq_clip(w: jax.Array, x: jax.Array, fmt: QuantFormat | str, *, grid: int = 
   return _clip_search(w, x, fmt, grid, max_shrink)
 
 
-def _local_groups(cfg, v_to_o: bool, up_to_down: bool) -> list[sq.FoldGroup]:
-  groups = [sq.FoldGroup("input_norm/scale", ("attn/q_proj/kernel", "attn/k_proj/kernel",
-                                              "attn/v_proj/kernel"))]
-  if v_to_o and cfg.num_heads == cfg.num_kv_heads:
-    groups.append(sq.FoldGroup("attn/v_proj/kernel", ("attn/o_proj/kernel",), "linear"))
-  groups.append(sq.FoldGroup("post_attn_norm/scale", ("mlp/gate_proj/kernel",
-                                                      "mlp/up_proj/kernel")))
-  if up_to_down:
-    groups.append(sq.FoldGroup("mlp/up_proj/kernel", ("mlp/down_proj/kernel",), "linear"))
-  return groups
+@dataclasses.dataclass(frozen=True)
+class AWQ:
+  """AWQ for the calibration driver (`capture.calibrate`), on any model.
 
+  Weights that read one input (q/k/v; gate/up) share one scale vector `s`,
+  searched on their joint output error; each weight is then clipped
+  (optional) and quantized round-to-nearest as `Q(diag(s) W)`, and the
+  division of its input by `s` travels with it (`InputScaled`), so the model
+  runs unchanged. `methods.fold.fold_input_scales` with a model's fold table
+  (`quantjax.models.llama.fold_groups`) moves `1/s` into the producing norm
+  or linear and leaves plain QArrays.
 
-def awq_layer(rules: Sequence[rules_lib.QuantRule], *, grid: int = 20, clip: bool = True,
-              clip_grid: int = 20, v_to_o: bool = True, up_to_down: bool = True,
-              record: dict | None = None):
-  """A `sequential.LayerMethod` applying AWQ to one decoder layer.
-
-  Scales are searched per fold group (q/k/v, o (without GQA), gate/up, down),
-  folded into the producers, then weights are clipped (except q and k, as in
-  the reference) and quantized round-to-nearest with the rules' formats.
-  `record`, if given, receives `{group path: best exponent error list}`.
+  Attributes:
+    grid: exponents `a = i / grid` searched (a = 0 is plain RTN).
+    clip, clip_grid, max_shrink: the clipping search (`awq_clip`).
+    scales_for: regex (fullmatch on the weight's path) of the weights that
+      get input scales; None: all. Weights outside it are clipped and
+      rounded only (for a model whose fold table cannot absorb some scales).
+    no_clip: regex of weights not clipped (the reference skips q and k,
+      whose errors the output metric does not see through the attention).
+    max_rows: input rows used by the searches.
+    act_observer: static activation ranges for rules with an `act_format`.
   """
-  from quantjax.methods import sequential as seq
-  rules = tuple(rules)
 
-  def run(i, lp, stats, ctx):
-    prefix = ctx["prefix"]
-    rule_of = {n: seq._rule_for(rules, f"{prefix}/{n}") for n in seq.LINEARS}
-    s_in: dict = {}  # consumer -> the scales its input is now divided by
-    for g in _local_groups(ctx["config"], v_to_o, up_to_down):
-      cons = [c for c in g.consumers if rule_of.get(c) is not None]
-      if not cons:
-        continue
-      st = stats[g.consumers[0]]
-      ws = [seq._get(lp, c) for c in cons]
-      s, _, errs = awq_search_scales(st.sample, st.absmean, ws,
-                                     [rule_of[c].format for c in cons], grid=grid)
-      if record is not None:
-        record[f"{prefix}/{g.prev}"] = errs
-      lp = sq.apply_scales(lp, [g], {g.prev: s})
-      for c in g.consumers:
-        s_in[c] = s
-    for name in seq.LINEARS:
-      rule = rule_of[name]
-      if rule is None:
-        continue
-      w = jnp.asarray(seq._get(lp, name), jnp.float32)
-      if clip and name not in ("attn/q_proj/kernel", "attn/k_proj/kernel"):
-        x = jnp.asarray(stats[name].sample, jnp.float32)
-        if name in s_in:
-          x = x / s_in[name][None, :]
-        w = awq_clip(w, x, rule.format, grid=clip_grid)
-      lp = seq._set(lp, name, qarray_lib.quantize(w, rule.format, calibration=rule.calibration))
-    return lp
+  grid: int = 20
+  clip: bool = True
+  clip_grid: int = 20
+  max_shrink: float = 0.5
+  scales_for: str | None = None
+  no_clip: str | None = None
+  max_rows: int = 512
+  act_observer: Any = None
+  label: ClassVar[str] = "AWQ"
+  rule_type: ClassVar[type] = rules_lib.QuantRule
 
-  return run
+  @property
+  def needs(self) -> frozenset:
+    from quantjax.methods import activations as act_lib
+    return frozenset({"absmean", "sample"}) | act_lib.observer_needs(self.act_observer)
+
+  def apply(self, parts, record) -> dict:
+    from quantjax.methods import activations as act_lib
+    errors = record.setdefault("awq_errors", {})
+    by_source: dict[int, list] = {}
+    for p in parts:
+      by_source.setdefault(p.source, []).append(p)
+    out = {}
+    for ps in by_source.values():
+      x = jnp.asarray(ps[0].stats.sample, jnp.float32)
+      if x.shape[0] > self.max_rows:
+        x = x[:: x.shape[0] // self.max_rows][: self.max_rows]
+      scaled = [p for p in ps if not resolve_format(p.rule.format).is_cast and (
+          self.scales_for is None or re.fullmatch(self.scales_for, p.path))]
+      s = None
+      if scaled:
+        fmts = [p.matrix_format(p.rule.format) for p in scaled]
+        s, _, errs = awq_search_scales(x, ps[0].stats.absmean, [p.matrix() for p in scaled],
+                                       fmts, grid=self.grid)
+        errors[", ".join(p.name for p in scaled)] = errs
+      for p in ps:
+        fmt = resolve_format(p.rule.format)
+        if fmt.is_cast:
+          out[p.key] = act_lib.wrap_weight(p, qarray_lib.quantize(p.value, fmt, name=p.name),
+                                           observer=self.act_observer)
+          continue
+        w, xs, sp = p.matrix(), x, None
+        if any(p is q for q in scaled):
+          w, xs, sp = w * s[:, None], x / s[None, :], s
+        if self.clip and not (self.no_clip and re.fullmatch(self.no_clip, p.path)):
+          w = awq_clip(w, xs, p.matrix_format(fmt), grid=self.clip_grid,
+                       max_shrink=self.max_shrink, max_rows=self.max_rows)
+        q = qarray_lib.quantize(p.from_matrix(w), p.leaf_format(fmt),
+                                calibration=p.rule.calibration, name=p.name)
+        out[p.key] = act_lib.wrap_weight(p, q, observer=self.act_observer, input_scale=sp)
+    return out

@@ -28,8 +28,9 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import QArray
 
 __all__ = ["HessianStat", "hessian_init", "hessian_update", "hessian", "gptq_quantize",
-           "GPTQResult", "SUPPORTED_KINDS"]
+           "GPTQResult", "SUPPORTED_KINDS", "GPTQ"]
 
 SUPPORTED_KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2")
 
@@ -321,3 +322,51 @@ def _code_dtype(fmt: QuantFormat):
   zz = None if z is None else (z if fmt.zero_point == "float" else z.astype(jnp.int8))
   return jax.eval_shape(lambda: qarray_lib.encode(jnp.zeros((1,), jnp.float32), fmt,
                                                   jnp.ones((1,), jnp.float32), zz)).dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ:
+  """GPTQ for the calibration driver (`capture.calibrate`).
+
+  Each selected weight is seen as its `[K, N]` matrix (contraction axes
+  first) with the Hessian of its input; the result is a QArray in the
+  rule's format placed on the weight's own axes (`Part.leaf_format`).
+
+  Attributes:
+    percdamp, act_order, block_size: as in `gptq_quantize`.
+    act_observer: static activation ranges for rules with an `act_format`
+      (see `activations.wrap_weight`); None keeps them dynamic.
+  """
+
+  percdamp: float = 0.01
+  act_order: bool = False
+  block_size: int = 128
+  act_observer: Any = None
+  label: ClassVar[str] = "GPTQ"
+
+  @property
+  def rule_type(self):
+    from quantjax.rules import QuantRule
+    return QuantRule
+
+  @property
+  def needs(self) -> frozenset:
+    from quantjax.methods import activations as act_lib
+    return frozenset({"hessian"}) | act_lib.observer_needs(self.act_observer)
+
+  def apply(self, parts, record) -> dict:
+    from quantjax.methods import activations as act_lib
+    out = {}
+    losses = record.setdefault("gptq_loss", {})
+    for p in parts:
+      fmt = resolve_format(p.rule.format)
+      if fmt.is_cast:
+        q = qarray_lib.quantize(p.value, fmt, name=p.name)
+      else:
+        res = gptq_quantize(p.matrix(), p.stats.hessian(), p.matrix_format(fmt),
+                            calibration=p.rule.calibration, percdamp=self.percdamp,
+                            act_order=self.act_order, block_size=self.block_size)
+        q = p.qarray_from_matrix(res.qarray)
+        losses[p.name] = res.loss
+      out[p.key] = act_lib.wrap_weight(p, q, observer=self.act_observer)
+    return out

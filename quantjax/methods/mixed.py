@@ -1,8 +1,9 @@
 """Mixed precision under a memory budget: one format per tensor, chosen by sensitivity.
 
 1. **Sensitivity** (`fisher_diagonal`): the empirical Fisher diagonal
-   `F = E[g ⊙ g]` of the next-token loss over calibration windows, one
-   gradient per window. To second order, quantizing tensor `t` to format `f`
+   `F = E[g ⊙ g]` of the model's loss (a user-supplied `loss_fn(params,
+   batch)`, e.g. the next-token NLL) over calibration batches, one gradient
+   per batch. To second order, quantizing tensor `t` to format `f`
    raises the loss by about `½ Σ F_t ⊙ (W_t − Q_f(W_t))²` (the diagonal-Fisher
    saliency of Optimal Brain Damage, LeCun et al., 1990; used for bit
    allocation in HAWQ-V2, Dong et al., NeurIPS 2020, arXiv:1911.03852, with
@@ -15,7 +16,7 @@
    bisection) followed by a greedy pass that spends the remaining budget on
    the upgrades with the best cost reduction per byte.
 3. `assignment_rules` turns the allocation into `QuantRule`s (one per tensor)
-   that any method (RTN, GPTQ via `sequential.gptq_layer`) and the GGUF
+   that any method (RTN, GPTQ through `capture.calibrate`) and the GGUF
    exporter understand; with GGUF block formats as candidates (`q8_0`,
    `q5_0`, `q4_0`, ...) the result exports code for code with per-tensor types.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,39 +77,42 @@ def format_bytes(shape: Sequence[int], fmt: QuantFormat | str) -> int:
              for a in (q.qvalue, q.scale, q.zero_point) if a is not None)
 
 
-def fisher_diagonal(config, params: Any, windows: np.ndarray, targets: str, *,
-                    progress: bool = False) -> dict[str, np.ndarray]:
-  """`E[(∂ NLL / ∂W)²]` over `windows` for every float leaf matching `targets`."""
-  from quantjax.eval import perplexity as ppl_lib
-  from quantjax.methods import sequential as seq
-  from quantjax.models import llama as llama_lib
+def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
+                    batches: Iterable[Any], targets: str, *, progress: bool = False
+                    ) -> dict[str, np.ndarray]:
+  """`E[(∂ loss / ∂W)²]` over `batches` for every float leaf whose path matches `targets`.
 
-  pure = seq.to_pure(params)
-  paths = [p for p, _ in rules_lib.tree_leaves_with_paths(pure) if re.fullmatch(targets, p)]
+  Args:
+    loss_fn: `loss_fn(params, batch) -> scalar`, the model's own loss (e.g.
+      the mean next-token NLL of one window); one gradient per batch.
+    params: any params pytree (NNX State, linen variables, dicts).
+    batches: the calibration batches (one Fisher sample each).
+    targets: regex, fullmatch on the leaf paths.
+  """
+  paths = [p for p, x in rules_lib.tree_leaves_with_paths(params)
+           if re.fullmatch(targets, p) and hasattr(x, "dtype") and
+           jnp.issubdtype(x.dtype, jnp.floating)]
   if not paths:
-    raise ValueError(f"no parameter path matches targets {targets!r}")
-  windows = np.asarray(windows)
-  if windows.ndim != 2 or windows.shape[0] == 0:
-    raise ValueError(f"calibration windows must be [n >= 1, T] token ids, got {windows.shape}")
+    raise ValueError(f"no float parameter path matches targets {targets!r}")
+  batches = list(batches)
+  if not batches:
+    raise ValueError("fisher_diagonal needs at least one calibration batch")
 
   @jax.jit
-  def sq_grad(p, tokens):
-    def loss(p):
-      logits = llama_lib.forward(config, p, tokens[None])
-      return jnp.mean(ppl_lib.token_nll(logits, tokens[None]))
-    g = jax.grad(loss)(p)
+  def sq_grad(p, batch):
+    g = jax.grad(loss_fn)(p, batch)
     return jax.tree.map(lambda x: x * x, g)
 
   acc = None
-  it = range(windows.shape[0])
+  it = batches
   if progress:
     from tqdm.auto import tqdm
-    it = tqdm(it, desc="fisher", unit="win")
-  for i in it:
-    g2 = sq_grad(pure, jnp.asarray(windows[i]))
+    it = tqdm(batches, desc="fisher", unit="batch")
+  for batch in it:
+    g2 = sq_grad(params, batch)
     acc = g2 if acc is None else jax.tree.map(jnp.add, acc, g2)
   flat = dict(rules_lib.tree_leaves_with_paths(acc))
-  return {p: np.asarray(flat[p]) / windows.shape[0] for p in paths}
+  return {p: np.asarray(flat[p]) / len(batches) for p in paths}
 
 
 def calibration_for(fmt: QuantFormat | str, calibration: str = "minmax") -> str:
@@ -124,8 +128,7 @@ def candidate_costs(params: Any, fisher: Mapping[str, np.ndarray],
                     candidates: Sequence[str], *, calibration: str = "minmax",
                     ) -> dict[str, list[Choice]]:
   """Per tensor, every candidate format's bytes and `½ Σ F ⊙ (W − Q(W))²`."""
-  from quantjax.methods import sequential as seq
-  flat = dict(rules_lib.tree_leaves_with_paths(seq.to_pure(params)))
+  flat = dict(rules_lib.tree_leaves_with_paths(params))
   out: dict[str, list[Choice]] = {}
   for path, f in fisher.items():
     w = jnp.asarray(flat[path], jnp.float32)

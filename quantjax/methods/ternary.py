@@ -26,15 +26,10 @@ from quantjax import transforms
 from quantjax.numerics.formats import QuantFormat
 from quantjax.rules import QuantRule
 
-__all__ = ["LINEAR_KERNELS", "format_rules", "binary_rules", "ternary_rules", "fp8_rules",
+__all__ = ["format_rules", "binary_rules", "ternary_rules", "fp8_rules",
            "nf4_rules", "quantize_lowbit"]
 
-# Every projection kernel of quantjax.models.llama (embedding and norms excluded).
-LINEAR_KERNELS = r"layers/\d+/(attn|mlp)/\w+_proj/kernel"
-
-
-def format_rules(fmt: QuantFormat | str,
-                 module_path: str = LINEAR_KERNELS) -> tuple[QuantRule, ...]:
+def format_rules(fmt: QuantFormat | str, module_path: str) -> tuple[QuantRule, ...]:
   """`(QuantRule(module_path, fmt), skip everything else)`."""
   return (QuantRule(module_path=module_path, format=fmt), QuantRule(module_path=".*", skip=True))
 
@@ -45,28 +40,28 @@ def _fmt(kind: str, group_size: int | None, **kw) -> QuantFormat:
   return QuantFormat(kind=kind, granularity="group", group_size=group_size, **kw)
 
 
-def binary_rules(module_path: str = LINEAR_KERNELS, group_size: int | None = None):
+def binary_rules(module_path: str, group_size: int | None = None):
   """XNOR-Net binary weights (alpha per output channel, or per group)."""
   return format_rules(_fmt("binary", group_size), module_path)
 
 
-def ternary_rules(module_path: str = LINEAR_KERNELS, group_size: int | None = None):
+def ternary_rules(module_path: str, group_size: int | None = None):
   """TWN ternary weights (Delta = 0.7 mean|w|, alpha per channel or group)."""
   return format_rules(_fmt("ternary", group_size), module_path)
 
 
-def fp8_rules(module_path: str = LINEAR_KERNELS, group_size: int | None = None,
+def fp8_rules(module_path: str, group_size: int | None = None,
               kind: str = "fp8_e4m3"):
   """Scaled FP8 weights (e4m3 by default)."""
   return format_rules(_fmt(kind, group_size), module_path)
 
 
-def nf4_rules(module_path: str = LINEAR_KERNELS, group_size: int | None = 64):
+def nf4_rules(module_path: str, group_size: int | None = 64):
   """NF4 weights with absmax scales per group of `group_size` (QLoRA uses 64)."""
   return format_rules(_fmt("nf4", group_size), module_path)
 
 
-def quantize_lowbit(params: Any, kind: str, *, module_path: str = LINEAR_KERNELS,
+def quantize_lowbit(params: Any, kind: str, *, module_path: str,
                     group_size: int | None = None) -> Any:
   """Quantizes the matched kernels to `kind` in ("binary", "ternary",
   "fp8_e4m3", "fp8_e5m2", "nf4")."""

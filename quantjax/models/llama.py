@@ -43,6 +43,8 @@ from flax import nnx
 from quantjax.kernels import dispatch
 
 __all__ = [
+    "PROJ_KERNELS",
+    "AWQ_NO_CLIP",
     "LlamaConfig",
     "Llama",
     "KVCache",
@@ -53,7 +55,17 @@ __all__ = [
     "generate",
     "init_cache",
     "model_from_params",
+    "calib_fn",
+    "loss_fn",
+    "fold_groups",
+    "foldable",
 ]
+
+# Every projection kernel of a block: the weights methods compare on (the
+# embedding / tied head and the norms stay float unless a rule says otherwise).
+PROJ_KERNELS = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
+# The reference AWQ does not clip q and k (their error acts through the attention scores).
+AWQ_NO_CLIP = r"layers/\d+/attn/(q|k)_proj/kernel"
 
 
 def _qdot(x, w, contract_axis: int = 0):
@@ -525,3 +537,60 @@ def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens
       break
     logits, cache = _step(config, params, nxt[:, None], cache, jnp.int32(t + i))
   return np.concatenate(out, axis=1)
+
+
+# ----------------------------------------------------------------------------
+# What calibrated methods need to know about this architecture (data only).
+
+
+def calib_fn(config: LlamaConfig):
+  """`fn(params, tokens)` for `quantjax.methods.capture.calibrate`: the model's forward."""
+  def fn(params, tokens):
+    return forward(config, params, tokens)
+  return fn
+
+
+def loss_fn(config: LlamaConfig):
+  """`loss(params, tokens) -> mean next-token NLL` (float32), e.g. for the Fisher
+  sensitivity of `methods.mixed.fisher_diagonal`."""
+  def loss(params, tokens):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim == 1:
+      tokens = tokens[None]
+    logits = forward(config, params, tokens)[:, :-1].astype(jnp.float32)
+    tgt = tokens[:, 1:]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.mean(lse - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0])
+  return loss
+
+
+def fold_groups(config: LlamaConfig, *, prefix: str = "layers", up_to_down: bool = True,
+                v_to_o: bool = True) -> list:
+  """The producer of each projection's input, for `methods.fold.fold_input_scales`.
+
+  input_norm -> q/k/v and post_attn_norm -> gate/up always; up_proj ->
+  down_proj (SwiGLU multiplies up's output into down's input, so its columns
+  absorb the scales); v_proj -> o_proj only without grouped-query attention
+  (with it, one v head feeds several o inputs and scales per o input cannot
+  fold: o_proj keeps its `InputScaled` leaf).
+  """
+  from quantjax.methods.fold import FoldGroup
+  out = []
+  for i in range(config.num_layers):
+    p = f"{prefix}/{i}"
+    out.append(FoldGroup(f"{p}/input_norm/scale",
+                         tuple(f"{p}/attn/{n}_proj/kernel" for n in ("q", "k", "v"))))
+    if v_to_o and config.num_heads == config.num_kv_heads:
+      out.append(FoldGroup(f"{p}/attn/v_proj/kernel", (f"{p}/attn/o_proj/kernel",), "linear"))
+    out.append(FoldGroup(f"{p}/post_attn_norm/scale",
+                         (f"{p}/mlp/gate_proj/kernel", f"{p}/mlp/up_proj/kernel")))
+    if up_to_down:
+      out.append(FoldGroup(f"{p}/mlp/up_proj/kernel", (f"{p}/mlp/down_proj/kernel",), "linear"))
+  return out
+
+
+def foldable(config: LlamaConfig, **kw) -> str:
+  """Regex of the projections whose input scales `fold_groups` can absorb."""
+  import re
+  cons = [c for g in fold_groups(config, **kw) for c in g.consumers]
+  return "|".join(re.escape(c) for c in cons)

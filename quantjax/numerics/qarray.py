@@ -38,7 +38,7 @@ from quantjax.numerics.formats import QuantFormat
 __all__ = [
     "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
-    "quantize_with_scale",
+    "InputScaled", "quantize_with_scale",
 ]
 
 
@@ -294,13 +294,18 @@ def unpack_codes(packed: jax.Array, fmt: QuantFormat, shape: Sequence[int]) -> j
 # The pytree.
 # ----------------------------------------------------------------------------
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray(flax_meta.AxisMetadata):
   """A quantized array. Children: `qvalue`, `scale`, `zero_point`.
 
   Static: `fmt` (QuantFormat), `shape` (logical), `dtype` (of the original
   array, which `dequantize()` returns by default).
+
+  Leading axes of the children are batch axes: when `jax.lax.scan` (or
+  `vmap`, `nn.scan`, `nnx.scan`) slices a stacked QArray `[L, ...]`, or
+  stacks per-layer ones, the logical shape follows the children (see
+  `_qarray_unflatten`). A stacked QArray's format uses negative axes
+  (`group_axis=-2`, `channel_axis=-1`), so each slice reads the same format.
 
   It stands in where an array is expected: `__jax_array__` and `__array__`
   dequantize, `x[idx]` indexes the dequantized values, and `shape`, `dtype`,
@@ -425,6 +430,42 @@ class QArray(flax_meta.AxisMetadata):
     """Builds a QArray from unpacked codes of the logical shape and stored scales."""
     return cls(qvalue=pack_codes(codes, fmt), scale=scale, zero_point=zero_point,
                fmt=fmt, shape=tuple(codes.shape), dtype=jnp.dtype(dtype))
+
+
+def _qarray_flatten_with_keys(q: "QArray"):
+  keys = jax.tree_util.GetAttrKey
+  return (((keys("qvalue"), q.qvalue), (keys("scale"), q.scale),
+           (keys("zero_point"), q.zero_point)), (q.fmt, q.shape, q.dtype))
+
+
+def _qarray_flatten(q: "QArray"):
+  return (q.qvalue, q.scale, q.zero_point), (q.fmt, q.shape, q.dtype)
+
+
+def _qarray_unflatten(aux, children) -> "QArray":
+  """Rebuilds a QArray; leading axes the children gained or lost are batch axes.
+
+  `scan` over a stacked QArray hands its body children without the leading
+  axis (the treedef still holds the stacked shape), and stacking per-layer
+  QArrays adds one: the logical shape drops or gains those leading axes.
+  Children that are not arrays (shardings, None placeholders) keep `shape`.
+  """
+  fmt, shape, dtype = aux
+  qvalue = children[0]
+  nd = getattr(qvalue, "ndim", None)
+  if isinstance(nd, int):
+    base = len(shape) if (shape or not fmt.packed) else 1
+    lead = nd - base
+    if lead > 0:
+      shape = tuple(qvalue.shape[:lead]) + tuple(shape)
+    elif lead < 0 and len(shape) >= -lead:
+      shape = tuple(shape[-lead:])
+  return QArray(qvalue=children[0], scale=children[1], zero_point=children[2], fmt=fmt,
+                shape=tuple(shape), dtype=dtype)
+
+
+jax.tree_util.register_pytree_with_keys(QArray, _qarray_flatten_with_keys, _qarray_unflatten,
+                                        flatten_func=_qarray_flatten)
 
 
 def _is_int_index(idx: Any) -> bool:
@@ -557,3 +598,89 @@ class ActQuantized:
 
   def __jax_array__(self):
     return dequantize(self.weight)
+
+  def __getitem__(self, idx):
+    return dequantize(self.weight)[idx]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class InputScaled(flax_meta.AxisMetadata):
+  """A weight that expects its matmul's input divided by per-input-channel scales.
+
+  AWQ and SmoothQuant quantize `diag(s) W` instead of `W`; the division of
+  the input by `s` travels with the weight in this leaf, so no model change
+  is needed: `ops.qdot(x, leaf)` computes `qdot(x / s, leaf.weight)` (the
+  inner weight may be a `QArray`, an `ActQuantized` or a
+  `StaticActQuantized`, whose activation quantization then sees `x / s`),
+  and anywhere an array is expected the leaf is the effective weight
+  `dequantize(weight) / s`, which gives the same product. Folding `1/s`
+  into the op that produces the input (a norm, a linear) is an optional pass
+  (`quantjax.methods.fold.fold_input_scales`) that turns the leaf back into
+  its inner weight.
+
+  Children: `weight` (`[..., in, ..., out]`), `scale` with the weight's rank,
+  size 1 on every non-contracted axis (`[in, 1]` for a `[in, out]` kernel,
+  `[1, in]` for an `[out, in]` one; stacked layers `[L, in, 1]`).
+  """
+
+  weight: Any
+  scale: Any
+
+  def unbox(self) -> jax.Array:
+    return self.__jax_array__()
+
+  def replace_boxed(self, val):
+    return val
+
+  def add_axis(self, index, params):
+    return self
+
+  def remove_axis(self, index, params):
+    return self
+
+  @property
+  def shape(self):
+    return tuple(self.weight.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def dtype(self):
+    return self.weight.dtype
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.weight.nbytes) + int(self.scale.size) * jnp.dtype(self.scale.dtype).itemsize
+
+  @property
+  def inner_weight(self) -> Any:
+    """The stored weight without any activation wrapper (a QArray or an array)."""
+    w = self.weight
+    return w.weight if isinstance(w, ActQuantized) else w
+
+  def effective(self, dtype: Any = None) -> jax.Array:
+    """`dequantize(weight) / scale`: the float weight the leaf stands for."""
+    w = dequantize(self.inner_weight, jnp.float32)
+    out = w / jnp.asarray(self.scale, jnp.float32)
+    return out.astype(self.dtype if dtype is None else dtype)
+
+  def __jax_array__(self) -> jax.Array:
+    return self.effective()
+
+  def __getitem__(self, idx) -> jax.Array:
+    return self.effective()[idx]
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.asarray(self.effective())
+    return out.astype(dtype) if dtype is not None else out
+
+  def __qdot__(self, x: jax.Array, *, contract_axis: int = 0, precision: Any = None):
+    from quantjax import ops  # local: ops imports this module
+    if len(self.shape) != 2:
+      raise ValueError(f"qdot takes 2-D weights; this InputScaled weight has shape {self.shape}")
+    s = jnp.asarray(self.scale).reshape(-1)
+    xs = (x.astype(jnp.float32) / s.astype(jnp.float32)).astype(x.dtype)
+    return ops.qdot(xs, self.weight, contract_axis=contract_axis, precision=precision)

@@ -56,14 +56,14 @@ def test_shipped_q4_1_imports_at_its_size_and_reexports_byte_identical(tmp_path,
 @pytest.fixture(scope="module")
 def gptq_q4_0(smollm2, smollm2_split):
   """GPTQ W4 in Q4_0's own format (group 32, fp16 scales), 4 calibration windows."""
-  from quantjax.methods import sequential as seq
+  from quantjax import methods
+  from quantjax.models import llama
   from quantjax.rules import QuantRule
   cfg, params, _ = smollm2
   rules = [QuantRule(module_path=TARGETS, format="q4_0")]
-  out, _ = seq.quantize_sequential(cfg, params, smollm2_split.calib_windows[:4],
-                                   seq.gptq_layer(rules), batch_size=4, hessian=True,
-                                   progress=False)
-  return out
+  return methods.calibrate(llama.calib_fn(cfg), params,
+                           [np.asarray(smollm2_split.calib_windows[:4])], rules,
+                           methods.GPTQ(), progress=False).params
 
 
 @pytest.mark.parametrize("kind", ["F16", "Q8_0", "Q4_0", "gptq_Q4_0"])

@@ -8,7 +8,7 @@ import quantjax as qj
 from quantjax import distributed as dist
 from quantjax.eval import data as data_lib
 from quantjax.eval import perplexity as ppl
-from quantjax.methods.sequential import to_pure
+from quantjax.rules import to_pure
 
 # group 32: SmolLM2's widths (576 = 18 x 32, 1536 = 48 x 32) split into 2 shards at group
 # boundaries; group 64 gives 9 groups along 576, which no even mesh axis can split.
@@ -45,7 +45,9 @@ def test_sharded_rtn_and_perplexity_match_single_device(smollm2, mesh):
 
 def test_data_parallel_gptq_matches_single_device(smollm2, mesh):
   """GPTQ with calibration batches split over `data` (Hessians all-reduced) vs one device."""
-  from quantjax.methods import sequential as seq
+  from quantjax import methods
+  from quantjax import rules as rules_lib
+  from quantjax.models import llama
   cfg, params, tok = smollm2
   pure = to_pure(params)
   # two layers keep the test short: GPTQ the first two decoder blocks only
@@ -54,17 +56,22 @@ def test_data_parallel_gptq_matches_single_device(smollm2, mesh):
   cfg2 = cfg.replace(num_layers=2)
   split = data_lib.load_split(tok, protocol=data_lib.Protocol(eval_tokens=16384, window=128,
                                                               calib_windows=8))
-  rules = [qj.QuantRule(module_path=r"layers/\d+/(attn|mlp)/\w+_proj/kernel", format="int4_g64")]
-  one, _ = seq.quantize_sequential(cfg2, small, split.calib_windows, seq.gptq_layer(rules),
-                                   batch_size=8, progress=False)
-  many, _ = seq.quantize_sequential(cfg2, small, split.calib_windows, seq.gptq_layer(rules),
-                                    batch_size=8, progress=False, mesh=mesh)
-  for i in range(2):
-    for name in seq.LINEARS:
-      a = seq.get_param(one["layers"][i], name)
-      b = seq.get_param(many["layers"][i], name)
-      codes_a, codes_b = np.asarray(a.codes()), np.asarray(b.codes())
-      # reductions in another order: a few codes at rounding ties may differ by one step
-      assert np.mean(codes_a != codes_b) < 1e-3, name
-      assert np.max(np.abs(codes_a.astype(int) - codes_b.astype(int))) <= 1, name
-      np.testing.assert_allclose(np.asarray(a.scale), np.asarray(b.scale), rtol=1e-4)
+  rules = [qj.QuantRule(module_path=llama.PROJ_KERNELS, format="int4_g64")]
+  fn = llama.calib_fn(cfg2)
+  batches = [np.asarray(split.calib_windows)]
+  one = methods.calibrate(fn, small, batches, rules, methods.GPTQ(), progress=False).params
+  many = methods.calibrate(fn, small, batches, rules, methods.GPTQ(), mesh=mesh,
+                           progress=False).params
+  flat_b = dict(rules_lib.tree_leaves_with_paths(many))
+  n = 0
+  for name, a in rules_lib.tree_leaves_with_paths(one):
+    if not isinstance(a, qj.QArray):
+      continue
+    n += 1
+    b = flat_b[name]
+    codes_a, codes_b = np.asarray(a.codes()), np.asarray(b.codes())
+    # reductions in another order: a few codes at rounding ties may differ by one step
+    assert np.mean(codes_a != codes_b) < 1e-3, name
+    assert np.max(np.abs(codes_a.astype(int) - codes_b.astype(int))) <= 1, name
+    np.testing.assert_allclose(np.asarray(a.scale), np.asarray(b.scale), rtol=1e-4)
+  assert n == 14

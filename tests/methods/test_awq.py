@@ -3,11 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 
+from quantjax import methods
 from quantjax.methods import awq
-from quantjax.methods import sequential as seq
 from quantjax.models import llama
 from quantjax.numerics import qarray as qarray_lib
-from quantjax.numerics.qarray import QArray
+from quantjax.numerics.qarray import InputScaled, QArray
 from quantjax.rules import QuantRule
 
 
@@ -43,25 +43,35 @@ def test_clip_search_never_worse_than_no_clip():
   assert not np.allclose(wc, w)
 
 
-def test_awq_layer_on_tiny_llama(tiny, tiny_tokens):
+def test_awq_on_tiny_llama_and_fold(tiny, tiny_tokens):
   cfg, pure = tiny
-  rules = (QuantRule(module_path=r"layers/\d+/(attn|mlp)/.*_proj/kernel", format="int3_g32"),)
-  ref = np.asarray(llama.forward(cfg, pure, tiny_tokens))
-  record = {}
-  q_awq, _ = seq.quantize_sequential(cfg, pure, tiny_tokens, awq.awq_layer(rules, grid=10,
-                                                                          record=record),
-                                     batch_size=4, hessian=False, progress=False)
-  q_rtn, _ = seq.quantize_sequential(cfg, pure, tiny_tokens, seq.rtn_layer(rules), batch_size=4,
-                                     hessian=False, progress=False)
+  rules = (QuantRule(module_path=llama.PROJ_KERNELS, format="int3_g32"),)
+  fn = llama.calib_fn(cfg)
+  batches = [tiny_tokens[:4], tiny_tokens[4:]]
+  ref = np.asarray(fn(pure, tiny_tokens))
 
   def err(p):
-    return float(np.mean((np.asarray(llama.forward(cfg, p, tiny_tokens)) - ref) ** 2))
+    return float(np.mean((np.asarray(fn(p, tiny_tokens)) - ref) ** 2))
 
-  assert err(q_awq) < 0.9 * err(q_rtn), (err(q_awq), err(q_rtn))
-  assert isinstance(q_awq["layers"][0]["attn"]["o_proj"]["kernel"], QArray)
-  # Norm scales absorbed 1/s (stay float); groups searched: qkv, gate/up, down (GQA: no v->o).
-  assert not isinstance(q_awq["layers"][0]["input_norm"]["scale"], QArray)
-  assert not np.allclose(np.asarray(q_awq["layers"][0]["input_norm"]["scale"]),
+  res = methods.calibrate(fn, pure, batches, rules, awq.AWQ(grid=10), progress=False)
+  q_rtn = methods.rtn_params(pure, rules)
+  assert err(res.params) < 0.9 * err(q_rtn), (err(res.params), err(q_rtn))
+  # One scale search per shared input: q/k/v, o, gate/up, down in each layer.
+  searched = [k for k in res.info["awq_errors"] if k.startswith("layers/0/")]
+  assert len(searched) == 4 and "layers/0/attn/q_proj/kernel, " in searched[0]
+  o = res.params["layers"][0]["attn"]["o_proj"]["kernel"]
+  assert isinstance(o, InputScaled) and isinstance(o.weight, QArray)
+  # Folding into the norms / up_proj leaves plain QArrays, the same function; with
+  # grouped-query attention o_proj's scales have no producer to fold into.
+  folded, left = methods.fold_input_scales(res.params, llama.fold_groups(cfg))
+  assert left == [f"layers/{i}/attn/o_proj/kernel" for i in range(cfg.num_layers)]
+  assert isinstance(folded["layers"][0]["mlp"]["down_proj"]["kernel"], QArray)
+  assert not np.allclose(np.asarray(folded["layers"][0]["input_norm"]["scale"]),
                          np.asarray(pure["layers"][0]["input_norm"]["scale"]))
-  assert sorted(k.split("/", 2)[2] for k in record if k.startswith("layers/0/")) == [
-      "input_norm/scale", "mlp/up_proj/kernel", "post_attn_norm/scale"]
+  np.testing.assert_allclose(np.asarray(fn(folded, tiny_tokens)),
+                             np.asarray(fn(res.params, tiny_tokens)), rtol=2e-4, atol=2e-4)
+  # Restricting the scales to what the fold table absorbs: everything folds.
+  res2 = methods.calibrate(fn, pure, batches, rules,
+                           awq.AWQ(grid=10, scales_for=llama.foldable(cfg)), progress=False)
+  folded2, left2 = methods.fold_input_scales(res2.params, llama.fold_groups(cfg))
+  assert left2 == [] and err(folded2) < err(q_rtn)

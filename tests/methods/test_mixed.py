@@ -52,7 +52,7 @@ def test_fisher_costs_and_rules_on_a_tiny_llama():
   params = nnx.to_pure_dict(nnx.state(llama.Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
   windows = np.random.default_rng(0).integers(0, 64, (3, 16)).astype(np.int32)
   targets = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
-  fisher = mixed.fisher_diagonal(cfg, params, windows, targets)
+  fisher = mixed.fisher_diagonal(llama.loss_fn(cfg), params, [w[None] for w in windows], targets)
   assert len(fisher) == 14 and all(np.all(f >= 0) and f.any() for f in fisher.values())
   cands = ["q8_0", "q4_0", "int3_g32_fp16s"]
   costs = mixed.candidate_costs(params, fisher, cands)

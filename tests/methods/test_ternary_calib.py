@@ -5,6 +5,7 @@ import pytest
 
 from quantjax.eval import data as data_lib
 from quantjax.methods import calib_data, ternary
+from quantjax.models import llama
 from quantjax.numerics.qarray import QArray
 
 
@@ -12,7 +13,8 @@ from quantjax.numerics.qarray import QArray
                                          ("fp8_e4m3", None)])
 def test_lowbit_wrappers(tiny, kind, levels):
   cfg, pure = tiny
-  q = ternary.quantize_lowbit(pure, kind, group_size=32 if kind != "fp8_e4m3" else None)
+  q = ternary.quantize_lowbit(pure, kind, module_path=llama.PROJ_KERNELS,
+                             group_size=32 if kind != "fp8_e4m3" else None)
   w = q["layers"][0]["mlp"]["up_proj"]["kernel"]
   assert isinstance(w, QArray) and w.fmt.kind == kind
   assert not isinstance(q["embed"]["embedding"], QArray)
@@ -33,7 +35,7 @@ def test_lowbit_wrappers(tiny, kind, levels):
   rel = np.linalg.norm(d - w0) / np.linalg.norm(w0)
   assert rel < {"binary": 0.9, "ternary": 0.7, "nf4": 0.15, "fp8_e4m3": 0.05}[kind]
   with pytest.raises(ValueError, match="kind must be one of"):
-    ternary.quantize_lowbit(pure, "int4")
+    ternary.quantize_lowbit(pure, "int4", module_path=llama.PROJ_KERNELS)
 
 
 def test_calibration_windows_follow_the_protocol():

@@ -1,0 +1,1646 @@
+"""Calibration on any JAX model: capture the matmuls that read params leaves.
+
+A calibrated method (GPTQ, AWQ, SmoothQuant, static activation ranges,
+Wanda, SparseGPT, the importance matrix, the error report) needs, for every
+weight it changes, the inputs of the matmuls that read it. This module gets
+them from the user's own forward function `fn(params, batch)`, with no model
+change and no names: an NNX module (`nnx_apply`), a linen module and its
+variables (`linen_apply`), quantjax's own models, or any function of a
+params pytree.
+
+How (`trace`):
+
+1. `jax.make_jaxpr(fn)(params, batch)` records the computation once.
+   Nested `jit`s, `remat`/`checkpoint`, `custom_jvp` / `custom_vjp` calls are
+   inlined, and every `lax.scan` that reads params (`nn.scan`, `nnx.scan`,
+   scanned layers with stacked weights `[L, ...]`) is unrolled, so the flat
+   program has one equation per operation of every layer.
+2. Dataflow marks each `dot_general` and `conv_general_dilated` one of whose
+   operands is a params leaf reached only through layout operations
+   (`astype`, transpose, reshape, slicing, sharding constraints) and the
+   other depends on the batch: a *site*. Applying the same layout operations
+   to an array of element indices tells, exactly, which leaf element each
+   operand element is: that gives the weight's contraction axes, its output
+   axes, and for stacked weights the slice (layer) a site reads. Each weight
+   (or slice) is then seen as a matrix `[K, N]` (contraction axes in the
+   leaf's axis order, then output axes) and each site's input as features
+   `[T, K]` in the same order; methods work on those.
+3. Sites whose input is the same value (after value-preserving reshapes and
+   casts) form a *group*: q/k/v read one normed input, gate/up another.
+
+Calibration (`calibrate`) then cuts the flat program at the first site of
+each group that a rule targets. *Sequential* mode runs segment n for every
+calibration batch, with the weights of groups before n already replaced by
+their quantized values (and the activation quantization of their sites
+applied), accumulates the statistics of group n's inputs inside the same
+compiled call, quantizes group n, and carries the segment's live values on:
+each equation runs once per batch, so the cost is one forward pass plus the
+statistics, linear in depth. Segments are compiled once per distinct
+structure (identical layers share one executable). *One-pass* mode takes all
+statistics from the float model (the quantized weights are not fed forward),
+batch by batch. Nothing after the last targeted group is run.
+
+Trade-offs of the jaxpr route, against patching `jax.lax.dot_general` during a
+call (Qwix's interception): it sees every matmul, including `jnp.einsum`,
+`x @ w`, stock Flax layers and calls inside jitted or scanned code, with
+exact knowledge of which leaf an operand is (no identity heuristics), and it
+is what makes error-propagating sequential calibration possible without
+re-running the model per group. Its costs: it relies on `jax.extend.core`
+(the jaxpr data structures), weights used inside `lax.cond` / `while_loop`
+bodies are not seen (a targeted weight used only there is reported), and the
+calibration batches must all have one shape (the program is traced once).
+
+References:
+  Frantar et al. GPTQ, ICLR 2023, arXiv:2210.17323 (sequential quantization
+  with inputs from the quantized prefix). llm-compressor's sequential
+  pipeline and Qwix's interception-based calibration are the designs this
+  combines (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from quantjax import rules as rules_lib
+
+__all__ = ["Site", "Layout", "Capture", "InputStats", "Part", "trace", "calibrate",
+           "collect_stats", "nnx_apply", "linen_apply", "CalibrationResult", "STAT_KINDS",
+           "tree_from_parts", "effective_weight"]
+
+logger = logging.getLogger("quantjax")
+
+# Call-like primitives whose body is inlined: name -> the param holding the jaxpr.
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+          "remat2": "jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+          "custom_vjp_call_jaxpr": "fun_jaxpr"}
+# Unary ops that leave values unchanged (identity on element indices).
+_SAME = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision",
+         "pvary", "mesh_cast"}
+# Unary data-movement ops (applied to an index array to map elements).
+_MOVE = {"transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "slice",
+         "dynamic_slice", "rev"}
+# Value-preserving unary ops walked back from a matmul input to its group's root value.
+_ROOT_OPS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision",
+             "reshape", "squeeze", "expand_dims", "transpose", "pvary"}
+_MATMULS = {"dot_general", "conv_general_dilated"}
+
+STAT_KINDS = ("hessian", "absmean", "sqmean", "range", "sample")
+
+
+def _is_lit(a) -> bool:
+  return isinstance(a, jcore.Literal)
+
+
+def _is_drop(v) -> bool:
+  return isinstance(v, jcore.DropVar)
+
+
+# ----------------------------------------------------------------------------
+# Model adapters.
+# ----------------------------------------------------------------------------
+
+def nnx_apply(model: Any) -> tuple[Callable[[Any, Any], Any], Any]:
+  """`(fn, state)` for an NNX module: `fn(state, batch) = model(batch)`.
+
+  The state is `nnx.split(model)`'s; rebuild the module from the calibrated
+  state with `nnx.merge(graphdef, state)` (or `nnx.update(model, state)`).
+  """
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+
+  def fn(st, batch):
+    return nnx.merge(graphdef, st)(batch)
+  return fn, state
+
+
+def linen_apply(module: Any, variables: Any, **apply_kwargs) -> tuple[Callable, Any]:
+  """`(fn, variables)` for a linen module: `fn(variables, batch) = module.apply(variables, batch)`."""
+
+  def fn(v, batch):
+    return module.apply(v, batch, **apply_kwargs)
+  return fn, variables
+
+
+# ----------------------------------------------------------------------------
+# The flat program.
+# ----------------------------------------------------------------------------
+
+class _Flat:
+  """Builds one flat list of equations from a (nested) jaxpr."""
+
+  def __init__(self):
+    self.eqns: list[Any] = []
+    self.constvars: list[Any] = []
+    self.consts: list[Any] = []
+    self.pdep: set = set()  # vars that depend on params
+    # var -> (source atom, index): the index-th slice of a param-dependent scan input
+    self.regions: dict[Any, tuple[Any, int]] = {}
+    self._helpers: dict[Any, Any] = {}
+
+  def add_const(self, value) -> Any:
+    aval = jax.typeof(value)
+    v = jcore.Var(aval)
+    self.constvars.append(v)
+    self.consts.append(value)
+    return v
+
+  @staticmethod
+  def fresh(v):
+    return jcore.DropVar(v.aval) if _is_drop(v) else jcore.Var(v.aval)
+
+  def is_pdep(self, a) -> bool:
+    return (not _is_lit(a)) and a in self.pdep
+
+  def emit(self, eqn, ins):
+    outs = [self.fresh(v) for v in eqn.outvars]
+    self.eqns.append(eqn.replace(invars=list(ins), outvars=outs))
+    if any(self.is_pdep(a) for a in ins):
+      self.pdep.update(o for o in outs if not _is_drop(o))
+    return outs
+
+  def inline(self, jaxpr, ins, const_atoms=()) -> list[Any]:
+    env: dict[Any, Any] = {}
+    for v, a in zip(jaxpr.constvars, const_atoms):
+      env[v] = a
+    for v, a in zip(jaxpr.invars, ins):
+      env[v] = a
+
+    def read(a):
+      return a if _is_lit(a) else env[a]
+
+    for eqn in jaxpr.eqns:
+      eins = [read(a) for a in eqn.invars]
+      name = eqn.primitive.name
+      sub = _CALLS.get(name)
+      if sub is not None and sub in eqn.params:
+        inner = eqn.params[sub]
+        if isinstance(inner, jcore.ClosedJaxpr):
+          catoms = [self.add_const(c) for c in inner.consts]
+          outs = self.inline(inner.jaxpr, eins, catoms)
+        else:
+          outs = self.inline(inner, eins)
+      elif name == "scan" and int(eqn.params["length"]) > 0 and any(
+          self.is_pdep(a) for a in eins):
+        outs = self._unroll_scan(eqn, eins)
+      else:
+        outs = self.emit(eqn, eins)
+      for v, a in zip(eqn.outvars, outs):
+        if not _is_drop(v):
+          env[v] = a
+    return [read(a) for a in jaxpr.outvars]
+
+  def _helper(self, key, fn, avals):
+    if key not in self._helpers:
+      self._helpers[key] = jax.make_jaxpr(fn)(*avals)
+    return self._helpers[key]
+
+  def _index(self, x, i: int):
+    aval = x.aval
+    closed = self._helper(("index", aval.shape, aval.dtype, i), lambda a: a[i],
+                          [jax.ShapeDtypeStruct(aval.shape, aval.dtype)])
+    catoms = [self.add_const(c) for c in closed.consts]
+    (out,) = self.inline(closed.jaxpr, [x], catoms)
+    if self.is_pdep(x):
+      self.regions[out] = (x, i)
+    return out
+
+  def _stack(self, atoms):
+    avals = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in atoms]
+    closed = self._helper(("stack", len(atoms), avals[0].shape, avals[0].dtype),
+                          lambda *a: jnp.stack(a), avals)
+    catoms = [self.add_const(c) for c in closed.consts]
+    (out,) = self.inline(closed.jaxpr, list(atoms), catoms)
+    return out
+
+  def _unroll_scan(self, eqn, ins):
+    p = eqn.params
+    nc, ncarry, length = int(p["num_consts"]), int(p["num_carry"]), int(p["length"])
+    body = p["jaxpr"]
+    bconsts = [self.add_const(c) for c in body.consts]
+    consts, carry, xs = ins[:nc], list(ins[nc:nc + ncarry]), ins[nc + ncarry:]
+    per_iter: list[list[Any] | None] = [None] * length
+    order = range(length - 1, -1, -1) if p.get("reverse", False) else range(length)
+    for i in order:
+      x_i = [self._index(x, i) for x in xs]
+      outs = self.inline(body.jaxpr, list(consts) + carry + x_i, bconsts)
+      carry = outs[:ncarry]
+      per_iter[i] = outs[ncarry:]
+    ny = len(eqn.outvars) - ncarry
+    ys = [self._stack([per_iter[i][j] for i in range(length)]) for j in range(ny)]
+    return carry + ys
+
+
+# ----------------------------------------------------------------------------
+# Sites and their layouts.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a weight (or one slice of a stacked weight) is contracted.
+
+  Attributes:
+    leaf_shape: the params leaf's shape.
+    region: leading indices of the slice the matmul reads (`()`: the whole
+      leaf; `(3,)`: layer 3 of a stacked `[L, ...]` leaf).
+    contract: the slice's contraction axes, ascending (its input axes).
+    free: the slice's other axes, ascending (its output axes).
+  """
+
+  leaf_shape: tuple[int, ...]
+  region: tuple[int, ...]
+  contract: tuple[int, ...]
+  free: tuple[int, ...]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The slice's shape."""
+    return tuple(self.leaf_shape[len(self.region):])
+
+  @property
+  def k(self) -> int:
+    return int(math.prod(self.shape[a] for a in self.contract))
+
+  @property
+  def n(self) -> int:
+    return int(math.prod(self.shape[a] for a in self.free))
+
+  def _perm(self):
+    return tuple(self.contract) + tuple(self.free)
+
+  def to_matrix(self, w: jax.Array) -> jax.Array:
+    """The slice `w` (shape `self.shape`) as a `[K, N]` matrix."""
+    return jnp.transpose(jnp.asarray(w), self._perm()).reshape(self.k, self.n)
+
+  def from_matrix(self, m: jax.Array) -> jax.Array:
+    """Inverse of `to_matrix`."""
+    sizes = [self.shape[a] for a in self._perm()]
+    inv = np.argsort(self._perm())
+    return jnp.transpose(jnp.asarray(m).reshape(sizes), inv)
+
+  def k_vector_to_leaf(self, v: jax.Array) -> jax.Array:
+    """A `[K]` vector (one value per input feature) broadcastable against the slice:
+    the contraction axes hold it, every other axis has size 1."""
+    shape = [self.shape[a] if a in self.contract else 1 for a in range(len(self.shape))]
+    return jnp.asarray(v).reshape([self.shape[a] for a in self.contract]).reshape(shape)
+
+  def leaf_vector_to_k(self, s: jax.Array) -> jax.Array:
+    """Inverse of `k_vector_to_leaf`: `[K]` in the layout's K order."""
+    s = jnp.asarray(s)
+    if s.size != self.k:
+      raise ValueError(f"a per-input scale of {s.size} values does not match K={self.k}")
+    return jnp.transpose(s.reshape([self.shape[a] if a in self.contract else 1
+                                    for a in range(len(self.shape))]), self._perm()).reshape(-1)
+
+
+@dataclasses.dataclass
+class Site:
+  """One matmul that reads a params leaf.
+
+  Attributes:
+    eqn_index: position in the flat program.
+    kind: "dot_general" or "conv_general_dilated".
+    path: the leaf's path.
+    leaf: the leaf's position among the flattened params.
+    w_pos: which operand is the weight (0 or 1).
+    x_contract: the input operand's contracted dimensions, paired with the
+      weight operand's contraction dimensions in `w_contract`.
+    layout: the weight's `Layout` (None until analysed; `error` says why not).
+    k_src: feature gather from operand order to the layout's K order (None: identity).
+    source: index of the input source (shared statistics) in the capture.
+    group: index of the group (shared root value).
+  """
+
+  eqn_index: int
+  kind: str
+  path: str
+  leaf: int
+  w_pos: int
+  w_contract: tuple[int, ...]
+  x_contract: tuple[int, ...]
+  w_chain: tuple[int, ...]
+  layout: Layout | None = None
+  k_src: np.ndarray | None = None
+  error: str | None = None
+  source: int = -1
+  group: int = -1
+  conv: dict | None = None
+  x_var: Any = None
+  x_chain: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class _Source:
+  """An input value whose statistics several sites share."""
+
+  root: Any  # the group's root var
+  chain: tuple[int, ...]  # eqn indices from root to the site's input operand
+  x_var: Any
+  x_contract: tuple[int, ...]
+  k_src: np.ndarray | None
+  k: int
+  kind: str
+  conv: dict | None
+  group: int
+
+
+def _const_eval(flat: _Flat, prod: dict, var, cache: dict, params_ok: bool = False):
+  """Concrete value of a var that depends on no batch and no params (else None)."""
+  if _is_lit(var):
+    return var.val
+  if var in cache:
+    return cache[var]
+  if var in flat.pdep and not params_ok:
+    return None
+  if var in flat._const_index:
+    val = flat.consts[flat._const_index[var]]
+  elif var not in prod:
+    return None
+  else:
+    eqn = flat.eqns[prod[var]]
+    ins = []
+    for a in eqn.invars:
+      v = _const_eval(flat, prod, a, cache, params_ok)
+      if v is None:
+        cache[var] = None
+        return None
+      ins.append(v)
+    outs = eqn.primitive.bind(*ins, **eqn.params)
+    outs = outs if eqn.primitive.multiple_results else [outs]
+    for o, ov in zip(eqn.outvars, outs):
+      cache[o] = ov
+    val = cache[var]
+  cache[var] = val
+  return val
+
+
+class Capture:
+  """The traced program of `fn(params, batch)` and the matmul sites it contains.
+
+  Built by `trace`. `sites` lists every matmul whose weight operand is a
+  params leaf; `summary()` prints them. `leaf_paths[i]` is the path of the
+  i-th flattened params leaf.
+  """
+
+  def __init__(self, fn, params, batch):
+    self.fn = fn
+    self.treedef = jax.tree_util.tree_structure(params)
+    flat_p, _ = jax.tree_util.tree_flatten_with_path(params)
+    self.leaf_paths = [rules_lib.path_str(p) for p, _ in flat_p]
+    p_leaves = [x for _, x in flat_p]
+    self.n_params = len(p_leaves)
+    b_leaves, self.batch_treedef = jax.tree_util.tree_flatten(batch)
+    self.batch_avals = [jax.ShapeDtypeStruct(np.shape(b), jnp.result_type(b)) for b in b_leaves]
+    for i, x in enumerate(p_leaves):
+      if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"params leaf {self.leaf_paths[i]!r} is a {type(x).__name__}, not an array")
+    p_avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in p_leaves]
+    self.leaf_avals = p_avals
+
+    treedef, btreedef = self.treedef, self.batch_treedef
+
+    def flat_fn(pl, bl):
+      return fn(jax.tree_util.tree_unflatten(treedef, pl),
+                jax.tree_util.tree_unflatten(btreedef, bl))
+
+    closed = jax.make_jaxpr(flat_fn)(p_avals, self.batch_avals)
+    flat = _Flat()
+    invars = [jcore.Var(v.aval) for v in closed.jaxpr.invars]
+    catoms = [flat.add_const(c) for c in closed.consts]
+    flat.pdep.update(invars[:self.n_params])
+    flat.outvars = flat.inline(closed.jaxpr, invars, catoms)
+    flat._const_index = {v: i for i, v in enumerate(flat.constvars)}
+    self.flat = flat
+    self.invars = invars
+    self.param_vars = invars[:self.n_params]
+    self.batch_vars = invars[self.n_params:]
+    self.batch_set = set(self.batch_vars)
+    self.batch_index = {v: i for i, v in enumerate(self.batch_vars)}
+    self._analyse()
+
+  # --------------------------------------------------------------------------
+  def _analyse(self):
+    flat = self.flat
+    eqns = flat.eqns
+    prod: dict[Any, int] = {}
+    for i, e in enumerate(eqns):
+      for o in e.outvars:
+        if not _is_drop(o):
+          prod[o] = i
+    self.prod = prod
+    bdep = set(self.batch_vars)
+    for e in eqns:
+      if any((not _is_lit(a)) and a in bdep for a in e.invars):
+        bdep.update(o for o in e.outvars if not _is_drop(o))
+    self.bdep = bdep
+    leaf_of = {v: i for i, v in enumerate(self.param_vars)}
+    self.leaf_of = leaf_of
+    cache: dict = {}
+    self._const_cache = cache
+    # origin: var -> (leaf index, chain of eqn indices) for pure layout views of one leaf.
+    origin: dict[Any, tuple[int, tuple[int, ...]]] = {v: (i, ()) for v, i in leaf_of.items()}
+    for i, e in enumerate(eqns):
+      name = e.primitive.name
+      if name not in _SAME and name not in _MOVE:
+        continue
+      data = e.invars[0]
+      if _is_lit(data) or data not in origin or len(e.outvars) != 1:
+        continue
+      if any(_const_eval(flat, prod, a, cache) is None for a in e.invars[1:]):
+        continue
+      leaf, chain = origin[data]
+      origin[e.outvars[0]] = (leaf, chain + (i,))
+    self.origin = origin
+    sites: list[Site] = []
+    self.computed_uses: dict[int, list[int]] = {}  # leaf -> matmul eqns with a computed weight
+    for i, e in enumerate(eqns):
+      if e.primitive.name not in _MATMULS:
+        continue
+      a, b = e.invars[0], e.invars[1]
+      batch_a = (not _is_lit(a)) and a in bdep
+      batch_b = (not _is_lit(b)) and b in bdep
+      for w_pos, w, x_batch in ((1, b, batch_a), (0, a, batch_b)):
+        if not x_batch or _is_lit(w) or w in bdep:
+          continue
+        if e.primitive.name == "conv_general_dilated" and w_pos != 1:
+          continue
+        if w in origin:
+          sites.append(self._site(i, e, w_pos, *origin[w]))
+        elif w in flat.pdep:
+          for leaf in self._leaves_of(w):
+            self.computed_uses.setdefault(leaf, []).append(i)
+        break
+    self.sites = sites
+    self._group_sites()
+
+  def _leaves_of(self, var) -> set[int]:
+    out, stack, seen = set(), [var], set()
+    while stack:
+      v = stack.pop()
+      if _is_lit(v) or v in seen:
+        continue
+      seen.add(v)
+      if v in self.leaf_of:
+        out.add(self.leaf_of[v])
+      elif v in self.prod:
+        stack.extend(self.flat.eqns[self.prod[v]].invars)
+    return out
+
+  def _site(self, i, e, w_pos, leaf, chain) -> Site:
+    path = self.leaf_paths[leaf]
+    kind = e.primitive.name
+    conv = None
+    if kind == "dot_general":
+      (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+      w_contract = tuple(rc if w_pos == 1 else lc)
+      x_contract = tuple(lc if w_pos == 1 else rc)
+      w_batch = rb if w_pos == 1 else lb
+      site = Site(i, kind, path, leaf, w_pos, w_contract, x_contract, chain)
+      if w_batch:
+        site.error = (f"{path} is a batch dimension of its dot_general (e.g. "
+                      "einsum('bhd,hde->bhe')): a per-slice contraction the capture cannot map")
+      return site
+    dn = e.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    w_contract = (rhs_spec[1],) + tuple(rhs_spec[2:])
+    conv = {"lhs_spec": lhs_spec, "rhs_spec": rhs_spec, "out_spec": out_spec}
+    site = Site(i, kind, path, leaf, w_pos, w_contract, (lhs_spec[1],), chain, conv=conv)
+    if int(e.params.get("feature_group_count", 1)) != 1 or int(
+        e.params.get("batch_group_count", 1)) != 1:
+      site.error = (f"{path} is a grouped / depthwise convolution (feature_group_count > 1): "
+                    "not supported by calibrated methods; skip it with a rule")
+    return site
+
+  def _group_sites(self):
+    eqns = self.flat.eqns
+    groups: dict[Any, int] = {}
+    sources: dict[tuple, int] = {}
+    self.sources: list[_Source] = []
+    self.group_roots: list[Any] = []
+    self.group_sites: list[list[int]] = []
+    for si, s in enumerate(self.sites):
+      e = eqns[s.eqn_index]
+      x = e.invars[1 - s.w_pos]
+      chain: list[int] = []
+      root = x
+      while (not _is_lit(root)) and root in self.prod:
+        pe = eqns[self.prod[root]]
+        if pe.primitive.name not in _ROOT_OPS or len(pe.outvars) != 1:
+          break
+        src = pe.invars[0]
+        if _is_lit(src) or src not in self.bdep:
+          break
+        chain.append(self.prod[root])
+        root = src
+      chain.reverse()
+      if root not in groups:
+        groups[root] = len(self.group_roots)
+        self.group_roots.append(root)
+        self.group_sites.append([])
+      s.group = groups[root]
+      self.group_sites[s.group].append(si)
+      s.x_var = x
+      s.x_chain = tuple(chain)
+
+  # --------------------------------------------------------------------------
+  def layout_of(self, site: Site) -> Layout | None:
+    """Analyses (once) which leaf elements the site's weight operand reads."""
+    if site.layout is not None or site.error is not None:
+      return site.layout
+    flat = self.flat
+    shape = tuple(self.leaf_avals[site.leaf].shape)
+    size = int(math.prod(shape))
+    if size >= 2 ** 31:
+      site.error = f"{site.path} has {size} elements, too many to map (int32 indices)"
+      return None
+    idx = jnp.arange(size, dtype=jnp.int32).reshape(shape)
+    for ci in site.w_chain:
+      e = flat.eqns[ci]
+      if e.primitive.name in _SAME:
+        continue
+      rest = [_const_eval(flat, self.prod, a, self._const_cache) for a in e.invars[1:]]
+      idx = e.primitive.bind(idx, *rest, **e.params)
+    m_op = np.asarray(idx)
+    free_op = tuple(d for d in range(m_op.ndim) if d not in site.w_contract)
+    k_op = int(math.prod(m_op.shape[d] for d in site.w_contract))
+    n_op = int(math.prod(m_op.shape[d] for d in free_op))
+    mat = np.transpose(m_op, site.w_contract + free_op).reshape(k_op, n_op)
+    coords = np.unravel_index(mat, shape)
+    contract, free, fixed = [], [], []
+    for a in range(len(shape)):
+      c = coords[a]
+      vk = bool((c != c[:1, :]).any())
+      vn = bool((c != c[:, :1]).any())
+      if vk and vn:
+        site.error = (f"{site.path}: axis {a} of the weight feeds both the contraction and the "
+                      "output of its matmul; a contraction the capture cannot map")
+        return None
+      (contract if vk else free if vn else fixed).append(a)
+    nfix = len(fixed)
+    if fixed != list(range(nfix)):
+      # A constant non-leading axis of size 1 is just an unused output axis.
+      ok = all(shape[a] == 1 for a in fixed if a >= nfix) and fixed[:len([f for f in fixed if
+                                                                          shape[f] != 1])]
+      lead = [a for a in fixed if shape[a] != 1 or a < nfix]
+      if lead != list(range(len(lead))) or not ok:
+        site.error = (f"{site.path}: the matmul reads a slice of the leaf along axes {fixed}; "
+                      "only leading (stacked-layer) axes can be sliced")
+        return None
+      free = sorted(free + [a for a in fixed if a not in lead])
+      fixed = lead
+      nfix = len(lead)
+    region = tuple(int(coords[a][0, 0]) for a in fixed)
+    slice_shape = shape[nfix:]
+    lc = tuple(a - nfix for a in contract)
+    lf = tuple(a - nfix for a in free)
+    k = int(math.prod(slice_shape[a] for a in lc))
+    n = int(math.prod(slice_shape[a] for a in lf))
+    if k != k_op or n != n_op:
+      site.error = (f"{site.path}: the matmul reads {k_op}x{n_op} values of a {k}x{n} slice "
+                    "(repeated or partial elements); a contraction the capture cannot map")
+      return None
+    kleaf = (np.ravel_multi_index([coords[a][:, 0] for a in contract],
+                                  [shape[a] for a in contract]) if contract else
+             np.zeros(k_op, np.int64))
+    if sorted(kleaf.tolist()) != list(range(k)):
+      site.error = f"{site.path}: the contraction does not cover the weight's input axes once"
+      return None
+    site.layout = Layout(shape, region, lc, lf)
+    if np.array_equal(kleaf, np.arange(k)):
+      site.k_src = None
+    else:
+      src = np.empty(k, np.int64)
+      src[kleaf] = np.arange(k)
+      site.k_src = src
+    return site.layout
+
+  def summary(self) -> str:
+    """One line per site: path, layer slice, contraction, group."""
+    lines = [f"{len(self.sites)} matmul sites in {len(self.group_roots)} input groups "
+             f"({len(self.flat.eqns)} equations)"]
+    for s in self.sites:
+      lay = s.layout
+      desc = (f"K={lay.k} N={lay.n}" + (f" slice {lay.region}" if lay.region else "")
+              if lay is not None else (s.error or "not analysed"))
+      lines.append(f"  group {s.group:3d}  {s.kind:20s} {s.path}  {desc}")
+    return "\n".join(lines)
+
+
+def trace(fn: Callable[[Any, Any], Any], params: Any, batch: Any) -> Capture:
+  """Traces `fn(params, batch)` once and finds its matmul sites (see module docstring)."""
+  return Capture(fn, params, batch)
+
+
+# ----------------------------------------------------------------------------
+# Statistics.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class InputStats:
+  """Statistics of a weight's matmul input, in the weight's K order.
+
+  `count`: rows (tokens, or conv output positions) seen; `xtx`: `sum x x^T`
+  `[K, K]` float32; `sum_abs` / `sum_sq`: per-feature sums; `lo` / `hi`:
+  per-feature min / max; `sample`: a bounded, evenly strided sample of rows
+  `[S, K]`. Fields a method did not ask for are None.
+  """
+
+  count: float
+  xtx: np.ndarray | jax.Array | None = None
+  sum_abs: jax.Array | None = None
+  sum_sq: jax.Array | None = None
+  lo: jax.Array | None = None
+  hi: jax.Array | None = None
+  sample: jax.Array | None = None
+
+  def hessian(self) -> jax.Array:
+    """GPTQ's `H = 2 X^T X / n`."""
+    if self.xtx is None:
+      raise ValueError("the Hessian was not collected (the method did not ask for 'hessian')")
+    return 2.0 * jnp.asarray(self.xtx) / max(self.count, 1.0)
+
+  @property
+  def absmean(self) -> jax.Array:
+    return jnp.asarray(self.sum_abs) / max(self.count, 1.0)
+
+  @property
+  def sqmean(self) -> jax.Array:
+    return jnp.asarray(self.sum_sq) / max(self.count, 1.0)
+
+  @property
+  def absmax(self) -> jax.Array:
+    return jnp.maximum(jnp.abs(jnp.asarray(self.lo)), jnp.abs(jnp.asarray(self.hi)))
+
+  def act_stat(self, scale: jax.Array | None = None):
+    """As an `activations.ActStat` (optionally of the input divided by `scale`)."""
+    from quantjax.methods import activations as act_lib
+    if self.lo is None:
+      raise ValueError("activation ranges were not collected (the method did not ask for 'range')")
+    lo, hi = jnp.asarray(self.lo), jnp.asarray(self.hi)
+    am = jnp.asarray(self.sum_abs) / max(self.count, 1.0) if self.sum_abs is not None else \
+        jnp.zeros_like(lo)
+    sample = jnp.zeros((0, lo.shape[0]), jnp.float32) if self.sample is None else \
+        jnp.asarray(self.sample)
+    if scale is not None:
+      s = jnp.asarray(scale, jnp.float32)
+      lo, hi, am, sample = lo / s, hi / s, am / s, sample / s[None, :]
+    return act_lib.ActStat(lo=lo, hi=hi, absmean=am, count=jnp.asarray(self.count, jnp.float32),
+                           sample=sample)
+
+  @staticmethod
+  def merge(stats: Sequence["InputStats"]) -> "InputStats":
+    """Statistics of several matmuls that read one weight (summed / min / max / joined)."""
+    if len(stats) == 1:
+      return stats[0]
+
+    def red(name, fn):
+      vals = [getattr(s, name) for s in stats]
+      return None if any(v is None for v in vals) else fn(vals)
+    add = lambda vs: sum(jnp.asarray(v) for v in vs[1:]) + jnp.asarray(vs[0])  # noqa: E731
+    return InputStats(
+        count=float(sum(s.count for s in stats)), xtx=red("xtx", add), sum_abs=red("sum_abs", add),
+        sum_sq=red("sum_sq", add),
+        lo=red("lo", lambda vs: jnp.min(jnp.stack(vs), 0)),
+        hi=red("hi", lambda vs: jnp.max(jnp.stack(vs), 0)),
+        sample=red("sample", lambda vs: jnp.concatenate(vs, 0)))
+
+
+def _stat_init(k: int, needs: frozenset) -> dict[str, jax.Array]:
+  acc = {"count": jnp.zeros((), jnp.float32)}
+  if "hessian" in needs:
+    acc["xtx"] = jnp.zeros((k, k), jnp.float32)
+  if "absmean" in needs:
+    acc["sum_abs"] = jnp.zeros((k,), jnp.float32)
+  if "sqmean" in needs:
+    acc["sum_sq"] = jnp.zeros((k,), jnp.float32)
+  if "range" in needs:
+    acc["lo"] = jnp.full((k,), jnp.inf, jnp.float32)
+    acc["hi"] = jnp.full((k,), -jnp.inf, jnp.float32)
+  return acc
+
+
+def _stat_update(acc: dict, f: jax.Array, needs: frozenset, n_sample: int):
+  """Adds feature rows `f` `[T, K]`; returns (acc, sample rows, non-finite count)."""
+  f = f.astype(jnp.float32)
+  out = dict(acc)
+  out["count"] = acc["count"] + jnp.asarray(f.shape[0], jnp.float32)
+  bad = jnp.sum(~jnp.isfinite(f)).astype(jnp.int32)
+  if "xtx" in acc:
+    out["xtx"] = acc["xtx"] + jnp.einsum("ni,nj->ij", f, f, precision=jax.lax.Precision.HIGHEST)
+  if "sum_abs" in acc:
+    out["sum_abs"] = acc["sum_abs"] + jnp.sum(jnp.abs(f), 0)
+  if "sum_sq" in acc:
+    out["sum_sq"] = acc["sum_sq"] + jnp.sum(f * f, 0)
+  if "lo" in acc:
+    out["lo"] = jnp.minimum(acc["lo"], jnp.min(f, 0))
+    out["hi"] = jnp.maximum(acc["hi"], jnp.max(f, 0))
+  sample = None
+  if n_sample > 0:
+    stride = max(1, f.shape[0] // n_sample)
+    sample = f[::stride][:n_sample]
+  return out, sample, bad
+
+
+def _features(x: jax.Array, src: _Source) -> jax.Array:
+  """The input operand `x` as `[T, K]` features in the weight's K order."""
+  if src.kind == "dot_general":
+    keep = [d for d in range(x.ndim) if d not in src.x_contract]
+    f = jnp.transpose(x, keep + list(src.x_contract)).reshape(-1, src.k)
+  else:
+    c = src.conv
+    patches = jax.lax.conv_general_dilated_patches(
+        x, filter_shape=c["filter_shape"], window_strides=c["window_strides"],
+        padding=c["padding"], lhs_dilation=c["lhs_dilation"], rhs_dilation=c["rhs_dilation"],
+        dimension_numbers=c["dimension_numbers"], precision=jax.lax.Precision.HIGHEST)
+    f = jnp.moveaxis(patches, c["dimension_numbers"].out_spec[1], -1).reshape(-1, src.k)
+  if src.k_src is not None:
+    f = jnp.take(f, jnp.asarray(src.k_src), axis=1)
+  return f
+
+
+# ----------------------------------------------------------------------------
+# Parts: the units a method quantizes.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Part:
+  """One weight (or one slice of a stacked weight) a method changes.
+
+  Attributes:
+    path: the leaf's path; `region`: the slice (`()` for the whole leaf).
+    rule: the `QuantRule` / `PruneRule` that selected it.
+    layout: how its matmuls contract it (`Layout`).
+    value: its current float value, shape `layout.shape`.
+    stats: `InputStats` of its matmul inputs (merged over its sites).
+    source: id of its input source (weights with the same id read the same input).
+    group: id of its input group.
+  """
+
+  path: str
+  region: tuple[int, ...]
+  rule: Any
+  layout: Layout
+  value: jax.Array
+  leaf: int = -1
+  stats: InputStats | None = None
+  source: int = -1
+  group: int = -1
+  sites: list[int] = dataclasses.field(default_factory=list)
+
+  @property
+  def key(self) -> tuple[str, tuple[int, ...]]:
+    return (self.path, self.region)
+
+  @property
+  def name(self) -> str:
+    return self.path + "".join(f"[{i}]" for i in self.region)
+
+  def matrix(self) -> jax.Array:
+    """Current value as float32 `[K, N]`."""
+    return self.layout.to_matrix(jnp.asarray(self.value, jnp.float32))
+
+  def from_matrix(self, m: jax.Array) -> jax.Array:
+    """A `[K, N]` matrix back in the slice's layout and dtype."""
+    return self.layout.from_matrix(m).astype(self.value.dtype)
+
+  # --- formats oriented to the matmul -------------------------------------
+  def leaf_format(self, fmt: Any) -> Any:
+    """`fmt` placed on this weight's axes: groups along its (innermost)
+    contraction axis, per-channel scales per output, axes counted from the
+    end so slices of a stacked weight and the stacked QArray agree.
+
+    Calibrated methods orient every format this way, whatever `group_axis` /
+    `channel_axis` the spec says: a `[out, in]` weight is quantized like its
+    `[in, out]` transpose.
+    """
+    from quantjax.numerics.formats import resolve_format
+    fmt = resolve_format(fmt)
+    lay = self.layout
+    nd = len(lay.shape)
+    neg = lambda a: a - nd  # noqa: E731
+    if fmt.is_cast:
+      return fmt
+    inner = lay.contract[-1] if lay.contract else 0
+    if fmt.granularity == "per_tensor":
+      return fmt.replace(group_axis=neg(inner))
+    if fmt.granularity == "per_channel":
+      if len(lay.free) == 1:
+        return fmt.replace(channel_axis=neg(lay.free[0]), group_axis=neg(inner))
+      if len(lay.contract) == 1:
+        # One scale per output element: a single group spanning the input axis.
+        return fmt.replace(granularity="group", group_size=lay.shape[inner],
+                           group_axis=neg(inner))
+      raise ValueError(f"{self.name}: per-channel scales over {len(lay.free)} output axes and "
+                       f"{len(lay.contract)} input axes cannot be stored; use a group format")
+    g = fmt.group_size
+    if lay.shape[inner] % g:
+      raise ValueError(
+          f"{self.name}: group_size {g} does not divide its innermost input axis "
+          f"(axis {inner} of the weight slice {lay.shape}, length {lay.shape[inner]}); "
+          f"choose a divisor of {lay.shape[inner]} or per_channel")
+    return fmt.replace(group_axis=neg(inner))
+
+  def matrix_format(self, fmt: Any) -> Any:
+    """`fmt` for the `[K, N]` matrix view (groups along K, channels along N)."""
+    from quantjax.numerics.formats import resolve_format
+    fmt = resolve_format(fmt)
+    if fmt.is_cast:
+      return fmt
+    self.leaf_format(fmt)  # the same checks
+    return fmt.replace(channel_axis=-1, group_axis=0)
+
+  def qarray_from_matrix(self, qm: Any) -> Any:
+    """A QArray of the `[K, N]` matrix (in `matrix_format`) as one of this weight's
+    layout (in `leaf_format`), the same codes and scales."""
+    from quantjax.numerics.qarray import QArray
+    lay = self.layout
+    fmt = self.leaf_format(qm.fmt)
+    codes = lay.from_matrix(qm.codes())
+    perm = tuple(lay.contract) + tuple(lay.free)
+    inv = np.argsort(perm)
+    inner = lay.contract[-1] if lay.contract else 0
+
+    def place(a):
+      if a is None:
+        return None
+      a = jnp.asarray(a)
+      sizes = []
+      for ax in perm:
+        if ax in lay.contract:
+          if qm.fmt.granularity == "group" and ax == inner:
+            sizes.append(lay.shape[ax] // qm.fmt.group_size)
+          else:
+            sizes.append(lay.shape[ax] if (qm.fmt.granularity == "group") else 1)
+        else:
+          sizes.append(lay.shape[ax] if a.shape[-1] != 1 else 1)
+      return jnp.transpose(a.reshape(sizes), inv)
+    return QArray.from_codes(codes, fmt, place(qm.scale), place(qm.zero_point),
+                             dtype=self.value.dtype)
+
+  def k_to_leaf(self, v: jax.Array) -> jax.Array:
+    """A per-input-feature vector `[K]` shaped to broadcast against this weight."""
+    return self.layout.k_vector_to_leaf(v)
+
+
+# ----------------------------------------------------------------------------
+# Segments.
+# ----------------------------------------------------------------------------
+
+def _splice(out_eqns: list, fn: Callable, ins: Sequence[Any], const_in: list,
+            const_vals: list) -> list[Any]:
+  """Traces `fn(*ins)` and appends its equations (renamed) to `out_eqns`.
+
+  Constants of the trace become new segment inputs (`const_in`, `const_vals`).
+  """
+  avals = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in ins]
+  closed = jax.make_jaxpr(fn)(*avals)
+  env = {}
+  for v, c in zip(closed.jaxpr.constvars, closed.consts):
+    nv = jcore.Var(jax.typeof(c))
+    const_in.append(nv)
+    const_vals.append(c)
+    env[v] = nv
+  for v, a in zip(closed.jaxpr.invars, ins):
+    env[v] = a
+
+  def read(a):
+    return a if _is_lit(a) else env[a]
+  for e in closed.jaxpr.eqns:
+    outs = [_Flat.fresh(v) for v in e.outvars]
+    out_eqns.append(e.replace(invars=[read(a) for a in e.invars], outvars=outs))
+    for v, o in zip(e.outvars, outs):
+      if not _is_drop(v):
+        env[v] = o
+  return [read(a) for a in closed.jaxpr.outvars]
+
+
+class _Transform:
+  """How a site's input is changed to reproduce a quantized leaf's activation quantization.
+
+  The site keeps multiplying by the leaf's effective float weight (`deq / s`),
+  so the input becomes `s * fq(x / s)`.
+  """
+
+  def __init__(self, kind: str, fmt: Any, s_k: jax.Array | None, scale: jax.Array | None,
+               zp: jax.Array | None):
+    self.kind, self.fmt, self.s_k, self.scale, self.zp = kind, fmt, s_k, scale, zp
+
+  def key(self):
+    return (self.kind, self.fmt, self.s_k is not None,
+            None if self.scale is None else tuple(self.scale.shape),
+            None if self.zp is None else (tuple(self.zp.shape), str(self.zp.dtype)))
+
+  def data(self) -> list[jax.Array]:
+    return [a for a in (self.s_k, self.scale, self.zp) if a is not None]
+
+  def apply(self, x2: jax.Array, data: list[jax.Array]) -> jax.Array:
+    """`x2` `[T, K]` (operand order)."""
+    from quantjax import ops
+    from quantjax.numerics import qarray as qarray_lib
+    it = iter(data)
+    s = next(it) if self.s_k is not None else None
+    xf = x2.astype(jnp.float32)
+    if s is not None:
+      xf = xf / s[None, :]
+    if self.kind == "dynamic":
+      q = ops.quantize_activation(xf, self.fmt)
+      xf = q.dequantize(jnp.float32).reshape(xf.shape)
+    else:
+      scale = next(it)
+      zp = next(it) if self.zp is not None else None
+      xf = qarray_lib.quantize_with_scale(xf, self.fmt, scale, zp).dequantize(jnp.float32)
+    if s is not None:
+      xf = xf * s[None, :]
+    return xf.astype(x2.dtype)
+
+
+def _site_transform(leaf_value: Any, layout: Layout, site: Site) -> _Transform | None:
+  """The input transform a quantized leaf part implies at one of its sites (or None)."""
+  from quantjax.methods import activations as act_lib
+  from quantjax.numerics.qarray import ActQuantized, InputScaled
+  s_k = None
+  w = leaf_value
+  if isinstance(w, InputScaled):
+    s_k = layout.leaf_vector_to_k(w.scale)
+    w = w.weight
+  if not isinstance(w, ActQuantized):
+    return None
+  if site.kind != "dot_general":
+    raise ValueError(f"{site.path}: activation quantization of a convolution's input is not "
+                     "supported")
+  if s_k is not None and site.k_src is not None:
+    s_k = jnp.take(s_k, jnp.argsort(jnp.asarray(site.k_src)))  # to operand order
+  elif s_k is not None:
+    s_k = jnp.asarray(s_k)
+  if isinstance(w, act_lib.StaticActQuantized):
+    fmt = w.input_format
+    scale = jnp.asarray(w.act_scale)
+    zp = None if w.act_zero_point is None else jnp.asarray(w.act_zero_point)
+    if scale.size > 1:
+      if site.k_src is not None:
+        inv = jnp.argsort(jnp.asarray(site.k_src))
+        scale = jnp.take(scale.reshape(-1), inv).reshape(scale.shape)
+        zp = None if zp is None else jnp.take(zp.reshape(-1), inv).reshape(zp.shape)
+    return _Transform("static", fmt, None if s_k is None else s_k.astype(jnp.float32), scale, zp)
+  from quantjax.numerics.formats import resolve_format
+  return _Transform("dynamic", resolve_format(w.act_format),
+                    None if s_k is None else s_k.astype(jnp.float32), None, None)
+
+
+def _apply_transform_to_operand(t: _Transform, x, x_contract, data):
+  keep = [d for d in range(x.ndim) if d not in x_contract]
+  perm = keep + list(x_contract)
+  xt = jnp.transpose(x, perm)
+  lead = xt.shape[:len(keep)]
+  x2 = xt.reshape(int(math.prod(lead)) if lead else 1, -1)
+  y = t.apply(x2, data).reshape(xt.shape)
+  return jnp.transpose(y, np.argsort(perm))
+
+
+def _params_key(eqns) -> tuple:
+  """Identities of constants hidden inside equation params (bodies of opaque
+  `cond` / `scan` / `while`): equal printed jaxprs with other constants must not
+  share a compiled segment."""
+  out = []
+  for e in eqns:
+    for v in e.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(sub, jcore.ClosedJaxpr) and sub.consts:
+          out.append(tuple(id(c) for c in sub.consts))
+  return tuple(out)
+
+
+@dataclasses.dataclass
+class _Segment:
+  fn: Any
+  env_in: list[Any]
+  env_out: list[Any]
+  weights_in: list[tuple[int, tuple[int, ...] | None]]  # (leaf, region or None for whole)
+  const_vals: list[Any]
+  transform_data: list[Any]
+  sources: list[int]
+  acc_names: list[list[str]]
+  n_sample: int
+
+
+class _Runner:
+  """Builds the compiled segments of a capture (cached by structure)."""
+
+  def __init__(self, cap: Capture, virtual_uses: dict[Any, int]):
+    self.cap = cap
+    self.last_use: dict[Any, int] = {}
+    for i, e in enumerate(cap.flat.eqns):
+      for a in e.invars:
+        if not _is_lit(a):
+          self.last_use[a] = i
+    for v, pos in virtual_uses.items():
+      self.last_use[v] = max(self.last_use.get(v, -1), pos)
+    self.cache: dict[Any, Any] = {}
+    self.compiles = 0
+
+  def _order(self, v):
+    cap = self.cap
+    if v in cap.batch_set:
+      return (-1, cap.batch_index[v])
+    e = cap.flat.eqns[cap.prod[v]]
+    return (cap.prod[v], e.outvars.index(v))
+
+  def _static(self, var, needed: set, weights: dict, consts: dict) -> None:
+    """Collects the static sub-DAG producing `var`; leaves, layer slices of
+    leaves and constants become segment inputs."""
+    cap, flat = self.cap, self.cap.flat
+    stack = [var]
+    while stack:
+      v = stack.pop()
+      if _is_lit(v) or v in needed or v in weights or v in consts:
+        continue
+      if v in cap.leaf_of:
+        weights[v] = (cap.leaf_of[v], None)
+      elif v in flat._const_index:
+        consts[v] = flat._const_index[v]
+      elif v in flat.regions and (not _is_lit(flat.regions[v][0])) and \
+          flat.regions[v][0] in cap.leaf_of:
+        src, i = flat.regions[v]
+        weights[v] = (cap.leaf_of[src], (i,))
+      else:
+        needed.add(v)
+        stack.extend(flat.eqns[cap.prod[v]].invars)
+
+  def build(self, lo: int, hi: int, sources: list[int], needs: frozenset, n_sample: int,
+            transforms: Mapping[int, _Transform]) -> _Segment:
+    cap, flat = self.cap, self.cap.flat
+    eqns, bdep = flat.eqns, cap.bdep
+    live_out = sorted({v for v, u in self.last_use.items()
+                       if v in bdep and u >= hi and (v in cap.batch_set or cap.prod[v] < hi)},
+                      key=self._order)
+    needed = set(live_out) | {cap.sources[si].root for si in sources}
+    include = []
+    for i in range(hi - 1, lo - 1, -1):
+      outs = [o for o in eqns[i].outvars if not _is_drop(o)]
+      if any(o in needed for o in outs) and any(o in bdep for o in outs):
+        include.append(i)
+        needed.update(a for a in eqns[i].invars if not _is_lit(a))
+    include.reverse()
+    chains = [ci for si in sources for ci in cap.sources[si].chain]
+    env_in = sorted({v for v in needed if v in bdep and (v in cap.batch_set or cap.prod[v] < lo)},
+                    key=self._order)
+    st_needed: set = set()
+    weights: dict[Any, tuple[int, Any]] = {}
+    consts: dict[Any, int] = {}
+    for i in include + chains:
+      for a in (eqns[i].invars if i in include else eqns[i].invars[1:]):
+        if not _is_lit(a) and a not in bdep:
+          self._static(a, st_needed, weights, consts)
+    w_vars = sorted(weights, key=lambda v: (weights[v][0], weights[v][1] or ()))
+    c_vars = sorted(consts, key=lambda v: consts[v])
+    seg_eqns = [eqns[i] for i in sorted({cap.prod[v] for v in st_needed})]
+    const_in, const_vals = list(c_vars), [flat.consts[consts[v]] for v in c_vars]
+    data_in: list[Any] = []
+    data_vals: list[Any] = []
+    tkeys = []
+    site_at = {cap.sites[si].eqn_index: si for si in transforms}
+    for i in include:
+      e = eqns[i]
+      si = site_at.get(i)
+      if si is None:
+        seg_eqns.append(e)
+        continue
+      t, site = transforms[si], cap.sites[si]
+      dvars = [jcore.Var(jax.typeof(d)) for d in t.data()]
+      data_in.extend(dvars)
+      data_vals.extend(t.data())
+      tkeys.append((i - lo, t.key()))
+      x = e.invars[1 - site.w_pos]
+
+      def tf(xx, *dd, _t=t, _c=site.x_contract):
+        return _apply_transform_to_operand(_t, xx, _c, list(dd))
+      (x2,) = _splice(seg_eqns, tf, [x] + dvars, const_in, const_vals)
+      ins = list(e.invars)
+      ins[1 - site.w_pos] = x2
+      seg_eqns.append(e.replace(invars=ins))
+    acc_in, acc_out, bad_out, sample_out, acc_names = [], [], [], [], []
+    for si in sources:
+      src = cap.sources[si]
+      acc0 = _stat_init(src.k, needs)
+      names = sorted(acc0)
+      acc_names.append(names)
+      a_in = [jcore.Var(jax.typeof(acc0[n])) for n in names]
+      acc_in.extend(a_in)
+      x = src.root
+      for ci in src.chain:
+        ce = eqns[ci]
+        nv = _Flat.fresh(ce.outvars[0])
+        seg_eqns.append(ce.replace(invars=[x] + list(ce.invars[1:]), outvars=[nv]))
+        x = nv
+
+      def upd(xv, *acc_vals, _src=src, _names=names):
+        new, sample, bad = _stat_update(dict(zip(_names, acc_vals)), _features(xv, _src),
+                                        needs, n_sample)
+        return tuple([new[n] for n in _names] + [bad] + ([sample] if sample is not None else []))
+      outs = _splice(seg_eqns, upd, [x] + a_in, const_in, const_vals)
+      acc_out.extend(outs[:len(names)])
+      bad_out.append(outs[len(names)])
+      if n_sample:
+        sample_out.append(outs[len(names) + 1])
+    invars = env_in + w_vars + const_in + data_in + acc_in
+    outvars = live_out + acc_out + bad_out + sample_out
+    effects = frozenset().union(*[e.effects for e in seg_eqns]) if seg_eqns else frozenset()
+    dbg = jcore.DebugInfo("quantjax calibration segment", f"equations {lo}:{hi}",
+                          tuple(f"in{i}" for i in range(len(invars))),
+                          tuple(f"out{i}" for i in range(len(outvars))))
+    jaxpr = jcore.Jaxpr([], invars, outvars, seg_eqns, effects, dbg)
+    key = (str(jaxpr), _params_key(seg_eqns), tuple(tkeys))
+    fn = self.cache.get(key)
+    if fn is None:
+      n_in = len(invars)
+      donate = tuple(range(n_in - len(acc_in), n_in))
+      fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, [])), donate_argnums=donate)
+      self.cache[key] = fn
+      self.compiles += 1
+    return _Segment(fn=fn, env_in=env_in, env_out=live_out,
+                    weights_in=[weights[v] for v in w_vars], const_vals=const_vals,
+                    transform_data=data_vals, sources=list(sources), acc_names=acc_names,
+                    n_sample=n_sample)
+
+
+def _run_segment(seg: _Segment, state: "_State", envs: list[list[Any]], env_vars: list[Any],
+                 accs: list[list[Any]], batch0: int, cap: Capture):
+  """Runs `seg` on every environment; returns (new envs, accs, samples per source)."""
+  weights = [state.weight_input(li, reg) for li, reg in seg.weights_in]
+  pos = {v: i for i, v in enumerate(env_vars)}
+  new_envs, bads, samples = [], [], [[] for _ in seg.sources]
+  n_out, ns = len(seg.env_out), len(seg.sources)
+  for env in envs:
+    flat_acc = [x for a in accs for x in a]
+    outs = seg.fn(*[env[pos[v]] for v in seg.env_in], *weights, *seg.const_vals,
+                  *seg.transform_data, *flat_acc)
+    new_envs.append(list(outs[:n_out]))
+    o = n_out
+    for j, names in enumerate(seg.acc_names):
+      accs[j] = list(outs[o:o + len(names)])
+      o += len(names)
+    bads.append(outs[o:o + ns])
+    o += ns
+    if seg.n_sample:
+      for j in range(ns):
+        samples[j].append(outs[o + j])
+  for j, si in enumerate(seg.sources):
+    counts = [int(b[j]) for b in bads]
+    if any(counts):
+      b = next(i for i, v in enumerate(counts) if v)
+      names = sorted({s.path for s in cap.sites if s.source == si})
+      raise ValueError(
+          f"calibration batch {batch0 + b}: the input of {', '.join(names[:3])} holds "
+          f"{counts[b]} NaN/Inf value(s) ({sum(1 for v in counts if v)} of {len(counts)} batches "
+          "affected); check the batch and the layers before it (token ids beyond the "
+          "vocabulary, overflowing activations)")
+  return new_envs, accs, samples
+
+
+def _finalize_stats(acc_names, acc, samples, max_samples) -> InputStats:
+  a = dict(zip(acc_names, acc))
+  st = InputStats(count=float(a["count"]), xtx=a.get("xtx"), sum_abs=a.get("sum_abs"),
+                  sum_sq=a.get("sum_sq"), lo=a.get("lo"), hi=a.get("hi"))
+  if samples:
+    st.sample = jnp.concatenate(samples, 0)[:max_samples]
+  return st
+
+
+# ----------------------------------------------------------------------------
+# The driver.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CalibrationResult:
+  """What `calibrate` returns.
+
+  Attributes:
+    params: the params tree with the method's leaves in place.
+    report: the `RuleReport` of the rules over the tree.
+    parts: the `Part`s the method changed (statistics dropped).
+    info: the method's records (AWQ errors, pruning masks, ...) and timings:
+      `stats_seconds` (the forward segments with their statistics),
+      `quant_seconds` (the method), `compiles`, `groups`, `mode`, `seconds`.
+  """
+
+  params: Any
+  report: rules_lib.RuleReport
+  parts: list[Part]
+  info: dict[str, Any]
+
+
+def _check_batches(cap: Capture, batches: list[Any]) -> None:
+  for i, b in enumerate(batches):
+    leaves, td = jax.tree_util.tree_flatten(b)
+    if td != cap.batch_treedef:
+      raise ValueError(f"calibration batch {i} has structure {td}, batch 0 has "
+                       f"{cap.batch_treedef}; every batch must have the same structure")
+    for j, (leaf, aval) in enumerate(zip(leaves, cap.batch_avals)):
+      if tuple(np.shape(leaf)) != tuple(aval.shape) or jnp.result_type(leaf) != aval.dtype:
+        raise ValueError(
+            f"calibration batch {i} (leaf {j}) has shape {tuple(np.shape(leaf))} "
+            f"{jnp.result_type(leaf)}, batch 0 has {tuple(aval.shape)} {aval.dtype}; "
+            "calibration batches must all have one shape (the program is traced once): "
+            "pad, drop or re-batch the odd one")
+
+
+def _region_get(value, region):
+  return value[region] if region else value
+
+
+class _State:
+  """Current float leaf values (what the forward computes with) and finished results."""
+
+  def __init__(self, p_leaves: list[Any]):
+    self.leaves = list(p_leaves)
+    self.results: dict[tuple[int, tuple], Any] = {}
+
+  def weight_input(self, leaf: int, region):
+    v = self.leaves[leaf]
+    return v if region is None else v[region]
+
+  def set_part(self, leaf: int, region: tuple, result: Any, effective: jax.Array):
+    self.results[(leaf, region)] = result
+    cur = self.leaves[leaf]
+    eff = jnp.asarray(effective).astype(cur.dtype)
+    self.leaves[leaf] = eff if not region else jnp.asarray(cur).at[region].set(eff)
+
+
+def effective_weight(result: Any, dtype: Any) -> jax.Array:
+  """The float weight a method's result stands for (what a stock model computes with)."""
+  from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
+  if isinstance(result, InputScaled):
+    return result.effective(dtype)
+  if isinstance(result, ActQuantized):
+    result = result.weight
+  if isinstance(result, QArray):
+    return result.dequantize(dtype)
+  return jnp.asarray(result).astype(dtype)
+
+
+def _conv_params(cap: Capture, s: Site) -> dict | None:
+  if s.kind != "conv_general_dilated":
+    return None
+  e = cap.flat.eqns[s.eqn_index]
+  w_aval = e.invars[1].aval
+  dn = e.params["dimension_numbers"]
+  return {"dimension_numbers": dn,
+          "filter_shape": tuple(w_aval.shape[d] for d in dn.rhs_spec[2:]),
+          "window_strides": tuple(e.params["window_strides"]),
+          "padding": tuple(tuple(p) for p in e.params["padding"]),
+          "lhs_dilation": tuple(e.params["lhs_dilation"]),
+          "rhs_dilation": tuple(e.params["rhs_dilation"])}
+
+
+def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any],
+              rules: Sequence[Any], method: Any, *, mode: str = "sequential",
+              strict: bool = False, max_samples: int = 2048, mesh: Any = None,
+              data_axis: str = "data", progress: bool = True,
+              capture: Capture | None = None) -> CalibrationResult:
+  """Runs a calibrated `method` on the weights `rules` select, on any model.
+
+  Args:
+    fn: the model's forward, `fn(params, batch)` (see `nnx_apply`,
+      `linen_apply`); its output is not used.
+    params: the params pytree `fn` takes (NNX State, linen variables, dicts).
+    batches: calibration batches, each a pytree `fn` accepts, all of one shape.
+    rules: `QuantRule`s (quantizers) or `PruneRule`s (pruners), first match
+      wins; `skip=True` rules protect leaves.
+    method: a method object (`methods.GPTQ`, `AWQ`, `SmoothQuant`, `RTN`,
+      `Importance`, `sparsity.Wanda`, `SparseGPT`, ...): it declares `needs`
+      (statistics, from `STAT_KINDS`) and `rule_type`, and
+      `apply(parts, record)` returns `{part.key: new value}` for the `Part`s
+      that are ready.
+    mode: "sequential" (the inputs of each group come from the model with
+      the groups before it already quantized, activation quantization
+      included) or "one_pass" (every statistic from the float model).
+    strict: raise when a rule matches no leaf, a leaf matches no rule, or a
+      selected weight is read by no matmul (otherwise warned).
+    max_samples: input rows kept per input for methods that sample.
+    mesh, data_axis: split every batch's leading axis over `data_axis` of a
+      `jax.sharding.Mesh`; the statistics are reduced across it by XLA.
+    progress: a progress bar over groups.
+    capture: a `trace(fn, params, batch)` made earlier, to reuse.
+
+  Returns:
+    `CalibrationResult(params, report, parts, info)`.
+
+  Raises:
+    ValueError: no matmul reads a params leaf; a selected weight's
+      contraction cannot be mapped or it is read with two layouts;
+      calibration batches of different shapes; NaN/Inf in an input (naming
+      the weight and the batch); strict-mode violations.
+  """
+  if mode not in ("sequential", "one_pass"):
+    raise ValueError(f"mode must be 'sequential' or 'one_pass', got {mode!r}")
+  batches = list(batches)
+  if not batches:
+    raise ValueError("calibrate() got no calibration batches")
+  rules = tuple(rules)
+  rule_type = getattr(method, "rule_type", None)
+  for r in rules:
+    if rule_type is not None and not isinstance(r, rule_type):
+      raise TypeError(f"{type(method).__name__} takes {rule_type.__name__}s, got a "
+                      f"{type(r).__name__} ({r.module_path!r})")
+  t_start = time.perf_counter()
+  cap = capture if capture is not None else trace(fn, params, batches[0])
+  _check_batches(cap, batches)
+  if not cap.sites:
+    raise ValueError(
+        "the forward function performs no matmul whose operand is a params leaf "
+        f"({len(cap.flat.eqns)} equations traced); calibrated methods need dot_general / "
+        "einsum / conv on weights passed in `params` (not closed over, not only inside "
+        "lax.cond / while_loop bodies)")
+  report = rules_lib.match_rules(params, rules)
+  _rule_problems(report, strict, f"calibrate({type(method).__name__})")
+  targets: dict[int, Any] = {}
+  for li, path in enumerate(cap.leaf_paths):
+    idx = report.assignments.get(path)
+    if idx is not None and not rules[idx].skip and jnp.issubdtype(cap.leaf_avals[li].dtype,
+                                                                   jnp.floating):
+      targets[li] = rules[idx]
+  p_leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(params)]
+  sites_of_leaf: dict[int, list[int]] = {}
+  for si, s in enumerate(cap.sites):
+    if s.leaf in targets:
+      sites_of_leaf.setdefault(s.leaf, []).append(si)
+  unseen = [cap.leaf_paths[li] for li in targets if li not in sites_of_leaf]
+  if unseen:
+    computed = sorted(cap.leaf_paths[li] for li in cap.computed_uses if li in targets)
+    msg = (f"{len(unseen)} selected weight(s) are read by no matmul of the forward function: "
+           + ", ".join(unseen[:6]) + (" ..." if len(unseen) > 6 else "")
+           + (f" ({', '.join(computed[:4])} reach their matmul through computation, not "
+              "layout ops)" if computed else "") + "; they are left as they are")
+    if strict:
+      raise ValueError(msg + " (strict=True)")
+    warnings.warn(msg, stacklevel=2)
+  parts: dict[tuple[int, tuple], Part] = {}
+  for li, sis in sites_of_leaf.items():
+    for si in sis:
+      s = cap.sites[si]
+      lay = cap.layout_of(s)
+      if lay is None:
+        raise ValueError(f"cannot calibrate {s.path}: {s.error}")
+      key = (li, lay.region)
+      part = parts.get(key)
+      if part is None:
+        part = Part(path=s.path, region=lay.region, rule=targets[li], layout=lay,
+                    value=_region_get(p_leaves[li], lay.region), leaf=li)
+        parts[key] = part
+      elif (part.layout.contract, part.layout.free) != (lay.contract, lay.free):
+        raise ValueError(
+            f"{part.name} is read by two matmuls with different layouts (contraction axes "
+            f"{part.layout.contract} vs {lay.contract}); a weight used with two layouts "
+            "cannot be calibrated as one matrix")
+      part.sites.append(si)
+  # Input sources (shared statistics) and groups.
+  src_ids: dict[tuple, int] = {}
+  cap.sources = []
+  for part in parts.values():
+    for si in part.sites:
+      s = cap.sites[si]
+      conv = _conv_params(cap, s)
+      skey = (id(s.x_var), s.x_contract, s.kind,
+              None if s.k_src is None else s.k_src.tobytes(), repr(conv))
+      if skey not in src_ids:
+        src_ids[skey] = len(cap.sources)
+        cap.sources.append(_Source(root=cap.group_roots[s.group], chain=s.x_chain,
+                                   x_var=s.x_var, x_contract=s.x_contract, k_src=s.k_src,
+                                   k=part.layout.k, kind=s.kind, conv=conv, group=s.group))
+      s.source = src_ids[skey]
+    part.source = cap.sites[part.sites[0]].source
+    part.group = cap.sites[part.sites[0]].group
+  first: dict[int, int] = {}
+  for part in parts.values():
+    for si in part.sites:
+      s = cap.sites[si]
+      first[s.group] = min(first.get(s.group, s.eqn_index), s.eqn_index)
+  order = sorted(first, key=lambda g: first[g])
+  bounds = [first[g] for g in order]
+  g_pos = {g: n for n, g in enumerate(order)}
+  ready: dict[int, list[tuple]] = {}
+  for key, part in parts.items():
+    ready.setdefault(max(g_pos[cap.sites[si].group] for si in part.sites), []).append(key)
+  pending_of_source: dict[int, int] = {}
+  for part in parts.values():
+    for si in part.sites:
+      pending_of_source[cap.sites[si].source] = pending_of_source.get(cap.sites[si].source, 0) + 1
+  sources_of_group: dict[int, list[int]] = {}
+  for i, src in enumerate(cap.sources):
+    sources_of_group.setdefault(src.group, []).append(i)
+  needs = frozenset(getattr(method, "needs", frozenset()))
+  bad_needs = needs - set(STAT_KINDS)
+  if bad_needs:
+    raise ValueError(f"{type(method).__name__} asks for unknown statistics {sorted(bad_needs)}")
+  n_sample = max(1, int(max_samples) // len(batches)) if "sample" in needs else 0
+  runner = _Runner(cap, {cap.group_roots[g]: first[g] - 1 for g in order})
+  state = _State(p_leaves)
+  put = (lambda b: b)
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+    n_dev = mesh.shape[data_axis]
+    for aval in cap.batch_avals:
+      if aval.shape and aval.shape[0] % n_dev:
+        raise ValueError(f"calibration batches of {aval.shape[0]} rows do not split over "
+                         f"{data_axis}={n_dev}; pick a batch size that divides evenly")
+    sh = NamedSharding(mesh, PartitionSpec(data_axis))
+    put = (lambda b: jax.device_put(b, sh) if getattr(b, "ndim", 0) >= 1 else b)
+  envs = [[put(jnp.asarray(x)) for x in jax.tree_util.tree_leaves(b)] for b in batches]
+  stats_of_source: dict[int, InputStats] = {}
+  transforms: dict[int, _Transform] = {}
+  record: dict[str, Any] = {}
+  timing = {"stats": 0.0, "quant": 0.0}
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(order), desc=f"{getattr(method, 'label', type(method).__name__)} "
+               f"({mode})", unit="group", leave=False)
+
+  def finish(keys):
+    t0 = time.perf_counter()
+    todo = []
+    for key in keys:
+      part = parts[key]
+      part.value = _region_get(state.leaves[part.leaf], part.region)
+      part.stats = (InputStats.merge([stats_of_source[cap.sites[si].source] for si in part.sites])
+                    if needs else None)
+      todo.append(part)
+    results = method.apply(todo, record) if todo else {}
+    for part in todo:
+      res = results.get(part.key)
+      if res is not None:
+        state.set_part(part.leaf, part.region, res, effective_weight(res, part.value.dtype))
+        for si in part.sites:
+          t = _site_transform(res, part.layout, cap.sites[si])
+          if t is not None:
+            transforms[si] = t
+      part.stats = None
+      for si in part.sites:
+        src = cap.sites[si].source
+        pending_of_source[src] -= 1
+        if pending_of_source[src] == 0:
+          stats_of_source.pop(src, None)
+    timing["quant"] += time.perf_counter() - t0
+
+  def init_accs(srcs):
+    out = []
+    for si in srcs:
+      a = _stat_init(cap.sources[si].k, needs)
+      out.append([a[n] for n in sorted(a)])
+    return out
+
+  if mode == "sequential":
+    lo, env_vars = 0, list(cap.batch_vars)
+    for n, g in enumerate(order):
+      t0 = time.perf_counter()
+      srcs = sources_of_group.get(g, [])
+      seg = runner.build(lo, bounds[n], srcs, needs, n_sample, transforms)
+      envs, accs, samples = _run_segment(seg, state, envs, env_vars, init_accs(srcs), 0, cap)
+      env_vars, lo = seg.env_out, bounds[n]
+      for j, si in enumerate(srcs):
+        stats_of_source[si] = _finalize_stats(seg.acc_names[j], accs[j], samples[j],
+                                              max_samples)
+      timing["stats"] += time.perf_counter() - t0
+      finish(ready.get(n, []))
+      if bar is not None:
+        bar.update(1)
+  else:
+    t0 = time.perf_counter()
+    segs = []
+    lo = 0
+    for n, g in enumerate(order):
+      srcs = sources_of_group.get(g, [])
+      segs.append(runner.build(lo, bounds[n], srcs, needs, n_sample, {}))
+      lo = bounds[n]
+    accs = [init_accs(seg.sources) for seg in segs]
+    samples = [[[] for _ in seg.sources] for seg in segs]
+    for b in range(len(envs)):
+      env, env_vars = [envs[b]], list(cap.batch_vars)
+      for n, seg in enumerate(segs):
+        env, accs[n], smp = _run_segment(seg, state, env, env_vars, accs[n], b, cap)
+        env_vars = seg.env_out
+        for j in range(len(seg.sources)):
+          samples[n][j].extend(smp[j])
+      envs[b] = None
+    for n, seg in enumerate(segs):
+      for j, si in enumerate(seg.sources):
+        stats_of_source[si] = _finalize_stats(seg.acc_names[j], accs[n][j], samples[n][j],
+                                              max_samples)
+    timing["stats"] += time.perf_counter() - t0
+    for n in range(len(order)):
+      finish(ready.get(n, []))
+      if bar is not None:
+        bar.update(1)
+  if bar is not None:
+    bar.close()
+  new_params = _assemble(cap, params, state)
+  info = {"stats_seconds": timing["stats"], "quant_seconds": timing["quant"],
+          "compiles": runner.compiles, "groups": len(order), "mode": mode,
+          "seconds": time.perf_counter() - t_start}
+  info.update(record)
+  return CalibrationResult(params=new_params, report=report, parts=list(parts.values()),
+                           info=info)
+
+
+def _rule_problems(report: rules_lib.RuleReport, strict: bool, what: str) -> None:
+  problems = []
+  if report.unused_rules:
+    problems.append("rules that matched no leaf: " +
+                    ", ".join(repr(r.module_path) for r in report.unused_rules))
+  if report.uncovered and strict:
+    shown = ", ".join(report.uncovered[:8]) + (" ..." if len(report.uncovered) > 8 else "")
+    problems.append(f"{len(report.uncovered)} leaves matched no rule: {shown}")
+  if problems:
+    msg = f"{what}: " + "; ".join(problems)
+    if strict:
+      raise ValueError(msg + " (strict=True; add a rule with skip=True to leave leaves as "
+                       "they are)")
+    warnings.warn(msg, stacklevel=3)
+
+
+def _stack_regions(results: dict[tuple, Any], shape: tuple[int, ...], path: str) -> Any:
+  depth = len(next(iter(results)))
+  n = shape[0]
+  if depth == 1:
+    missing = [i for i in range(n) if (i,) not in results]
+    if missing:
+      raise ValueError(f"{path}: slices {missing[:5]} of the stacked weight are read by no "
+                       "matmul; every layer of a stacked weight must be calibrated")
+    items = [results[(i,)] for i in range(n)]
+  else:
+    items = [_stack_regions({k[1:]: v for k, v in results.items() if k[0] == i}, shape[1:], path)
+             for i in range(n)]
+  try:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+  except ValueError as e:
+    raise ValueError(f"{path}: the per-layer results differ in structure ({e})") from None
+
+
+def _assemble(cap: Capture, params: Any, state: _State) -> Any:
+  values = {(cap.leaf_paths[li], region): v for (li, region), v in state.results.items()}
+  return tree_from_parts(params, values, fill=None, keep=True)
+
+
+def tree_from_parts(params: Any, values: Mapping[tuple[str, tuple], Any], *, fill: Any = None,
+                    keep: bool = False) -> Any:
+  """A tree shaped like `params` holding `values` (keyed by `Part.key`).
+
+  Slices of a stacked leaf are stacked back; other leaves are `fill` (or
+  their own value with `keep=True`).
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  by_path: dict[str, dict[tuple, Any]] = {}
+  for (path, region), v in values.items():
+    by_path.setdefault(path, {})[region] = v
+  out = []
+  for kp, leaf in flat:
+    path = rules_lib.path_str(kp)
+    res = by_path.get(path)
+    if res is None:
+      out.append(leaf if keep else fill)
+    elif () in res:
+      out.append(res[()])
+    else:
+      out.append(_stack_regions(res, tuple(np.shape(leaf)), path))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def collect_stats(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any],
+                  rules: Sequence[Any], needs: Iterable[str] = ("range", "absmean"), *,
+                  max_samples: int = 2048, progress: bool = False) -> dict[str, InputStats]:
+  """Statistics of the float model's matmul inputs, per selected weight.
+
+  Returns `{part name: InputStats}` (`"layers/0/attn/q_proj/kernel"`, or
+  `"stack/kernel[3]"` for slice 3 of a stacked leaf), without changing any weight.
+  """
+  needs = frozenset(needs)
+  bad = needs - set(STAT_KINDS)
+  if bad:
+    raise ValueError(f"unknown statistics {sorted(bad)}; expected some of {STAT_KINDS}")
+  out: dict[str, InputStats] = {}
+
+  class _Collect:
+    label = "statistics"
+    rule_type = None
+
+    def __init__(self):
+      self.needs = needs
+
+    def apply(self, parts, record):
+      for p in parts:
+        out[p.name] = p.stats
+      return {}
+  calibrate(fn, params, batches, rules, _Collect(), mode="one_pass", max_samples=max_samples,
+            progress=progress)
+  return out
