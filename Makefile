@@ -10,7 +10,9 @@ WORKDIR ?= runs/default
 # Tests force 8 host devices so sharding code runs on CPU (see DESIGN.md).
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: run test install clean
+PEERS   ?= .venv-peers
+
+.PHONY: run test install clean peers
 
 $(STAMP): setup.py Makefile
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -28,5 +30,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(TEST_ENV) $(PYTHON) -m pytest tests -q -p no:cacheprovider --durations=15
 
+# Peer libraries for side-by-side benchmarks (experiments/bench_calibration.py), in their
+# own venv: llm-compressor pins another transformers than ours.
+$(PEERS)/.installed: Makefile
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q "torch==2.13.0"
+	$(PEERS)/bin/pip install -q "llmcompressor==0.14.0.1" "compressed-tensors==0.19.0" "gguf==0.19.0" "accelerate>=1.0"
+	touch $(PEERS)/.installed
+
+peers: $(PEERS)/.installed
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache

@@ -12,7 +12,9 @@ from quantjax.numerics.calibrate import Calibration, calibrate
 from quantjax.numerics.fake_quant import fake_quant, lsq_fake_quant, lsq_init_step, round_ste
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.inspect import describe as inspect_value
-from quantjax.numerics.qarray import ActQuantized, QArray, dequantize, quantize, quantize_with_scale
+from quantjax import methods, sparsity
+from quantjax.numerics.qarray import (ActQuantized, InputScaled, QArray, dequantize, quantize,
+                                     quantize_with_scale)
 from quantjax.ops import qdot, qeinsum
 from quantjax.rules import PruneRule, QuantRule, RuleReport, match_rules
 from quantjax.sparsity import (NMSparse, apply_masks, compress_nm, magnitude_mask, nm_mask,
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActQuantized",
     "Calibration",
+    "InputScaled",
     "NMSparse",
     "PruneRule",
     "QArray",
@@ -36,6 +39,7 @@ __all__ = [
     "apply_masks",
     "bits_per_weight",
     "calibrate",
+    "methods",
     "chain",
     "compress_nm",
     "dequantization",
@@ -64,6 +68,7 @@ __all__ = [
     "quantize_with_scale",
     "round_ste",
     "sparsegpt_prune",
+    "sparsity",
     "sparsity_of",
     "tree_bytes",
     "wanda_mask",

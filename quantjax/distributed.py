@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from quantjax import rules as rules_lib
 from quantjax.numerics import qarray as qarray_lib
-from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
 __all__ = [
     "AXES", "MeshConfig", "make_mesh", "PartitionRule", "LLAMA_PARTITION_RULES", "spec_for",
@@ -209,7 +209,7 @@ def qarray_sharding(q: QArray, spec: tuple, mesh: Mesh, path: str = "weight") ->
 
 
 def _is_box(x):
-  return isinstance(x, (QArray, ActQuantized))
+  return isinstance(x, (QArray, ActQuantized, InputScaled))
 
 
 def param_specs(params: Any, mesh: Mesh, rules: Sequence[PartitionRule]) -> Any:
@@ -225,13 +225,25 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[PartitionRule]) -> 
     if x is None or not hasattr(x, "shape"):
       return None
     spec = spec_for(path, tuple(x.shape), mesh, rules)
-    if isinstance(x, ActQuantized):
-      return ActQuantized(weight=qarray_sharding(x.weight, spec, mesh, path),
-                          act_format=x.act_format)
-    if isinstance(x, QArray):
-      return qarray_sharding(x, spec, mesh, path)
-    return NamedSharding(mesh, P(*spec))
+    return _box_sharding(x, spec, mesh, path)
   return rules_lib.map_with_paths(fn, params)
+
+
+def _box_sharding(x: Any, spec, mesh: Mesh, path: str) -> Any:
+  """Shardings for a leaf that may be a QArray inside activation / input-scale wrappers."""
+  if isinstance(x, InputScaled):
+    # The per-input scale follows the weight on its input axes, replicated elsewhere.
+    s_spec = [spec[a] if x.scale.shape[a] == x.shape[a] else None for a in range(len(spec))]
+    return InputScaled(weight=_box_sharding(x.weight, spec, mesh, path),
+                       scale=NamedSharding(mesh, P(*s_spec)))
+  if isinstance(x, ActQuantized):
+    inner = _box_sharding(x.weight, spec, mesh, path)
+    extra = {f.name: (None if getattr(x, f.name) is None else NamedSharding(mesh, P()))
+             for f in dataclasses.fields(x) if f.name not in ("weight", "act_format")}
+    return dataclasses.replace(x, weight=inner, **extra)
+  if isinstance(x, QArray):
+    return qarray_sharding(x, spec, mesh, path)
+  return NamedSharding(mesh, P(*spec))
 
 
 def shard_params(params: Any, mesh: Mesh, rules: Sequence[PartitionRule]) -> Any:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from quantjax import rules as rules_lib
 from quantjax.numerics import fake_quant as fake_quant_lib
 from quantjax.numerics import qarray as qarray_lib
-from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
 __all__ = [
     "quantize_params", "dequantize_params", "fake_quant_params", "Transform", "chain",
@@ -77,7 +77,7 @@ def quantize_params(params: Any, rules: Sequence[rules_lib.QuantRule], *, strict
 
   def fn(path: str, leaf: Any) -> Any:
     idx = report.assignments.get(path)
-    if idx is None or isinstance(leaf, (QArray, ActQuantized)) or leaf is None:
+    if idx is None or isinstance(leaf, (QArray, ActQuantized, InputScaled)) or leaf is None:
       return leaf
     rule = rules[idx]
     if rule.skip:
@@ -104,12 +104,15 @@ def quantize_params(params: Any, rules: Sequence[rules_lib.QuantRule], *, strict
 def dequantize_params(params: Any, dtype: Any = None) -> Any:
   """Replaces every `QArray` leaf with its dequantized array."""
   def fn(x):
+    if isinstance(x, InputScaled):
+      return x.effective(dtype)
     if isinstance(x, ActQuantized):
       x = x.weight
     if isinstance(x, QArray):
       return x.dequantize(dtype)
     return x
-  return jax.tree.map(fn, params, is_leaf=lambda x: isinstance(x, (QArray, ActQuantized)))
+  return jax.tree.map(fn, params,
+                      is_leaf=lambda x: isinstance(x, (QArray, ActQuantized, InputScaled)))
 
 
 def fake_quant_params(params: Any, rules: Sequence[rules_lib.QuantRule], *,

@@ -20,10 +20,10 @@ import numpy as np
 
 from quantjax import rules as rules_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
-from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 from quantjax.sparsity.nm import NMSparse
 
-_BOXES = (QArray, ActQuantized, NMSparse)
+_BOXES = (QArray, ActQuantized, InputScaled, NMSparse)
 
 __all__ = ["tree_bytes", "tree_param_count", "bits_per_weight", "LeafMemory", "memory_table",
            "markdown_memory_table", "MemoryEstimate", "estimate", "estimate_table",
@@ -86,7 +86,9 @@ def memory_table(tree: Any) -> list[LeafMemory]:
   for path, leaf in rules_lib.tree_leaves_with_paths(tree):
     if not hasattr(leaf, "shape"):
       continue
-    w = leaf.weight if isinstance(leaf, ActQuantized) else leaf
+    w = leaf
+    while isinstance(w, (ActQuantized, InputScaled)):
+      w = w.weight
     fmt = w.fmt.name if isinstance(w, QArray) else np.dtype(w.dtype).name
     n = _leaf_count(leaf)
     b = _leaf_bytes(leaf)

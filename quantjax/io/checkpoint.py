@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from quantjax.numerics.formats import QuantFormat
-from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
 __all__ = ["save_params", "restore_params", "format_to_dict", "format_from_dict"]
 
@@ -53,6 +53,20 @@ def _to_plain(tree: Any) -> Any:
 
 def _describe(node: Any, arrays: dict[str, Any], prefix: str) -> Any:
   """JSON description of `node`; its arrays go into `arrays` under path keys."""
+  from quantjax.methods.activations import StaticActQuantized
+  if isinstance(node, InputScaled):
+    arrays[f"{prefix}.s"] = node.scale
+    return {"__input_scaled__": f"{prefix}.s",
+            "weight": _describe(node.weight, arrays, prefix + ".w")}
+  if isinstance(node, StaticActQuantized):
+    entry = {"__static_act__": format_to_dict(node.act_format),
+             "weight": _describe(node.weight, arrays, prefix + ".w")}
+    for name in ("act_scale", "act_zero_point"):
+      a = getattr(node, name)
+      if a is not None:
+        arrays[f"{prefix}.{name}"] = a
+        entry[name] = f"{prefix}.{name}"
+    return entry
   if isinstance(node, ActQuantized):
     return {"__act__": format_to_dict(node.act_format),
             "weight": _describe(node.weight, arrays, prefix + ".w")}
@@ -85,6 +99,15 @@ def _describe(node: Any, arrays: dict[str, Any], prefix: str) -> Any:
 
 
 def _rebuild(desc: Any, arrays: dict[str, Any]) -> Any:
+  if "__input_scaled__" in desc:
+    return InputScaled(weight=_rebuild(desc["weight"], arrays),
+                       scale=arrays[desc["__input_scaled__"]])
+  if "__static_act__" in desc:
+    from quantjax.methods.activations import StaticActQuantized
+    get = lambda n: arrays[desc[n]] if n in desc else None  # noqa: E731
+    return StaticActQuantized(weight=_rebuild(desc["weight"], arrays),
+                              act_format=format_from_dict(desc["__static_act__"]),
+                              act_scale=get("act_scale"), act_zero_point=get("act_zero_point"))
   if "__act__" in desc:
     return ActQuantized(weight=_rebuild(desc["weight"], arrays),
                         act_format=format_from_dict(desc["__act__"]))

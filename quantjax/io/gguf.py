@@ -49,7 +49,7 @@ import numpy as np
 from quantjax.io import kquants
 from quantjax.models.load import GGUFError
 from quantjax.numerics.formats import QuantFormat
-from quantjax.numerics.qarray import QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
 __all__ = [
     "BLOCK_TYPES",
@@ -474,6 +474,14 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   for gname, ppath, heads, axis in _name_table(config):
     leaf = _get(pure, ppath)
     spath = "/".join(map(str, ppath))
+    if isinstance(leaf, InputScaled):
+      raise GGUFError(
+          f"{spath} carries per-input scales (InputScaled, from AWQ / SmoothQuant) that GGUF "
+          "cannot store: fold them into the producing op first "
+          "(quantjax.methods.fold_input_scales with quantjax.models.llama.fold_groups) or "
+          "calibrate with scales only where they fold (scales_for=llama.foldable(config))")
+    if isinstance(leaf, ActQuantized):
+      leaf = leaf.weight  # llama.cpp quantizes activations itself
     shape = tuple(int(s) for s in leaf.shape)
     is_norm = ppath[-1] == "scale"
     n_in = shape[axis] if len(shape) == 2 else shape[-1]

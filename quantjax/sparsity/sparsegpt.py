@@ -31,18 +31,12 @@ class SparseGPTResult(NamedTuple):
   mask: jax.Array
 
 
-def _inv_chol_upper(h: np.ndarray, percdamp: float) -> np.ndarray:
+def _inv_chol_upper(h: np.ndarray, percdamp: float) -> tuple[np.ndarray, np.ndarray]:
+  from quantjax.methods.gptq import inverse_cholesky_upper
   h = np.array(h, np.float64)
   dead = np.diag(h) == 0
   h[dead, dead] = 1.0
-  h[np.diag_indices(h.shape[0])] += percdamp * float(np.mean(np.diag(h)))
-  try:
-    lower = np.linalg.cholesky(h)
-  except np.linalg.LinAlgError:
-    raise ValueError(f"SparseGPT: the dampened Hessian is not positive definite "
-                     f"(percdamp={percdamp}); raise percdamp or add calibration data") from None
-  inv = np.linalg.inv(lower)
-  return np.linalg.cholesky(inv.T @ inv).T, dead
+  return inverse_cholesky_upper(h, percdamp, what="SparseGPT"), dead
 
 
 def sparsegpt_prune(w: jax.Array, h: jax.Array, *, sparsity: float | None = None,

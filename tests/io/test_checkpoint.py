@@ -80,3 +80,19 @@ def test_restore_errors(tmp_path):
   (tmp_path / "quantjax_manifest.json").write_text("{not json")
   with pytest.raises(ValueError, match="corrupt checkpoint manifest"):
     checkpoint.restore_params(tmp_path)
+
+
+def test_roundtrip_keeps_input_scales_and_static_activation_ranges(tmp_path):
+  from quantjax.methods.activations import StaticActQuantized
+  w = qj.quantize(jax.random.normal(jax.random.key(1), (64, 16)), "int8")
+  leaf = qj.InputScaled(weight=StaticActQuantized(weight=w, act_format=qj.QuantFormat.parse(
+      "int8_t"), act_scale=jnp.full((1, 1), 0.05), act_zero_point=None),
+      scale=jnp.linspace(0.5, 2.0, 64)[:, None])
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), w, w)  # a [2, 64, 16] stacked QArray
+  tree = {"a": leaf, "s": stacked}
+  r = checkpoint.restore_params(checkpoint.save_params(tmp_path / "c", tree))
+  _assert_same(tree, r)
+  assert isinstance(r["a"], qj.InputScaled) and isinstance(r["a"].weight, StaticActQuantized)
+  assert r["s"].shape == (2, 64, 16)
+  x = jax.random.normal(jax.random.key(2), (4, 64))
+  np.testing.assert_array_equal(np.asarray(qj.qdot(x, r["a"])), np.asarray(qj.qdot(x, leaf)))

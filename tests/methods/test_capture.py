@@ -316,3 +316,21 @@ def test_unseen_weight_is_reported():
     res = methods.calibrate(fn, p, [jnp.ones((2, 8))], rules, methods.GPTQ(), progress=False)
   assert any("read by no matmul" in str(x.message) for x in w)
   assert isinstance(res.params["w"], QArray) and not isinstance(res.params["e"], QArray)
+
+
+def test_methods_know_no_models():
+  """Nothing under methods/, sparsity/ or the error report imports a model (DESIGN.md)."""
+  import ast
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[2] / "quantjax"
+  files = list((root / "methods").glob("*.py")) + list((root / "sparsity").glob("*.py")) + [
+      root / "eval" / "error_report.py"]
+  bad = []
+  for f in files:
+    for node in ast.walk(ast.parse(f.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      if isinstance(node, ast.ImportFrom) and node.module == "quantjax":
+        names = [f"quantjax.{a.name}" for a in node.names]
+      bad += [f"{f.name}: {n}" for n in names if n.startswith("quantjax.models")]
+  assert len(files) > 10 and not bad, bad
