@@ -413,6 +413,12 @@ class QArray(flax_meta.AxisMetadata):
   def T(self) -> jax.Array:  # noqa: N802
     return self.dequantize().T
 
+  def reshape(self, *shape) -> jax.Array:
+    return self.dequantize().reshape(*shape)
+
+  def transpose(self, *axes) -> jax.Array:
+    return self.dequantize().transpose(*axes)
+
   def __matmul__(self, other):
     return jnp.matmul(self.dequantize(), other)
 
@@ -672,6 +678,16 @@ class InputScaled(flax_meta.AxisMetadata):
 
   def __getitem__(self, idx) -> jax.Array:
     return self.effective()[idx]
+
+  def astype(self, dtype) -> jax.Array:
+    return self.effective(dtype)
+
+  def reshape(self, *shape) -> jax.Array:
+    return self.effective().reshape(*shape)
+
+  @property
+  def T(self) -> jax.Array:  # noqa: N802
+    return self.effective().T
 
   def __array__(self, dtype=None, copy=None):
     out = np.asarray(self.effective())

@@ -334,3 +334,44 @@ def test_methods_know_no_models():
         names = [f"quantjax.{a.name}" for a in node.names]
       bad += [f"{f.name}: {n}" for n in names if n.startswith("quantjax.models")]
   assert len(files) > 10 and not bad, bad
+
+
+def test_weights_reached_through_layout_ops_and_nnx_apply():
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+  rng = np.random.default_rng(0)
+  p = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),  # [out, in], PyTorch layout
+       "v": jnp.asarray(rng.normal(size=(4, 16, 32)), jnp.float32)}  # reshaped to [64, 32]
+
+  def fn(p, x):
+    w = jax.lax.with_sharding_constraint(p["w"], NamedSharding(mesh, PartitionSpec()))
+    h = jnp.tanh(x @ w.astype(jnp.bfloat16).astype(jnp.float32).T)
+    return h @ p["v"].reshape(64, 32)
+
+  x = [jnp.asarray(rng.normal(size=(256, 32)) * (1 + 4 * (np.arange(32) < 2)), jnp.float32)
+       for _ in range(4)]
+  cap = capture.trace(fn, p, x[0])
+  lw = cap.layout_of(next(s for s in cap.sites if s.path == "w"))
+  lv = cap.layout_of(next(s for s in cap.sites if s.path == "v"))
+  assert (lw.contract, lw.free) == ((1,), (0,)) and (lv.contract, lv.free) == ((0, 1), (2,))
+  rules = [QuantRule(module_path="w|v", format="int4_g16")]
+  g = methods.calibrate(fn, p, x, rules, methods.GPTQ(), progress=False)
+  r = methods.calibrate(fn, p, x, rules, methods.RTN(), progress=False)
+  assert g.params["w"].fmt.group_axis == -1  # groups along the [out, in] weight's input axis
+  held = jnp.asarray(rng.normal(size=(512, 32)) * (1 + 4 * (np.arange(32) < 2)), jnp.float32)
+  assert _err(fn, p, g.params, held) < _err(fn, p, r.params, held)
+  # An NNX module through nnx_apply: the state comes back with QArrays inside.
+  model = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), jax.nn.relu,
+                         nnx.Linear(64, 8, rngs=nnx.Rngs(1)))
+  f2, state = methods.nnx_apply(model)
+  res = methods.calibrate(f2, state, x, [QuantRule(module_path=r"layers/\d/kernel",
+                                                    format="int8"),
+                                          QuantRule(module_path=".*", skip=True)],
+                          methods.GPTQ(), strict=True, progress=False)
+  leaves = dict(rules_lib.tree_leaves_with_paths(res.params))
+  assert isinstance(leaves["layers/0/kernel"], QArray) and isinstance(leaves["layers/2/kernel"],
+                                                                      QArray)
+  nnx.update(model, res.params)
+  np.testing.assert_allclose(np.asarray(model(x[0])), np.asarray(f2(state, x[0])), rtol=0.05,
+                             atol=0.05)
