@@ -19,7 +19,7 @@ from quantjax.numerics.calibrate import Calibration, resolve_calibration
 from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
-__all__ = ["QuantRule", "PruneRule", "RuleReport", "match_rules", "path_str", "tree_leaves_with_paths",
+__all__ = ["QuantRule", "PruneRule", "RuleReport", "match_rules", "check_report", "path_str", "tree_leaves_with_paths",
            "map_with_paths", "to_pure"]
 
 
@@ -193,3 +193,22 @@ def match_rules(tree: Any, rules: Iterable[Any]) -> RuleReport:
       uncovered.append(path)
   unused = tuple(r for r, u in zip(rules, used) if not u)
   return RuleReport(assignments=assignments, unused_rules=unused, uncovered=tuple(uncovered))
+
+
+def check_report(report: RuleReport, strict: bool, what: str, *, stacklevel: int = 3) -> None:
+  """Warns about rules that matched nothing; with `strict`, raises on those and on
+  leaves no rule covered (the message names them)."""
+  import warnings
+  problems = []
+  if report.unused_rules:
+    problems.append("rules that matched no leaf: " +
+                    ", ".join(repr(r.module_path) for r in report.unused_rules))
+  if report.uncovered and strict:
+    shown = ", ".join(report.uncovered[:8]) + (" ..." if len(report.uncovered) > 8 else "")
+    problems.append(f"{len(report.uncovered)} leaves matched no rule: {shown}")
+  if problems:
+    msg = f"{what}: " + "; ".join(problems)
+    if strict:
+      raise ValueError(msg + " (strict=True; add a rule with skip=True to leave leaves as "
+                       "they are)")
+    warnings.warn(msg, stacklevel=stacklevel)

@@ -12,7 +12,6 @@ params`, so pipelines compose with `chain(...)`, in the spirit of Optax.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -24,8 +23,8 @@ from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
 __all__ = [
-    "quantize_params", "dequantize_params", "fake_quant_params", "Transform", "chain",
-    "quantization", "dequantization", "fake_quantization", "ActQuantized",
+    "quantize_params", "dequantize_params", "dequantize_leaf", "fake_quant_params", "Transform",
+    "chain", "quantization", "dequantization", "fake_quantization", "ActQuantized",
 ]
 
 logger = logging.getLogger("quantjax")
@@ -33,19 +32,7 @@ logger = logging.getLogger("quantjax")
 
 def _report(tree: Any, rules: Sequence[Any], strict: bool, what: str) -> rules_lib.RuleReport:
   report = rules_lib.match_rules(tree, rules)
-  problems = []
-  if report.unused_rules:
-    problems.append("rules that matched no leaf: " +
-                    ", ".join(repr(r.module_path) for r in report.unused_rules))
-  if report.uncovered and strict:
-    shown = ", ".join(report.uncovered[:8]) + (" ..." if len(report.uncovered) > 8 else "")
-    problems.append(f"{len(report.uncovered)} leaves matched no rule: {shown}")
-  if problems:
-    msg = f"{what}: " + "; ".join(problems)
-    if strict:
-      raise ValueError(msg + " (strict=True; add a QuantRule(module_path=..., skip=True) "
-                       "to leave leaves as they are)")
-    warnings.warn(msg, stacklevel=3)
+  rules_lib.check_report(report, strict, what, stacklevel=4)
   return report
 
 
@@ -101,17 +88,20 @@ def quantize_params(params: Any, rules: Sequence[rules_lib.QuantRule], *, strict
   return (out, report) if return_report else out
 
 
+def dequantize_leaf(x: Any, dtype: Any = None) -> Any:
+  """The float value a (possibly wrapped) quantized leaf stands for; arrays pass through."""
+  if isinstance(x, InputScaled):
+    return x.effective(dtype)
+  if isinstance(x, ActQuantized):
+    x = x.weight
+  if isinstance(x, QArray):
+    return x.dequantize(dtype)
+  return x
+
+
 def dequantize_params(params: Any, dtype: Any = None) -> Any:
-  """Replaces every `QArray` leaf with its dequantized array."""
-  def fn(x):
-    if isinstance(x, InputScaled):
-      return x.effective(dtype)
-    if isinstance(x, ActQuantized):
-      x = x.weight
-    if isinstance(x, QArray):
-      return x.dequantize(dtype)
-    return x
-  return jax.tree.map(fn, params,
+  """Replaces every `QArray` leaf (and its wrappers) with its dequantized array."""
+  return jax.tree.map(lambda x: dequantize_leaf(x, dtype), params,
                       is_leaf=lambda x: isinstance(x, (QArray, ActQuantized, InputScaled)))
 
 

@@ -1311,14 +1311,8 @@ class _State:
 
 def effective_weight(result: Any, dtype: Any) -> jax.Array:
   """The float weight a method's result stands for (what a stock model computes with)."""
-  from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
-  if isinstance(result, InputScaled):
-    return result.effective(dtype)
-  if isinstance(result, ActQuantized):
-    result = result.weight
-  if isinstance(result, QArray):
-    return result.dequantize(dtype)
-  return jnp.asarray(result).astype(dtype)
+  from quantjax import transforms
+  return jnp.asarray(transforms.dequantize_leaf(result, dtype)).astype(dtype)
 
 
 def _conv_params(cap: Capture, s: Site) -> dict | None:
@@ -1395,7 +1389,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
         "einsum / conv on weights passed in `params` (not closed over, not only inside "
         "lax.cond / while_loop bodies)")
   report = rules_lib.match_rules(params, rules)
-  _rule_problems(report, strict, f"calibrate({type(method).__name__})")
+  rules_lib.check_report(report, strict, f"calibrate({type(method).__name__})")
   targets: dict[int, Any] = {}
   for li, path in enumerate(cap.leaf_paths):
     idx = report.assignments.get(path)
@@ -1585,22 +1579,6 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   info.update(record)
   return CalibrationResult(params=new_params, report=report, parts=list(parts.values()),
                            info=info)
-
-
-def _rule_problems(report: rules_lib.RuleReport, strict: bool, what: str) -> None:
-  problems = []
-  if report.unused_rules:
-    problems.append("rules that matched no leaf: " +
-                    ", ".join(repr(r.module_path) for r in report.unused_rules))
-  if report.uncovered and strict:
-    shown = ", ".join(report.uncovered[:8]) + (" ..." if len(report.uncovered) > 8 else "")
-    problems.append(f"{len(report.uncovered)} leaves matched no rule: {shown}")
-  if problems:
-    msg = f"{what}: " + "; ".join(problems)
-    if strict:
-      raise ValueError(msg + " (strict=True; add a rule with skip=True to leave leaves as "
-                       "they are)")
-    warnings.warn(msg, stacklevel=3)
 
 
 def _stack_regions(results: dict[tuple, Any], shape: tuple[int, ...], path: str) -> Any:

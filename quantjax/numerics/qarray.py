@@ -294,8 +294,25 @@ def unpack_codes(packed: jax.Array, fmt: QuantFormat, shape: Sequence[int]) -> j
 # The pytree.
 # ----------------------------------------------------------------------------
 
+class _Box(flax_meta.AxisMetadata):
+  """A Flax `AxisMetadata` box whose `unbox()` is the array it stands for: stock
+  linen modules unbox their params, so they read quantized leaves as arrays."""
+
+  def unbox(self) -> jax.Array:
+    return self.__jax_array__()
+
+  def replace_boxed(self, val):
+    return val
+
+  def add_axis(self, index, params):
+    return self
+
+  def remove_axis(self, index, params):
+    return self
+
+
 @dataclasses.dataclass(frozen=True)
-class QArray(flax_meta.AxisMetadata):
+class QArray(_Box):
   """A quantized array. Children: `qvalue`, `scale`, `zero_point`.
 
   Static: `fmt` (QuantFormat), `shape` (logical), `dtype` (of the original
@@ -321,19 +338,6 @@ class QArray(flax_meta.AxisMetadata):
   fmt: QuantFormat = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(metadata=dict(static=True))
-
-  # --- flax.core.meta.AxisMetadata: linen unboxes params before use -------
-  def unbox(self) -> jax.Array:
-    return self.dequantize()
-
-  def replace_boxed(self, val):
-    return val
-
-  def add_axis(self, index, params):
-    return self
-
-  def remove_axis(self, index, params):
-    return self
 
   # --- array-like surface ---------------------------------------------------
   @property
@@ -611,7 +615,7 @@ class ActQuantized:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class InputScaled(flax_meta.AxisMetadata):
+class InputScaled(_Box):
   """A weight that expects its matmul's input divided by per-input-channel scales.
 
   AWQ and SmoothQuant quantize `diag(s) W` instead of `W`; the division of
@@ -632,18 +636,6 @@ class InputScaled(flax_meta.AxisMetadata):
 
   weight: Any
   scale: Any
-
-  def unbox(self) -> jax.Array:
-    return self.__jax_array__()
-
-  def replace_boxed(self, val):
-    return val
-
-  def add_axis(self, index, params):
-    return self
-
-  def remove_axis(self, index, params):
-    return self
 
   @property
   def shape(self):

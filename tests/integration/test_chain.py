@@ -175,3 +175,22 @@ def test_killed_mid_distillation_resumes_to_identical_params(tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert resumed == []
+
+
+@pytest.mark.parametrize("method,fmt,act", [("gptq", "int4_g32", ""), ("awq", "int4_g32", ""),
+                                            ("smoothquant", "int8", "int8_t"),
+                                            ("static", "int8", "int8_t")])
+def test_calibrated_quantize_stage_gives_plain_foldable_leaves(tmp_path, method, fmt, act):
+  from quantjax import rules as rules_lib
+  from quantjax.numerics.qarray import InputScaled, QArray
+  c = _tiny("quantize,evaluate")
+  c.quantize.method, c.quantize.format, c.quantize.act_format = method, fmt, act
+  c.calib.windows = 4
+  recs = chain.run(c, str(tmp_path / method))
+  assert np.isfinite(recs[0]["perplexity"]) and recs[0]["method"].startswith(method)
+  params, _ = chain._load_stage(os.path.join(str(tmp_path / method), "00_quantize"))
+  leaves = dict(rules_lib.tree_leaves_with_paths(params))
+  # AWQ / SmoothQuant scales were only placed where the fold table absorbs them, then folded.
+  assert not any(isinstance(x, InputScaled) for x in leaves.values())
+  q = leaves["layers/0/mlp/down_proj/kernel"]
+  assert isinstance(q.weight if act else q, QArray)
