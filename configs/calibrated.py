@@ -1,60 +1,47 @@
 """Every calibrated method on SmolLM2-135M through the model-agnostic capture driver.
 
-Launch (resumable; each entry runs into its own sub-directory):
+Launch (resumable):
 
     python -m experiments.main --config=configs/calibrated.py --workdir=runs/calibrated
-    python -m experiments.compare --out=runs/calibrated/compare runs/calibrated
-
-    # one entry only, e.g. GPTQ act-order sequential vs one-pass:
+    # some entries only, e.g. GPTQ act-order sequential vs one-pass:
     python -m experiments.main --config=configs/calibrated.py:gptq_ao,gptq_ao_1pass \\
         --workdir=runs/calibrated
 
 `arg` is a comma list of entry names (default: all of `ENTRIES`). Every
-`*_proj` kernel of the 30 layers is quantized or pruned by
+projection of the 30 layers is quantized or pruned by
 `quantjax.methods.calibrate` / `quantjax.sparsity.prune_calibrated`, which
-see the model only through `llama.forward`; AWQ and SmoothQuant scales are
-restricted to what the Llama fold table absorbs and then folded
-(`methods.fold_input_scales`), so the results are plain QArrays. 32
-calibration windows of 512 tokens from before the evaluation set (the
-protocol's default is 128; 32 keeps each entry within minutes on 2 cores).
+see the model only through its forward function; AWQ and SmoothQuant scales
+are restricted to what the model's fold table absorbs and then folded, so
+the results are plain QArrays. 32 calibration windows of 512 tokens from
+before the evaluation set.
 
-Expected result (perplexity, full protocol; README "Calibrated methods on any
-model"): GPTQ act-order W4 g64 about 12.8, AWQ W4 g64 about 13.5, SparseGPT
-2:4 about 24.2, Wanda 2:4 about 58.7, SmoothQuant alpha 0.8 W8A8 about 12.0,
-each within 1% of the earlier Llama-specific driver's figures or better.
+Expected result (perplexity, full protocol; README "Post-training methods"):
+GPTQ act-order W4 g64 about 12.8, AWQ W4 g64 about 13.2-13.5, SparseGPT 2:4
+about 23.8-24.2, Wanda 2:4 about 57-59, SmoothQuant alpha 0.8 W8A8 about 12.0.
 """
 
-from configs.chain_base import chain_config
+from configs.base import base_config, entry, select
 
-ENTRIES = {
-    "fp32": {"stages": "evaluate"},
-    "gptq_ao": {"stages": "quantize,evaluate", "quantize.method": "gptq",
-                "quantize.format": "int4_g64", "quantize.act_order": True},
-    "gptq_ao_1pass": {"stages": "quantize,evaluate", "quantize.method": "gptq",
-                      "quantize.format": "int4_g64", "quantize.act_order": True,
-                      "quantize.mode": "one_pass"},
-    "gptq": {"stages": "quantize,evaluate", "quantize.method": "gptq",
-             "quantize.format": "int4_g64"},
-    "awq": {"stages": "quantize,evaluate", "quantize.method": "awq",
-            "quantize.format": "int4_g64"},
-    "smoothquant_a08": {"stages": "quantize,evaluate", "quantize.method": "smoothquant",
-                        "quantize.format": "int8", "quantize.act_format": "int8_t",
-                        "quantize.alpha": 0.8},
-    "static_w8a8": {"stages": "quantize,evaluate", "quantize.method": "static",
-                    "quantize.format": "int8", "quantize.act_format": "int8_t"},
-    "sparsegpt_2of4": {"stages": "prune,evaluate", "prune.method": "sparsegpt",
-                       "prune.pattern": "2:4"},
-    "wanda_2of4": {"stages": "prune,evaluate", "prune.method": "wanda", "prune.pattern": "2:4"},
-}
+ENTRIES = (
+    entry("fp32", "evaluate"),
+    entry("gptq_ao", "quantize,evaluate", quantize__method="gptq", quantize__format="int4_g64",
+          quantize__act_order=True),
+    entry("gptq_ao_1pass", "quantize,evaluate", quantize__method="gptq",
+          quantize__format="int4_g64", quantize__act_order=True, quantize__mode="one_pass"),
+    entry("gptq", "quantize,evaluate", quantize__method="gptq", quantize__format="int4_g64"),
+    entry("awq", "quantize,evaluate", quantize__method="awq", quantize__format="int4_g64"),
+    entry("smoothquant_a08", "quantize,evaluate", quantize__method="smoothquant",
+          quantize__format="int8", quantize__act_format="int8_t", quantize__alpha=0.8),
+    entry("static_w8a8", "quantize,evaluate", quantize__method="static", quantize__format="int8",
+          quantize__act_format="int8_t", quantize__act_observer="minmax"),
+    entry("sparsegpt_2of4", "prune,evaluate", prune__method="sparsegpt", prune__pattern="2:4"),
+    entry("wanda_2of4", "prune,evaluate", prune__method="wanda", prune__pattern="2:4"),
+)
 
 
 def get_config(arg=None):
-  names = [n.strip() for n in arg.split(",")] if arg else list(ENTRIES)
-  for n in names:
-    if n not in ENTRIES:
-      raise ValueError(f"configs/calibrated.py: unknown entry {n!r}; expected some of "
-                       f"{', '.join(ENTRIES)}")
-  c = chain_config("evaluate")
+  c = base_config()
+  c.name = "calibrated methods"
   c.calib.windows = 32
-  c.sweep = [dict(ENTRIES[n], name=n) for n in names]
+  c.sweep = select(ENTRIES, arg, "configs/calibrated.py")
   return c

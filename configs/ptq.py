@@ -1,29 +1,23 @@
-"""Post-training quantization methods on SmolLM2-135M: RTN vs GPTQ vs AWQ.
+"""Post-training quantization methods on SmolLM2-135M: RTN vs GPTQ vs AWQ, per format.
 
 Launch:
 
     python -m experiments.main --config=configs/ptq.py --workdir=runs/ptq
-    python -m experiments.main --config=configs/ptq.py:int3_g64 --workdir=runs/ptq_w3
+    # W4 g64 only, RTN / GPTQ / AWQ:
+    python -m experiments.main --config=configs/ptq.py:int4_g64/rtn,gptq,awq --workdir=runs/ptq
 
-    # W4 g64 only, RTN / GPTQ / AWQ (about 20 minutes on a 2-core CPU):
-    python -m experiments.main --config=configs/ptq.py:int4_g64/rtn,gptq,awq \
-        --workdir=runs/ptq
+`arg` is `FORMATS[/METHODS]`: a comma list of formats (default
+`int4_g64,int3_g64`), optionally `/` and a comma list of methods (default
+`rtn,gptq,awq`). Entry `fp32` evaluates the FP32 model; every other entry
+runs `quantize -> evaluate` with one method. 32 calibration windows drawn
+before the evaluation set. SmoothQuant W8A8 and static activation ranges are
+in `configs/calibrated.py` and `configs/default.py`.
 
-`arg` is `FORMATS[/METHODS]`: a comma-separated list of formats (default
-`int4_g64,int3_g64`), optionally followed by `/` and a comma list of methods
-(default `rtn,gptq,awq`). The sweep's first entry, `fp32`, evaluates the
-FP32 model once; every other entry runs `quantize -> evaluate` with one
-method (`quantjax.methods`: rtn, or GPTQ / AWQ through the model-agnostic
-`capture.calibrate`) into its own sub-directory, and `experiments.compare` merges
-them with Δ against `fp32`. Calibration windows come from tokens before the
-evaluation set (`calib.windows`, seeded).
-
-Expected result (perplexity protocol, 32 calibration windows, see the methods
-report): GPTQ and AWQ below RTN at both widths, the gap widest at 3 bits.
-W8A8 with SmoothQuant: `configs/smoothquant.py`.
+Expected result (perplexity protocol): GPTQ and AWQ below RTN at both
+widths, the gap widest at 3 bits.
 """
 
-from configs.chain_base import chain_config
+from configs.base import base_config, entry
 
 METHODS = ("rtn", "gptq", "awq")
 
@@ -35,9 +29,11 @@ def get_config(arg=None):
   for m in methods:
     if m not in METHODS:
       raise ValueError(f"configs/ptq.py: unknown method {m!r} in {arg!r}; expected {METHODS}")
-  c = chain_config("quantize,evaluate")
+  c = base_config()
+  c.name = "post-training quantization"
   c.calib.windows = 32
-  c.sweep = [{"name": "fp32", "stages": "evaluate"}] + [
-      {"name": f"{m}_{f}", "quantize.method": m, "quantize.format": f}
+  c.sweep = [entry("fp32", "evaluate")] + [
+      entry(f"{m}_{f}", "quantize,evaluate", quantize__method=m, quantize__format=f,
+            quantize__act_order=m == "gptq")
       for f in formats for m in methods]
   return c

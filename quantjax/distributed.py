@@ -38,7 +38,7 @@ __all__ = [
     "AXES", "MeshConfig", "make_mesh", "PartitionRule", "LLAMA_PARTITION_RULES", "spec_for",
     "param_specs", "param_shardings", "qarray_sharding", "shard_params", "quantize_params_sharded",
     "data_parallel_hessian", "shard_batch", "initialize_multihost", "device_bytes",
-    "sharded_nll_fn",
+    "batch_sharded",
 ]
 
 AXES = ("data", "fsdp", "tensor")
@@ -294,22 +294,17 @@ def data_parallel_hessian(x: jax.Array, mesh: Mesh, axis: str = "data") -> jax.A
   return jax.jit(stat, out_shardings=NamedSharding(mesh, P()))(x)
 
 
-def sharded_nll_fn(config: Any, params: Any, mesh: Mesh,
-                   rules: Sequence[PartitionRule] = LLAMA_PARTITION_RULES, axis: str = "data"):
-  """`tokens [B, T] -> NLL [B, T-1]` for a quantjax Llama with sharded params.
+def batch_sharded(forward: Any, mesh: Mesh, axis: str = "data"):
+  """`forward(params, tokens)` with each batch split over the mesh's `axis`.
 
-  Params (QArrays included) are placed with `rules`; each batch is split over
-  `axis`. Pass it as `nll_fn` to `quantjax.eval.perplexity.evaluate` to score
-  the protocol with the model spread over the mesh.
+  Pass params placed with `shard_params` and this as the `forward` of
+  `quantjax.eval.perplexity.evaluate` to score the protocol with the model
+  spread over the mesh: XLA partitions the computation from the shardings.
   """
-  from quantjax.eval import perplexity as ppl_lib
-  from quantjax.rules import to_pure
-  from quantjax.models import llama as llama_lib
-  state = llama_lib.as_state(config, shard_params(to_pure(params), mesh, rules))
   batch_sharding = NamedSharding(mesh, P(axis))
 
-  def fn(tokens):
-    return ppl_lib._llama_nll(config, state, jax.device_put(jnp.asarray(tokens), batch_sharding))
+  def fn(params, tokens):
+    return forward(params, jax.lax.with_sharding_constraint(tokens, batch_sharding))
   return fn
 
 

@@ -51,16 +51,29 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool = False,
-               n_threads: int | None = None) -> dict[str, Any]:
+               n_threads: int | None = None, baseline: Any = None) -> dict[str, Any]:
   """Perplexity of the GGUF at `path` over `windows` (`[n, window]` token ids).
 
-  Returns `{"perplexity", "nll", "tokens", "seconds"}`.
+  With `baseline` (`quantjax.eval.perplexity.Baseline` on windows whose first
+  `n` are these), also the KL divergence and top-1 agreement against it,
+  computed as `eval.perplexity.evaluate` computes them.
+
+  Returns `{"perplexity", "nll", "per_window_nll", "tokens", "seconds",
+  "eval_tokens_per_s"}` (+ `kl_mean`, `kl_p99`, `top1_agreement`,
+  `kl_rest_mass`, `kl_top_k`).
   """
   windows = np.asarray(windows)
   if windows.ndim != 2 or windows.shape[1] < 2:
     raise ValueError(f"windows must be [n, window >= 2] token ids, got shape {windows.shape}")
   n, w = windows.shape
+  if baseline is not None and baseline.top_idx.shape[:2] != (baseline.top_idx.shape[0], w - 1):
+    raise ValueError(f"the reference distribution is for windows of "
+                     f"{baseline.top_idx.shape[1] + 1} tokens, not {w}")
+  if baseline is not None and baseline.top_idx.shape[0] < n:
+    raise ValueError(f"the reference distribution covers {baseline.top_idx.shape[0]} windows, "
+                     f"not {n}")
   total, count = 0.0, 0
+  per_window, kls, top1s, rests = [], [], [], []
   t0 = time.perf_counter()
   with open_model(path, n_ctx=w, n_threads=n_threads) as llm:
     it = range(n)
@@ -73,11 +86,32 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
       llm.eval(ids)
       logits = np.asarray(llm.scores[:w], np.float32)
       lp = _log_softmax(logits[:-1])
-      total -= float(lp[np.arange(w - 1), np.asarray(ids[1:])].sum())
+      nll_w = -float(lp[np.arange(w - 1), np.asarray(ids[1:])].sum())
+      total += nll_w
+      per_window.append(nll_w / (w - 1))
       count += w - 1
+      if baseline is not None:
+        bi, bl = baseline.top_idx[i], baseline.top_lp[i].astype(np.float64)
+        q = np.take_along_axis(lp, bi, axis=-1)
+        p = np.exp(bl)
+        p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
+        q_rest = np.clip(1.0 - np.exp(q).sum(-1), 1e-12, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+          rest = np.where(p_rest > 1e-9, p_rest * (np.log(np.maximum(p_rest, 1e-30))
+                                                   - np.log(q_rest)), 0.0)
+        kls.append(np.maximum((p * (bl - q)).sum(-1) + rest, 0.0))
+        top1s.append(lp.argmax(-1) == bi[:, 0])
+        rests.append(p_rest)
+  seconds = time.perf_counter() - t0
   nll = total / count
-  return {"perplexity": math.exp(nll), "nll": nll, "tokens": count,
-          "seconds": time.perf_counter() - t0}
+  out = {"perplexity": math.exp(nll), "nll": nll, "per_window_nll": per_window, "tokens": count,
+         "seconds": seconds, "eval_tokens_per_s": n * w / seconds if seconds > 0 else None}
+  if baseline is not None:
+    kl = np.concatenate(kls)
+    out.update(kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)),
+               top1_agreement=float(np.concatenate(top1s).mean()),
+               kl_rest_mass=float(np.concatenate(rests).mean()), kl_top_k=int(baseline.k))
+  return out
 
 
 def greedy(path: str | os.PathLike, prompt: Sequence[int], steps: int, *,

@@ -10,7 +10,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "Column",
+    "COMPARISON_COLUMNS",
     "DEFAULT_COLUMNS",
+    "build_record",
     "FAMILY_STYLES",
     "family_styles",
     "loss_curves_plot",
@@ -20,6 +22,7 @@ __all__ = [
     "pareto_plot",
     "read_json",
     "write_json_atomic",
+    "write_report",
     "write_text_atomic",
 ]
 
@@ -288,3 +291,104 @@ def loss_curves_plot(curves: Sequence[Mapping[str, Any]], path: str | os.PathLik
   fig.tight_layout()
   _save_figure(fig, path)
   return drawn
+
+
+# ----------------------------------------------------------------------------
+# One record builder and one report writer for every experiment.
+
+
+def _pct(v):
+  return "–" if v is None else f"{100.0 * v:.1f}%"
+
+
+COMPARISON_COLUMNS: tuple[Column, ...] = (
+    ("run", "entry", str),
+    ("method", "method", str),
+    ("runtime", "runtime", str),
+    ("bits/weight (compressed leaves)", "bits_per_weight", _f(".2f")),
+    ("model MB", "params_mb", _f(".1f")),
+    ("perplexity", "perplexity", _f(".3f")),
+    ("Δ vs FP32", "delta_pct", _delta),
+    ("KL vs FP32", "kl_mean", _f(".4f")),
+    ("top-1 agree", "top1_agreement", _pct),
+    ("quantize s", "quantize_s", _f(".1f")),
+    ("eval tok/s", "eval_tokens_per_s", _f(".0f")),
+)
+
+
+def build_record(evaluation: Mapping[str, Any], *, entry: str, stages: Sequence[str],
+                 params: Any = None, base_bytes: int | None = None,
+                 stage_infos: Sequence[Mapping[str, Any]] = (), runtime: str = "jax",
+                 **extra: Any) -> dict[str, Any]:
+  """The one result record: an evaluation plus what produced it.
+
+  Args:
+    evaluation: `eval.perplexity.evaluate`'s record (or llama.cpp's scores with
+      the same protocol fields).
+    entry: the experiment entry (a row name).
+    stages: the labels of the stages that transformed the model, in order
+      (empty for the uncompressed model).
+    params: the evaluated params, for bytes and bits per weight (omit for a file
+      scored by another runtime; pass `params_bytes` in `extra` instead).
+    base_bytes: bytes of the uncompressed params (for the compression ratio).
+    stage_infos: `{"stage", "label", "seconds", ...}` of each stage; the
+      quantize / QAT / mixed stages' seconds sum to `quantize_s`.
+    runtime: who computed the scores ("jax", "llama.cpp", "transformers").
+    extra: more fields (format, file, ...).
+  """
+  from quantjax.eval import memory as memory_lib
+  rec = dict(evaluation)
+  rec.pop("baseline", None)
+  if "per_window_nll" in rec:
+    rec["per_window_nll"] = [round(float(v), 6) for v in rec["per_window_nll"]]
+  rec.update(entry=entry, method=" → ".join(stages) if stages else "fp32", stages=list(stages),
+             runtime=runtime, chain_info=[dict(i) for i in stage_infos])
+  rec["quantize_s"] = float(sum(float(i.get("seconds", 0.0)) for i in stage_infos
+                                if i.get("stage") in ("quantize", "qat", "mixed")))
+  if params is not None:
+    nbytes = memory_lib.tree_bytes(params)
+    quantized = memory_lib.bits_per_weight(params, quantized_only=True)
+    rec.update(params_bytes=int(nbytes), bits_per_weight=quantized if quantized else 32.0,
+               bits_per_weight_all=memory_lib.bits_per_weight(params))
+  rec.update(extra)
+  ref = rec.get("reference_perplexity")
+  rec["delta_pct"] = (100.0 * (rec["perplexity"] / ref - 1.0)
+                      if ref and rec.get("perplexity") is not None else None)
+  if rec.get("params_bytes") is not None:
+    rec["params_mb"] = rec["params_bytes"] / 1e6
+    if base_bytes:
+      rec["compression_vs_fp32"] = base_bytes / rec["params_bytes"]
+  return rec
+
+
+def write_report(workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]], *,
+                 title: str, notes: Sequence[str] = (),
+                 columns: Sequence[Column] = COMPARISON_COLUMNS) -> str:
+  """Writes `results.json`, `results.md` (table, protocol, notes) and `pareto.png`.
+
+  Returns the markdown text.
+  """
+  workdir = os.fspath(workdir)
+  write_json_atomic(os.path.join(workdir, "results.json"), {"records": records})
+  if not records:
+    return ""
+  r0 = records[0]
+  protocol = (
+      f"Protocol: corpus `{r0.get('corpus')}` (sha256 {str(r0.get('corpus_sha256', ''))[:12]}…, "
+      f"{r0.get('corpus_tokens', 0):,} tokens), last {r0.get('eval_tokens', 0):,} tokens as "
+      f"{r0.get('eval_windows')} independent windows of {r0.get('window')} "
+      f"({r0.get('predicted_tokens', 0):,} predicted tokens"
+      + (", each window prefixed with BOS" if r0.get("bos") else "") + "), "
+      f"activations {r0.get('dtype')}, perplexity = exp(mean NLL); KL and top-1 agreement "
+      f"against the FP32 model on the same tokens (KL over its top-{r0.get('kl_top_k', '?')} "
+      "tokens plus one bucket for the rest: a lower bound of the full KL). "
+      f"Calibration: {r0.get('calib_windows_used', r0.get('calib_windows'))} windows of "
+      f"{r0.get('window')} tokens drawn before the evaluation text (seed {r0.get('seed')}). "
+      f"jax {r0.get('jax_version')} on {r0.get('device')} ({r0.get('cpu', '?')}, "
+      f"{r0.get('cpu_count')} CPUs).")
+  text = "\n".join([f"# {title}", "", markdown_table(records, columns), "", protocol, "",
+                    *[n + "\n" for n in notes if n]])
+  write_text_atomic(os.path.join(workdir, "results.md"), text)
+  pareto_plot(records, os.path.join(workdir, "pareto.png"),
+              title=f"{title}: perplexity vs model bytes", label="entry")
+  return text

@@ -55,7 +55,7 @@ __all__ = [
     "generate",
     "init_cache",
     "model_from_params",
-    "calib_fn",
+    "forward_fn",
     "loss_fn",
     "fold_groups",
     "foldable",
@@ -543,8 +543,9 @@ def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens
 # What calibrated methods need to know about this architecture (data only).
 
 
-def calib_fn(config: LlamaConfig):
-  """`fn(params, tokens)` for `quantjax.methods.capture.calibrate`: the model's forward."""
+def forward_fn(config: LlamaConfig):
+  """`forward(params, tokens) -> logits`: what `methods.calibrate` captures and
+  `eval.perplexity.evaluate` scores (params: pure dict or `nnx.State`)."""
   def fn(params, tokens):
     return forward(config, params, tokens)
   return fn

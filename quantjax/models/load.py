@@ -15,6 +15,7 @@ as `quantjax.models.llama` documents (`layers/3/attn/q_proj/kernel`, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -28,6 +29,12 @@ from quantjax.models import llama as llama_lib
 
 __all__ = [
     "GGUFError",
+    "LoadedModel",
+    "SMOLLM2_CAVEAT",
+    "SOURCES",
+    "family_of",
+    "load_model",
+    "tokenizer_adds_bos",
     "GGUF_LAYER_NAMES",
     "GGUF_TOP_NAMES",
     "dequantize_gguf_tensor",
@@ -312,17 +319,60 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
   return config, _to_state(config, pure, dtype), tok
 
 
+def cache_dir() -> str:
+  """quantjax's cache: `$QUANTJAX_CACHE`, else `$XDG_CACHE_HOME/quantjax` or `~/.cache/quantjax`."""
+  d = os.environ.get("QUANTJAX_CACHE")
+  if not d:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.path.join(base, "quantjax")
+  return d
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str | os.PathLike):
-  """A transformers tokenizer from a GGUF file or a Hugging Face directory (cached)."""
+  """A transformers tokenizer from a GGUF file or a Hugging Face directory (cached).
+
+  Building one from a GGUF's vocabulary takes transformers tens of seconds, so
+  the result is saved once (atomically) under `cache_dir()/tokenizers/`, keyed
+  by the file's path, size and modification time, and loaded from there.
+  """
+  import hashlib
+  import shutil
+  import tempfile
+
+  import transformers
   from transformers import AutoTokenizer
   path = os.fspath(path)
   if os.path.isdir(path):
     return AutoTokenizer.from_pretrained(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"tokenizer source not found: {path}")
-  return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                       gguf_file=os.path.basename(path))
+  st = os.stat(path)
+  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|"
+                       f"{transformers.__version__}".encode()
+                       ).hexdigest()[:16]
+  cached = os.path.join(cache_dir(), "tokenizers", key)
+  if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+    try:
+      return AutoTokenizer.from_pretrained(cached)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
+      pass
+  tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                      gguf_file=os.path.basename(path))
+  try:
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(cached), prefix=".tmp-")
+    try:
+      tok.save_pretrained(tmp)
+      if os.path.isdir(cached):
+        shutil.rmtree(cached)  # ours: a damaged entry under quantjax's own cache
+      os.replace(tmp, cached)
+    finally:
+      if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+  except OSError:  # a read-only or full cache only costs time
+    pass
+  return tok
 
 
 # ----------------------------------------------------------------------------
@@ -422,3 +472,146 @@ def smollm2_path() -> str:
 def load_smollm2(**kw) -> tuple[llama_lib.LlamaConfig, Any, Any]:
   """SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF (see `load_gguf`)."""
   return load_gguf(smollm2_path(), **kw)
+
+
+# ----------------------------------------------------------------------------
+# A model from a config block: what the experiment runner (and users) load.
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready for the transforms, the calibrated methods and the protocol.
+
+  Attributes:
+    name: a human-readable name, recorded in every result.
+    config: the architecture config (`LlamaConfig`, ...).
+    params: float params as a pure dict (`layers/3/attn/q_proj/kernel`, ...).
+    tokenizer: a transformers tokenizer.
+    family: the model module (`quantjax.models.llama`, ...): `forward_fn`,
+      `loss_fn`, `fold_groups`, `foldable`, `PROJ_KERNELS`, `generate`, ...
+    source: the file or directory the weights came from ("" for random ones);
+      its tokenizer and metadata go into exports.
+    caveat: what the baseline weights already are (e.g. dequantized from a
+      Q4_1 grid), stated under every table; "" when nothing to say.
+    add_bos: whether the model's tokenizer adds a BOS token by default (then
+      the protocol prefixes each window with it, as llama.cpp does).
+  """
+
+  name: str
+  config: Any
+  params: Any
+  tokenizer: Any
+  family: Any
+  source: str = ""
+  caveat: str = ""
+  add_bos: bool = False
+
+  def forward_fn(self):
+    """`forward(params, tokens [B, T]) -> logits [B, T, V]`."""
+    return self.family.forward_fn(self.config)
+
+
+SOURCES = ("smollm2", "gguf", "hf", "tiny")
+
+SMOLLM2_CAVEAT = (
+    "Caveat: SmolLM2-135M ships as a Q4_1 GGUF, so the FP32 baseline weights already lie on "
+    "a Q4_1 grid (groups of 32, value = min + step·q with a float min). 4-bit group-32 "
+    "quantization with a float offset reproduces them exactly, while an integer zero point "
+    "does not. Methods are therefore compared at group 64, per-channel, symmetric and 3 bits.")
+
+
+def family_of(config: Any):
+  """The model module for an architecture config (the runner's only model knowledge)."""
+  if isinstance(config, llama_lib.LlamaConfig):
+    return llama_lib
+  raise TypeError(f"no quantjax model family for a config of type {type(config).__name__}")
+
+
+def _gguf_caveat(path: str) -> str:
+  """What the dequantized baseline of a GGUF file already is."""
+  try:
+    import gguf
+    reader = gguf.GGUFReader(path)
+    types = sorted({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+                   - {"F32", "F16", "BF16"})
+  except Exception:  # noqa: BLE001 - only for the caveat text
+    return ""
+  if not types:
+    return ""
+  return (f"Caveat: the baseline weights were dequantized from {os.path.basename(path)}, whose "
+          f"matrices are stored as {', '.join(types)}: they already lie on those formats' grids, "
+          "so a method that reproduces a grid can look better than it is.")
+
+
+def _tiny_llama(tiny: Mapping[str, Any]) -> LoadedModel:
+  """A small random Llama with SmolLM2's tokenizer: the runner's machinery at test speed."""
+  from flax import nnx
+  tok = load_tokenizer(smollm2_path())
+  d, h = int(tiny["hidden_size"]), int(tiny["num_heads"])
+  cfg = llama_lib.LlamaConfig(vocab_size=len(tok), hidden_size=d,
+                              intermediate_size=int(tiny["intermediate_size"]),
+                              num_layers=int(tiny["num_layers"]), num_heads=h,
+                              num_kv_heads=int(tiny["num_kv_heads"]), head_dim=d // h,
+                              rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+                              name=f"tiny-random-llama(d={d}, L={tiny['num_layers']})")
+  model = llama_lib.Llama(cfg, rngs=nnx.Rngs(int(tiny.get("seed", 0))))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return LoadedModel(name=cfg.name, config=cfg, params=params, tokenizer=tok, family=llama_lib,
+                     source=smollm2_path())
+
+
+def load_model(source: str, path: str = "", *, dtype: str = "float32",
+               tiny: Mapping[str, Any] | None = None) -> LoadedModel:
+  """Loads a model as an experiment config names it.
+
+  Args:
+    source: "smollm2" (the packaged SmolLM2-135M), "gguf" or "hf" (a file or
+      directory at `path`), "tiny" (a random Llama of the `tiny` sizes with
+      SmolLM2's tokenizer, for tests).
+    path: the `.gguf` file or Hugging Face directory for "gguf" / "hf".
+    dtype: activation dtype of the forward pass ("float32", "bfloat16").
+    tiny: sizes for "tiny": hidden_size, intermediate_size, num_layers,
+      num_heads, num_kv_heads, seed.
+
+  Raises:
+    ValueError: an unknown source (the message lists the valid ones), or a
+      missing path.
+  """
+  from quantjax.rules import to_pure
+  source = str(source)
+  if source not in SOURCES:
+    raise ValueError(f"unknown model source {source!r}; expected one of {', '.join(SOURCES)}")
+  if source in ("gguf", "hf") and not path:
+    raise ValueError(f"model source {source!r} needs a path (config.model.path)")
+  if source == "tiny":
+    m = _tiny_llama(tiny or {})
+  elif source == "smollm2":
+    p = smollm2_path()
+    cfg, params, tok = load_gguf(p)
+    m = LoadedModel(name="SmolLM2-135M-Instruct (Q4_1 GGUF → FP32)", config=cfg,
+                    params=to_pure(params), tokenizer=tok, family=family_of(cfg), source=p,
+                    caveat=SMOLLM2_CAVEAT)
+  elif source == "gguf":
+    cfg, params, tok = load_gguf(path)
+    m = LoadedModel(name=os.path.basename(os.fspath(path)), config=cfg, params=to_pure(params),
+                    tokenizer=tok, family=family_of(cfg), source=os.fspath(path),
+                    caveat=_gguf_caveat(os.fspath(path)))
+  else:
+    cfg, params, tok = load_hf(path)
+    if tok is None:
+      raise ValueError(f"model directory {path} has no tokenizer")
+    m = LoadedModel(name=os.path.basename(os.path.normpath(os.fspath(path))), config=cfg,
+                    params=to_pure(params), tokenizer=tok, family=family_of(cfg),
+                    source=os.fspath(path))
+  m.config = m.config.replace(dtype=dtype, name=m.name)
+  m.add_bos = tokenizer_adds_bos(m.tokenizer)
+  return m
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+  """Whether `tokenizer(text)` puts a BOS token in front by default (Gemma: yes; SmolLM2: no)."""
+  bos = getattr(tokenizer, "bos_token_id", None)
+  if bos is None:
+    return False
+  ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+  return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]

@@ -32,7 +32,8 @@ def test_matches_reference(tiny, batch_size):
   cfg, state = tiny
   toks = np.random.default_rng(0).integers(0, 64, 2000).astype(np.int32)
   split = data.make_split(toks, data.Protocol(eval_tokens=5 * 64, window=64, calib_windows=2))
-  rec = perplexity.evaluate(cfg, state, split, batch_size=batch_size, progress=False)
+  rec = perplexity.evaluate(llama.forward_fn(cfg), state, split, batch_size=batch_size,
+                            progress=False)
   want = _reference(cfg, state, split.eval_windows)
   np.testing.assert_allclose(rec["nll"], want, rtol=1e-5)
   np.testing.assert_allclose(rec["perplexity"], math.exp(want), rtol=1e-5)
@@ -61,3 +62,43 @@ def test_custom_nll_fn_uses_same_protocol(tiny):
   rec = perplexity.evaluate(None, None, split, progress=False,
                             nll_fn=lambda b: np.full((b.shape[0], 63), 2.0, np.float32))
   np.testing.assert_allclose(rec["perplexity"], math.exp(2.0), rtol=1e-6)
+
+
+def _log_softmax(x):
+  x = x.astype(np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_kl_and_top1_against_a_reference(tiny):
+  """KL over the reference's top-k plus a remainder bucket: exact when k covers the
+  vocabulary, a lower bound (and close) when it does not; top-1 agreement exact."""
+  from quantjax.rules import QuantRule
+  from quantjax.transforms import quantize_params
+  cfg, state = tiny
+  toks = np.random.default_rng(0).integers(0, 64, 2000).astype(np.int32)
+  split = data.make_split(toks, data.Protocol(eval_tokens=4 * 64, window=64, calib_windows=0))
+  fwd = llama.forward_fn(cfg)
+  q = quantize_params(nnx.to_pure_dict(state), [QuantRule(module_path=r".*_proj/kernel",
+                                                           format="int3")])
+  w = split.eval_windows
+  p = _log_softmax(np.asarray(llama.forward(cfg, state, w))[:, :-1])
+  r = _log_softmax(np.asarray(llama.forward(cfg, q, w))[:, :-1])
+  exact = (np.exp(p) * (p - r)).sum(-1)
+  top1 = (p.argmax(-1) == r.argmax(-1)).mean()
+  for k in (64, 8):
+    ref = perplexity.evaluate(fwd, state, split, progress=False, collect_top_k=k)
+    base = ref.pop("baseline")
+    assert base.top_idx.shape == (4, 63, k)
+    got = perplexity.evaluate(fwd, q, split, progress=False, baseline=base, batch_size=3)
+    assert got["top1_agreement"] == pytest.approx(top1)
+    if k == 64:
+      np.testing.assert_allclose(got["kl_mean"], exact.mean(), rtol=1e-3, atol=2e-6)
+      assert got["kl_rest_mass"] < 1e-5
+    else:
+      # a flat random model: most mass is outside the top 8, so the bound is loose
+      assert 0 < got["kl_mean"] <= exact.mean() + 2e-6 and got["kl_rest_mass"] > 0.5
+  with pytest.raises(ValueError, match="other token windows"):
+    other = data.make_split(toks[::-1].copy(), data.Protocol(eval_tokens=4 * 64, window=64,
+                                                             calib_windows=0))
+    perplexity.evaluate(fwd, q, other, progress=False, baseline=base)

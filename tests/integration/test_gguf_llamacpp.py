@@ -14,6 +14,7 @@ from quantjax.eval import llamacpp
 from quantjax.eval import memory
 from quantjax.eval import perplexity as ppl_lib
 from quantjax.io import gguf as gio
+from quantjax.models import llama
 from quantjax.models import load
 
 WINDOWS = 4
@@ -28,7 +29,7 @@ def windows(smollm2_split):
 def _jax_ppl(cfg, params, windows):
   sub = data_lib.make_split(windows.reshape(-1),
                             data_lib.Protocol(eval_tokens=windows.size, calib_windows=0))
-  return ppl_lib.evaluate(cfg, params, sub, progress=False)["perplexity"]
+  return ppl_lib.evaluate(llama.forward_fn(cfg), params, sub, progress=False)["perplexity"]
 
 
 def test_shipped_q4_1_imports_at_its_size_and_reexports_byte_identical(tmp_path, smollm2):
@@ -61,7 +62,7 @@ def gptq_q4_0(smollm2, smollm2_split):
   from quantjax.rules import QuantRule
   cfg, params, _ = smollm2
   rules = [QuantRule(module_path=TARGETS, format="q4_0")]
-  return methods.calibrate(llama.calib_fn(cfg), params,
+  return methods.calibrate(llama.forward_fn(cfg), params,
                            [np.asarray(smollm2_split.calib_windows[:4])], rules,
                            methods.GPTQ(), progress=False).params
 

@@ -8,6 +8,7 @@ import quantjax as qj
 from quantjax import distributed as dist
 from quantjax.eval import data as data_lib
 from quantjax.eval import perplexity as ppl
+from quantjax.models import llama
 from quantjax.rules import to_pure
 
 # group 32: SmolLM2's widths (576 = 18 x 32, 1536 = 48 x 32) split into 2 shards at group
@@ -36,9 +37,11 @@ def test_sharded_rtn_and_perplexity_match_single_device(smollm2, mesh):
 
   split = data_lib.load_split(tok, protocol=data_lib.Protocol(eval_tokens=2048, window=512,
                                                               calib_windows=0))
-  one = ppl.evaluate(cfg, single, split, batch_size=4, progress=False)
-  many = ppl.evaluate(cfg, sharded, split, batch_size=4, progress=False,
-                      nll_fn=dist.sharded_nll_fn(cfg, sharded, mesh))
+  forward = llama.forward_fn(cfg)
+  one = ppl.evaluate(forward, single, split, batch_size=4, progress=False)
+  placed = dist.shard_params(sharded, mesh, dist.LLAMA_PARTITION_RULES)
+  many = ppl.evaluate(dist.batch_sharded(forward, mesh), placed, split, batch_size=4,
+                      progress=False)
   print(f"perplexity single {one['perplexity']:.6f} sharded {many['perplexity']:.6f}")
   np.testing.assert_allclose(many["perplexity"], one["perplexity"], rtol=1e-5)
 
@@ -57,7 +60,7 @@ def test_data_parallel_gptq_matches_single_device(smollm2, mesh):
   split = data_lib.load_split(tok, protocol=data_lib.Protocol(eval_tokens=16384, window=128,
                                                               calib_windows=8))
   rules = [qj.QuantRule(module_path=llama.PROJ_KERNELS, format="int4_g64")]
-  fn = llama.calib_fn(cfg2)
+  fn = llama.forward_fn(cfg2)
   batches = [np.asarray(split.calib_windows)]
   one = methods.calibrate(fn, small, batches, rules, methods.GPTQ(), progress=False).params
   many = methods.calibrate(fn, small, batches, rules, methods.GPTQ(), mesh=mesh,

@@ -40,7 +40,7 @@ def test_perplexity_matches_transformers(smollm2, smollm2_split, hf_smollm2):
   cfg, params, _ = smollm2
   sub = dataclasses.replace(smollm2_split, eval_windows=smollm2_split.eval_windows[-8:],
                             protocol=data.Protocol(eval_tokens=4096))
-  ours = perplexity.evaluate(cfg, params, sub, progress=False)
+  ours = perplexity.evaluate(llama.forward_fn(cfg), params, sub, progress=False)
   ref = perplexity.evaluate(None, None, sub, progress=False, nll_fn=torch_nll_fn(hf_smollm2),
                             batch_size=4)
   print(f"perplexity (last 8 windows): JAX {ours['perplexity']:.5f}, "
@@ -80,8 +80,8 @@ def test_quantized_bytes_match_memory(smollm2, smollm2_split):
   assert n_q > 0.75 * sum(x.size for x in jax.tree.leaves(params))
   # The quantized model runs under jit and stays close to FP32 on one window.
   w = smollm2_split.eval_windows[:1]
-  nll_q = float(np.mean(perplexity.window_nll_fn(cfg, q)(w)))
-  nll_f = float(np.mean(perplexity.window_nll_fn(cfg, params)(w)))
+  nll_q = float(perplexity.token_nll(llama.forward(cfg, q, w), w).mean())
+  nll_f = float(perplexity.token_nll(llama.forward(cfg, params, w), w).mean())
   assert nll_f < nll_q < nll_f + 0.6
 
 

@@ -189,51 +189,6 @@ def test_bad_inputs_are_clear_and_leave_no_file(tmp_path):
     gio.block_format("Q2_Z")
 
 
-def test_export_command_runs_a_chain_and_writes_gguf(tmp_path):
-  from configs import export as export_config
-  from quantjax import export as export_cli
-  c = export_config.get_config("rtn_q4_0")
-  c.model.source = "tiny"
-  c.export.llamacpp_eval = False
-  c.eval.tokens = 1024
-  c.calib.windows = 2
-  out = tmp_path / "tiny.gguf"
-  rec = export_cli.export(c, str(out), str(tmp_path / "work"))
-  assert out.exists() and rec["file_bytes"] == os.path.getsize(out)
-  how = {t["name"]: (t["gguf_type"], t["how"]) for t in rec["tensors"]}
-  assert how["blk.0.ffn_down.weight"] == ("Q4_0", "lossless")
-  assert how["token_embd.weight"] == ("Q8_0", "quantized")
-  reader = gguf.GGUFReader(str(out))
-  assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
-  assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
-  # A second run resumes the chain (stage done) and rewrites the same file.
-  before = out.read_bytes()
-  export_cli.export(c, str(out), str(tmp_path / "work"))
-  assert out.read_bytes() == before
-  with pytest.raises(ValueError, match=".gguf"):
-    export_cli.export(c, str(tmp_path / "x.bin"))
-
-
-def test_chain_export_stage(tmp_path):
-  from configs.chain_base import chain_config
-  from experiments import chain
-  c = chain_config("quantize,export")
-  c.model.source = "tiny"
-  c.eval.tokens = 1024
-  c.calib.windows = 2
-  c.quantize.format = "q4_1"
-  chain.run(c, str(tmp_path))
-  path = tmp_path / "01_export" / "model.gguf"
-  cfg, params, _, info = gio.import_gguf(path, tokenizer=False)
-  assert info["blk.1.ffn_up.weight"] == ("Q4_1", "qarray")
-  assert info["token_embd.weight"] == ("Q8_0", "qarray")
-  stamp = path.stat().st_mtime_ns
-  chain.run(c, str(tmp_path))  # done: not rewritten
-  assert path.stat().st_mtime_ns == stamp
-  with pytest.raises(ValueError, match="unknown pipeline stage 'exprt'"):
-    chain.run(chain_config("quantize,exprt"), str(tmp_path / "x"))
-
-
 def test_signed_max_calibration_reproduces_llamacpp_q4_0():
   # gguf-py's numpy port of llama.cpp's quantize_row_q4_0: the signed extreme maps to -8.
   rng = np.random.default_rng(0)

@@ -46,7 +46,7 @@ def test_clip_search_never_worse_than_no_clip():
 def test_awq_on_tiny_llama_and_fold(tiny, tiny_tokens):
   cfg, pure = tiny
   rules = (QuantRule(module_path=llama.PROJ_KERNELS, format="int3_g32"),)
-  fn = llama.calib_fn(cfg)
+  fn = llama.forward_fn(cfg)
   batches = [tiny_tokens[:4], tiny_tokens[4:]]
   ref = np.asarray(fn(pure, tiny_tokens))
 

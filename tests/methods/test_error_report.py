@@ -22,7 +22,7 @@ def test_tables_and_chart(tiny, tiny_tokens, tmp_path):
   rules = (QuantRule(module_path=r"layers/0/mlp/\w+_proj/kernel", format="int3_g32"),
            QuantRule(module_path=r"layers/\d+/(attn|mlp)/\w+_proj/kernel", format="int8"))
   q = transforms.quantize_params(pure, rules)
-  rows = er.output_sqnr_table(llama.calib_fn(cfg), pure, q, [tiny_tokens[:4], tiny_tokens[4:]])
+  rows = er.output_sqnr_table(llama.forward_fn(cfg), pure, q, [tiny_tokens[:4], tiny_tokens[4:]])
   assert len(rows) == 7 * cfg.num_layers
   by = {r["path"]: r for r in rows}
   w3 = by["layers/0/mlp/up_proj/kernel"]
@@ -42,7 +42,7 @@ def test_tables_and_chart(tiny, tiny_tokens, tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Output SQNR of layer 0's up_proj equals a direct computation on the float inputs.
   from quantjax.methods import capture
-  st = capture.collect_stats(llama.calib_fn(cfg), pure, [tiny_tokens[:4], tiny_tokens[4:]],
+  st = capture.collect_stats(llama.forward_fn(cfg), pure, [tiny_tokens[:4], tiny_tokens[4:]],
                              [QuantRule(module_path="layers/0/mlp/up_proj/kernel",
                                         format="int8")], needs=("hessian",))
   xtx = np.asarray(st["layers/0/mlp/up_proj/kernel"].xtx, np.float64)

@@ -21,7 +21,7 @@ def _err(cfg, p, ref, tokens):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.85])
 def test_scales_follow_the_formula(tiny, tiny_tokens, alpha):
   cfg, pure = tiny
-  fn = llama.calib_fn(cfg)
+  fn = llama.forward_fn(cfg)
   batches = [tiny_tokens[:4], tiny_tokens[4:]]
   res = methods.calibrate(fn, pure, batches, W8A8, sq.SmoothQuant(alpha=alpha), progress=False)
   stats = capture.collect_stats(fn, pure, batches, W8A8, needs=("range",))
@@ -37,7 +37,7 @@ def test_smoothing_lowers_w8a8_error_and_folds(tiny, tiny_tokens):
   cfg, pure = tiny
   ref = np.asarray(llama.forward(cfg, pure, tiny_tokens))
   rtn = _err(cfg, transforms.quantize_params(pure, W8A8), ref, tiny_tokens)
-  res = methods.calibrate(llama.calib_fn(cfg), pure, [tiny_tokens[:4], tiny_tokens[4:]], W8A8,
+  res = methods.calibrate(llama.forward_fn(cfg), pure, [tiny_tokens[:4], tiny_tokens[4:]], W8A8,
                           sq.SmoothQuant(alpha=0.5), progress=False)
   leaf = res.params["layers"][1]["mlp"]["down_proj"]["kernel"]
   assert isinstance(leaf, InputScaled) and isinstance(leaf.weight, ActQuantized)
@@ -52,7 +52,7 @@ def test_smoothing_lowers_w8a8_error_and_folds(tiny, tiny_tokens):
 
 def test_static_w8a8_ranges(tiny, tiny_tokens):
   cfg, pure = tiny
-  res = methods.calibrate(llama.calib_fn(cfg), pure, [tiny_tokens[:4], tiny_tokens[4:]], W8A8,
+  res = methods.calibrate(llama.forward_fn(cfg), pure, [tiny_tokens[:4], tiny_tokens[4:]], W8A8,
                           sq.SmoothQuant(alpha=0.5, act_observer=methods.ActObserver()),
                           progress=False)
   leaf = res.params["layers"][0]["attn"]["q_proj"]["kernel"]
