@@ -6,7 +6,8 @@ pytrees that really hold fewer bytes. See README.md.
 """
 
 from quantjax import ops
-from quantjax.eval.memory import bits_per_weight, estimate, memory_table, tree_bytes
+from quantjax.eval.memory import (bits_per_weight, estimate, memory_table, train_regime_estimate,
+                                  tree_bytes)
 from quantjax.io.gguf import export_gguf, import_gguf
 from quantjax.numerics.calibrate import Calibration, calibrate
 from quantjax.numerics.fake_quant import fake_quant, lsq_fake_quant, lsq_init_step, round_ste
@@ -57,6 +58,7 @@ __all__ = [
     "magnitude_mask",
     "match_rules",
     "memory_table",
+    "train_regime_estimate",
     "nm_mask",
     "ops",
     "prune_params",

@@ -1,4 +1,10 @@
-"""`python -m quantjax.memory N_PARAMS [--formats ...]`: store vs train memory per format."""
+"""`python -m quantjax.memory N_PARAMS [--formats ...]`: store memory per format, train per regime.
+
+Training rows (one per regime of `eval/memory.TRAIN_REGIMES`) give the states
+(weights, gradients, Adam moments, working copies) of N parameters; with
+`--model NAME --batch B --seq S` they use the model's shape (`quantjax.plan`)
+and add its activations (the model in `quantjax/plan.py`'s docstring).
+"""
 
 from __future__ import annotations
 
@@ -56,19 +62,59 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated format specs (fp32,bf16,int8,int4_g64_asym,...)")
   parser.add_argument("--row-length", type=int, default=4096,
                       help="values per per-channel scale (the input width)")
+  parser.add_argument("--model", default=None,
+                      help="training rows for a known model shape (see quantjax.plan), with activations")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=2048)
+  parser.add_argument("--remat", action="store_true",
+                      help="per-layer rematerialisation in the training rows (default off)")
+  parser.add_argument("--qat-format", default="int4_g64",
+                      help="format of the fake-quantized / frozen base weights (QAT, adapters)")
+  parser.add_argument("--adapter-fraction", type=float, default=0.01,
+                      help="without --model: adapter values as a fraction of the parameters")
   args = parser.parse_args(argv)
   if args.mlp is not None:
     print(_mlp_demo(args.mlp, _formats(args.formats or "int8,int4_g64,int4_g64_asym")))
     return 0
+  if args.model is not None:
+    from quantjax import plan as plan_lib
+    if args.model not in plan_lib.MODELS:
+      parser.error(f"unknown model {args.model!r}; known: {sorted(plan_lib.MODELS)}")
+    if args.n_params is None:
+      args.n_params = float(plan_lib.MODELS[args.model].n_params)
   if args.n_params is None:
-    parser.error("give n_params (e.g. 1e9) or --mlp WIDTH")
+    parser.error("give n_params (e.g. 1e9), --model NAME or --mlp WIDTH")
   if not args.n_params > 0:
     parser.error(f"n_params must be positive, got {args.n_params}")
   try:
     print(estimate_table(args.n_params, _formats(args.formats), row_length=args.row_length))
+    print()
+    print(_train_rows(args))
   except ValueError as e:
     parser.error(str(e))
   return 0
+
+
+def _train_rows(args) -> str:
+  from quantjax.eval.memory import TRAIN_REGIMES, train_regime_estimate, train_regime_table
+  if args.model is not None:
+    from quantjax import plan as plan_lib
+    rows = plan_lib.train_regimes(args.model, batch=args.batch, seq=args.seq, remat=args.remat,
+                                  fmt=args.qat_format)
+    m = plan_lib.MODELS[args.model]
+    title = (f"Training {m.name} per regime: batch {args.batch} x seq {args.seq}, "
+             f"remat {'on' if args.remat else 'off'}, activations included; QAT fake-quantizes "
+             f"and the adapters regime freezes the linears in {args.qat_format} (LoRA rank 16 "
+             "on every linear)")
+  else:
+    n = args.n_params
+    rows = [train_regime_estimate(n, r, fmt=args.qat_format, row_length=args.row_length,
+                                  adapter_params=args.adapter_fraction * n)
+            for r in TRAIN_REGIMES]
+    title = (f"Training states per regime (no activations: give --model for them); QAT / adapters "
+             f"on all {n:,.0f} parameters in {args.qat_format}, adapters = "
+             f"{args.adapter_fraction:g} of the parameters, working copies of every layer kept")
+  return title + "\n\n" + train_regime_table(rows)
 
 
 if __name__ == "__main__":

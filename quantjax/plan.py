@@ -9,11 +9,36 @@ fits the device memory.
 
 Weights, gradients and optimizer state are sharded over `fsdp x tensor` and
 replicated over `data`; activations are split over `data` (batch) and
-`tensor` (heads / hidden). Training activations, with no rematerialisation,
-take `seq * batch * (34 d + 5 heads seq)` bytes per layer in 16-bit
-(Korthikanti et al., 2022, "Reducing Activation Recomputation in Large
-Transformer Models", eq. 1), doubled here for FP32. These are planning
-figures; `eval/memory.py` gives the actual bytes of a real tree.
+`tensor` (heads / hidden). These are planning figures; `eval/memory.py`
+gives the actual bytes of a real tree.
+
+Training memory per regime (`train_regimes`, `python -m quantjax.plan
+--regimes`): FP32 Adam, mixed precision, pure BF16, QAT with fake quantization
+and LSQ step sizes, and a frozen quantized base with LoRA adapters on every
+linear layer (`eval/memory.train_regime_estimate` for the states).
+
+Activation model (`activation_bytes`). Following the accounting of Korthikanti
+et al. (2022, section 4.1: count the tensors each op saves for its backward
+pass), adapted to the Llama block (RMSNorm, grouped-query attention with RoPE,
+SwiGLU, no dropout), one layer saves per token:
+
+- RMSNorm inputs and outputs before attention and MLP: 4 d values;
+- queries and keys after RoPE, values, the attention output: 2 (q + kv) values
+  (q = heads x head_dim, kv = kv_heads x head_dim);
+- gate and up projections, SiLU(gate) and the product fed to `down`: 4 hidden;
+- the softmax probabilities: heads x seq values, in FP32 (quantjax's Llama
+  computes the softmax in FP32 whatever the compute dtype);
+
+in the activation dtype (4 B in FP32, 2 B in BF16), plus, once, the output
+head: `logit_copies` (3: logits, log-probabilities, their gradient) x vocab
+FP32 values per token. Without rematerialisation every layer's set is kept
+until the backward pass; with per-layer rematerialisation only each layer's
+input (d values) plus one layer's set. quantjax's own training (`distill.fit`
+on `models.llama`) does not rematerialise.
+
+References:
+  Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+  Models", 2022, arXiv:2205.05198.
 """
 
 from __future__ import annotations
@@ -24,9 +49,11 @@ import math
 import sys
 from typing import Any
 
+from quantjax.eval import memory as memory_lib
 from quantjax.eval.memory import format_bits_per_weight
 
-__all__ = ["ModelShape", "MODELS", "DEVICES", "Plan", "plan", "plan_table", "main"]
+__all__ = ["ModelShape", "MODELS", "DEVICES", "Plan", "plan", "plan_table", "activation_bytes",
+           "train_regimes", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +84,51 @@ class ModelShape:
   @property
   def n_params(self) -> int:
     return self.linear_params + self.other_params
+
+  @property
+  def linear_shapes(self) -> tuple[tuple[int, int], ...]:
+    """`(din, dout)` of one layer's linears: q, k, v, o, gate, up, down."""
+    q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+    return ((self.d, q), (self.d, kv), (self.d, kv), (q, self.d),
+            (self.d, self.hidden), (self.d, self.hidden), (self.hidden, self.d))
+
+  def lora_params(self, rank: int) -> int:
+    """Adapter values of rank-`rank` LoRA on every linear layer."""
+    return self.layers * rank * sum(a + b for a, b in self.linear_shapes)
+
+  def scale_count(self, fmt: str | None) -> int:
+    """Scales of the linears in `fmt` (groups, or output channels per channel)."""
+    if fmt is None:
+      return 0
+    f = memory_lib.resolve_format(fmt)
+    if f.granularity == "group":
+      return self.linear_params // f.group_size
+    if f.granularity == "per_channel":
+      return self.layers * sum(b for _, b in self.linear_shapes)
+    return 7 * self.layers
+
+
+def activation_bytes(model: "ModelShape", batch: int, seq: int, *, act_bytes: int = 4,
+                     remat: bool = False, logit_copies: int = 3, tensor: int = 1) -> float:
+  """Training activation bytes of a Llama-shaped model (the module docstring's model).
+
+  Args:
+    model: the shape.
+    batch, seq: local batch (per data shard) and sequence length.
+    act_bytes: bytes of the compute dtype (4 FP32, 2 BF16).
+    remat: per-layer rematerialisation.
+    logit_copies: FP32 vocab-sized tensors per token at the head.
+    tensor: tensor-parallel shards (split heads / hidden / vocab).
+  """
+  m = model
+  q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+  per_layer = act_bytes * (4 * m.d + 2 * (q + kv) + 4 * m.hidden) + 4 * m.heads * seq
+  head = 4 * logit_copies * m.vocab
+  if remat:
+    body = m.layers * act_bytes * m.d + per_layer / tensor
+  else:
+    body = m.layers * per_layer / tensor
+  return float(batch * seq * (body + head / tensor))
 
 
 MODELS = {
@@ -152,18 +224,48 @@ def plan(model: str | ModelShape, fmt: str | None, mesh: dict[str, int] | str, d
   acts = 4 * local_batch * seq * (m.hidden + m.vocab / max(tp, 1) + m.heads * seq / tp)
   evaluate = store + kv + acts
 
-  # Training in FP32 with Adam: 4 weights + 4 grads + 8 moments, sharded; activations
-  # per layer ~ seq*batch*(34 d + 5 heads seq) half-precision bytes (Korthikanti et al.),
-  # doubled for FP32, split over data and tensor.
-  states = 16 * m.n_params / shards
-  per_layer = 2 * local_batch * seq * (34 * m.d + 5 * m.heads * seq) / tp
-  if remat:
-    act_train = m.layers * 4 * local_batch * seq * m.d + per_layer
-  else:
-    act_train = m.layers * per_layer
-  train = states + act_train
+  # Training in FP32 with Adam (the other regimes: `train_regimes`).
+  train = train_regimes(m, ("fp32_adam",), mesh, batch=batch, seq=seq, remat=remat)[0].total
   return Plan(m.name, "fp32" if fmt is None else fmt, dict(mesh), device, DEVICES[device],
               store, gptq, evaluate, train)
+
+
+def train_regimes(model: str | ModelShape, regimes=memory_lib.TRAIN_REGIMES,
+                  mesh: dict[str, int] | str = "fsdp=1", *, batch: int = 8, seq: int = 2048,
+                  remat: bool = True, fmt: str = "int4_g64", lora_rank: int = 16,
+                  lsq: bool = True) -> list[memory_lib.TrainEstimate]:
+  """Per-device training bytes of each regime, by component.
+
+  QAT fake-quantizes, and the adapters regime quantizes (format `fmt`) and
+  adapts (rank `lora_rank`), every linear layer; embeddings and norms stay
+  FP32 and trained (QAT) or frozen (adapters). BF16 regimes keep BF16
+  activations; the others FP32. States are sharded over `fsdp x tensor`,
+  activations over `data` and `tensor`.
+  """
+  if isinstance(model, str):
+    if model not in MODELS:
+      raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}")
+    model = MODELS[model]
+  if isinstance(mesh, str):
+    mesh = _parse_mesh(mesh)
+  m = model
+  shards = mesh["fsdp"] * mesh["tensor"]
+  if batch % mesh["data"]:
+    raise ValueError(f"batch {batch} does not split over data={mesh['data']}")
+  local = batch // mesh["data"]
+  kept = 1.0 / m.layers if remat else 1.0
+  out = []
+  for r in regimes:
+    ab = 2 if r in ("mixed_bf16", "pure_bf16") else 4
+    acts = activation_bytes(m, local, seq, act_bytes=ab, remat=remat, tensor=mesh["tensor"])
+    e = memory_lib.train_regime_estimate(
+        m.n_params, r, quantized_params=m.linear_params, fmt=fmt, row_length=m.d,
+        lsq_steps=m.scale_count(fmt) if (r == "qat_fake_quant" and lsq) else 0,
+        adapter_params=m.lora_params(lora_rank), activations=acts, kept_fraction=kept)
+    out.append(dataclasses.replace(
+        e, weights=e.weights / shards, frozen=e.frozen / shards, grads=e.grads / shards,
+        optimizer=e.optimizer / shards, extra=e.extra / shards))
+  return out
 
 
 def _gb(b: float) -> str:
@@ -194,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--seq", type=int, default=2048)
   ap.add_argument("--no-remat", action="store_true",
                   help="training keeps all activations (default: per-layer rematerialisation)")
+  ap.add_argument("--regimes", action="store_true",
+                  help="also print training memory per regime (FP32 Adam, mixed, BF16, QAT, "
+                       "adapters) for each model")
+  ap.add_argument("--lora-rank", type=int, default=16)
   args = ap.parse_args(argv)
   models = sorted(MODELS) if args.model == "all" else [args.model]
   plans = []
@@ -205,6 +311,19 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     ap.error(str(e))
   print(plan_table(plans))
+  if args.regimes:
+    for m in models:
+      f = args.format.split(",")[-1]
+      f = "int4_g64" if f == "fp32" else f
+      try:
+        rows = train_regimes(m, mesh=args.mesh, batch=args.batch, seq=args.seq,
+                             remat=not args.no_remat, fmt=f, lora_rank=args.lora_rank)
+      except ValueError as e:
+        ap.error(str(e))
+      print(f"\n### Training {MODELS[m].name} per regime, per device (GB), mesh {args.mesh}, "
+            f"batch {args.batch} x seq {args.seq}, remat {'off' if args.no_remat else 'on'}; "
+            f"QAT / adapters on {f}, LoRA rank {args.lora_rank}\n")
+      print(memory_lib.train_regime_table(rows))
   return 0
 
 

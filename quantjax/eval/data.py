@@ -100,14 +100,20 @@ class Split:
 
 
 def corpus_text(corpus: str = DEFAULT_CORPUS) -> str:
-  """The text of `corpus`: "pydoc_topics" or the path of a UTF-8 text file."""
+  """The text of `corpus`: "pydoc_topics", a name of `eval/corpora.py`'s
+  `NAMED_CORPORA` (e.g. "gutenberg_kjv_new_testament"), or the path of a UTF-8
+  text file."""
   if corpus == DEFAULT_CORPUS:
     from pydoc_data.topics import topics
     return "\n\n".join(topics[k] for k in sorted(topics))
+  from quantjax.eval import corpora
+  if corpus in corpora.NAMED_CORPORA:
+    return corpora.named_corpus_text(corpus)
   path = os.fspath(corpus)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"corpus {corpus!r} is neither {DEFAULT_CORPUS!r} nor an "
-                            "existing text file")
+    raise FileNotFoundError(f"corpus {corpus!r} is neither {DEFAULT_CORPUS!r}, a named corpus "
+                            f"({', '.join(sorted(corpora.NAMED_CORPORA))}) nor an existing "
+                            "text file")
   try:
     with open(path, encoding="utf-8") as f:
       return f.read()

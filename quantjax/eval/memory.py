@@ -7,6 +7,19 @@ is the planning formula: storing costs the format's bits plus scales; training
 with Adam in FP32 costs 4 B weights + 4 B gradients + 8 B moments, plus
 activations (commonly estimated so the total is about 24 B per parameter).
 `python -m quantjax.memory 1e9` prints the estimate for common formats.
+
+`train_regime_estimate(n_params, regime, ...)` breaks training memory down
+per regime (`TRAIN_REGIMES`): FP32 with Adam; mixed precision (BF16 weights
+and gradients, FP32 master weights and moments); pure BF16; QAT with fake
+quantization; a frozen quantized base with trainable low-rank adapters. The
+activation term is passed in (`quantjax.plan.activation_bytes` models it for
+a Llama-shaped model).
+
+References:
+  Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+  Parameter Models", SC 2020 (mixed-precision Adam: 2 + 2 + 12 B/parameter).
+  Esser et al., "Learned Step Size Quantization", ICLR 2020.
+  Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", NeurIPS 2023.
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ _BOXES = (QArray, ActQuantized, InputScaled, NMSparse)
 
 __all__ = ["tree_bytes", "tree_param_count", "bits_per_weight", "LeafMemory", "memory_table",
            "markdown_memory_table", "MemoryEstimate", "estimate", "estimate_table",
-           "format_bits_per_weight"]
+           "format_bits_per_weight", "TRAIN_REGIMES", "TrainEstimate", "train_regime_estimate",
+           "train_regime_table"]
 
 
 def _leaf_bytes(x: Any) -> int:
@@ -199,16 +213,145 @@ def _gb(b: float) -> str:
 
 def estimate_table(n_params: float, formats: Sequence[Any] = DEFAULT_FORMATS, *,
                    row_length: int | None = 4096) -> str:
-  """Markdown table of store vs train memory across formats."""
+  """Markdown table of store memory across formats."""
   lines = [f"Parameters: {n_params:,.0f}", "",
-           "| format | bits/weight | store | store B/param | train (Adam, FP32) | train B/param |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "| format | bits/weight | store | store B/param |",
+           "|---|---:|---:|---:|"]
   for f in formats:
     e = estimate(n_params, f, row_length=row_length)
     bpw = format_bits_per_weight(f, row_length=row_length)
-    lines.append(f"| {e.format} | {bpw:.3f} | {_gb(e.store_bytes)} | {e.store_bytes_per_param:.3f} | "
-                 f"{_gb(e.train_bytes)} | {e.train_bytes_per_param:.1f} |")
+    lines.append(f"| {e.format} | {bpw:.3f} | {_gb(e.store_bytes)} | {e.store_bytes_per_param:.3f} |")
   lines.append("")
-  lines.append("Train = 4 B weights + 4 B gradients + 8 B Adam moments + ~8 B activations "
-               "per parameter (rule of thumb; ~24 B/param).")
+  lines.append("Training does not depend on the storage format but on the regime: see the "
+               "per-regime rows (`train_regime_estimate`).")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Training memory per regime.
+# ----------------------------------------------------------------------------
+
+TRAIN_REGIMES = ("fp32_adam", "mixed_bf16", "pure_bf16", "qat_fake_quant", "adapters")
+
+_REGIME_TEXT = {
+    "fp32_adam": "FP32 weights 4 + gradients 4 + Adam moments 8",
+    "mixed_bf16": "FP32 master 4 + BF16 copy 2 + BF16 gradients 2 + FP32 moments 8",
+    "pure_bf16": "BF16 weights 2 + gradients 2 + moments 2 + 2",
+    "qat_fake_quant": "FP32 Adam (16) + fake-quantized weight copy 4 per quantized weight "
+                      "(held for the backward pass) + LSQ step sizes with their Adam state",
+    "adapters": "frozen base as stored + adapters with FP32 Adam (16 per adapter value) "
+                "+ merged effective weight 4 per adapted weight (held for the backward pass)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEstimate:
+  """Bytes to train in one regime, by component.
+
+  Attributes:
+    regime: one of `TRAIN_REGIMES`.
+    n_params: parameters of the model (the base, for adapters).
+    weights: trained weights as held (FP32 masters and BF16 working copies).
+    frozen: the frozen base (adapters only).
+    grads: gradients.
+    optimizer: Adam's two moments.
+    extra: per-regime working copies kept for the backward pass (QAT's
+      fake-quantized weights, the adapters' merged weights) and LSQ step sizes.
+    activations: what the caller passed (see `quantjax.plan.activation_bytes`).
+  """
+
+  regime: str
+  n_params: float
+  weights: float
+  frozen: float
+  grads: float
+  optimizer: float
+  extra: float
+  activations: float
+
+  @property
+  def states(self) -> float:
+    return self.weights + self.frozen + self.grads + self.optimizer + self.extra
+
+  @property
+  def total(self) -> float:
+    return self.states + self.activations
+
+  @property
+  def bytes_per_param(self) -> float:
+    return self.total / self.n_params
+
+
+def train_regime_estimate(n_params: float, regime: str, *, quantized_params: float | None = None,
+                          fmt: QuantFormat | str | None = "int4_g64", row_length: int | None = None,
+                          lsq_steps: float = 0.0, adapter_params: float = 0.0,
+                          activations: float = 0.0, kept_fraction: float = 1.0) -> TrainEstimate:
+  """Training bytes for `n_params` parameters in `regime`.
+
+  Args:
+    n_params: parameters of the model.
+    regime: one of `TRAIN_REGIMES`.
+    quantized_params: parameters of the fake-quantized (QAT) or frozen
+      quantized and adapted (adapters) weights; default all of them.
+    fmt: storage format of those weights in the adapters regime (their
+      frozen bytes); the rest of the base is FP32.
+    row_length: values per per-channel scale, for `format_bits_per_weight`.
+    lsq_steps: number of learned step sizes (QAT with LSQ; 0 for fixed scales).
+    adapter_params: trainable adapter values (adapters regime).
+    activations: activation bytes (regime-dependent dtype: the caller's model).
+    kept_fraction: share of the per-weight working copies (QAT's fake-quantized
+      weights, the adapters' merged weights) alive at the peak: 1 without
+      rematerialisation (every layer's copy waits for the backward pass),
+      1 / layers with per-layer rematerialisation.
+
+  Raises:
+    ValueError: unknown regime or non-positive `n_params`.
+  """
+  if regime not in TRAIN_REGIMES:
+    raise ValueError(f"unknown training regime {regime!r}; expected one of {TRAIN_REGIMES}")
+  if not n_params > 0:
+    raise ValueError(f"n_params must be positive, got {n_params}")
+  n = float(n_params)
+  q = n if quantized_params is None else float(quantized_params)
+  if not 0 <= q <= n:
+    raise ValueError(f"quantized_params must be in [0, n_params], got {quantized_params}")
+  weights = frozen = grads = optimizer = extra = 0.0
+  if regime == "fp32_adam":
+    weights, grads, optimizer = 4 * n, 4 * n, 8 * n
+  elif regime == "mixed_bf16":
+    weights, grads, optimizer = (4 + 2) * n, 2 * n, 8 * n
+  elif regime == "pure_bf16":
+    weights, grads, optimizer = 2 * n, 2 * n, 4 * n
+  elif regime == "qat_fake_quant":
+    weights, grads, optimizer = 4 * n, 4 * n, 8 * n
+    extra = 4 * q * kept_fraction + 16 * float(lsq_steps)
+  else:  # adapters
+    bpw = format_bits_per_weight(fmt, row_length=row_length)
+    frozen = q * bpw / 8 + 4 * (n - q)
+    r = float(adapter_params)
+    weights, grads, optimizer = 4 * r, 4 * r, 8 * r
+    extra = 4 * q * kept_fraction
+  return TrainEstimate(regime, n, weights, frozen, grads, optimizer, extra, float(activations))
+
+
+def train_regime_table(estimates: Sequence[TrainEstimate], *, measured: dict | None = None) -> str:
+  """Markdown rows per regime (GB); `measured` maps regime -> bytes for a side column."""
+  head = ("| regime | weights | frozen base | grads | Adam moments | working copies | activations "
+          "| total | B/param |")
+  sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  if measured is not None:
+    head += " measured | measured / estimate |"
+    sep += "---:|---:|"
+  lines = [head, sep]
+  for e in estimates:
+    row = (f"| {e.regime} | {_gb(e.weights)} | {_gb(e.frozen)} | {_gb(e.grads)} | "
+           f"{_gb(e.optimizer)} | {_gb(e.extra)} | {_gb(e.activations)} | {_gb(e.total)} | "
+           f"{e.bytes_per_param:.1f} |")
+    if measured is not None:
+      m = measured.get(e.regime)
+      row += (f" {_gb(m)} | {m / e.total:.2f} |" if m else " - | - |")
+    lines.append(row)
+  lines.append("")
+  for e in estimates:
+    lines.append(f"- {e.regime}: {_REGIME_TEXT[e.regime]} (B per parameter).")
   return "\n".join(lines)
