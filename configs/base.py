@@ -48,6 +48,7 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = DEFAULT_CORPUS  # a named corpus or the path of a UTF-8 text file
+  c.data.calib_corpus = ""  # calibrate on another text ("" = the same); evaluate on corpus
 
   c.eval = ml_collections.ConfigDict()
   c.eval.tokens = 16384  # the last N tokens of the corpus: 32 windows of 512

@@ -796,6 +796,19 @@ def _saves(stage: str, config) -> bool:
   return False
 
 
+def _split(config, model) -> data_lib.Split:
+  """The protocol's windows; with `data.calib_corpus`, calibration windows come from that
+  text (drawn before its own evaluation part) and evaluation from `data.corpus`."""
+  split = data_lib.load_split(model.tokenizer, str(config.data.corpus), _protocol(config))
+  other = str(config.data.get("calib_corpus", "") or "")
+  if other and other != split.corpus:
+    cal = data_lib.load_split(model.tokenizer, other, _protocol(config))
+    split = dataclasses.replace(split, calib_windows=cal.calib_windows,
+                                calib_starts=cal.calib_starts, calib_corpus=cal.corpus,
+                                calib_corpus_sha256=cal.corpus_sha256)
+  return split
+
+
 def _protocol(config) -> data_lib.Protocol:
   return data_lib.Protocol(eval_tokens=int(config.eval.tokens), window=int(config.eval.window),
                            calib_windows=int(config.calib.windows), seed=int(config.calib.seed))
@@ -833,7 +846,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   load_s = time.perf_counter() - t0
   report_lib.write_json_atomic(info_path, {"name": model.name, "caveat": model.caveat,
                                            "source": model.source, "add_bos": model.add_bos})
-  split = data_lib.load_split(model.tokenizer, str(config.data.corpus), _protocol(config))
+  split = _split(config, model)
   print(f"[quantjax] loaded {model.name} in {load_s:.1f}s; corpus {split.corpus}: "
         f"{split.num_tokens:,} tokens, evaluating the last {split.protocol.eval_tokens:,} "
         f"({split.protocol.eval_windows} windows of {split.protocol.window})", flush=True)

@@ -72,6 +72,9 @@ class Split:
     corpus: the corpus name or path.
     corpus_sha256: hash of the corpus text (UTF-8).
     protocol: the sizes used.
+    calib_corpus: the corpus of the calibration windows when it is not
+      `corpus` (cross-domain calibration), else "".
+    calib_corpus_sha256: its hash.
   """
 
   eval_windows: np.ndarray
@@ -81,6 +84,8 @@ class Split:
   corpus: str
   corpus_sha256: str
   protocol: Protocol
+  calib_corpus: str = ""  # where the calibration windows come from, when not `corpus`
+  calib_corpus_sha256: str = ""
 
   def record(self) -> dict[str, Any]:
     """The protocol fields every result carries."""
@@ -96,6 +101,8 @@ class Split:
         "calib_windows": int(self.calib_windows.shape[0]),
         "calib_tokens_available": int(self.num_tokens - p.eval_tokens),
         "seed": int(p.seed),
+        "calib_corpus": self.calib_corpus or self.corpus,
+        "calib_corpus_sha256": self.calib_corpus_sha256 or self.corpus_sha256,
     }
 
 

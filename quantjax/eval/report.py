@@ -382,8 +382,11 @@ def write_report(workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]
       f"activations {r0.get('dtype')}, perplexity = exp(mean NLL); KL and top-1 agreement "
       f"against the FP32 model on the same tokens (KL over its top-{r0.get('kl_top_k', '?')} "
       "tokens plus one bucket for the rest: a lower bound of the full KL). "
-      f"Calibration: {r0.get('calib_windows_used', r0.get('calib_windows'))} windows of "
-      f"{r0.get('window')} tokens drawn before the evaluation text (seed {r0.get('seed')}). "
+      f"Calibration: {r0.get('calib_windows')} windows of {r0.get('window')} tokens drawn "
+      + (f"from `{r0.get('calib_corpus')}` (another text: cross-domain)"
+         if r0.get("calib_corpus") not in (None, r0.get("corpus"))
+         else "before the evaluation text")
+      + f" (seed {r0.get('seed')}). "
       f"jax {r0.get('jax_version')} on {r0.get('device')} ({r0.get('cpu', '?')}, "
       f"{r0.get('cpu_count')} CPUs).")
   text = "\n".join([f"# {title}", "", markdown_table(records, columns), "", protocol, "",
