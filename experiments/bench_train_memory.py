@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 
-TARGETS = r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj/kernel"
 REGIMES = ("fp32_adam", "mixed_bf16", "pure_bf16", "qat_fake_quant", "adapters")
 
 
@@ -97,7 +96,7 @@ def _worker(args) -> dict:
   def loss_of_params(p, tokens):
     return distill.cross_entropy(llama.forward(cfg, p, tokens[:, :-1]), tokens[:, 1:])
 
-  rules = [QuantRule(module_path=TARGETS, format=fmt)]
+  rules = [QuantRule(module_path=llama.PROJ_KERNELS, format=fmt)]
   regime = distill.training_regime(args.regime, params, loss_of_params, rules=rules,
                                    lora_rank=args.lora_rank)
   del params
