@@ -56,6 +56,10 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
   c.eval.batch_size = 8  # windows per forward pass
   c.eval.kl_top_k = 64  # tokens of the FP32 distribution kept for KL
   c.eval.transformers = False  # also score the source model with transformers (PyTorch)
+  c.eval.speed = False  # also prefill / decode tokens/s with a KV cache (random prompt)
+  c.eval.speed_batch_sizes = (1, 8)
+  c.eval.prompt_len = 128
+  c.eval.decode_steps = 32
   c.eval.progress = True
 
   c.calib = ml_collections.ConfigDict()

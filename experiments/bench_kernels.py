@@ -162,7 +162,8 @@ def e2e_rows(size: str, *, kernels: str, decode_steps: int, repeats: int) -> lis
     paths = ["xla"] + ([kernels] if kernels and fmt else [])
     for path in paths:
       with dispatch.matmul_path(path):
-        r = speed.prefill_decode(cfg, p, batch_sizes=(1,), prompt_len=16,
+        r = speed.prefill_decode(llama.decoder(cfg), p, vocab_size=cfg.vocab_size,
+                                 batch_sizes=(1,), prompt_len=16,
                                  decode_steps=decode_steps, repeats=repeats)[0]
       nbytes = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(
           p, is_leaf=lambda v: isinstance(v, qj.QArray)))

@@ -696,6 +696,16 @@ def evaluate_stage(ctx: Context, params, block):
   extra = {}
   if block.get("transformers"):
     extra["transformers"] = _transformers_scores(ctx, block)
+  if block.get("speed"):
+    from quantjax.eval import speed as speed_lib
+    fam, cfg = ctx.model.family, ctx.model.config
+    runs = speed_lib.prefill_decode(fam.decoder(cfg), params, vocab_size=cfg.vocab_size,
+                                    batch_sizes=tuple(block.speed_batch_sizes),
+                                    prompt_len=int(block.prompt_len),
+                                    decode_steps=int(block.decode_steps))
+    extra["speed"] = runs
+    extra["decode_tokens_per_s"] = runs[0]["decode_tokens_per_s"]
+    extra["prefill_tokens_per_s"] = runs[0]["prefill_tokens_per_s"]
   rec = report_lib.build_record(ev, entry=ctx.entry, stages=ctx.labels, params=params,
                                 base_bytes=_bytes(ctx.model.params), stage_infos=ctx.infos,
                                 family=_family(ctx.labels), **extra)

@@ -314,6 +314,11 @@ COMPARISON_COLUMNS: tuple[Column, ...] = (
     ("quantize s", "quantize_s", _f(".1f")),
     ("eval tok/s", "eval_tokens_per_s", _f(".0f")),
 )
+# Added to the table when some record measured decoding (`eval.speed`).
+SPEED_COLUMNS: tuple[Column, ...] = (
+    ("prefill tok/s (b=1)", "prefill_tokens_per_s", _f(".0f")),
+    ("decode tok/s (b=1)", "decode_tokens_per_s", _f(".1f")),
+)
 
 
 def build_record(evaluation: Mapping[str, Any], *, entry: str, stages: Sequence[str],
@@ -389,6 +394,8 @@ def write_report(workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]
       + f" (seed {r0.get('seed')}). "
       f"jax {r0.get('jax_version')} on {r0.get('device')} ({r0.get('cpu', '?')}, "
       f"{r0.get('cpu_count')} CPUs).")
+  if any(r.get("decode_tokens_per_s") is not None for r in records):
+    columns = tuple(columns) + SPEED_COLUMNS
   text = "\n".join([f"# {title}", "", markdown_table(records, columns), "", protocol, "",
                     *[n + "\n" for n in notes if n]])
   write_text_atomic(os.path.join(workdir, "results.md"), text)

@@ -1,9 +1,10 @@
-"""Latency and throughput of a quantjax Llama: eval, prefill and decode tokens/s.
+"""Latency and throughput of any model: prefill and decode tokens/s, timing helpers.
 
 Every figure is measured after a warm-up call; compile time is reported
 separately (`compile_s`, from `jit(...).lower(...).compile()`). Timings
 block on the result (`block_until_ready`). Report them beside a baseline
-measured in the same run (see `experiments/bench_eval.py`).
+measured in the same run (`experiments/bench_decode.py`; evaluation tokens/s
+come with every perplexity record).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from quantjax.models import llama as llama_lib
 
 __all__ = ["Timer", "time_fn", "prefill_decode", "quantize_time"]
 
@@ -55,35 +54,45 @@ def quantize_time(fn: Callable[[], Any]) -> tuple[Any, float]:
   return out, time.perf_counter() - t0
 
 
-def prefill_decode(config: llama_lib.LlamaConfig, params: Any, *, batch_sizes=(1, 8),
-                   prompt_len: int = 128, decode_steps: int = 32,
-                   repeats: int = 3) -> list[dict[str, Any]]:
-  """Prefill and decode throughput with a KV cache, per batch size.
+def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], params: Any, *,
+                   vocab_size: int, batch_sizes=(1, 8), prompt_len: int = 128,
+                   decode_steps: int = 32, repeats: int = 3) -> list[dict[str, Any]]:
+  """Prefill and decode throughput with a KV cache, per batch size, for any model.
 
-  Prefill: one `[B, prompt_len]` step into an empty cache. Decode:
-  `decode_steps` single-token steps after it. Returns one record per batch
-  size with `prefill_tokens_per_s`, `decode_tokens_per_s`, the per-step
-  decode latency and the compile times of both shapes.
+  Args:
+    decoder: `(init_cache(batch, max_len), step(params, tokens, cache, index))`,
+      where `step` returns `(logits of the last position [B, V], cache)`; e.g.
+      `quantjax.models.llama.decoder(config)`.
+    params: the model's params (arrays or QArrays).
+    vocab_size: token ids of the random prompt are drawn below it.
+    batch_sizes: one record per batch size.
+    prompt_len: prefill: one `[B, prompt_len]` step into an empty cache.
+    decode_steps: then this many greedy single-token steps.
+    repeats: timed repetitions (median reported) after a warm-up.
+
+  Returns:
+    One record per batch size with `prefill_tokens_per_s`,
+    `decode_tokens_per_s`, the per-step decode latency and the compile times of
+    both shapes.
   """
-  state = llama_lib.as_state(config, params)
-  step = llama_lib._step  # pylint: disable=protected-access
+  init_cache, step_fn = decoder
+  step = jax.jit(step_fn, donate_argnums=2)
   out = []
   rng = np.random.default_rng(0)
   for b in batch_sizes:
     max_len = prompt_len + decode_steps + 1
-    prompt = jnp.asarray(rng.integers(0, config.vocab_size, (b, prompt_len)), jnp.int32)
+    prompt = jnp.asarray(rng.integers(0, vocab_size, (b, prompt_len)), jnp.int32)
     one = jnp.zeros((b, 1), jnp.int32)
-    cache = llama_lib.init_cache(config, b, max_len)
+    cache = init_cache(b, max_len)
     t0 = time.perf_counter()
-    pre_c = step.lower(config, state, prompt, cache, jnp.int32(0)).compile()
+    pre_c = step.lower(params, prompt, cache, jnp.int32(0)).compile()
     compile_prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dec_c = step.lower(config, state, one, cache, jnp.int32(prompt_len)).compile()
+    dec_c = step.lower(params, one, cache, jnp.int32(prompt_len)).compile()
     compile_decode = time.perf_counter() - t0
 
     def prefill():
-      c = llama_lib.init_cache(config, b, max_len)
-      return pre_c(state, prompt, c, jnp.int32(0))
+      return pre_c(params, prompt, init_cache(b, max_len), jnp.int32(0))
 
     pre = time_fn(prefill, repeats=repeats)
     _, cache = _block(prefill())
@@ -92,7 +101,7 @@ def prefill_decode(config: llama_lib.LlamaConfig, params: Any, *, batch_sizes=(1
       c = jax.tree.map(jnp.copy, cache)
       tok = one
       for i in range(decode_steps):
-        logits, c = dec_c(state, tok, c, jnp.int32(prompt_len + i))
+        logits, c = dec_c(params, tok, c, jnp.int32(prompt_len + i))
         tok = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
       return tok
 

@@ -486,6 +486,18 @@ def _step(config, params, tokens, cache, index):
   return logits, cache
 
 
+def decoder(config: LlamaConfig):
+  """`(init_cache(batch, max_len), step(params, tokens, cache, index))` for
+  `quantjax.eval.speed.prefill_decode`: `step` returns the last position's logits
+  `[B, V]` and the updated cache."""
+  def init(batch: int, max_len: int) -> KVCache:
+    return init_cache(config, batch, max_len)
+
+  def step(params, tokens, cache, index):
+    return _step(config, as_state(config, params), tokens, cache, index)
+  return init, step
+
+
 def _sample(logits, key, temperature: float, top_k: int | None):
   if temperature <= 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -32,6 +32,9 @@ def tiny(*entries, steps: int = 3):
   c.calib.batch_size = 4
   c.prune.method = "wanda"
   c.mixed.sensitivity_windows = 2
+  c.eval.speed_batch_sizes = (1,)
+  c.eval.prompt_len = 8
+  c.eval.decode_steps = 2
   for block in (c.distill, c.qat):
     block.steps = steps
     block.batch_size = 2
@@ -46,7 +49,7 @@ def tiny(*entries, steps: int = 3):
 EVERY_STAGE = (
     entry("fp32", "evaluate"),
     entry("bf16", "quantize,evaluate", quantize__method="cast", quantize__format="bf16"),
-    entry("rtn", "quantize,evaluate"),
+    entry("rtn", "quantize,evaluate", eval__speed=True),
     entry("gptq", "quantize,evaluate", quantize__method="gptq", quantize__act_order=True,
           quantize__format="int4_g32"),
     entry("awq", "quantize,evaluate", quantize__method="awq", quantize__format="int4_g32"),
@@ -96,6 +99,7 @@ def test_every_stage_in_one_sweep_then_resume(tmp_path, capsys):
                   "params_bytes", "bits_per_weight", "quantize_s"):
       assert field in r, (r["entry"], field)
   assert recs[2]["bits_per_weight"] == pytest.approx(4.5)
+  assert recs[2]["decode_tokens_per_s"] > 0 and recs[2]["speed"][0]["batch"] == 1
   assert recs[2]["params_bytes"] < recs[1]["params_bytes"] < fp32["params_bytes"]
   assert recs[3]["quantize_s"] > 0 and recs[1]["chain_info"][0]["stage"] == "quantize"
   mixed_jax, mixed_cpp = recs[12], recs[13]
