@@ -1189,9 +1189,10 @@ def _read_quantized(r: _Reader, spec: TensorSpec, scheme: Scheme, dtype: Any):
                           "order 'group'); a QArray needs contiguous groups")
 
   # Our layout: params [in, out] for Linear (transpose), [vocab, d] for Embedding.
+  cax = -1 if ax == 0 else 0  # the output-channel axis, as QuantFormat.parse writes it
   if w.type == "float":
     gran = ("per_tensor" if w.strategy == "tensor" else "per_channel")
-    fmt = QuantFormat(kind="fp8_e4m3", granularity=gran, channel_axis=1 - ax, group_axis=ax,
+    fmt = QuantFormat(kind="fp8_e4m3", granularity=gran, channel_axis=cax, group_axis=ax,
                       scale_dtype=jnp.dtype(scale.dtype))
     qcodes = codes
   else:
@@ -1199,13 +1200,13 @@ def _read_quantized(r: _Reader, spec: TensorSpec, scheme: Scheme, dtype: Any):
             "channel": dict(granularity="per_channel"),
             "tensor": dict(granularity="per_tensor")}[w.strategy]
     if w.symmetric:
-      fmt = QuantFormat(kind="int", bits=w.num_bits, symmetric=True, channel_axis=1 - ax,
+      fmt = QuantFormat(kind="int", bits=w.num_bits, symmetric=True, channel_axis=cax,
                         group_axis=ax, scale_dtype=jnp.dtype(scale.dtype), **gran)
       qcodes = codes.astype(np.int8)
     else:
       off = 1 << (w.num_bits - 1)
       fmt = QuantFormat(kind="int", bits=w.num_bits, symmetric=False, zero_point="int",
-                        channel_axis=1 - ax, group_axis=ax, scale_dtype=jnp.dtype(scale.dtype),
+                        channel_axis=cax, group_axis=ax, scale_dtype=jnp.dtype(scale.dtype),
                         **gran)
       udt = np.uint8 if w.num_bits == 8 else np.int16
       qcodes = (codes.astype(np.int16) + off).astype(udt)
