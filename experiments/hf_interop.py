@@ -65,6 +65,28 @@ def torch_nll_fn(model):
   return fn
 
 
+def ct_rule_quantize_activation(x, fmt):
+  """compressed-tensors' dynamic activation rule, which transformers runs: per-token scale
+  s = max|x| / 127.5 (half the int8 range 255), codes round(x / s) clamped to [-128, 127]; a
+  token's largest |x| lands on +-127.5 up to rounding, so whether it gets 127 or 128 (-> 127)
+  is decided by the last bit of a float division. Ours and vLLM's kernels use max|x| / 127.
+
+  Both divisions are IEEE divisions as torch does them: XLA rewrites a division by a broadcast
+  (or a constant) into a multiplication by its reciprocal, which moves those ties; an
+  optimization barrier on the materialised divisor keeps the division.
+  """
+  import jax
+  import jax.numpy as jnp
+  from quantjax.numerics import qarray
+  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x2), axis=-1, keepdims=True)
+  half_range = jax.lax.optimization_barrier(jnp.full_like(amax, 127.5))
+  scale = jnp.where(amax > 0, amax / half_range, 1.0)
+  v = x2 / jax.lax.optimization_barrier(jnp.broadcast_to(scale, x2.shape))
+  codes = jnp.clip(jnp.round(v), -128, 127).astype(jnp.int8)
+  return qarray.QArray.from_codes(codes, fmt.replace(channel_axis=0), scale, dtype=jnp.float32)
+
+
 def load_transformers(directory: str, dequantize: bool = False):
   import torch
   import transformers
@@ -191,6 +213,18 @@ def main(argv):
         jax.block_until_ready(jax.tree.leaves(q))
         rec["quantize_s"] = time.perf_counter() - t0
         rec["jax_ppl"] = ppl_lib.evaluate(cfg, q, sub, progress=False)["perplexity"]
+        if row == "w8a8_dynamic":
+          # the same weights with transformers' dynamic activation rule (max|x| / 127.5)
+          from quantjax import ops
+          real = ops.quantize_activation
+          jax.clear_caches()
+          ops.quantize_activation = ct_rule_quantize_activation
+          try:
+            rec["jax_ppl_ct_act_rule"] = ppl_lib.evaluate(cfg, q, sub,
+                                                          progress=False)["perplexity"]
+          finally:
+            ops.quantize_activation = real
+            jax.clear_caches()
         rec["jax_greedy"] = [int(t) for t in
                              llama.generate(cfg, q, np.asarray(prompt), 32)[0, len(prompt):]]
         if os.path.exists(d):
@@ -225,6 +259,8 @@ def tables(results: dict) -> str:
     same = r.get("jax_greedy", r.get("jax_import_greedy")) == r["transformers_greedy"]
     jp = f"{r['jax_ppl']:.4f}" if "jax_ppl" in r else "–"
     load = "dequantize=True" if "dequantize" in r.get("transformers_load", "") else "default"
+    if "jax_ppl_ct_act_rule" in r:
+      jp += f" ({r['jax_ppl_ct_act_rule']:.4f} with transformers' activation rule)"
     lines.append(f"| {row} | {load} | {jp} | {r['jax_import_ppl']:.4f} | "
                  f"{r['transformers_ppl']:.4f} | {100 * (r['transformers_ppl'] / ref - 1):+.3f}% | "
                  f"{'yes' if same else 'no'} | {r['dir_bytes'] / 1e6:.1f} |")

@@ -261,19 +261,26 @@ def test_transformers_loads_export(tiny, tmp_path, name, ct_kwargs, atol):
 
 
 @pytest.mark.parametrize("act", ["int8", "int8_t"])
-def test_transformers_w8a8_dynamic(tiny_tied, tmp_path, act):
-  """Dynamic int8 activations: transformers' fake quantization scales by max|x| / 127.5, vLLM's
-  kernels and ours by max|x| / 127, so the logits agree to the rounding of the activations."""
+def test_transformers_w8a8_dynamic(tiny_tied, tmp_path, monkeypatch, act):
+  """Dynamic int8 activations. transformers' compressed-tensors scales by max|x| / 127.5, ours
+  (and vLLM's kernels) by max|x| / 127: with its rule emulated, the JAX model on our export
+  gives transformers' logits; with ours, the argmax mostly agrees."""
+  from experiments.hf_interop import ct_rule_quantize_activation
+  from quantjax import ops
   cfg, params = tiny_tied
   q = _quantize(params, [qj.QuantRule(module_path=PROJ, format="int8", act_format=act)])
   hf.export_hf(tmp_path / "m", cfg, q)
-  ours = np.asarray(llama.forward(cfg, q, TOKENS))
   theirs = _hf_logits(tmp_path / "m")
-  ref = np.asarray(llama.forward(cfg, _quantize(params, [qj.QuantRule(module_path=PROJ,
-                                                                      format="int8")]), TOKENS))
-  err = np.abs(theirs - ours).max()
-  assert err < 0.1 * np.abs(ours - ref).max() + 1e-3 or err < 0.02 * np.abs(ours).max()
-  assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.95
+  ours = np.asarray(llama.forward(cfg, q, TOKENS))
+  assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+  if act == "int8":  # per token (the emulation is of the per-token rule)
+    jax.clear_caches()
+    monkeypatch.setattr(ops, "quantize_activation", ct_rule_quantize_activation)
+    same_rule = np.asarray(llama.forward(cfg, q, TOKENS))
+    monkeypatch.undo()
+    jax.clear_caches()
+    np.testing.assert_allclose(theirs, same_rule, atol=2e-4)
+    assert np.abs(theirs - ours).max() > 10 * np.abs(theirs - same_rule).max()
 
 
 # ----------------------------------------------------------------------------
