@@ -135,12 +135,17 @@ class TensorSpec:
     kind: "linear" (params `[in, out]`, checkpoint `[out, in]`: transposed; a
       PyTorch `Linear`, quantizable), "embedding" (`[vocab, d]` both sides,
       PyTorch `Embedding`) or "vector" (norms, biases; always float).
+    to_hf / from_hf: optional value maps for a float tensor whose stored
+      values differ from the params' (e.g. a norm stored as `w - 1`), applied
+      in the params layout on export / import.
   """
 
   hf_name: str
   path: tuple
   shape: tuple[int, ...]
   kind: str
+  to_hf: Callable[[np.ndarray], np.ndarray] | None = None
+  from_hf: Callable[[np.ndarray], np.ndarray] | None = None
 
   @property
   def module(self) -> str:
@@ -605,13 +610,13 @@ def _encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
                           f"float weight has no compressed-tensors form; quantize the weight "
                           "too (e.g. int8 per channel for W8A8)")
     note = ""
-    if isinstance(weight, QArray) and weight.fmt.is_cast:
+    if isinstance(weight, QArray) and weight.fmt.is_cast and spec.to_hf is None:
       arr = np.asarray(weight.codes())
       how = "lossless"
     else:
       arr = _float_values(weight)
       src = np.dtype(getattr(weight, "dtype", np.float32))
-      if isinstance(weight, QArray):
+      if isinstance(weight, QArray) and not weight.fmt.is_cast:
         how = "dequantized"
         note = ("compressed-tensors runtimes quantize Linear layers; this tensor is written as "
                 "the float values it holds")
@@ -624,6 +629,8 @@ def _encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
         how = "float"
       if src.itemsize > dtype.itemsize:
         note = (note + "; " if note else "") + f"cast to {dtype.name}"
+      if spec.to_hf is not None:
+        arr = np.asarray(spec.to_hf(arr), np.float32)
       arr = arr.astype(dtype)
     if spec.kind == "linear":
       arr = arr.T
@@ -1314,7 +1321,10 @@ def import_hf(directory: str | os.PathLike, *, dtype: Any = jnp.float32, tokeniz
                      dtypes=(np.float32, np.float16, ml_dtypes.bfloat16, np.float64))
       if spec.kind == "linear":
         a = a.T
-      leaf = jnp.asarray(np.ascontiguousarray(a).astype(np.float32)).astype(dtype)
+      a = np.ascontiguousarray(a).astype(np.float32)
+      if spec.from_hf is not None:
+        a = np.asarray(spec.from_hf(a), np.float32)
+      leaf = jnp.asarray(a).astype(dtype)
       info[spec.hf_name] = (f"dense {st.dtype_name(reader.ckpt.dtype(spec.hf_name))}", "float")
     else:
       leaf = _read_quantized(reader, spec, scheme, dtype)

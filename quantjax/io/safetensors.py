@@ -21,7 +21,7 @@ import json
 import math
 import os
 import struct
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -169,8 +169,3 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     for a in arrays:
       f.write(_tensor_bytes(a))
   return 8 + len(raw) + off
-
-
-def iter_sizes(tensors: Mapping[str, np.ndarray]) -> Iterator[tuple[str, int]]:
-  for name, a in tensors.items():
-    yield name, int(np.asarray(a).nbytes)

@@ -606,3 +606,39 @@ def test_top_level_api(tiny_tied, tmp_path):
                              np.asarray(llama.forward(cfg, q, TOKENS)), atol=1e-4)
   _, p_q, _ = load.load_hf(tmp_path / "m", tokenizer=False, quantized=True)
   assert qj.tree_bytes(p_q) == qj.tree_bytes(q)
+
+
+def test_registered_architecture_plugs_in(tiny_tied, tmp_path, monkeypatch):
+  """Another architecture brings its own name map and config translation as data (here: the
+  Llama stored with norms as `w - 1`, as Gemma checkpoints store theirs)."""
+  import dataclasses
+
+  class ShiftedConfig(llama.LlamaConfig):
+    pass
+
+  cfg, params = tiny_tied
+  base = hf.architecture_for(cfg)
+
+  def tensors(c):
+    return [dataclasses.replace(t, to_hf=lambda a: a - 1.0, from_hf=lambda a: a + 1.0)
+            if t.kind == "vector" else t for t in base.tensors(c)]
+
+  def from_hf(d, name):
+    c = llama.LlamaConfig.from_hf({**d, "model_type": "llama"}, name=name)
+    return ShiftedConfig(**dataclasses.asdict(c))
+
+  monkeypatch.setattr(hf, "_ARCHITECTURES", list(hf._ARCHITECTURES))
+  hf.register_architecture(dataclasses.replace(
+      base, model_types=("llama_shifted",), config_type=ShiftedConfig, tensors=tensors,
+      from_hf_config=from_hf))
+  scfg = ShiftedConfig(**dataclasses.asdict(cfg))
+  q = _quantize(params, [qj.QuantRule(module_path=PROJ, format="int4_g32")])
+  hf.export_hf(tmp_path / "m", scfg, q)
+  with open(tmp_path / "m" / "config.json") as f:
+    assert json.load(f)["model_type"] == "llama_shifted"
+  stored = st.SafetensorsFile(tmp_path / "m" / "model.safetensors").get("model.norm.weight")
+  np.testing.assert_allclose(stored, np.asarray(rules_lib.to_pure(params)["final_norm"]["scale"]) - 1)
+  cfg2, p2, _, _ = hf.import_hf(tmp_path / "m")
+  assert isinstance(cfg2, ShiftedConfig)
+  np.testing.assert_array_equal(np.asarray(llama.forward(cfg2, p2, TOKENS)),
+                                np.asarray(llama.forward(cfg, q, TOKENS)))
