@@ -642,3 +642,16 @@ def test_registered_architecture_plugs_in(tiny_tied, tmp_path, monkeypatch):
   assert isinstance(cfg2, ShiftedConfig)
   np.testing.assert_array_equal(np.asarray(llama.forward(cfg2, p2, TOKENS)),
                                 np.asarray(llama.forward(cfg, q, TOKENS)))
+
+
+def test_export_model_for_a_runner_stage(tiny_tied, tmp_path):
+  from quantjax import export as export_lib
+  cfg, params = tiny_tied
+  q = _quantize(params, [qj.QuantRule(module_path=PROJ, format="int8")])
+  rec = export_lib.export_model(str(tmp_path / "m"), cfg, q, fmt="hf")
+  json.dumps(rec)  # a JSON record
+  assert rec["format"] == "hf" and rec["quantization_config"]["format"] == "pack-quantized"
+  assert {t["how"] for t in rec["tensors"]} == {"lossless", "float"}
+  assert rec["bytes"] > sum(t["nbytes"] for t in rec["tensors"])
+  with pytest.raises(ValueError, match="export format"):
+    export_lib.export_model(str(tmp_path / "x"), cfg, q, fmt="onnx")
