@@ -77,7 +77,10 @@ def test_transformers_scores_our_export(smollm2, two_windows, tmp_path, monkeypa
     monkeypatch.undo()
     jax.clear_caches()
     print(f"{name}: JAX with transformers' activation rule {same_rule:.5f}")
+    # measured: JAX 13.735 (own rule), 13.798 (transformers' rule), transformers 13.861; the
+    # rest is float summation order moving activations across rounding ties over 30 layers
     assert abs(theirs / same_rule - 1) < 5e-3
+    assert abs(theirs / same_rule - 1) < abs(theirs / ours - 1)
     assert abs(theirs / ours - 1) < 2e-2
   else:
     assert abs(theirs / ours - 1) < 5e-3
