@@ -41,13 +41,6 @@ import traceback
 from absl import app
 from absl import flags
 
-_OUT = flags.DEFINE_string("out", "runs/hf_interop", "Results directory.")
-_CALIB = flags.DEFINE_integer("calib_windows", 128, "Calibration windows of 512 tokens.")
-_EVAL = flags.DEFINE_integer("eval_windows", 32, "Evaluation windows scored (of 32).")
-_PEER = flags.DEFINE_string("peer_python", ".venv-peers/bin/python",
-                            "Python with llmcompressor ('' skips the llm-compressor row).")
-_ONLY = flags.DEFINE_list("only", [], "Rows to run (default: all).")
-
 ROWS = ("rtn_int8", "gptq_w4g64_sym", "gptq_w4g64_asym", "w8a8_dynamic", "smoothquant_w8a8_static",
         "llmcompressor_gptq_w4g64_sym")
 
@@ -110,6 +103,7 @@ def main(argv):
   del argv
   import jax
   import numpy as np
+  f = flags.FLAGS
 
   from quantjax import methods
   from quantjax.eval import data as data_lib
@@ -122,17 +116,17 @@ def main(argv):
   from quantjax.transforms import quantize_params
   from experiments import llmcompressor_gptq
 
-  out = os.path.abspath(_OUT.value)
+  out = os.path.abspath(f.out)
   os.makedirs(out, exist_ok=True)
   res_path = os.path.join(out, "results.json")
   results = report_lib.read_json(res_path, None) or {}
-  rows = [r for r in ROWS if not _ONLY.value or r in _ONLY.value]
+  rows = [r for r in ROWS if not f.only or r in f.only]
   cfg, params, tok = load_lib.load_smollm2()
   gguf_path = load_lib.smollm2_path()
-  split = data_lib.load_split(tok, protocol=data_lib.Protocol(calib_windows=_CALIB.value))
+  split = data_lib.load_split(tok, protocol=data_lib.Protocol(calib_windows=f.calib_windows))
   calib = np.asarray(split.calib_windows, np.int32)
   batches = [calib[i:i + 8] for i in range(0, len(calib) - len(calib) % 8, 8)]
-  ev = np.asarray(split.eval_windows[-_EVAL.value:], np.int32)
+  ev = np.asarray(split.eval_windows[-f.eval_windows:], np.int32)
   sub = dataclasses.replace(split, eval_windows=ev, protocol=data_lib.Protocol(
       eval_tokens=int(ev.size), window=ev.shape[1], calib_windows=0))
   prompt = [int(t) for t in ev[0, :64]]
@@ -178,12 +172,12 @@ def main(argv):
     d = os.path.join(out, row)
     try:
       if row == "llmcompressor_gptq_w4g64_sym":
-        if not _PEER.value:
+        if not f.peer_python:
           continue
         if not os.path.exists(d):
           rec["llmcompressor"] = llmcompressor_gptq.run_llmcompressor(
               d, calib, source=gguf_path, group_size=64, act_order=True, batch_size=8,
-              peer_python=_PEER.value)
+              peer_python=f.peer_python)
         else:
           with open(os.path.join(d, "llmcompressor_run.json")) as f:
             rec["llmcompressor"] = json.load(f)
@@ -275,5 +269,16 @@ def tables(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _define_flags() -> None:
+  """Flags are defined only when run as a program (tests import this module)."""
+  flags.DEFINE_string("out", "runs/hf_interop", "Results directory.")
+  flags.DEFINE_integer("calib_windows", 128, "Calibration windows of 512 tokens.")
+  flags.DEFINE_integer("eval_windows", 32, "Evaluation windows scored (of 32).")
+  flags.DEFINE_string("peer_python", ".venv-peers/bin/python",
+                      "Python with llmcompressor ('' skips the llm-compressor row).")
+  flags.DEFINE_list("only", [], "Rows to run (default: all).")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
