@@ -31,12 +31,15 @@ setup(
         # llama.cpp as an independent runtime for exported GGUF files (built from
         # source by pip, about 4-6 minutes on 2 cores; pip caches the wheel).
         "llamacpp": ["llama-cpp-python==0.3.36"],
+        # transformers' reader of compressed-tensors checkpoints (quantjax.io.hf's client).
+        "hf": ["compressed-tensors==0.19.0"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
             "torch==2.13.0",
             "accelerate>=1.0",
             "llama-cpp-python==0.3.36",
+            "compressed-tensors==0.19.0",
         ],
     },
 )

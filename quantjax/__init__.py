@@ -9,6 +9,7 @@ from quantjax import ops
 from quantjax.eval.memory import (bits_per_weight, estimate, memory_table, train_regime_estimate,
                                   tree_bytes)
 from quantjax.io.gguf import export_gguf, import_gguf
+from quantjax.io.hf import export_hf, import_hf
 from quantjax.numerics.calibrate import Calibration, calibrate
 from quantjax.numerics.fake_quant import fake_quant, lsq_fake_quant, lsq_init_step, round_ste
 from quantjax.numerics.formats import QuantFormat
@@ -48,9 +49,11 @@ __all__ = [
     "dequantize_params",
     "estimate",
     "export_gguf",
+    "export_hf",
     "fake_quant",
     "fake_quant_params",
     "import_gguf",
+    "import_hf",
     "fake_quantization",
     "inspect_value",
     "lsq_fake_quant",

@@ -114,6 +114,12 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
   w_shape = tuple(w.shape)
   _check_shapes(x, w_shape, contract_axis)
   if isinstance(w, QArray):
+    if act_format is not None and act_format.is_float_code:
+      # FP8 activations (W8A8 FP8): quantize-dequantize the input per token / per
+      # tensor, then the weight's own path (no FP8 x FP8 dot on CPU).
+      xq = quantize_activation(x, act_format)
+      x = xq.dequantize(dtype=x.dtype).reshape(x.shape)
+      act_format = None
     if act_format is not None:
       return _w8a8_dot(x, w, act_format, contract_axis)
     from quantjax.kernels import dispatch  # local: kernels import ops' helpers

@@ -379,78 +379,27 @@ def load_tokenizer(path: str | os.PathLike):
 # Hugging Face directories.
 
 
-_HF_LAYER = {
-    "input_layernorm.weight": ("input_norm", "scale"),
-    "post_attention_layernorm.weight": ("post_attn_norm", "scale"),
-    "self_attn.q_proj.weight": ("attn", "q_proj", "kernel"),
-    "self_attn.k_proj.weight": ("attn", "k_proj", "kernel"),
-    "self_attn.v_proj.weight": ("attn", "v_proj", "kernel"),
-    "self_attn.o_proj.weight": ("attn", "o_proj", "kernel"),
-    "mlp.gate_proj.weight": ("mlp", "gate_proj", "kernel"),
-    "mlp.up_proj.weight": ("mlp", "up_proj", "kernel"),
-    "mlp.down_proj.weight": ("mlp", "down_proj", "kernel"),
-}
-_HF_TOP = {
-    "model.embed_tokens.weight": ("embed", "embedding"),
-    "model.norm.weight": ("final_norm", "scale"),
-    "lm_head.weight": ("lm_head", "kernel"),
-}
-
-
-def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {directory} (only safetensors "
-                            "checkpoints are supported)")
-  out = {}
-  for f in files:
-    with safe_open(os.path.join(directory, f), framework="flax") as fh:
-      for k in fh.keys():
-        out[k] = np.asarray(fh.get_tensor(k).astype("float32"))
-  return out
-
-
 def load_hf(directory: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bool = True,
-            ) -> tuple[llama_lib.LlamaConfig, Any, Any]:
+            quantized: bool = False) -> tuple[llama_lib.LlamaConfig, Any, Any]:
   """Loads a Hugging Face Llama directory (`config.json` + `*.safetensors`).
+
+  Plain and compressed-tensors directories (llm-compressor's format) both
+  load; see `quantjax.io.hf.import_hf`, which this calls.
+
+  Args:
+    directory: the model directory.
+    dtype: dtype of the returned float parameters.
+    tokenizer: also load the directory's tokenizer.
+    quantized: keep compressed-tensors weights as QArrays (the checkpoint's
+      own codes and scales); by default they are dequantized to `dtype`.
 
   Returns `(config, params, tokenizer)`; tokenizer is None when the directory
   has none or `tokenizer=False`.
   """
-  directory = os.fspath(directory)
-  cfg_path = os.path.join(directory, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"no config.json in {directory}")
-  with open(cfg_path) as f:
-    config = llama_lib.LlamaConfig.from_hf(json.load(f), name=os.path.basename(directory))
-  tensors = _read_safetensors(directory)
-  pure: dict = {}
-  layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)")
-  for name, w in tensors.items():
-    m = layer_re.fullmatch(name)
-    if m:
-      rest = m.group(2)
-      if rest.endswith("rotary_emb.inv_freq"):
-        continue
-      if rest not in _HF_LAYER:
-        raise ValueError(f"{directory}: unsupported tensor {name!r}")
-      dest = ("layers", int(m.group(1))) + _HF_LAYER[rest]
-    elif name in _HF_TOP:
-      if name == "lm_head.weight" and config.tie_embeddings:
-        continue
-      dest = _HF_TOP[name]
-    else:
-      raise ValueError(f"{directory}: unsupported tensor {name!r}")
-    if dest[-1] == "kernel":
-      w = np.ascontiguousarray(w.T)
-    _set(pure, dest, w)
-  _check_complete(config, pure, directory)
-  tok = None
-  if tokenizer and any(os.path.exists(os.path.join(directory, f))
-                       for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-    tok = load_tokenizer(directory)
-  return config, _to_state(config, pure, dtype), tok
+  from quantjax.io import hf as hf_io
+  config, params, tok, _ = hf_io.import_hf(directory, dtype=dtype, tokenizer=tokenizer,
+                                           quantized=quantized)
+  return config, params, tok
 
 
 # ----------------------------------------------------------------------------
