@@ -88,15 +88,19 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
   c.mixed = ml_collections.ConfigDict(dict(
       budget_bpw=4.5, candidates=list(GGUF_CANDIDATES), sensitivity_windows=16, method="rtn",
       calibration="minmax"))
-  # format gguf; types: (regex, GGUF type) pairs; llamacpp_quantize: let llama.cpp's own
+  # format gguf | hf; types: (regex, GGUF type) pairs; llamacpp_quantize: let llama.cpp's own
   # quantizer make this type from an F32 export; types_from: reproduce that llama.cpp type's
   # per-tensor mix with quantjax's encoders; importance_windows: importance matrix.
   c.export = ml_collections.ConfigDict(dict(
       format="gguf", types=[("embed/embedding", "Q8_0")], float_type="F32",
-      llamacpp_quantize="", types_from="", importance_windows=0))
+      llamacpp_quantize="", types_from="", importance_windows=0, hf_dtype="float32"))
   # windows: score only the first N evaluation windows (0: all); jax: also score the same file
   # with the JAX model (imported without dequantizing).
   c.llamacpp = ml_collections.ConfigDict(dict(windows=0, jax=False))
+  # transformers scores an `export.format="hf"` directory; windows: the first N only (0: all);
+  # dequantize_fallback: load with CompressedTensorsConfig(dequantize=True) when the
+  # compressed load fails (asymmetric pack-quantized checkpoints).
+  c.transformers = ml_collections.ConfigDict(dict(windows=0, dequantize_fallback=True))
   c.sweep = []
   return c
 

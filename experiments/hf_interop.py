@@ -138,7 +138,7 @@ def main(argv):
 
   def score_dir(d, rec, dequantize=False):
     cfg2, p2, _, info = hf.import_hf(d, tokenizer=False)
-    rec["jax_import_ppl"] = ppl_lib.evaluate(cfg2, p2, sub, progress=False)["perplexity"]
+    rec["jax_import_ppl"] = ppl_lib.evaluate(llama.forward_fn(cfg2), p2, sub, progress=False)["perplexity"]
     rec["import_qarray_modules"] = sum(1 for v in info.values() if v[1] == "qarray")
     if not dequantize:
       try:
@@ -206,7 +206,7 @@ def main(argv):
           q, _ = methods.fold_input_scales(res.params, llama.fold_groups(cfg))
         jax.block_until_ready(jax.tree.leaves(q))
         rec["quantize_s"] = time.perf_counter() - t0
-        rec["jax_ppl"] = ppl_lib.evaluate(cfg, q, sub, progress=False)["perplexity"]
+        rec["jax_ppl"] = ppl_lib.evaluate(llama.forward_fn(cfg), q, sub, progress=False)["perplexity"]
         if row == "w8a8_dynamic":
           # the same weights with transformers' dynamic activation rule (max|x| / 127.5)
           from quantjax import ops
@@ -214,7 +214,7 @@ def main(argv):
           jax.clear_caches()
           ops.quantize_activation = ct_rule_quantize_activation
           try:
-            rec["jax_ppl_ct_act_rule"] = ppl_lib.evaluate(cfg, q, sub,
+            rec["jax_ppl_ct_act_rule"] = ppl_lib.evaluate(llama.forward_fn(cfg), q, sub,
                                                           progress=False)["perplexity"]
           finally:
             ops.quantize_activation = real

@@ -95,7 +95,7 @@ def _stage(name: str, block: str | None, kind: str, compresses: bool = False):
 
 QUANT_METHODS = ("rtn", "cast", "gptq", "awq", "smoothquant", "static")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-EXPORT_FORMATS = ("gguf",)
+EXPORT_FORMATS = ("gguf", "hf")
 _CALIBRATED = ("gptq", "awq", "smoothquant", "static")
 
 
@@ -259,6 +259,9 @@ def validate(config, entry: str = "") -> list[str]:
       if s == "llamacpp" and not (exported and str(config.export.format) == "gguf"):
         raise ValueError("stage 'llamacpp' scores the GGUF file of an earlier 'export' stage "
                          "(with export.format='gguf'); none comes before it")
+      if s == "transformers" and not (exported and str(config.export.format) == "hf"):
+        raise ValueError("stage 'transformers' scores the Hugging Face directory of an earlier "
+                         "'export' stage (with export.format='hf'); none comes before it")
       if st.compresses:
         compressed = s
   except (ValueError, KeyError, AttributeError) as e:
@@ -626,10 +629,22 @@ def mixed_stage(ctx: Context, params, block):
 
 @_stage("export", "export", "file")
 def export_stage(ctx: Context, params, block):
-  """Writes the params as a GGUF file that llama.cpp runs (atomic); with
-  `llamacpp_quantize`, llama.cpp's own quantizer makes that type from an F32 export."""
+  """Writes the params as a GGUF file that llama.cpp runs, or (`format="hf"`) a Hugging
+  Face directory (compressed-tensors where quantized) that transformers and vLLM load;
+  atomic either way. With `llamacpp_quantize`, llama.cpp's own quantizer makes that
+  type from an F32 export."""
   from quantjax.io import gguf as gguf_io
   cfg, src = ctx.model.config, ctx.model.source
+  if str(block.format) == "hf":
+    from quantjax.io import export as export_lib
+    out = os.path.join(ctx.stage_dir, "hf")
+    rec = export_lib.export_model(out, cfg, params, fmt="hf", tokenizer=src or ctx.model.tokenizer,
+                                  dtype=str(block.get("hf_dtype", "float32")), overwrite=True)
+    print(rec["summary"], flush=True)
+    ctx.file = {"path": out, "format": "hf", "label": "hf", "file_bytes": rec["bytes"],
+                "quantization_config": rec.get("quantization_config"),
+                "notes": rec.get("notes", [])}
+    return params, {"label": "hf", "file": ctx.file}
   path = os.path.join(ctx.stage_dir, "model.gguf")
   types = [tuple(t) for t in block.types]
   importance = None
@@ -791,6 +806,47 @@ def llamacpp_stage(ctx: Context, params, block):
                                 family="llama.cpp" if f["label"].startswith("llama.cpp")
                                 else _family(ctx.labels) + " (GGUF)", **extra)
   return params, rec
+
+
+@_stage("transformers", "transformers", "record")
+def transformers_stage(ctx: Context, params, block):
+  """transformers (PyTorch, FP32, CPU) scores the exported Hugging Face directory on the
+  same windows: perplexity, KL and top-1 agreement against the FP32 reference."""
+  import torch
+  import transformers
+
+  from quantjax.eval import perplexity as ppl_lib
+  ref = _reference(ctx)
+  d = ctx.file["path"]
+  how = "default"
+  try:
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+  except Exception as e:  # noqa: BLE001 - transformers' documented fallback, recorded
+    if not block.get("dequantize_fallback", True):
+      raise
+    how = f"CompressedTensorsConfig(dequantize=True) after: {type(e).__name__}"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32,
+        quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
+  model.eval()
+
+  def logits_fn(tokens):
+    with torch.no_grad():
+      return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+  n = int(block.get("windows", 0) or 0)
+  split = ctx.split if not n else dataclasses.replace(ctx.split,
+                                                      eval_windows=ctx.split.eval_windows[:n])
+  ev = ppl_lib.evaluate_logits(logits_fn, split, baseline=ref.baseline,
+                               batch_size=int(ctx.config.eval.batch_size),
+                               progress=ctx.progress, model_name=ctx.model.name,
+                               desc="transformers")
+  if n:
+    ev["reference_perplexity"] = float(np.exp(np.mean(ref.record["per_window_nll"][:n])))
+  return params, report_lib.build_record(
+      ev, entry=ctx.entry, stages=ctx.labels, stage_infos=ctx.infos, runtime="transformers",
+      family=_family(ctx.labels) + " (HF)", file=os.path.relpath(d, ctx.workdir),
+      params_bytes=ctx.file["file_bytes"], transformers_load=how,
+      torch_version=torch.__version__)
 
 
 # ----------------------------------------------------------------------------

@@ -44,12 +44,6 @@ def open_model(path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | No
     llm.close()
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-  x = x.astype(np.float64)
-  m = x.max(axis=-1, keepdims=True)
-  return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool = False,
                n_threads: int | None = None, baseline: Any = None) -> dict[str, Any]:
   """Perplexity of the GGUF at `path` over `windows` (`[n, window]` token ids).
@@ -72,6 +66,7 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
   if baseline is not None and baseline.top_idx.shape[0] < n:
     raise ValueError(f"the reference distribution covers {baseline.top_idx.shape[0]} windows, "
                      f"not {n}")
+  from quantjax.eval import perplexity as ppl_lib
   total, count = 0.0, 0
   per_window, kls, top1s, rests = [], [], [], []
   t0 = time.perf_counter()
@@ -85,32 +80,22 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
       llm.reset()
       llm.eval(ids)
       logits = np.asarray(llm.scores[:w], np.float32)
-      lp = _log_softmax(logits[:-1])
+      lp = ppl_lib.log_softmax(logits[:-1])
       nll_w = -float(lp[np.arange(w - 1), np.asarray(ids[1:])].sum())
       total += nll_w
       per_window.append(nll_w / (w - 1))
       count += w - 1
       if baseline is not None:
-        bi, bl = baseline.top_idx[i], baseline.top_lp[i].astype(np.float64)
-        q = np.take_along_axis(lp, bi, axis=-1)
-        p = np.exp(bl)
-        p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
-        q_rest = np.clip(1.0 - np.exp(q).sum(-1), 1e-12, 1.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-          rest = np.where(p_rest > 1e-9, p_rest * (np.log(np.maximum(p_rest, 1e-30))
-                                                   - np.log(q_rest)), 0.0)
-        kls.append(np.maximum((p * (bl - q)).sum(-1) + rest, 0.0))
-        top1s.append(lp.argmax(-1) == bi[:, 0])
-        rests.append(p_rest)
+        kl, top1, rest = ppl_lib.kl_stats(lp, baseline.top_idx[i], baseline.top_lp[i])
+        kls.append(kl)
+        top1s.append(top1)
+        rests.append(rest)
   seconds = time.perf_counter() - t0
   nll = total / count
   out = {"perplexity": math.exp(nll), "nll": nll, "per_window_nll": per_window, "tokens": count,
          "seconds": seconds, "eval_tokens_per_s": n * w / seconds if seconds > 0 else None}
   if baseline is not None:
-    kl = np.concatenate(kls)
-    out.update(kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)),
-               top1_agreement=float(np.concatenate(top1s).mean()),
-               kl_rest_mass=float(np.concatenate(rests).mean()), kl_top_k=int(baseline.k))
+    out.update(ppl_lib.kl_summary(kls, top1s, rests, baseline.k))
   return out
 
 

@@ -44,7 +44,8 @@ import numpy as np
 
 from quantjax.eval import data as data_lib
 
-__all__ = ["Baseline", "environment", "evaluate", "token_nll"]
+__all__ = ["Baseline", "environment", "evaluate", "evaluate_logits", "kl_stats",
+           "log_softmax", "token_nll"]
 
 
 def _cpu_name() -> str:
@@ -274,6 +275,85 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
                                top_lp=np.concatenate(parts["top_lp"]).astype(np.float32),
                                perplexity=rec["perplexity"],
                                windows_sha256=windows_sha256(windows))
+  rec.update(split.record())
+  rec.update(environment())
+  return rec
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+  """float64 log-softmax over the last axis (numpy; for runtimes outside JAX)."""
+  x = np.asarray(logits, np.float64)
+  m = x.max(axis=-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def kl_stats(lp: np.ndarray, base_idx: np.ndarray, base_lp: np.ndarray):
+  """Per-token `(kl, top1 agree, reference mass outside its top k)` from log-probs
+  `lp [..., V]` and a reference's top-k `(base_idx, base_lp) [..., k]`: the same
+  quantities as `evaluate` computes in JAX (see the module docstring)."""
+  q = np.take_along_axis(lp, base_idx, axis=-1)
+  bl = np.asarray(base_lp, np.float64)
+  p = np.exp(bl)
+  p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
+  q_rest = np.clip(1.0 - np.exp(q).sum(-1), 1e-12, 1.0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    rest = np.where(p_rest > 1e-9, p_rest * (np.log(np.maximum(p_rest, 1e-30))
+                                             - np.log(q_rest)), 0.0)
+  kl = np.maximum((p * (bl - q)).sum(-1) + rest, 0.0)
+  return kl, lp.argmax(-1) == base_idx[..., 0], p_rest
+
+
+def kl_summary(kls, top1s, rests, k: int) -> dict[str, Any]:
+  kl = np.concatenate([np.ravel(x) for x in kls])
+  return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+          "top1_agreement": float(np.concatenate([np.ravel(x) for x in top1s]).mean()),
+          "kl_rest_mass": float(np.concatenate([np.ravel(x) for x in rests]).mean()),
+          "kl_top_k": int(k)}
+
+
+def evaluate_logits(logits_fn: Callable[[np.ndarray], np.ndarray], split: data_lib.Split, *,
+                    baseline: Baseline | None = None, batch_size: int = 8,
+                    progress: bool = True, model_name: str = "unknown",
+                    desc: str = "perplexity") -> dict[str, Any]:
+  """The protocol for a model outside JAX that returns logits (e.g. transformers).
+
+  `logits_fn(tokens [B, T]) -> logits [B, T, V]` (numpy); perplexity, and with
+  `baseline` the KL statistics, computed in float64 as `evaluate` defines them.
+  """
+  windows = np.asarray(split.eval_windows, np.int32)
+  n, t = windows.shape
+  if baseline is not None and baseline.top_idx.shape[0] < n:
+    raise ValueError(f"the reference distribution covers {baseline.top_idx.shape[0]} windows, "
+                     f"not {n}")
+  bs = max(1, min(batch_size, n))
+  per_window, kls, top1s, rests = [], [], [], []
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n, desc=desc, unit="win", leave=False)
+  t0 = time.perf_counter()
+  for i in range(0, n, bs):
+    batch = windows[i:i + bs]
+    lp = log_softmax(np.asarray(logits_fn(batch))[:, :-1])
+    nll = -np.take_along_axis(lp, batch[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+    per_window.extend(nll.mean(axis=1).tolist())
+    if baseline is not None:
+      kl, top1, rest = kl_stats(lp, baseline.top_idx[i:i + bs], baseline.top_lp[i:i + bs])
+      kls.append(kl)
+      top1s.append(top1)
+      rests.append(rest)
+    if bar is not None:
+      bar.update(batch.shape[0])
+  eval_s = time.perf_counter() - t0
+  if bar is not None:
+    bar.close()
+  mean = float(np.mean(per_window))
+  rec: dict[str, Any] = {"model": model_name, "perplexity": math.exp(mean), "nll": mean,
+                         "scored_tokens": int(n * (t - 1)), "per_window_nll": per_window,
+                         "batch_size": int(bs), "eval_s": eval_s,
+                         "eval_tokens_per_s": n * t / eval_s if eval_s > 0 else float("nan")}
+  if baseline is not None:
+    rec.update(kl_summary(kls, top1s, rests, baseline.k), reference_perplexity=baseline.perplexity)
   rec.update(split.record())
   rec.update(environment())
   return rec

@@ -56,9 +56,9 @@ def test_transformers_scores_our_export(smollm2, two_windows, tmp_path, monkeypa
   rep = hf.export_hf(d, cfg, q, tokenizer=load.smollm2_path())
   assert {r.how for r in rep} == {"lossless", "float"}, rep.summary()
   assert "tokenizer.json" in os.listdir(d)
-  ours = perplexity.evaluate(cfg, q, two_windows, progress=False)["perplexity"]
+  ours = perplexity.evaluate(llama.forward_fn(cfg), q, two_windows, progress=False)["perplexity"]
   cfg2, p2, tok2, _ = hf.import_hf(d)
-  assert perplexity.evaluate(cfg2, p2, two_windows, progress=False)["perplexity"] == ours
+  assert perplexity.evaluate(llama.forward_fn(cfg2), p2, two_windows, progress=False)["perplexity"] == ours
   kw = {}
   if ct_kwargs:
     kw["quantization_config"] = transformers.CompressedTensorsConfig(**ct_kwargs)
@@ -73,7 +73,7 @@ def test_transformers_scores_our_export(smollm2, two_windows, tmp_path, monkeypa
     from quantjax import ops
     jax.clear_caches()
     monkeypatch.setattr(ops, "quantize_activation", ct_rule_quantize_activation)
-    same_rule = perplexity.evaluate(cfg, q, two_windows, progress=False)["perplexity"]
+    same_rule = perplexity.evaluate(llama.forward_fn(cfg), q, two_windows, progress=False)["perplexity"]
     monkeypatch.undo()
     jax.clear_caches()
     print(f"{name}: JAX with transformers' activation rule {same_rule:.5f}")

@@ -311,3 +311,15 @@ def test_export_command_copies_the_gguf_out(tmp_path):
   assert out.read_bytes() == before
   with pytest.raises(ValueError, match=".gguf"):
     export_cli.export(c, str(tmp_path / "x.bin"))
+
+
+def test_hf_export_scored_by_transformers(tmp_path):
+  """export.format="hf" writes a compressed-tensors directory; transformers scores it on the
+  same windows as the JAX model (the same codes: the two agree closely)."""
+  c = tiny(entry("int8", "quantize,evaluate,export,transformers", quantize__format="int8",
+                 export__format="hf"))
+  jax_rec, hf_rec = pipeline.run(c, str(tmp_path / "w"))
+  assert hf_rec["runtime"] == "transformers" and hf_rec["transformers_load"] == "default"
+  assert abs(hf_rec["perplexity"] / jax_rec["perplexity"] - 1) < 1e-3
+  assert hf_rec["top1_agreement"] > 0.95 and hf_rec["params_bytes"] > 0
+  assert os.path.exists(os.path.join(str(tmp_path / "w"), hf_rec["file"], "config.json"))
