@@ -8,6 +8,7 @@ Everything else is `experiments.pipeline.run`.
 import sys
 
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -23,6 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:  # bad input: one clear line, no traceback
