@@ -2,9 +2,11 @@
 
 Uses the `llama-cpp-python` bindings (pinned in setup.py, built from source
 by pip). Perplexity follows quantjax's protocol exactly (`eval.perplexity`):
-each window of the split is evaluated alone, with no BOS token added, and the
-NLL of tokens 1..window-1 is averaged in float64, so a number here and one
-from the JAX model are the same quantity on the same token ids.
+each window of the split is evaluated alone, with no BOS token added by
+llama.cpp (pass `split.model_inputs()` and `skip=split.skip` for a model whose
+protocol puts BOS in front), and the NLL of tokens 1..window-1 is averaged in
+float64, so a number here and one from the JAX model are the same quantity on
+the same token ids.
 """
 
 from __future__ import annotations
@@ -51,14 +53,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool = False,
-               n_threads: int | None = None) -> dict[str, Any]:
+               n_threads: int | None = None, skip: int = 0) -> dict[str, Any]:
   """Perplexity of the GGUF at `path` over `windows` (`[n, window]` token ids).
+
+  `skip` leading predictions of each window are not scored (1 when the
+  windows start with the protocol's BOS).
 
   Returns `{"perplexity", "nll", "tokens", "seconds"}`.
   """
   windows = np.asarray(windows)
-  if windows.ndim != 2 or windows.shape[1] < 2:
-    raise ValueError(f"windows must be [n, window >= 2] token ids, got shape {windows.shape}")
+  if windows.ndim != 2 or windows.shape[1] < 2 + skip:
+    raise ValueError(f"windows must be [n, window >= {2 + skip}] token ids, got shape "
+                     f"{windows.shape}")
   n, w = windows.shape
   total, count = 0.0, 0
   t0 = time.perf_counter()
@@ -72,9 +78,11 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
       llm.reset()
       llm.eval(ids)
       logits = np.asarray(llm.scores[:w], np.float32)
-      lp = _log_softmax(logits[:-1])
-      total -= float(lp[np.arange(w - 1), np.asarray(ids[1:])].sum())
-      count += w - 1
+      tgt = np.asarray(ids[1 + skip:])
+      for r in range(0, w - 1 - skip, 64):  # float64 rows in chunks (large vocabularies)
+        lp = _log_softmax(logits[skip + r:min(w - 1, skip + r + 64)])
+        total -= float(lp[np.arange(lp.shape[0]), tgt[r:r + lp.shape[0]]].sum())
+      count += w - 1 - skip
   nll = total / count
   return {"perplexity": math.exp(nll), "nll": nll, "tokens": count,
           "seconds": time.perf_counter() - t0}

@@ -1,7 +1,9 @@
 """The perplexity protocol (every quality number in quantjax uses it).
 
 Each evaluation window `[window]` is scored independently: the model sees the
-window alone and predicts tokens 1..window-1 from their prefixes. Perplexity
+window alone (after a BOS token when the split has one, see
+`quantjax.eval.data.Split.model_inputs`) and predicts tokens 1..window-1 from
+their prefixes. Perplexity
 is `exp(mean NLL)` over all `eval_windows * (window - 1)` predicted tokens;
 logits and the log-softmax are float32, the mean is accumulated in float64.
 See `quantjax.eval.data` for the corpus and the split.
@@ -111,7 +113,8 @@ def evaluate(config: llama_lib.LlamaConfig | None, params: Any, split: data_lib.
     `dtype`, environment fields and wall times (`compile_s`, `eval_s`,
     `eval_tokens_per_s`).
   """
-  windows = np.asarray(split.eval_windows, np.int32)
+  windows = np.asarray(split.model_inputs(), np.int32)  # BOS in front when the split has one
+  skip = split.skip
   n, t = windows.shape
   bs = max(1, min(batch_size, n))
   fn = nll_fn if nll_fn is not None else window_nll_fn(config, params)
@@ -142,7 +145,7 @@ def evaluate(config: llama_lib.LlamaConfig | None, params: Any, split: data_lib.
     real = batch.shape[0]
     if real < bs:
       batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, 0)])
-    nll = np.asarray(run(jnp.asarray(batch)), np.float64)[:real]
+    nll = np.asarray(run(jnp.asarray(batch)), np.float64)[:real, skip:]
     per_window.extend(nll.mean(axis=1).tolist())
     nll_sum += float(nll.sum())
     count += nll.size
