@@ -85,6 +85,9 @@ def _llama_nll(config, params, tokens):
 
 def window_nll_fn(config: llama_lib.LlamaConfig, params: Any) -> Callable[[np.ndarray], Any]:
   """A jitted `tokens [B, T] -> NLL [B, T-1]` for a quantjax Llama and its params."""
+  if not isinstance(config, llama_lib.LlamaConfig):
+    raise TypeError(f"window_nll_fn scores quantjax Llama models, got a {type(config).__name__}; "
+                    "pass evaluate(..., nll_fn=...) (e.g. quantjax.models.gemma3.window_nll_fn)")
   state = llama_lib.as_state(config, params)
   fn = functools.partial(_llama_nll, config, state)
   fn.lower = lambda tokens: _llama_nll.lower(config, state, tokens)  # type: ignore[attr-defined]

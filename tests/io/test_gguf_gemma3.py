@@ -147,3 +147,33 @@ def test_bad_files_are_named(tiny, tmp_path):
                                           r"gemma3\.attention\.key_length=32 but "
                                           r"gemma3\.attention\.value_length=64"):
     load.load_gguf(kv, tokenizer=False)
+
+
+def test_llama_cpp_runs_a_tiny_export_like_jax(tmp_path):
+  """A tiny random Gemma 3 with the real tokenizer's vocabulary (262,144), written as an
+  F32 gemma3 GGUF: llama.cpp's logits equal the JAX model's, sliding window included."""
+  from quantjax.eval import llamacpp
+  if not llamacpp.available():
+    pytest.skip("llama-cpp-python is not installed")
+  d = tmp_path / "hf"
+  make_tiny_gemma_hf(str(d), seed=5, vocab_size=262144, num_hidden_layers=6, layer_types=None,
+                     query_pre_attn_scalar=32, sliding_window=8)
+  cfg, params, _ = load.load_hf(str(d), tokenizer=False)
+  path = tmp_path / "tiny-gemma3.gguf"
+  gio.export_gguf(path, cfg, params, tokenizer=load.gemma3_path(), float_type="F32")
+  tokens = np.random.default_rng(1).integers(3, 262144, size=(1, 40)).astype(np.int32)
+  tokens[0, 0] = 2
+  ours = np.asarray(gemma3.forward(cfg, params, tokens))[0]
+  with llamacpp.open_model(path, n_ctx=64) as llm:
+    llm.eval([int(t) for t in tokens[0]])
+    theirs = np.asarray(llm.scores[:40], np.float32)
+  rel = np.abs(ours - theirs).max() / np.abs(ours).max()
+  # llama.cpp keeps the KV cache in F16 and tabulates GELU in F16: ~1e-3, not 1e-6.
+  allg = np.asarray(gemma3.forward(cfg.replace(sliding_window=None), params, tokens))[0]
+  rel_g = np.abs(allg - theirs).max() / np.abs(ours).max()
+  print(f"tiny gemma3: max |llama.cpp - JAX| / max |logit| = {rel:.2e} "
+        f"(JAX with every layer global: {rel_g:.2e})")
+  assert rel < 5e-3
+  assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.95
+  # With every layer global the JAX logits move away from llama.cpp's: the window is honoured.
+  assert rel_g > 10 * rel

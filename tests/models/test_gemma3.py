@@ -179,6 +179,18 @@ def test_qarray_weights_under_jit(tiny_gemma, tokens):
   assert gemma3.generate(cfg, qparams, tokens[:, :4], 3).shape == (2, 7)
 
 
+def test_bf16_activations_and_weights(tiny_gemma, tokens):
+  directory, _ = tiny_gemma
+  cfg, params, _ = load.load_hf(directory, tokenizer=False)
+  f32 = np.asarray(gemma3.forward(cfg, params, tokens))
+  bf = np.asarray(gemma3.forward(cfg.replace(dtype="bfloat16"), params, tokens))
+  p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  w16 = np.asarray(gemma3.forward(cfg.replace(dtype="bfloat16"), p16, tokens))
+  for x in (bf, w16):
+    assert x.dtype == np.float32
+    assert 0 < np.abs(x - f32).max() < 0.1 * np.abs(f32).max()
+
+
 def test_sharded_like_the_llama(tiny_gemma, tokens):
   from quantjax import distributed as dist
   from quantjax.rules import QuantRule, to_pure
