@@ -87,7 +87,7 @@ def export(config, out: str, workdir: str | None = None) -> dict:
          "tensors": [r.__dict__ for r in report]}
   if bool(ex.llamacpp_eval):
     from quantjax.eval import llamacpp
-    res = llamacpp.perplexity(out, split.eval_windows, progress=True)
+    res = llamacpp.perplexity(out, split.model_inputs(), skip=split.skip, progress=True)
     rec.update(llamacpp_perplexity=res["perplexity"], llamacpp_tokens=res["tokens"],
                llamacpp_seconds=res["seconds"], corpus_sha256=split.corpus_sha256)
     print(f"[quantjax] llama.cpp perplexity of {out}: {res['perplexity']:.4f} "

@@ -286,6 +286,21 @@ def test_gptq_and_awq_through_the_generic_calibration(tmp_path):
   assert err(awq.params) < e_rtn
 
 
+def test_loss_fn_and_fisher(tiny_gemma, tokens):
+  from quantjax.methods import mixed
+  directory, _ = tiny_gemma
+  cfg, params, _ = load.load_hf(directory, tokenizer=False)
+  pure = nnx.to_pure_dict(params)
+  logits = np.asarray(gemma3.forward(cfg, pure, tokens), np.float64)[:, :-1]
+  m = logits.max(-1, keepdims=True)
+  lse = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+  want = np.mean(lse - np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0])
+  np.testing.assert_allclose(float(gemma3.loss_fn(cfg, rows=13)(pure, tokens)), want, rtol=1e-5)
+  fisher = mixed.fisher_diagonal(gemma3.loss_fn(cfg), pure, [tokens[:1], tokens[1:]],
+                                 gemma3.PROJ_KERNELS)
+  assert len(fisher) == 7 * cfg.num_layers and all(f.any() for f in fisher.values())
+
+
 def test_no_gemma_code_in_methods_sparsity_eval():
   import pathlib
   root = pathlib.Path(__file__).resolve().parents[2] / "quantjax"
