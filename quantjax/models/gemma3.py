@@ -57,7 +57,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
