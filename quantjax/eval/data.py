@@ -11,6 +11,12 @@ The protocol (DESIGN.md, "The perplexity protocol"):
 3. Calibration: only tokens before the evaluation set; `calib_windows` (128)
    windows of `window` tokens at start positions drawn with
    `numpy.random.default_rng(seed)`.
+4. BOS: a model whose tokenizer adds a BOS token by default (Gemma) sees BOS
+   in front of every window, as llama.cpp's perplexity tool does: the model
+   input is `window + 1` tokens and the prediction of the window's first token
+   from BOS is not scored, so the predicted tokens stay the same
+   `eval_windows x (window - 1)`. SmolLM2's tokenizer adds none. The choice is
+   recorded (`bos`, `bos_token_id`) in every result.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ __all__ = [
     "load_split",
     "sha256",
     "tokenize",
+    "tokenizer_bos",
 ]
 
 DEFAULT_CORPUS = "pydoc_topics"
@@ -75,6 +82,8 @@ class Split:
     calib_corpus: the corpus of the calibration windows when it is not
       `corpus` (cross-domain calibration), else "".
     calib_corpus_sha256: its hash.
+    bos_token_id: prefixed to every window the model sees (`model_inputs`),
+      or None (no BOS).
   """
 
   eval_windows: np.ndarray
@@ -86,11 +95,29 @@ class Split:
   protocol: Protocol
   calib_corpus: str = ""  # where the calibration windows come from, when not `corpus`
   calib_corpus_sha256: str = ""
+  bos_token_id: int | None = None
+
+  @property
+  def skip(self) -> int:
+    """Leading positions of `model_inputs` whose prediction is not scored (1 with BOS)."""
+    return 0 if self.bos_token_id is None else 1
+
+  def model_inputs(self, windows: np.ndarray | None = None) -> np.ndarray:
+    """`windows` (default: the evaluation windows) as the model sees them:
+    `[n, window + 1]` with BOS in front when the split has one, else unchanged.
+    Score `nll[:, self.skip:]` of them (`[n, window - 1]` either way)."""
+    w = self.eval_windows if windows is None else np.asarray(windows, np.int32)
+    if self.bos_token_id is None:
+      return w
+    bos = np.full((w.shape[0], 1), self.bos_token_id, np.int32)
+    return np.concatenate([bos, w], axis=1)
 
   def record(self) -> dict[str, Any]:
     """The protocol fields every result carries."""
     p = self.protocol
     return {
+        "bos": self.bos_token_id is not None,
+        "bos_token_id": None if self.bos_token_id is None else int(self.bos_token_id),
         "corpus": self.corpus,
         "corpus_sha256": self.corpus_sha256,
         "corpus_tokens": int(self.num_tokens),
@@ -138,9 +165,26 @@ def tokenize(text: str, tokenizer: Any) -> np.ndarray:
   return np.asarray(ids, dtype=np.int32)
 
 
+def tokenizer_bos(tokenizer: Any) -> int | None:
+  """The BOS id `tokenizer` puts in front of a text by default, or None.
+
+  Decided by encoding a probe text with and without special tokens, so it
+  follows the tokenizer's own setting (Gemma's adds `<bos>`, SmolLM2's adds
+  nothing).
+  """
+  probe = "The quick brown fox."
+  plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+  full = list(tokenizer(probe)["input_ids"])
+  bos = getattr(tokenizer, "bos_token_id", None)
+  if bos is not None and len(full) > len(plain) and full[0] == bos and full[1:1 + len(plain)] == plain:
+    return int(bos)
+  return None
+
+
 def make_split(tokens: np.ndarray, protocol: Protocol = Protocol(), *,
-               corpus: str = DEFAULT_CORPUS, corpus_sha256: str = "") -> Split:
-  """Cuts `tokens` into evaluation and calibration windows.
+               corpus: str = DEFAULT_CORPUS, corpus_sha256: str = "",
+               bos_token_id: int | None = None) -> Split:
+  """Cuts `tokens` into evaluation and calibration windows (`bos_token_id`: see `Split`).
 
   Raises:
     ValueError: the corpus is too short for `protocol` (the message gives both
@@ -166,12 +210,23 @@ def make_split(tokens: np.ndarray, protocol: Protocol = Protocol(), *,
     starts = np.zeros((0,), np.int64)
     calib = np.zeros((0, p.window), np.int32)
   return Split(eval_windows=eval_windows, calib_windows=calib, calib_starts=starts,
-               num_tokens=n, corpus=str(corpus), corpus_sha256=corpus_sha256, protocol=p)
+               num_tokens=n, corpus=str(corpus), corpus_sha256=corpus_sha256, protocol=p,
+               bos_token_id=None if bos_token_id is None else int(bos_token_id))
 
 
 def load_split(tokenizer: Any, corpus: str = DEFAULT_CORPUS,
-               protocol: Protocol = Protocol()) -> Split:
-  """Reads, hashes, tokenizes and splits `corpus`."""
+               protocol: Protocol = Protocol(), *, bos: bool | None = None) -> Split:
+  """Reads, hashes, tokenizes and splits `corpus`.
+
+  `bos`: None (default) follows the tokenizer (`tokenizer_bos`); True
+  requires a BOS token, False scores windows without one.
+  """
   text = corpus_text(corpus)
+  bos_id = tokenizer_bos(tokenizer) if bos is None else None
+  if bos:
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+      raise ValueError(f"bos=True but the tokenizer {type(tokenizer).__name__} has no "
+                       "bos_token_id")
   return make_split(tokenize(text, tokenizer), protocol, corpus=corpus,
-                    corpus_sha256=sha256(text))
+                    corpus_sha256=sha256(text), bos_token_id=bos_id)

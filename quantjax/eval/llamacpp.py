@@ -2,9 +2,11 @@
 
 Uses the `llama-cpp-python` bindings (pinned in setup.py, built from source
 by pip). Perplexity follows quantjax's protocol exactly (`eval.perplexity`):
-each window of the split is evaluated alone, with no BOS token added, and the
-NLL of tokens 1..window-1 is averaged in float64, so a number here and one
-from the JAX model are the same quantity on the same token ids.
+each window of the split is evaluated alone, with no BOS token added by
+llama.cpp (pass `split.model_inputs()` and `skip=split.skip` for a model whose
+protocol puts BOS in front), and the NLL of tokens 1..window-1 is averaged in
+float64, so a number here and one from the JAX model are the same quantity on
+the same token ids.
 """
 
 from __future__ import annotations
@@ -45,8 +47,12 @@ def open_model(path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | No
 
 
 def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool = False,
-               n_threads: int | None = None, baseline: Any = None) -> dict[str, Any]:
+               n_threads: int | None = None, baseline: Any = None,
+               skip: int = 0) -> dict[str, Any]:
   """Perplexity of the GGUF at `path` over `windows` (`[n, window]` token ids).
+
+  `skip` leading predictions of each window are not scored (1 when the
+  windows start with the protocol's BOS).
 
   With `baseline` (`quantjax.eval.perplexity.Baseline` on windows whose first
   `n` are these), also the KL divergence and top-1 agreement against it,
@@ -57,12 +63,13 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
   `kl_rest_mass`, `kl_top_k`).
   """
   windows = np.asarray(windows)
-  if windows.ndim != 2 or windows.shape[1] < 2:
-    raise ValueError(f"windows must be [n, window >= 2] token ids, got shape {windows.shape}")
+  if windows.ndim != 2 or windows.shape[1] < 2 + skip:
+    raise ValueError(f"windows must be [n, window >= {2 + skip}] token ids, got shape "
+                     f"{windows.shape}")
   n, w = windows.shape
-  if baseline is not None and baseline.top_idx.shape[:2] != (baseline.top_idx.shape[0], w - 1):
+  if baseline is not None and baseline.top_idx.shape[1] != w - 1 - skip:
     raise ValueError(f"the reference distribution is for windows of "
-                     f"{baseline.top_idx.shape[1] + 1} tokens, not {w}")
+                     f"{baseline.top_idx.shape[1] + 1} tokens, not {w - skip}")
   if baseline is not None and baseline.top_idx.shape[0] < n:
     raise ValueError(f"the reference distribution covers {baseline.top_idx.shape[0]} windows, "
                      f"not {n}")
@@ -80,16 +87,21 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
       llm.reset()
       llm.eval(ids)
       logits = np.asarray(llm.scores[:w], np.float32)
-      lp = ppl_lib.log_softmax(logits[:-1])
-      nll_w = -float(lp[np.arange(w - 1), np.asarray(ids[1:])].sum())
+      tgt = np.asarray(ids[1 + skip:])
+      nll_w = 0.0
+      for r in range(0, w - 1 - skip, 64):  # float64 rows in chunks (large vocabularies)
+        lp = ppl_lib.log_softmax(logits[skip + r:min(w - 1, skip + r + 64)])
+        rows = np.arange(lp.shape[0])
+        nll_w -= float(lp[rows, tgt[r:r + lp.shape[0]]].sum())
+        if baseline is not None:
+          kl, top1, rest = ppl_lib.kl_stats(lp, baseline.top_idx[i, r:r + lp.shape[0]],
+                                            baseline.top_lp[i, r:r + lp.shape[0]])
+          kls.append(kl)
+          top1s.append(top1)
+          rests.append(rest)
       total += nll_w
-      per_window.append(nll_w / (w - 1))
-      count += w - 1
-      if baseline is not None:
-        kl, top1, rest = ppl_lib.kl_stats(lp, baseline.top_idx[i], baseline.top_lp[i])
-        kls.append(kl)
-        top1s.append(top1)
-        rests.append(rest)
+      per_window.append(nll_w / (w - 1 - skip))
+      count += w - 1 - skip
   seconds = time.perf_counter() - t0
   nll = total / count
   out = {"perplexity": math.exp(nll), "nll": nll, "per_window_nll": per_window, "tokens": count,

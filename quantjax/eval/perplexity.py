@@ -1,13 +1,15 @@
 """The perplexity protocol (every quality number in quantjax uses it).
 
 Each evaluation window `[window]` is scored independently: the model sees the
-window alone and predicts tokens 1..window-1 from their prefixes. Perplexity
+window alone (after a BOS token when the split has one, see
+`quantjax.eval.data.Split.model_inputs`) and predicts tokens 1..window-1 from
+their prefixes. Perplexity
 is `exp(mean NLL)` over all `eval_windows * (window - 1)` predicted tokens;
 logits and the log-softmax are float32, the mean is accumulated in float64.
 See `quantjax.eval.data` for the corpus and the split.
 
 The model is any `forward(params, tokens [B, T]) -> logits [B, T, vocab]`:
-quantjax's own models (`models.llama.logits_fn(config)`), a user's model, or
+quantjax's own models (`models.llama.forward_fn(config)`), a user's model, or
 `nll_fn` for a model outside JAX (e.g. transformers) scored the same way. The
 scoring function is jitted once per evaluation (parameter structure and batch
 shape); windows are batched (`batch_size`, default 8) and a short last batch
@@ -137,13 +139,15 @@ def windows_sha256(windows: np.ndarray) -> str:
   return hashlib.sha256(w.tobytes() + str(w.shape).encode()).hexdigest()
 
 
-def _scorer(forward: Callable[[Any, jax.Array], jax.Array], collect_k: int, with_base: bool):
-  """`(params, tokens, base_idx, base_lp) -> dict` of per-token statistics."""
+def _scorer(forward: Callable[[Any, jax.Array], jax.Array], collect_k: int, with_base: bool,
+            skip: int = 0):
+  """`(params, tokens, base_idx, base_lp) -> dict` of per-token statistics; the first
+  `skip` predictions (the one made from a BOS token) are not scored."""
 
   def score(params, tokens, base_idx, base_lp):
-    logits = forward(params, tokens)[:, :-1].astype(jnp.float32)
+    logits = forward(params, tokens)[:, skip:-1].astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    tgt = jnp.take_along_axis(logits, tokens[:, skip + 1:, None], axis=-1)[..., 0]
     out = {"nll": lse - tgt}
     if collect_k:
       vals, idx = jax.lax.top_k(logits, collect_k)
@@ -193,7 +197,8 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
     `split.record()`, `dtype`, environment fields and wall times
     (`compile_s`, `eval_s`, `eval_tokens_per_s`).
   """
-  windows = np.asarray(split.eval_windows, np.int32)
+  windows = np.asarray(split.model_inputs(), np.int32)  # BOS in front when the split has one
+  skip = split.skip
   n, t = windows.shape
   bs = max(1, min(batch_size, n))
   if baseline is not None:
@@ -208,9 +213,9 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
   if nll_fn is None:
     if forward is None:
       raise ValueError("evaluate needs a forward function or an nll_fn")
-    jitted = jax.jit(_scorer(forward, int(collect_top_k), baseline is not None))
-    dummy_idx = jnp.zeros((bs, t - 1, k), jnp.int32)
-    dummy_lp = jnp.zeros((bs, t - 1, k), jnp.float32)
+    jitted = jax.jit(_scorer(forward, int(collect_top_k), baseline is not None, skip))
+    dummy_idx = jnp.zeros((bs, t - 1 - skip, k), jnp.int32)
+    dummy_lp = jnp.zeros((bs, t - 1 - skip, k), jnp.float32)
     compiled = jitted.lower(params, jnp.zeros((bs, t), jnp.int32), dummy_idx, dummy_lp).compile()
 
     def run(batch, sl):
@@ -224,7 +229,7 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
       return compiled(params, jnp.asarray(batch), jnp.asarray(bi), jnp.asarray(bl))
   else:
     def run(batch, sl):
-      return {"nll": nll_fn(batch)}
+      return {"nll": np.asarray(nll_fn(batch))[:, skip:]}
   compile_s = time.perf_counter() - t0
 
   parts: dict[str, list[np.ndarray]] = {}
@@ -320,7 +325,8 @@ def evaluate_logits(logits_fn: Callable[[np.ndarray], np.ndarray], split: data_l
   `logits_fn(tokens [B, T]) -> logits [B, T, V]` (numpy); perplexity, and with
   `baseline` the KL statistics, computed in float64 as `evaluate` defines them.
   """
-  windows = np.asarray(split.eval_windows, np.int32)
+  windows = np.asarray(split.model_inputs(), np.int32)  # BOS in front when the split has one
+  skip = split.skip
   n, t = windows.shape
   if baseline is not None and baseline.top_idx.shape[0] < n:
     raise ValueError(f"the reference distribution covers {baseline.top_idx.shape[0]} windows, "
@@ -334,8 +340,8 @@ def evaluate_logits(logits_fn: Callable[[np.ndarray], np.ndarray], split: data_l
   t0 = time.perf_counter()
   for i in range(0, n, bs):
     batch = windows[i:i + bs]
-    lp = log_softmax(np.asarray(logits_fn(batch))[:, :-1])
-    nll = -np.take_along_axis(lp, batch[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+    lp = log_softmax(np.asarray(logits_fn(batch))[:, skip:-1])
+    nll = -np.take_along_axis(lp, batch[:, skip + 1:, None].astype(np.int64), axis=-1)[..., 0]
     per_window.extend(nll.mean(axis=1).tolist())
     if baseline is not None:
       kl, top1, rest = kl_stats(lp, baseline.top_idx[i:i + bs], baseline.top_lp[i:i + bs])
@@ -349,7 +355,7 @@ def evaluate_logits(logits_fn: Callable[[np.ndarray], np.ndarray], split: data_l
     bar.close()
   mean = float(np.mean(per_window))
   rec: dict[str, Any] = {"model": model_name, "perplexity": math.exp(mean), "nll": mean,
-                         "scored_tokens": int(n * (t - 1)), "per_window_nll": per_window,
+                         "scored_tokens": int(n * (t - 1 - skip)), "per_window_nll": per_window,
                          "batch_size": int(bs), "eval_s": eval_s,
                          "eval_tokens_per_s": n * t / eval_s if eval_s > 0 else float("nan")}
   if baseline is not None:

@@ -254,19 +254,10 @@ def blocks_to_qarray(raw: np.ndarray, name: str, axis: int, *, rows_fn=None,
 
 
 def _name_table(config) -> list[tuple[str, tuple, int | None, int]]:
-  """`(gguf name, params path, Q/K heads or None, contraction axis)` for every tensor."""
+  """`(gguf name, params path, Q/K heads or None, contraction axis)` for every tensor
+  (the architecture's table, `quantjax.models.load.gguf_tensor_table`)."""
   from quantjax.models import load as load_lib
-  out = []
-  for gname, path in load_lib.GGUF_TOP_NAMES.items():
-    if gname == "output.weight" and config.tie_embeddings:
-      continue
-    axis = 1 if path == ("embed", "embedding") else 0
-    out.append((gname, path, None, axis))
-  for i in range(config.num_layers):
-    for rest, path in load_lib.GGUF_LAYER_NAMES.items():
-      heads = {"attn_q.weight": config.num_heads, "attn_k.weight": config.num_kv_heads}.get(rest)
-      out.append((f"blk.{i}.{rest}", ("layers", i) + path, heads, 0))
-  return out
+  return load_lib.gguf_tensor_table(config)
 
 
 def _get(tree: Any, path: tuple) -> Any:
@@ -278,7 +269,7 @@ def _get(tree: Any, path: tuple) -> Any:
       node = node[str(k)]
     else:
       raise GGUFError(f"params have no leaf {'/'.join(map(str, path))} (is this a "
-                      "quantjax.models.llama params tree for this config?)")
+                      "params tree of the model this config describes?)")
   return node
 
 
@@ -429,7 +420,9 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
 
   Args:
     path: output `.gguf`; written to a temporary file and renamed.
-    config: the model's `LlamaConfig` (only the llama architecture is supported).
+    config: the model's `LlamaConfig` (GGUF architecture "llama") or
+      `Gemma3Config` ("gemma3"; llama.cpp fixes some of Gemma 3's settings,
+      and a config it cannot represent is refused, naming the field).
     params: the params tree (`nnx.State` or nested dict, `[in, out]` kernels).
     tokenizer: a GGUF file whose `tokenizer.*` metadata is copied (e.g. the file
       the model came from), or a Hugging Face tokenizer / directory (byte-level
@@ -454,12 +447,15 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   """
   import gguf
 
+  from quantjax.models import gemma3 as gemma3_lib
   from quantjax.models import llama as llama_lib
   from quantjax.numerics import qarray as qarray_lib
 
-  if not isinstance(config, llama_lib.LlamaConfig):
-    raise GGUFError(f"export supports quantjax.models.llama.LlamaConfig models, got "
-                    f"{type(config).__name__}")
+  if isinstance(config, gemma3_lib.Gemma3Config):
+    _check_gemma3_exportable(config)
+  elif not isinstance(config, llama_lib.LlamaConfig):
+    raise GGUFError(f"export supports quantjax.models.llama.LlamaConfig and "
+                    f"quantjax.models.gemma3.Gemma3Config models, got {type(config).__name__}")
   if float_type.upper() not in FLOAT_TYPES:
     raise GGUFError(f"float_type must be one of {FLOAT_TYPES}, got {float_type!r}")
   float_type = float_type.upper()
@@ -478,8 +474,9 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
       raise GGUFError(
           f"{spath} carries per-input scales (InputScaled, from AWQ / SmoothQuant) that GGUF "
           "cannot store: fold them into the producing op first "
-          "(quantjax.methods.fold_input_scales with quantjax.models.llama.fold_groups) or "
-          "calibrate with scales only where they fold (scales_for=llama.foldable(config))")
+          "(quantjax.methods.fold_input_scales with the model's fold_groups(config), e.g. "
+          "quantjax.models.llama.fold_groups) or calibrate with scales only where they fold "
+          "(scales_for=<model>.foldable(config))")
     if isinstance(leaf, ActQuantized):
       leaf = leaf.weight  # llama.cpp quantizes activations itself
     shape = tuple(int(s) for s in leaf.shape)
@@ -537,7 +534,8 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".gguf")
   os.close(fd)
   try:
-    w = gguf.GGUFWriter(tmp, "llama")
+    gemma = isinstance(config, gemma3_lib.Gemma3Config)
+    w = gguf.GGUFWriter(tmp, "gemma3" if gemma else "llama")
     w.add_name(name or config.name)
     w.add_context_length(int(config.max_position_embeddings))
     w.add_embedding_length(int(config.hidden_size))
@@ -547,11 +545,22 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
     w.add_head_count_kv(int(config.num_kv_heads))
     w.add_rope_freq_base(float(config.rope_theta))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    w.add_rope_dimension_count(int(config.head_dim))
-    if config.head_dim * config.num_heads != config.hidden_size:
+    if gemma:
       w.add_key_length(int(config.head_dim))
       w.add_value_length(int(config.head_dim))
-    w.add_vocab_size(int(config.vocab_size))
+      if config.sliding_window is not None:
+        w.add_sliding_window(int(config.sliding_window))
+      if config.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(float(config.final_logit_softcapping))
+      if config.rope_scaling_factor != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(config.rope_scaling_factor))
+    else:
+      w.add_rope_dimension_count(int(config.head_dim))
+      if config.head_dim * config.num_heads != config.hidden_size:
+        w.add_key_length(int(config.head_dim))
+        w.add_value_length(int(config.head_dim))
+      w.add_vocab_size(int(config.vocab_size))
     w.add_file_type(_file_type([t for _, r, t in tensors if r.ndim == 2]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
@@ -575,6 +584,28 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
     if os.path.exists(tmp):
       os.unlink(tmp)
   return report
+
+
+def _check_gemma3_exportable(config) -> None:
+  """llama.cpp's `gemma3` hard-codes some settings; refuse configs it would misread."""
+  from quantjax.models import gemma3 as gemma3_lib
+  problems = []
+  if config.sliding_window is not None and config.layer_types != gemma3_lib.default_layer_types(
+      config.num_layers):
+    problems.append(f"layer_types {config.layer_types} (llama.cpp makes every sixth layer "
+                    "global)")
+  if config.rope_local_theta != 10_000.0:
+    problems.append(f"rope_local_theta={config.rope_local_theta} (llama.cpp uses 10000)")
+  want = (config.hidden_size // config.num_heads if config.num_layers == 62 else
+          config.head_dim)
+  if float(config.query_pre_attn_scalar) != float(want):
+    problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp uses "
+                    f"{want} for a {config.num_layers}-layer model)")
+  if config.attn_logit_softcapping is not None:
+    problems.append(f"attn_logit_softcapping={config.attn_logit_softcapping} (llama.cpp's gemma3 "
+                    "has none)")
+  if problems:
+    raise GGUFError("this Gemma3Config cannot be exported for llama.cpp: " + "; ".join(problems))
 
 
 def type_rules(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -625,7 +656,7 @@ def export_summary(report: list[TensorExport]) -> str:
 
 
 def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any = jnp.float32):
-  """Loads a llama GGUF keeping block-quantized tensors as QArrays.
+  """Loads a llama or gemma3 GGUF keeping block-quantized tensors as QArrays.
 
   Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 become QArrays of the equivalent format with
   the file's codes and scales (no dequantization); F16 and BF16 become cast
@@ -633,7 +664,6 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
   float32. Returns `(config, params, tokenizer, info)` with `info` mapping each
   GGUF tensor name to `(type, "qarray" | "float" | "dequantized")`.
   """
-  from quantjax.models import llama as llama_lib
   from quantjax.models import load as load_lib
 
   path = os.fspath(path)
@@ -689,7 +719,7 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
   if deq:
     _log.warning("%s: dequantized to float32 on import (no QArray equivalent): %s", path,
                  ", ".join(f"{k} x{n}" for k, n in sorted(deq.items())))
-  params = llama_lib.as_state(config, pure)
+  params = load_lib.model_module(config).as_state(config, pure)
   tok = load_lib.load_tokenizer(path) if tokenizer else None
   return config, params, tok, info
 

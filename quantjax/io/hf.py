@@ -266,6 +266,82 @@ def _llama_architecture() -> HFArchitecture:
       ignorable=(r".*rotary_emb\.inv_freq", r"lm_head\.weight"))
 
 
+def _gemma3_to_hf(cfg) -> dict:
+  from quantjax.models import gemma3 as g
+  full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling_factor != 1.0:
+    full = {"rope_type": "linear", "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_scaling_factor}
+  d = {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+      "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
+      "rope_parameters": {g.GLOBAL: full,
+                          g.SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+      "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+      "final_logit_softcapping": cfg.final_logit_softcapping,
+      "attn_logit_softcapping": cfg.attn_logit_softcapping,
+      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+      "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+  }
+  for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    if getattr(cfg, k) is not None:
+      d[k] = int(getattr(cfg, k))
+  return d
+
+
+def _gemma3_tensors(cfg) -> list[TensorSpec]:
+  """Gemma 3's checkpoint names. quantjax keeps each RMSNorm weight as the multiplier
+  `1 + w` (`quantjax.models.gemma3`); checkpoints store `w`."""
+  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+
+  def norm(name, path, n):
+    return (name, path, (n,), "vector")
+  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d),
+                    "embedding")]
+  layer = [norm("input_layernorm.weight", ("input_norm", "scale"), d),
+           ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q), "linear"),
+           ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv), "linear"),
+           ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv), "linear"),
+           ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d), "linear"),
+           norm("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), hd),
+           norm("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), hd),
+           norm("post_attention_layernorm.weight", ("post_attn_norm", "scale"), d),
+           norm("pre_feedforward_layernorm.weight", ("pre_mlp_norm", "scale"), d),
+           ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f), "linear"),
+           ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f), "linear"),
+           ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d), "linear"),
+           norm("post_feedforward_layernorm.weight", ("post_mlp_norm", "scale"), d)]
+
+  def spec(name, path, shape, kind):
+    if kind != "vector":
+      return TensorSpec(name, path, shape, kind)
+    return TensorSpec(name, path, shape, kind, to_hf=lambda w: w - np.float32(1.0),
+                      from_hf=lambda w: (np.float32(1.0) + w).astype(np.float32))
+  for i in range(cfg.num_layers):
+    for name, path, shape, kind in layer:
+      out.append(spec(f"model.layers.{i}.{name}", ("layers", i) + path, shape, kind))
+  out.append(spec("model.norm.weight", ("final_norm", "scale"), (d,), "vector"))
+  if not cfg.tie_embeddings:
+    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, cfg.vocab_size),
+                          "linear"))
+  return out
+
+
+def _gemma3_architecture() -> HFArchitecture:
+  from quantjax.models import gemma3 as gemma3_lib
+  return HFArchitecture(
+      model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
+      config_type=gemma3_lib.Gemma3Config, to_hf_config=_gemma3_to_hf,
+      from_hf_config=lambda d, name: gemma3_lib.Gemma3Config.from_hf(d, name=name),
+      tensors=_gemma3_tensors, to_params=gemma3_lib.as_state,
+      ignorable=(r".*rotary_emb.*inv_freq", r"lm_head\.weight"))
+
+
 _BUILTIN_DONE = False
 
 
@@ -274,6 +350,7 @@ def _ensure_builtin() -> None:
   if not _BUILTIN_DONE:
     _BUILTIN_DONE = True
     _ARCHITECTURES.append(_llama_architecture())
+    _ARCHITECTURES.append(_gemma3_architecture())
 
 
 # ----------------------------------------------------------------------------

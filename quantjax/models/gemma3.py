@@ -1,0 +1,872 @@
+"""The Gemma 3 text decoder in Flax NNX; every matmul goes through `ops.qdot`.
+
+What sets Gemma 3 apart from a Llama, all implemented here:
+
+* RMSNorm with a `(1 + w)` multiplier, before *and after* each sublayer
+  (`input_norm` -> attention -> `post_attn_norm` -> residual; `pre_mlp_norm`
+  -> MLP -> `post_mlp_norm` -> residual), and RMSNorms on each query and key
+  head (QK-norm) before RoPE;
+* a GeGLU MLP with the tanh approximation of GELU;
+* token embeddings multiplied by `sqrt(d)`, the factor rounded to the
+  embedding's dtype first (as transformers and the reference JAX code do:
+  25.25 rather than 25.298 for d = 640 in bfloat16);
+* sliding-window layers (a query sees the `sliding_window` most recent keys,
+  itself included) interleaved with global layers (5:1 by default), each kind
+  with its own RoPE base (10,000 local, 1,000,000 global, optionally with
+  linear RoPE scaling on the global layers);
+* attention scores scaled by `query_pre_attn_scalar ** -0.5` (not
+  `head_dim ** -0.5`), optional tanh soft-capping of the attention scores and
+  of the final logits;
+* a tied output head (the embedding), untied supported.
+
+Norm weights are stored as the multiplier itself, `scale = 1 + w` (what GGUF
+files hold; `load_hf` adds the 1 to transformers' `w`). The arithmetic is the
+same as transformers' (`normalize(x) * (1.0 + w)` in float32) and it keeps
+every norm an ordinary per-channel scale, so folding AWQ / SmoothQuant input
+scales into it (`methods.fold_input_scales`) is an exact division, with no
+Gemma-specific code in the methods.
+
+Parameter paths (kernels `[in, out]`, as in `quantjax.models.llama`):
+
+    embed/embedding                              [vocab, d]
+    layers/{i}/input_norm/scale                  [d]
+    layers/{i}/attn/{q,k,v,o}_proj/kernel
+    layers/{i}/attn/{q,k}_norm/scale             [head_dim]
+    layers/{i}/post_attn_norm/scale              [d]   (on the attention output)
+    layers/{i}/pre_mlp_norm/scale                [d]
+    layers/{i}/mlp/{gate,up,down}_proj/kernel
+    layers/{i}/post_mlp_norm/scale               [d]   (on the MLP output)
+    final_norm/scale                             [d]
+    lm_head/kernel                               [d, vocab]   (untied only)
+
+The functional surface is the Llama's (`forward(config, params, tokens)`,
+`init_cache`, `generate`, `calib_fn`, `loss_fn`, `fold_groups`, `foldable`,
+`PROJ_KERNELS`, `as_state`, `model_from_params`), so the experiment runner,
+the generic calibration (`quantjax.methods.calibrate`) and the partition
+rules of `quantjax.distributed` take either model.
+
+References:
+  Gemma Team, "Gemma 3 Technical Report", arXiv:2503.19786 (2025).
+  Hugging Face transformers `Gemma3ForCausalLM` (the parity oracle) and
+  llama.cpp's `gemma3` architecture (the export target).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from quantjax.kernels import dispatch
+from quantjax.models import llama as llama_lib
+from quantjax.models.llama import Linear, _intify, _sample, apply_rope
+
+__all__ = [
+    "AWQ_NO_CLIP",
+    "GLOBAL",
+    "Gemma3",
+    "Gemma3Cache",
+    "Gemma3Config",
+    "PROJ_KERNELS",
+    "SLIDING",
+    "abstract_state",
+    "as_state",
+    "calib_fn",
+    "fold_groups",
+    "foldable",
+    "forward",
+    "generate",
+    "graphdef",
+    "init_cache",
+    "loss_fn",
+    "model_from_params",
+    "token_nll",
+    "window_nll_fn",
+]
+
+PROJ_KERNELS = llama_lib.PROJ_KERNELS
+AWQ_NO_CLIP = llama_lib.AWQ_NO_CLIP
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+_LAYER_TYPES = (SLIDING, GLOBAL)
+
+
+def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
+  """Every `pattern`-th layer global, the rest sliding (Gemma 3: 5 local, 1 global)."""
+  if pattern < 1:
+    raise ValueError(f"sliding_window_pattern must be >= 1, got {pattern}")
+  return tuple(GLOBAL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config:
+  """Architecture of a Gemma 3 text decoder.
+
+  Attributes:
+    vocab_size: number of token embeddings.
+    hidden_size: model width `d`.
+    intermediate_size: MLP width.
+    num_layers: decoder blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention when smaller).
+    head_dim: width of one head (independent of `hidden_size / num_heads`).
+    layer_types: per layer, "sliding_attention" or "full_attention"
+      (default: every sixth layer global).
+    sliding_window: keys a sliding layer's query sees, itself included
+      (`0 <= q - k < sliding_window`); None makes every layer global.
+    rope_theta: RoPE base of the global layers.
+    rope_local_theta: RoPE base of the sliding layers.
+    rope_scaling_factor: linear RoPE scaling of the global layers (1: none).
+    query_pre_attn_scalar: scores are multiplied by its inverse square root.
+    attn_logit_softcapping: `cap * tanh(scores / cap)` on the attention scores
+      when set (Gemma 2's; transformers' and llama.cpp's Gemma 3 never apply
+      it, so the loaders leave it None).
+    final_logit_softcapping: `cap * tanh(logits / cap)` when set.
+    rms_norm_eps: RMSNorm epsilon.
+    tie_embeddings: the output head reuses `embed/embedding`.
+    max_position_embeddings: longest sequence the model was trained on.
+    bos_token_id / eos_token_id / pad_token_id: special tokens.
+    dtype: activation dtype ("float32", "bfloat16"); norms, RoPE, softmax and
+      the returned logits are float32.
+    name: a label for reports.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  layer_types: tuple[str, ...] | None = None
+  sliding_window: int | None = 512
+  rope_theta: float = 1_000_000.0
+  rope_local_theta: float = 10_000.0
+  rope_scaling_factor: float = 1.0
+  query_pre_attn_scalar: float = 256.0
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  max_position_embeddings: int = 32768
+  bos_token_id: int | None = 2
+  eos_token_id: int | None = 1
+  pad_token_id: int | None = 0
+  dtype: str = "float32"
+  name: str = "gemma3"
+
+  def __post_init__(self):
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim"):
+      v = getattr(self, f)
+      if not isinstance(v, (int, np.integer)) or v <= 0:
+        raise ValueError(f"Gemma3Config.{f} must be a positive integer, got {v!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"Gemma3Config: num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"Gemma3Config.head_dim={self.head_dim} is odd; RoPE rotates pairs of "
+                       "dimensions")
+    if self.layer_types is None:
+      object.__setattr__(self, "layer_types", default_layer_types(self.num_layers))
+    else:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f"Gemma3Config.layer_types has {len(self.layer_types)} entries for "
+                       f"num_layers={self.num_layers}")
+    bad = sorted(set(self.layer_types) - set(_LAYER_TYPES))
+    if bad:
+      raise ValueError(f"Gemma3Config.layer_types: unknown {bad}; expected {_LAYER_TYPES}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"Gemma3Config.sliding_window must be >= 1 or None, got "
+                       f"{self.sliding_window}")
+    if self.query_pre_attn_scalar <= 0:
+      raise ValueError(f"Gemma3Config.query_pre_attn_scalar must be > 0, got "
+                       f"{self.query_pre_attn_scalar}")
+    if self.rope_scaling_factor <= 0:
+      raise ValueError(f"Gemma3Config.rope_scaling_factor must be > 0, got "
+                       f"{self.rope_scaling_factor}")
+
+  def replace(self, **kw) -> "Gemma3Config":
+    return dataclasses.replace(self, **kw)
+
+  def is_sliding(self, i: int) -> bool:
+    """Whether layer `i` uses the sliding window."""
+    return self.sliding_window is not None and self.layer_types[i] == SLIDING
+
+  @property
+  def sliding_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.is_sliding(i))
+
+  @property
+  def global_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if not self.is_sliding(i))
+
+  @classmethod
+  def from_hf(cls, hf: Any, name: str = "gemma3", source: str = "config") -> "Gemma3Config":
+    """From a `transformers.Gemma3TextConfig` or the dict of its `config.json`.
+
+    `source` names the file in error messages.
+    """
+    d = hf if isinstance(hf, Mapping) else hf.to_dict()
+    arch = d.get("model_type")
+    if arch == "gemma3" and "text_config" in d:
+      raise ValueError(f"{source}: model_type 'gemma3' is the multimodal Gemma 3; "
+                       "quantjax.models.gemma3 loads the text decoder (model_type 'gemma3_text')")
+    if arch != "gemma3_text":
+      raise ValueError(f"{source}: unsupported model_type {arch!r}; quantjax.models.gemma3 "
+                       "loads 'gemma3_text'")
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+      raise ValueError(f"{source}: hidden_activation {act!r} is not Gemma 3's tanh GELU "
+                       "('gelu_pytorch_tanh')")
+    if d.get("attention_bias"):
+      raise ValueError(f"{source}: attention_bias=True is not supported (Gemma 3 has none)")
+    if d.get("use_bidirectional_attention"):
+      raise ValueError(f"{source}: use_bidirectional_attention=True (an encoder) is not "
+                       "supported")
+    heads = int(d["num_attention_heads"])
+    hidden = int(d["hidden_size"])
+    head_dim = d.get("head_dim")
+    if head_dim is None:
+      if hidden % heads:
+        raise ValueError(f"{source}: no head_dim, and hidden_size={hidden} is not a multiple "
+                         f"of num_attention_heads={heads}")
+      head_dim = hidden // heads
+    head_dim = int(head_dim)
+    if head_dim <= 0 or head_dim % 2:
+      raise ValueError(f"{source}: head_dim={head_dim} must be a positive even number (RoPE)")
+    # Rope: transformers 5 nests it per layer type; older configs are flat.
+    rp = d.get("rope_parameters") or {}
+    full = rp.get(GLOBAL) or {}
+    local = rp.get(SLIDING) or {}
+    theta = full.get("rope_theta", d.get("rope_theta", 1_000_000.0))
+    local_theta = local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+    scaling = dict(d.get("rope_scaling") or {})
+    if full.get("rope_type", "default") != "default":
+      scaling = full
+    factor = 1.0
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in (None, "default"):
+      if kind != "linear":
+        raise ValueError(f"{source}: unsupported RoPE scaling {kind!r}; Gemma 3 uses 'linear'")
+      factor = float(scaling["factor"])
+    if local.get("rope_type", "default") != "default":
+      raise ValueError(f"{source}: RoPE scaling on sliding layers is not supported")
+    layers = int(d["num_hidden_layers"])
+    types = d.get("layer_types")
+    if types is None:
+      pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6))
+      types = default_layer_types(layers, int(pattern))
+    eos = d.get("eos_token_id")
+    if isinstance(eos, (list, tuple)):
+      eos = eos[0] if eos else None
+    cap_a, cap_f = d.get("attn_logit_softcapping"), d.get("final_logit_softcapping")
+    if cap_a is not None:
+      # transformers' Gemma3Attention never applies it (Gemma 2 did), nor does
+      # llama.cpp's gemma3: load what they run.
+      logging.getLogger("quantjax").warning(
+          "%s: attn_logit_softcapping=%s is ignored, as transformers' and llama.cpp's Gemma 3 "
+          "ignore it (set Gemma3Config.attn_logit_softcapping to apply it)", source, cap_a)
+      cap_a = None
+    try:
+      return cls(
+          vocab_size=int(d["vocab_size"]),
+          hidden_size=hidden,
+          intermediate_size=int(d["intermediate_size"]),
+          num_layers=layers,
+          num_heads=heads,
+          num_kv_heads=int(d.get("num_key_value_heads") or heads),
+          head_dim=head_dim,
+          layer_types=tuple(types),
+          sliding_window=None if d.get("sliding_window") is None else int(d["sliding_window"]),
+          rope_theta=float(theta),
+          rope_local_theta=float(local_theta),
+          rope_scaling_factor=factor,
+          query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+          attn_logit_softcapping=None if cap_a is None else float(cap_a),
+          final_logit_softcapping=None if cap_f is None else float(cap_f),
+          rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+          tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+          max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+          bos_token_id=d.get("bos_token_id"),
+          eos_token_id=eos,
+          pad_token_id=d.get("pad_token_id"),
+          name=d.get("_name_or_path") or name,
+      )
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
+
+  @classmethod
+  def from_gguf_metadata(cls, meta: Mapping[str, Any], *, vocab_size: int | None = None,
+                         tie_embeddings: bool = True, source: str = "GGUF") -> "Gemma3Config":
+    """From GGUF key/values (`general.architecture` "gemma3").
+
+    Mirrors what llama.cpp reads: the global RoPE base from
+    `gemma3.rope.freq_base`, the sliding layers' base fixed at 10,000, every
+    sixth layer global, queries scaled by `key_length ** -0.5` (by
+    `(d / heads) ** -0.5` for the 62-layer 27B model), and sliding attention
+    only when `gemma3.attention.sliding_window` is set.
+
+    Raises:
+      ValueError: a required key is missing, or the head dimension is
+        inconsistent (`key_length` != `value_length`, a `rope.dimension_count`
+        that differs, or an odd / undivisible width); the message names the key
+        and `source`.
+    """
+    arch = meta.get("general.architecture")
+    if arch != "gemma3":
+      raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; expected 'gemma3'")
+
+    def get(key, default=None, required=True):
+      full = f"gemma3.{key}"
+      if full in meta:
+        return meta[full]
+      if required and default is None:
+        raise ValueError(f"{source}: GGUF metadata lacks {full!r}")
+      return default
+
+    d = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    n_layers = int(get("block_count"))
+    key_len = get("attention.key_length", required=False)
+    val_len = get("attention.value_length", required=False)
+    if key_len is None:
+      if d % heads:
+        raise ValueError(f"{source}: no gemma3.attention.key_length, and embedding_length={d} "
+                         f"is not a multiple of attention.head_count={heads}")
+      key_len = d // heads
+    key_len = int(key_len)
+    if val_len is not None and int(val_len) != key_len:
+      raise ValueError(f"{source}: inconsistent head dimension: gemma3.attention.key_length="
+                       f"{key_len} but gemma3.attention.value_length={int(val_len)}")
+    rope_dim = get("rope.dimension_count", required=False)
+    if rope_dim is not None and int(rope_dim) != key_len:
+      raise ValueError(f"{source}: inconsistent head dimension: gemma3.rope.dimension_count="
+                       f"{int(rope_dim)} but gemma3.attention.key_length={key_len} (Gemma 3 "
+                       "rotates whole heads)")
+    if key_len % 2:
+      raise ValueError(f"{source}: gemma3.attention.key_length={key_len} is odd (RoPE rotates "
+                       "pairs)")
+    window = get("attention.sliding_window", required=False)
+    window = int(window) if window else None
+    pattern = get("attention.sliding_window_pattern", required=False)
+    if pattern is None:
+      types = default_layer_types(n_layers)
+    elif isinstance(pattern, (list, tuple)):
+      if len(pattern) != n_layers:
+        raise ValueError(f"{source}: gemma3.attention.sliding_window_pattern has {len(pattern)} "
+                         f"entries for block_count={n_layers}")
+      types = tuple(SLIDING if p else GLOBAL for p in pattern)
+    else:
+      types = default_layer_types(n_layers, int(pattern))
+    factor = 1.0
+    stype = get("rope.scaling.type", required=False)
+    if stype not in (None, "none"):
+      if stype != "linear":
+        raise ValueError(f"{source}: unsupported gemma3.rope.scaling.type {stype!r}")
+      factor = float(get("rope.scaling.factor"))
+    if vocab_size is None:
+      vocab_size = get("vocab_size", required=False) or len(meta["tokenizer.ggml.tokens"])
+    scalar = float(d // heads) if n_layers == 62 else float(key_len)
+    cap_f = get("final_logit_softcapping", required=False)
+    return cls(
+        vocab_size=int(vocab_size),
+        hidden_size=d,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=key_len,
+        layer_types=types,
+        sliding_window=window,
+        rope_theta=float(get("rope.freq_base", 1_000_000.0)),
+        rope_local_theta=10_000.0,
+        rope_scaling_factor=factor,
+        query_pre_attn_scalar=scalar,
+        final_logit_softcapping=float(cap_f) if cap_f else None,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_embeddings=tie_embeddings,
+        max_position_embeddings=int(get("context_length", 32768)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        name=str(meta.get("general.name", "gemma3")),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Building blocks.
+
+
+class RMSNorm(nnx.Module):
+  """Gemma's RMSNorm: `normalize(x) * scale` in float32, `scale` = 1 + w."""
+
+  def __init__(self, d: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    xf = xf * jax.lax.rsqrt(var + self.eps)
+    return (xf * jnp.asarray(self.scale.get_value()).astype(jnp.float32)).astype(x.dtype)
+
+
+class Embed(llama_lib.Embed):
+  """Token embedding scaled by `sqrt(d)` (rounded to the table's dtype first)."""
+
+  def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+    from quantjax.numerics.qarray import QArray
+    table = self.embedding.get_value()
+    if isinstance(table, QArray):
+      rows = jnp.asarray(table[ids])  # dequantizes the gathered rows only
+    else:
+      rows = jnp.take(jnp.asarray(table), ids, axis=0)
+    normalizer = jnp.asarray(math.sqrt(rows.shape[-1]), rows.dtype)
+    return (rows * normalizer).astype(dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0):
+  """cos/sin `[..., T, head_dim]` (float32); `factor` is linear RoPE scaling."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                              / head_dim))
+  inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with QK-norm, RoPE, a query scale and optional soft-cap."""
+
+  def __init__(self, cfg: Gemma3Config, *, rngs: nnx.Rngs):
+    d, h, hk, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = Linear(d, h * hd, rngs=rngs)
+    self.k_proj = Linear(d, hk * hd, rngs=rngs)
+    self.v_proj = Linear(d, hk * hd, rngs=rngs)
+    self.o_proj = Linear(h * hd, d, rngs=rngs)
+    self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+    self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, hk, hd
+    self.scaling = float(cfg.query_pre_attn_scalar) ** -0.5
+    self.softcap = cfg.attn_logit_softcapping
+
+  def __call__(self, x, cos, sin, mask, kv=None, write=None):
+    """`mask` `[B, T, S]`; with a cache, `write(kv, k, v) -> (keys, values, new_kv)`."""
+    b, t, _ = x.shape
+    h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    q = self.q_norm(self.q_proj(x).reshape(b, t, h, hd))
+    k = self.k_norm(self.k_proj(x).reshape(b, t, hk, hd))
+    v = self.v_proj(x).reshape(b, t, hk, hd)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    new_kv = None
+    if kv is not None:
+      k, v, new_kv = write(kv, k, v)
+    g = h // hk
+    qg = q.reshape(b, t, hk, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * self.scaling
+    scores = _softcap(scores, self.softcap)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h * hd)
+    return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+  """GeGLU: `down(gelu_tanh(gate(x)) * up(x))`."""
+
+  def __init__(self, cfg: Gemma3Config, *, rngs: nnx.Rngs):
+    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
+    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
+    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Gemma 3 block: norms before and after each of attention and MLP."""
+
+  def __init__(self, cfg: Gemma3Config, *, rngs: nnx.Rngs):
+    d, eps = cfg.hidden_size, cfg.rms_norm_eps
+    self.input_norm = RMSNorm(d, eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attn_norm = RMSNorm(d, eps)
+    self.pre_mlp_norm = RMSNorm(d, eps)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.post_mlp_norm = RMSNorm(d, eps)
+
+  def __call__(self, x, cos, sin, mask, kv=None, write=None):
+    a, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv, write)
+    x = x + self.post_attn_norm(a)
+    x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+    return x, new_kv
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Gemma3Cache:
+  """Keys and values for generation.
+
+  Global layers keep every position, `[L_global, B, S_max, H_kv, D]`, written
+  at their position. Sliding layers keep only a ring of `window` slots,
+  `[L_sliding, B, window, H_kv, D]` (position `p` in slot `p % window`), with
+  `local_pos` `[window]` the position each slot holds (-1: empty), so their
+  memory does not grow with the sequence.
+  """
+
+  k_global: jax.Array
+  v_global: jax.Array
+  k_local: jax.Array
+  v_local: jax.Array
+  local_pos: jax.Array
+
+
+class Gemma3(nnx.Module):
+  """Gemma 3 causal language model (text).
+
+  Call with `tokens` `[B, T]` (int) for float32 logits `[B, T, vocab]`; with
+  a `Gemma3Cache` and `index` (the position of `tokens[:, 0]`, the same for
+  every row), returns `(logits, new_cache)`.
+  """
+
+  def __init__(self, config: Gemma3Config, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = Embed(config.vocab_size, config.hidden_size, rngs=rngs)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    if not config.tie_embeddings:
+      self.lm_head = Linear(config.hidden_size, config.vocab_size, rngs=rngs)
+
+  def hidden_states(self, tokens, cache: Gemma3Cache | None = None, index=None):
+    """Final-norm hidden states `[B, T, d]` (and the updated cache, or None)."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    b, t = tokens.shape
+    if index is None:
+      index = 0
+    pos = index + jnp.arange(t, dtype=jnp.int32)  # the same positions for every row
+    rope_g = rope_tables(jnp.broadcast_to(pos, (b, t)), cfg.head_dim, cfg.rope_theta,
+                         cfg.rope_scaling_factor)
+    rope_l = rope_tables(jnp.broadcast_to(pos, (b, t)), cfg.head_dim, cfg.rope_local_theta)
+    window = cfg.sliding_window
+    x = self.embed(tokens, dtype)
+    q = pos[:, None]
+
+    if cache is None:
+      kp = jnp.arange(t, dtype=jnp.int32)[None, :]
+      mask_g = kp <= q
+      mask_l = mask_g if window is None else mask_g & (q - kp < window)
+      write_g = write_l = None
+    else:
+      s = cache.k_global.shape[2]
+      mask_g = jnp.arange(s, dtype=jnp.int32)[None, :] <= q
+
+      def write_g(kv, k, v):
+        ck, cv = kv
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        return k, v, (k, v)
+
+      w = cache.local_pos.shape[0]
+      kp = jnp.concatenate([cache.local_pos, pos])[None, :]
+      mask_l = (kp >= 0) & (kp <= q)
+      if window is not None:
+        mask_l = mask_l & (q - kp < window)
+      m = min(t, w)
+      slots = pos[t - m:] % w  # distinct: m consecutive positions, m <= w
+      new_local_pos = cache.local_pos.at[slots].set(pos[t - m:])
+
+      def write_l(kv, k, v):
+        ck, cv = kv
+        keys = jnp.concatenate([ck.astype(k.dtype), k], axis=1)
+        vals = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
+        nk = ck.at[:, slots].set(k[:, t - m:].astype(ck.dtype))
+        nv = cv.at[:, slots].set(v[:, t - m:].astype(cv.dtype))
+        return keys, vals, (nk, nv)
+
+    mask_g = jnp.broadcast_to(mask_g[None], (b,) + mask_g.shape)
+    mask_l = jnp.broadcast_to(mask_l[None], (b,) + mask_l.shape)
+    new = {"g": ([], []), "l": ([], [])}
+    n = {"g": 0, "l": 0}
+    for i, layer in enumerate(self.layers):
+      kind = "l" if cfg.is_sliding(i) else "g"
+      cos, sin = rope_l if cfg.layer_types[i] == SLIDING else rope_g
+      mask = mask_l if kind == "l" else mask_g
+      kv = write = None
+      if cache is not None:
+        j = n[kind]
+        kv = ((cache.k_local[j], cache.v_local[j]) if kind == "l" else
+              (cache.k_global[j], cache.v_global[j]))
+        write = write_l if kind == "l" else write_g
+        n[kind] += 1
+      x, nkv = layer(x, cos, sin, mask, kv, write)
+      if nkv is not None:
+        new[kind][0].append(nkv[0])
+        new[kind][1].append(nkv[1])
+    x = self.final_norm(x)
+    if cache is None:
+      return x, None
+
+    def stack(parts, like):
+      return jnp.stack(parts) if parts else like
+    new_cache = Gemma3Cache(stack(new["g"][0], cache.k_global), stack(new["g"][1], cache.v_global),
+                            stack(new["l"][0], cache.k_local), stack(new["l"][1], cache.v_local),
+                            new_local_pos)
+    return x, new_cache
+
+  def head(self):
+    """The output head as `(weight, contract_axis)` for `qdot`."""
+    if self.config.tie_embeddings:
+      return self.embed.embedding.get_value(), 1
+    return self.lm_head.kernel.get_value(), 0
+
+  def logits(self, x):
+    w, axis = self.head()
+    out = llama_lib._qdot(x, w, contract_axis=axis).astype(jnp.float32)
+    return _softcap(out, self.config.final_logit_softcapping)
+
+  def __call__(self, tokens, cache: Gemma3Cache | None = None, index=None):
+    x, new_cache = self.hidden_states(tokens, cache, index)
+    logits = self.logits(x)
+    if cache is None:
+      return logits
+    return logits, new_cache
+
+
+# ----------------------------------------------------------------------------
+# Functional API.
+
+
+@functools.lru_cache(maxsize=32)
+def _split_abstract(config: Gemma3Config):
+  model = nnx.eval_shape(lambda: Gemma3(config, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def graphdef(config: Gemma3Config):
+  """The `nnx.GraphDef` of a `Gemma3` with this config (cached)."""
+  return _split_abstract(config)[0]
+
+
+def abstract_state(config: Gemma3Config) -> nnx.State:
+  """The parameter `nnx.State` of this config with `jax.ShapeDtypeStruct` leaves."""
+  return _split_abstract(config)[1]
+
+
+def as_state(config: Gemma3Config, params: Any) -> nnx.State:
+  """Accepts an `nnx.State` or its pure dict; returns an `nnx.State`."""
+  if isinstance(params, nnx.State):
+    return params
+  state = jax.tree.map(lambda x: x, abstract_state(config))
+  nnx.replace_by_pure_dict(state, _intify(params))
+  return state
+
+
+def model_from_params(config: Gemma3Config, params: Any) -> Gemma3:
+  """A stateful `Gemma3` holding `params` (arrays or QArrays)."""
+  return nnx.merge(graphdef(config), as_state(config, params))
+
+
+@dispatch.routed_jit(static_argnums=0)
+def _forward(config, params, tokens):
+  return nnx.merge(graphdef(config), params)(tokens)
+
+
+def forward(config: Gemma3Config, params: Any, tokens: jax.Array) -> jax.Array:
+  """Jitted logits `[B, T, vocab]` (float32) for `tokens` `[B, T]`.
+
+  Same signature as `quantjax.models.llama.forward`. With Gemma's 262,144
+  entry vocabulary the logits are large (1 GiB per 1,024 tokens); the
+  perplexity path uses `token_nll`, which never holds them whole.
+  """
+  return _forward(config, as_state(config, params), jnp.asarray(tokens, jnp.int32))
+
+
+def _chunked_nll(model: Gemma3, x: jax.Array, targets: jax.Array, rows: int) -> jax.Array:
+  """NLL of `targets` `[B, T]` under the head applied to `x` `[B, T, d]`, `rows` at a time."""
+  b, t, d = x.shape
+  n = b * t
+  rows = max(1, min(rows, n))
+  pad = (-n) % rows
+  xs = jnp.pad(x.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, rows, d)
+  ys = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, rows)
+  w, axis = model.head()
+  cap = model.config.final_logit_softcapping
+
+  def one(args):
+    xc, yc = args
+    logits = _softcap(llama_lib._qdot(xc, w, contract_axis=axis).astype(jnp.float32), cap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
+
+  return jax.lax.map(one, (xs, ys)).reshape(-1)[:n].reshape(b, t)
+
+
+@dispatch.routed_jit(static_argnums=(0, 3))
+def _token_nll(config, params, tokens, rows):
+  model = nnx.merge(graphdef(config), params)
+  x, _ = model.hidden_states(tokens)
+  return _chunked_nll(model, x[:, :-1], tokens[:, 1:], rows)
+
+
+def token_nll(config: Gemma3Config, params: Any, tokens: jax.Array, *,
+              rows: int = 512) -> jax.Array:
+  """Next-token NLL `[B, T-1]` (float32) for `tokens` `[B, T]`, jitted.
+
+  The head runs on `rows` positions at a time, so the `[B, T, vocab]` logits
+  are never materialised (512 rows: 512 MiB of float32 logits at once).
+  """
+  return _token_nll(config, as_state(config, params), jnp.asarray(tokens, jnp.int32), rows)
+
+
+def window_nll_fn(config: Gemma3Config, params: Any, *, rows: int = 512):
+  """`tokens [B, T] -> NLL [B, T-1]` for `quantjax.eval.perplexity.evaluate(nll_fn=...)`."""
+  state = as_state(config, params)
+
+  def fn(tokens):
+    return _token_nll(config, state, jnp.asarray(tokens, jnp.int32), rows)
+  return fn
+
+
+# ----------------------------------------------------------------------------
+# Generation with a KV cache that honours the sliding window.
+
+
+def init_cache(config: Gemma3Config, batch: int, max_len: int) -> Gemma3Cache:
+  """An empty cache for `batch` rows of up to `max_len` positions.
+
+  Sliding layers get `min(sliding_window, max_len)` ring slots, global layers
+  `max_len`.
+  """
+  dtype = jnp.dtype(config.dtype)
+  w = max_len if config.sliding_window is None else min(config.sliding_window, max_len)
+  ng, nl = len(config.global_layers), len(config.sliding_layers)
+  tail = (config.num_kv_heads, config.head_dim)
+  return Gemma3Cache(jnp.zeros((ng, batch, max_len) + tail, dtype),
+                     jnp.zeros((ng, batch, max_len) + tail, dtype),
+                     jnp.zeros((nl, batch, w) + tail, dtype),
+                     jnp.zeros((nl, batch, w) + tail, dtype),
+                     jnp.full((w,), -1, jnp.int32))
+
+
+@dispatch.routed_jit(static_argnums=0, donate_argnums=3)
+def _step(config, params, tokens, cache, index):
+  model = nnx.merge(graphdef(config), params)
+  x, cache = model.hidden_states(tokens, cache, index)
+  return model.logits(x[:, -1:, :])[:, 0, :], cache
+
+
+def step(config: Gemma3Config, params: Any, tokens: jax.Array, cache: Gemma3Cache,
+         index: int) -> tuple[jax.Array, Gemma3Cache]:
+  """One cached step: logits `[B, vocab]` of the last of `tokens` `[B, T]` (at
+  positions `index..index+T-1`) and the updated cache (the old one is donated)."""
+  return _step(config, as_state(config, params), jnp.asarray(tokens, jnp.int32), cache,
+               jnp.int32(index))
+
+
+def generate(config: Gemma3Config, params: Any, prompt: jax.Array, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             eos_token_id: int | None = None) -> np.ndarray:
+  """Autoregressive decoding with a KV cache (same arguments as `llama.generate`).
+
+  Returns `[B, T + n]` int32 numpy (the prompt followed by the new tokens).
+  """
+  params = as_state(config, params)
+  prompt = np.asarray(prompt, np.int32)
+  if prompt.ndim == 1:
+    prompt = prompt[None]
+  b, t = prompt.shape
+  cache = init_cache(config, b, t + max_new_tokens)
+  key = jax.random.key(seed)
+  logits, cache = _step(config, params, jnp.asarray(prompt), cache, jnp.int32(0))
+  out = [prompt]
+  done = np.zeros((b,), bool)
+  for i in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    nxt = _sample(logits, sub, temperature, top_k)
+    nxt_np = np.asarray(nxt)
+    out.append(nxt_np[:, None])
+    if eos_token_id is not None:
+      done |= nxt_np == eos_token_id
+      if done.all():
+        break
+    if i + 1 == max_new_tokens:
+      break
+    logits, cache = _step(config, params, nxt[:, None], cache, jnp.int32(t + i))
+  return np.concatenate(out, axis=1)
+
+
+# ----------------------------------------------------------------------------
+# What calibrated methods need to know about this architecture (data only).
+
+
+def calib_fn(config: Gemma3Config):
+  """`fn(params, tokens)` for `quantjax.methods.calibrate`: the model's forward."""
+  def fn(params, tokens):
+    return forward(config, params, tokens)
+  return fn
+
+
+def loss_fn(config: Gemma3Config, *, rows: int = 512):
+  """`loss(params, tokens) -> mean next-token NLL` (float32), e.g. for
+  `methods.mixed.fisher_diagonal`; the head runs `rows` positions at a time."""
+  def loss(params, tokens):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim == 1:
+      tokens = tokens[None]
+    return jnp.mean(token_nll(config, params, tokens, rows=rows))
+  return loss
+
+
+def fold_groups(config: Gemma3Config, *, prefix: str = "layers", up_to_down: bool = True,
+                v_to_o: bool = True) -> list:
+  """The producer of each projection's input, for `methods.fold.fold_input_scales`.
+
+  Exact folds only: `input_norm` -> q/k/v and `pre_mlp_norm` -> gate/up (a
+  norm's output is `normalize(x) * scale`, so dividing `scale` by s divides
+  the input of every reader by s); `up_proj` -> `down_proj` (GeGLU multiplies
+  up's output elementwise into down's input); `v_proj` -> `o_proj` only
+  without grouped-query attention. The post-norms (`post_attn_norm`,
+  `post_mlp_norm`) produce no projection's input (they feed the residual
+  stream), and scaling a projection *before* a norm does not commute with it
+  (q/k before QK-norm, o/down before their post-norms), so no other fold is
+  exact. The tied embedding also feeds the lookup, so `final_norm` -> head
+  does not fold.
+  """
+  from quantjax.methods.fold import FoldGroup
+  out = []
+  for i in range(config.num_layers):
+    p = f"{prefix}/{i}"
+    out.append(FoldGroup(f"{p}/input_norm/scale",
+                         tuple(f"{p}/attn/{n}_proj/kernel" for n in ("q", "k", "v"))))
+    if v_to_o and config.num_heads == config.num_kv_heads:
+      out.append(FoldGroup(f"{p}/attn/v_proj/kernel", (f"{p}/attn/o_proj/kernel",), "linear"))
+    out.append(FoldGroup(f"{p}/pre_mlp_norm/scale",
+                         (f"{p}/mlp/gate_proj/kernel", f"{p}/mlp/up_proj/kernel")))
+    if up_to_down:
+      out.append(FoldGroup(f"{p}/mlp/up_proj/kernel", (f"{p}/mlp/down_proj/kernel",), "linear"))
+  return out
+
+
+def foldable(config: Gemma3Config, **kw) -> str:
+  """Regex of the projections whose input scales `fold_groups` can absorb."""
+  import re
+  cons = [c for g in fold_groups(config, **kw) for c in g.consumers]
+  return "|".join(re.escape(c) for c in cons)
