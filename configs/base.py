@@ -39,7 +39,7 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
   c.name = ""  # the experiment's title in results.md
 
   c.model = ml_collections.ConfigDict()
-  c.model.source = "smollm2"  # smollm2 | gguf | hf | tiny (see quantjax.models.load.SOURCES)
+  c.model.source = "smollm2"  # smollm2 | gemma3 | gguf | hf | tiny (see quantjax.models.load.SOURCES)
   c.model.path = ""  # the .gguf file or Hugging Face directory for gguf / hf
   c.model.dtype = "float32"  # activation dtype of the forward pass
   c.model.tiny = ml_collections.ConfigDict(dict(hidden_size=64, intermediate_size=128,

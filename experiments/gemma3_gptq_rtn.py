@@ -6,7 +6,7 @@ Every `*_proj` kernel of the 18 layers is quantized to int4, groups of 64
 along the input, symmetric, float32 scales; the tied embedding / head and the
 norms stay FP32 (so the bytes of the projections change, not the 63% of the
 parameters the embedding holds). RTN is `methods.rtn_params`; GPTQ runs
-through the generic `methods.calibrate(gemma3.calib_fn(cfg), ...)` on
+through the generic `methods.calibrate(gemma3.forward_fn(cfg), ...)` on
 `--calib` calibration windows of the protocol (drawn before the evaluation
 set, BOS in front as the model reads text). Perplexity on `--windows` of the
 32 evaluation windows, BOS in front (the protocol for Gemma's tokenizer).
@@ -67,7 +67,7 @@ def main(argv):
   rtn = methods.rtn_params(params, rules)
   rows.append(score(f"rtn {_FORMAT.value}", rtn, time.perf_counter() - t0)[0])
   t0 = time.perf_counter()
-  gptq = methods.calibrate(gemma3.calib_fn(cfg), params, batches, rules, methods.GPTQ(),
+  gptq = methods.calibrate(gemma3.forward_fn(cfg), params, batches, rules, methods.GPTQ(),
                            progress=False).params
   rows.append(score(f"gptq {_FORMAT.value}", gptq, time.perf_counter() - t0)[0])
   f = rows[0]["perplexity"]

@@ -192,13 +192,13 @@ def main(argv):
                                                  act_format="int8")])
         elif row.startswith("gptq"):
           fmt = "int4_g64" if row.endswith("sym") and not row.endswith("asym") else "int4_g64_asym"
-          res = methods.calibrate(llama.calib_fn(cfg), params, batches,
+          res = methods.calibrate(llama.forward_fn(cfg), params, batches,
                                   [QuantRule(module_path=proj, format=fmt)],
                                   methods.GPTQ(act_order=True), progress=True)
           q = res.params
         else:  # smoothquant, static per-tensor activations
           res = methods.calibrate(
-              llama.calib_fn(cfg), params, batches,
+              llama.forward_fn(cfg), params, batches,
               [QuantRule(module_path=proj, format="int8", act_format="int8_t")],
               methods.SmoothQuant(alpha=0.8, scales_for=llama.foldable(cfg),
                                   act_observer=methods.ActObserver(method="minmax")),

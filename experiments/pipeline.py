@@ -142,7 +142,7 @@ class Context:
   def calib_batches(self, n: int | None = None) -> list[np.ndarray]:
     """Calibration windows as equal batches of `config.calib.batch_size` (a short last
     batch is dropped: the capture traces one batch shape)."""
-    windows = np.asarray(self.split.calib_windows)
+    windows = self.split.model_inputs(np.asarray(self.split.calib_windows))  # BOS if any
     if n is not None:
       windows = windows[:n]
     bs = min(int(self.config.calib.batch_size), windows.shape[0])
@@ -471,7 +471,7 @@ def _leaves(params) -> dict:
 
 def _train_batches(ctx: Context, tc):
   import jax.numpy as jnp
-  windows = np.asarray(ctx.split.calib_windows)
+  windows = ctx.split.model_inputs(np.asarray(ctx.split.calib_windows))  # BOS if any
   if windows.shape[0] == 0:
     raise ValueError("distillation / QAT needs calibration windows (config.calib.windows > 0)")
   seq_len = min(int(tc.seq_len), windows.shape[1])
@@ -605,7 +605,8 @@ def mixed_stage(ctx: Context, params, block):
   from quantjax import methods
   from quantjax.methods import mixed
   from quantjax.transforms import quantize_params
-  windows = np.asarray(ctx.split.calib_windows[:int(block.sensitivity_windows)])
+  windows = ctx.split.model_inputs(
+      np.asarray(ctx.split.calib_windows[:int(block.sensitivity_windows)]))
   if windows.shape[0] == 0:
     raise ValueError("mixed precision needs calibration windows for its sensitivity")
   t = time.perf_counter()
@@ -777,7 +778,8 @@ def llamacpp_stage(ctx: Context, params, block):
   f = ctx.file
   n = int(block.get("windows", 0) or 0)
   windows = ctx.split.eval_windows[:n] if n else ctx.split.eval_windows
-  res = llamacpp.perplexity(f["path"], windows, progress=ctx.progress, baseline=ref.baseline)
+  res = llamacpp.perplexity(f["path"], ctx.split.model_inputs(windows), progress=ctx.progress,
+                            baseline=ref.baseline, skip=ctx.split.skip)
   ev = {k: v for k, v in ref.record.items()
         if k in ("model", "dtype", "corpus", "corpus_sha256", "corpus_tokens", "eval_tokens",
                  "eval_windows", "window", "predicted_tokens", "calib_windows",
@@ -911,7 +913,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
                               tiny=m.tiny.to_dict() if "tiny" in m else None)
   load_s = time.perf_counter() - t0
   report_lib.write_json_atomic(info_path, {"name": model.name, "caveat": model.caveat,
-                                           "source": model.source, "add_bos": model.add_bos})
+                                           "source": model.source})
   split = _split(config, model)
   print(f"[quantjax] loaded {model.name} in {load_s:.1f}s; corpus {split.corpus}: "
         f"{split.num_tokens:,} tokens, evaluating the last {split.protocol.eval_tokens:,} "

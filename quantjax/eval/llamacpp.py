@@ -87,18 +87,13 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
       llm.reset()
       llm.eval(ids)
       logits = np.asarray(llm.scores[:w], np.float32)
-      tgt = np.asarray(ids[1 + skip:])
-      nll_w = 0.0
-      for r in range(0, w - 1 - skip, 64):  # float64 rows in chunks (large vocabularies)
-        lp = ppl_lib.log_softmax(logits[skip + r:min(w - 1, skip + r + 64)])
-        rows = np.arange(lp.shape[0])
-        nll_w -= float(lp[rows, tgt[r:r + lp.shape[0]]].sum())
-        if baseline is not None:
-          kl, top1, rest = ppl_lib.kl_stats(lp, baseline.top_idx[i, r:r + lp.shape[0]],
-                                            baseline.top_lp[i, r:r + lp.shape[0]])
-          kls.append(kl)
-          top1s.append(top1)
-          rests.append(rest)
+      b = (None, None) if baseline is None else (baseline.top_idx[i], baseline.top_lp[i])
+      nll, kl, top1, rest = ppl_lib.token_stats(logits[skip:w - 1], ids[1 + skip:], *b)
+      nll_w = float(nll.sum())
+      if baseline is not None:
+        kls.append(kl)
+        top1s.append(top1)
+        rests.append(rest)
       total += nll_w
       per_window.append(nll_w / (w - 1 - skip))
       count += w - 1 - skip

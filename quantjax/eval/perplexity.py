@@ -46,8 +46,8 @@ import numpy as np
 
 from quantjax.eval import data as data_lib
 
-__all__ = ["Baseline", "environment", "evaluate", "evaluate_logits", "kl_stats",
-           "log_softmax", "token_nll"]
+__all__ = ["Baseline", "environment", "evaluate", "evaluate_logits", "kl_summary",
+           "token_nll", "token_stats"]
 
 
 def _cpu_name() -> str:
@@ -172,7 +172,7 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
              model_name: str = "unknown", dtype: str = "float32",
              nll_fn: Callable[[np.ndarray], Any] | None = None,
              baseline: Baseline | None = None, collect_top_k: int = 0,
-             desc: str = "perplexity") -> dict[str, Any]:
+             max_logits_bytes: float = 2e9, desc: str = "perplexity") -> dict[str, Any]:
   """Scores `split.eval_windows` and returns a result record.
 
   Args:
@@ -190,6 +190,8 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
       `kl_mean`, `kl_p99`, `top1_agreement` and `kl_rest_mass`.
     collect_top_k: keep this model's top-k distribution; the record then holds
       a `Baseline` under the key `"baseline"` (pop it before writing JSON).
+    max_logits_bytes: fewer windows per batch when a batch's float32 logits
+      would exceed this (Gemma's 262,144-token vocabulary: 3 windows of 512).
     desc: progress-bar label.
 
   Returns:
@@ -201,6 +203,10 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
   skip = split.skip
   n, t = windows.shape
   bs = max(1, min(batch_size, n))
+  if nll_fn is None and forward is not None:
+    # Float32 logits of a whole batch are materialised: cap them (large vocabularies).
+    vocab = jax.eval_shape(forward, params, jax.ShapeDtypeStruct((1, t), jnp.int32)).shape[-1]
+    bs = max(1, min(bs, int(max_logits_bytes // (t * vocab * 4))))
   if baseline is not None:
     if baseline.windows_sha256 != windows_sha256(windows):
       raise ValueError("the reference distribution was computed on other token windows than "
@@ -285,18 +291,20 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
   return rec
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-  """float64 log-softmax over the last axis (numpy; for runtimes outside JAX)."""
-  x = np.asarray(logits, np.float64)
+def token_stats(logits: np.ndarray, targets: np.ndarray, base_idx: np.ndarray | None = None,
+                base_lp: np.ndarray | None = None):
+  """Per-position `(nll, kl, top1 agree, reference mass outside its top k)` from float32
+  logits `[T, V]` of a runtime outside JAX (numpy), as `evaluate` computes them in JAX:
+  float32 logits, a log-sum-exp accumulated in float64, no `[T, V]` log-probabilities
+  materialised; `kl` etc. are None without a reference `(base_idx, base_lp) [T, k]`."""
+  x = np.asarray(logits, np.float32)
   m = x.max(axis=-1, keepdims=True)
-  return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def kl_stats(lp: np.ndarray, base_idx: np.ndarray, base_lp: np.ndarray):
-  """Per-token `(kl, top1 agree, reference mass outside its top k)` from log-probs
-  `lp [..., V]` and a reference's top-k `(base_idx, base_lp) [..., k]`: the same
-  quantities as `evaluate` computes in JAX (see the module docstring)."""
-  q = np.take_along_axis(lp, base_idx, axis=-1)
+  lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=-1, dtype=np.float64))
+  rows = np.arange(x.shape[0])
+  nll = lse - x[rows, np.asarray(targets, np.int64)]
+  if base_idx is None:
+    return nll, None, None, None
+  q = np.take_along_axis(x, base_idx, axis=-1) - lse[:, None]
   bl = np.asarray(base_lp, np.float64)
   p = np.exp(bl)
   p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
@@ -305,7 +313,7 @@ def kl_stats(lp: np.ndarray, base_idx: np.ndarray, base_lp: np.ndarray):
     rest = np.where(p_rest > 1e-9, p_rest * (np.log(np.maximum(p_rest, 1e-30))
                                              - np.log(q_rest)), 0.0)
   kl = np.maximum((p * (bl - q)).sum(-1) + rest, 0.0)
-  return kl, lp.argmax(-1) == base_idx[..., 0], p_rest
+  return nll, kl, x.argmax(-1) == base_idx[:, 0], p_rest
 
 
 def kl_summary(kls, top1s, rests, k: int) -> dict[str, Any]:
@@ -340,14 +348,16 @@ def evaluate_logits(logits_fn: Callable[[np.ndarray], np.ndarray], split: data_l
   t0 = time.perf_counter()
   for i in range(0, n, bs):
     batch = windows[i:i + bs]
-    lp = log_softmax(np.asarray(logits_fn(batch))[:, skip:-1])
-    nll = -np.take_along_axis(lp, batch[:, skip + 1:, None].astype(np.int64), axis=-1)[..., 0]
-    per_window.extend(nll.mean(axis=1).tolist())
-    if baseline is not None:
-      kl, top1, rest = kl_stats(lp, baseline.top_idx[i:i + bs], baseline.top_lp[i:i + bs])
-      kls.append(kl)
-      top1s.append(top1)
-      rests.append(rest)
+    logits = np.asarray(logits_fn(batch))
+    for j in range(batch.shape[0]):
+      b = (None, None) if baseline is None else (baseline.top_idx[i + j],
+                                                 baseline.top_lp[i + j])
+      nll, kl, top1, rest = token_stats(logits[j, skip:-1], batch[j, skip + 1:], *b)
+      per_window.append(float(nll.mean()))
+      if baseline is not None:
+        kls.append(kl)
+        top1s.append(top1)
+        rests.append(rest)
     if bar is not None:
       bar.update(batch.shape[0])
   eval_s = time.perf_counter() - t0

@@ -309,7 +309,7 @@ COMPARISON_COLUMNS: tuple[Column, ...] = (
     ("model MB", "params_mb", _f(".1f")),
     ("perplexity", "perplexity", _f(".3f")),
     ("Δ vs FP32", "delta_pct", _delta),
-    ("KL vs FP32", "kl_mean", _f(".4f")),
+    ("KL vs FP32", "kl_mean", _f(".3g")),
     ("top-1 agree", "top1_agreement", _pct),
     ("quantize s", "quantize_s", _f(".1f")),
     ("eval tok/s", "eval_tokens_per_s", _f(".0f")),

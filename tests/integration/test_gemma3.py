@@ -151,7 +151,7 @@ def gptq_q4_0(gemma, split):
   cfg, params, _ = gemma
   rules = [QuantRule(module_path=gemma3.PROJ_KERNELS, format="q4_0")]
   batches = [split.model_inputs(split.calib_windows[:4])]
-  return methods.calibrate(gemma3.calib_fn(cfg), params, batches, rules, methods.GPTQ(),
+  return methods.calibrate(gemma3.forward_fn(cfg), params, batches, rules, methods.GPTQ(),
                            progress=False).params
 
 
