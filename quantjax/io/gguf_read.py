@@ -35,8 +35,11 @@ Metadata (`validate_metadata`, called by the model loaders): the
 architecture's hyper-parameters have integer types and positive values
 (`llama.attention.head_count_kv = 0` is named as such), head counts divide,
 epsilons and RoPE bases are finite, the tokenizer's arrays agree in length,
-special token ids lie inside the vocabulary, the embedding has a row per
-token, and no `blk.N` tensor lies beyond `block_count`.
+special token ids lie inside the vocabulary, the tokenizer type is one
+llama.cpp knows (with its merges for byte-level BPE), the embedding has a row
+per token, and no `blk.N` tensor lies beyond `block_count`. The file ends
+where its last tensor ends (padded or not): bytes beyond mean a tensor's
+type or shape does not match what was written.
 
 `GGUFFile` presents the parsed file with the attributes of gguf-py's
 `GGUFReader` that quantjax uses (`fields[key].contents()`, `.types`;
@@ -542,6 +545,14 @@ def _parse(f: GGUFFile) -> None:
                                 data_start + off, start, f))
     expected = off + -(-n_bytes // al) * al
   f.data_size = expected
+  if n_tensors:
+    last = f.tensors[-1]
+    ends = (data_start + expected, last.data_offset + last.n_bytes)  # padded, or not
+    if f.size not in ends:
+      raise cur.fail(f"the file has {f.size - ends[0]} bytes after the end of its last tensor "
+                     f"{last.name!r} (byte {ends[1]}, padded {ends[0]}): a tensor's type or "
+                     "shape does not match the data that was written, or the file was "
+                     "appended to")
 
 
 # ----------------------------------------------------------------------------
@@ -639,6 +650,11 @@ _ARCH_FLOATS = (  # (suffix, strictly positive?)
 )
 
 
+# llama.cpp's tokenizer types (llama-vocab.cpp); anything else it refuses.
+_TOKENIZER_MODELS = frozenset({"no_vocab", "none", "llama", "bert", "gpt2", "t5", "rwkv",
+                               "plamo2"})
+
+
 def validate_metadata(f: GGUFFile) -> None:
   """Checks the model metadata of `f`; raises `GGUFError` naming the key.
 
@@ -726,6 +742,22 @@ def validate_metadata(f: GGUFFile) -> None:
       if not np.isfinite(s).all():
         raise fail(f"key 'tokenizer.ggml.scores' holds non-finite values (first at token "
                    f"{_first_bad(~np.isfinite(s))})")
+  model = f.fields.get("tokenizer.ggml.model")
+  if model is not None:
+    if model.type_ids != (_STR,):
+      raise fail(f"key 'tokenizer.ggml.model' must be a STRING, it is a {model.type_name()}")
+    name = model.contents()
+    if name not in _TOKENIZER_MODELS:
+      raise fail(f"key 'tokenizer.ggml.model' = {name!r} is not a tokenizer llama.cpp knows "
+                 f"({', '.join(sorted(_TOKENIZER_MODELS))})")
+    if name not in ("none", "no_vocab") and tok is None:
+      raise fail(f"tokenizer {name!r} without its vocabulary 'tokenizer.ggml.tokens'")
+    if name == "gpt2":
+      merges = f.fields.get("tokenizer.ggml.merges")
+      if merges is None or not (merges.is_array and merges.value_type == _STR):
+        raise fail("a 'gpt2' (byte-level BPE) tokenizer needs 'tokenizer.ggml.merges', an "
+                   "array of strings: "
+                   + ("it is missing" if merges is None else f"it is a {merges.type_name()}"))
   for key, fld in f.fields.items():
     if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
       if fld.is_array or fld.value_type not in _INT_TYPES:
