@@ -384,13 +384,15 @@ def resolve(path: str | os.PathLike, *, legacy: Callable[[str], bool] | None = N
             ) -> str | None:
   """The committed directory that stands for `path`, or None.
 
-  `path` itself when it is complete (a commit record, or `legacy(path)`);
+  `path` itself when it holds a commit record (damaged or not: reading it says
+  which) or `legacy(path)` holds;
   when `path` is missing after an interrupted commit, the newest complete
   copy left beside it (`.tmp-` new, `.old-` previous). Read-only.
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.isdir(path):
-    if is_committed(path) or (legacy is not None and legacy(path)):
+    # A damaged commit record still marks `path` as the copy: reading it reports the damage.
+    if os.path.exists(os.path.join(path, COMMIT_RECORD)) or (legacy is not None and legacy(path)):
       return path
     return None
   if os.path.lexists(path):
