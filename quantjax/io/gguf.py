@@ -378,7 +378,8 @@ def _float_tensor(x: np.ndarray, t: str) -> np.ndarray:
   if t == "F32":
     return np.asarray(x, np.float32)
   if t == "F16":
-    return np.asarray(x, np.float16)
+    with np.errstate(over="ignore"):  # values past 65504 become inf: _check_encoded names them
+      return np.asarray(x, np.float16)
   if t == "BF16":
     u = np.asarray(x, np.float32).view(np.uint32)
     # Round to nearest even, as a bf16 cast does.
@@ -602,8 +603,9 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
                                 name=f"{spath} (tensor {gname}, {t})")
         raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
     elif t in K_TYPES:
-      raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
-                               importance=None if importance is None else importance.get(spath))
+      with np.errstate(over="ignore", invalid="ignore"):  # overflowing scales: checked below
+        raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
+                                 importance=None if importance is None else importance.get(spath))
     else:
       raw = _float_tensor(_float_rows(leaf, axis, rows_fn), t)
     _check_encoded(gname, spath, t, raw, leaf, axis, n_in)

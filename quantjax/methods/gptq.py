@@ -258,6 +258,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
     raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
                      f"dimension {k} (weight shape {tuple(w.shape)})")
   qarray_lib._check_finite(w, f"{name} (GPTQ weight)")
+  qarray_lib.check_range_fits(w, fmt, f"{name} (GPTQ)")
   if not np.isfinite(h).all():
     raise ValueError(f"GPTQ {name}: the Hessian holds NaN/Inf values (NaN/Inf in the "
                      "calibration inputs, e.g. token ids beyond the vocabulary or overflowing "

@@ -168,7 +168,7 @@ def sign_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):
                             keepdims=True),
                     total / jnp.maximum(cnt, 1))
   alpha = jnp.where(cnt > 0, alpha, 0.0)
-  alpha = jnp.where(jnp.isnan(mean_abs), jnp.nan, alpha)
+  alpha = jnp.where(jnp.isfinite(mean_abs), alpha, jnp.nan)  # NaN/Inf input stays visible
   return alpha.astype(fmt.scale_dtype), delta
 
 

@@ -38,7 +38,7 @@ from quantjax.numerics.formats import QuantFormat
 __all__ = [
     "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
-    "InputScaled", "quantize_with_scale", "check_quantized", "scale_floor",
+    "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "scale_floor",
 ]
 
 
@@ -554,6 +554,37 @@ def _value_range(x: Any) -> str:
   return f" (values in [{float(a.min()):.4g}, {float(a.max()):.4g}])"
 
 
+def _overflow_message(name: str, fmt: QuantFormat, x: Any, what: str) -> str:
+  sdt = jnp.dtype(fmt.scale_dtype)
+  smax = float(jnp.finfo(sdt).max)
+  reach = smax * (float(fmt.qmax - fmt.qmin) if fmt.has_zero_point else fmt.max_representable)
+  fix = "float32 scales (drop fp16s, or a non-GGUF format), " if sdt != jnp.float32 else ""
+  return (f"cannot quantize {name} to {fmt.name}{_value_range(x)}: {what} overflow {sdt.name} "
+          f"(largest {smax:.6g}, so this format reaches |x| <= {reach:.4g}); use {fix}a float "
+          "format, or rescale the tensor")
+
+
+def check_range_fits(x: Any, fmt: QuantFormat, name: str = "array") -> None:
+  """Raises when the scales `x`'s extremes need cannot be stored in `fmt.scale_dtype`
+  (checked on the whole tensor, before quantizing: GPTQ's updates would otherwise
+  spread an overflowed scale as NaN). Concrete `x` only."""
+  if fmt.is_cast or fmt.kind in ("binary", "ternary") or isinstance(x, jax.core.Tracer):
+    return
+  a = np.asarray(x, np.float32)
+  if a.size == 0:
+    return
+  smax = float(jnp.finfo(jnp.dtype(fmt.scale_dtype)).max)
+  lo, hi = float(a.min()), float(a.max())
+  if fmt.has_zero_point:
+    need = (max(hi, 0.0) / 2 - min(lo, 0.0) / 2) / (fmt.qmax - fmt.qmin) * 2
+    if fmt.zero_point == "float" and max(abs(lo), abs(hi)) > smax and np.isfinite(smax):
+      need = float("inf")
+  else:
+    need = max(abs(lo), abs(hi)) / fmt.max_representable
+  if need > smax:
+    raise ValueError(_overflow_message(name, fmt, a, "its scales"))
+
+
 def check_quantized(q: "QArray", name: str = "array", x: Any = None, *,
                     warn_underflow: bool = True) -> None:
   """Host-side check of a concrete QArray's scales: refuses a result that is not
@@ -582,17 +613,14 @@ def check_quantized(q: "QArray", name: str = "array", x: Any = None, *,
   s = np.asarray(q.scale).astype(np.float32)
   sdt = jnp.dtype(fmt.scale_dtype)
   smax = float(jnp.finfo(sdt).max)
+  if x is not None:
+    check_range_fits(x, fmt, name)
   if np.isnan(s).any():
     raise ValueError(f"quantizing {name} to {fmt.name} gave NaN scales{_value_range(x)}: its "
                      "input holds NaN (inside jit, check it with quantize(..., checks=True))")
   bad = ~np.isfinite(s)
   if bad.any():
-    reach = smax * (float(fmt.qmax - fmt.qmin) if fmt.has_zero_point else fmt.max_representable)
-    fix = "float32 scales (drop fp16s, or a non-GGUF format), " if sdt != jnp.float32 else ""
-    raise ValueError(
-        f"cannot quantize {name} to {fmt.name}{_value_range(x)}: {int(bad.sum())} of {s.size} "
-        f"scales overflow {sdt.name} (largest {smax:.6g}, so this format reaches |x| <= "
-        f"{reach:.4g}); use {fix}a float format, or rescale the tensor")
+    raise ValueError(_overflow_message(name, fmt, x, f"{int(bad.sum())} of {s.size} scales"))
   if fmt.has_zero_point and fmt.zero_point == "float" and q.zero_point is not None:
     m = np.asarray(q.zero_point).astype(np.float32)
     if not np.isfinite(m).all():
