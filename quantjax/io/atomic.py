@@ -24,6 +24,10 @@ directory (a checkpoint, a stage's outputs), with a commit protocol:
    finds (step 1 repairs it on the next write).
 5. The old copy is renamed to `.del-` and removed.
 
+One writer per path at a time is the intended use; a second, concurrent
+writer never deletes the first one's temporary directory (its marker file is
+locked while it writes), and the last commit wins.
+
 An existing `path` is replaced only if it is ours: a directory with a commit
 record whose files are all listed in it (nothing the user added), a legacy
 quantjax checkpoint, or an empty directory. A regular file, a symlink or any
@@ -233,7 +237,6 @@ def _write_record(root: str, kind: str, meta: dict | None) -> dict:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, os.path.join(root, COMMIT_RECORD))
-  _unlink(os.path.join(root, _WRITING))
   _fsync_dir(root)
   return rec
 
@@ -331,6 +334,25 @@ def _siblings(path: str) -> list[tuple[str, str]]:
   return out
 
 
+def _in_use(d: str) -> bool:
+  """True when a live writer holds the lock on `d`'s writing marker."""
+  marker = os.path.join(d, _WRITING)
+  try:
+    fd = os.open(marker, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    import fcntl
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return True
+  except (ImportError, OSError):
+    return False
+  finally:
+    os.close(fd)
+  return False
+
+
 def _ours(d: str, legacy: Callable[[str], bool] | None) -> bool:
   """True when directory `d` holds only what quantjax wrote into it."""
   try:
@@ -419,6 +441,8 @@ def _recover(path: str, legacy) -> None:
       os.rename(found, path)
       _fsync_dir(os.path.dirname(path))
   for kind, d in _siblings(path):
+    if _in_use(d):
+      continue  # another process is writing it right now
     if kind == "del" or _ours(d, legacy):
       _remove(d)
   _fault("leftovers_cleaned")
@@ -498,9 +522,17 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, kind: str = "
   _check_target(path, overwrite, legacy, kind)  # a recovered copy is checked like any other
   tmp = os.path.join(parent, f".{base}.tmp-{secrets.token_hex(6)}")
   os.mkdir(tmp)
+  lock = None
   try:
-    with open(os.path.join(tmp, _WRITING), "w", encoding="utf-8") as f:
-      f.write(f"quantjax is writing {path}\n")
+    # The marker says "ours"; its lock, held until the end, says "in use" to other writers.
+    lock = open(os.path.join(tmp, _WRITING), "w", encoding="utf-8")
+    lock.write(f"quantjax is writing {path}\n")
+    lock.flush()
+    try:
+      import fcntl
+      fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    except (ImportError, OSError):
+      pass
     _fault("tmp_created")
     yield tmp
     _fault("contents_written")
@@ -524,6 +556,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, kind: str = "
       _fault("renamed_new_into_place")
       _fsync_dir(parent)
     _fault("old_removed")
+    _unlink(os.path.join(path, _WRITING))
   except OSError as e:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
@@ -532,3 +565,6 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, kind: str = "
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    if lock is not None:
+      lock.close()

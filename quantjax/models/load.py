@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from quantjax.io.gguf_read import GGUFError  # the reader's error, re-exported here
 from quantjax.models import llama as llama_lib
 
 __all__ = [
@@ -44,10 +45,6 @@ __all__ = [
 ]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# GGUFError lives with the reader (`quantjax.io.gguf_read`); re-exported here.
-from quantjax.io.gguf_read import GGUFError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
@@ -104,7 +101,8 @@ _VIA_GGUF_PY = ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q5_0", "Q5_1")
 
 
 def dequantize_gguf_tensor(tensor: Any) -> np.ndarray:
-  """A `gguf.ReaderTensor` as float32 numpy `[ne_{n-1}, ..., ne_0]` (row-major)."""
+  """A GGUF tensor (`quantjax.io.gguf_read.GGUFTensor`, or gguf-py's `ReaderTensor`) as
+  float32 numpy `[ne_{n-1}, ..., ne_0]` (row-major)."""
   import gguf
   kind = tensor.tensor_type.name
   data = np.asarray(tensor.data)

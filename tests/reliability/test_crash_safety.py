@@ -51,7 +51,7 @@ def _read_dir(d: str) -> dict[str, bytes]:
   for root, _, files in os.walk(d):
     for name in files:
       rel = os.path.relpath(os.path.join(root, name), d)
-      if rel != atomic.COMMIT_RECORD:
+      if rel not in (atomic.COMMIT_RECORD, atomic._WRITING):
         with open(os.path.join(root, name), "rb") as f:
           out[rel] = f.read()
   return out
@@ -337,3 +337,16 @@ except OSError as e:
   p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert "ERR" in p.stdout and str(tmp_path / "big.bin") in p.stdout, p.stdout + p.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_a_concurrent_writer_does_not_remove_a_live_temporary(tmp_path):
+  path = tmp_path / "out"
+  with atomic.atomic_dir(path) as tmp_a:
+    (open(os.path.join(tmp_a, "f"), "w")).write("a")
+    with atomic.atomic_dir(path) as tmp_b:  # its clean-up step sees tmp_a in use
+      (open(os.path.join(tmp_b, "f"), "w")).write("b")
+    assert os.path.isdir(tmp_a)
+    assert (path / "f").read_text() == "b"
+  assert (path / "f").read_text() == "a"  # the last commit wins
+  atomic.verify_dir(path)
+  assert _leftovers(path) == []
