@@ -564,17 +564,21 @@ def _overflow_message(name: str, fmt: QuantFormat, x: Any, what: str) -> str:
           "format, or rescale the tensor")
 
 
-def check_range_fits(x: Any, fmt: QuantFormat, name: str = "array") -> None:
+def check_range_fits(x: Any, fmt: QuantFormat, name: str = "array", *,
+                     lo_hi: tuple[float, float] | None = None) -> None:
   """Raises when the scales `x`'s extremes need cannot be stored in `fmt.scale_dtype`
   (checked on the whole tensor, before quantizing: GPTQ's updates would otherwise
-  spread an overflowed scale as NaN). Concrete `x` only."""
+  spread an overflowed scale as NaN). Concrete `x` only; `lo_hi` = its min and
+  max when already known."""
   if fmt.is_cast or fmt.kind in ("binary", "ternary") or isinstance(x, jax.core.Tracer):
     return
-  a = np.asarray(x, np.float32)
-  if a.size == 0:
-    return
+  if lo_hi is None:
+    a = np.asarray(x, np.float32)
+    if a.size == 0:
+      return
+    lo_hi = (float(a.min()), float(a.max()))
   smax = float(jnp.finfo(jnp.dtype(fmt.scale_dtype)).max)
-  lo, hi = float(a.min()), float(a.max())
+  lo, hi = lo_hi
   if fmt.has_zero_point:
     need = (max(hi, 0.0) / 2 - min(lo, 0.0) / 2) / (fmt.qmax - fmt.qmin) * 2
     if fmt.zero_point == "float" and max(abs(lo), abs(hi)) > smax and np.isfinite(smax):
@@ -582,7 +586,7 @@ def check_range_fits(x: Any, fmt: QuantFormat, name: str = "array") -> None:
   else:
     need = max(abs(lo), abs(hi)) / fmt.max_representable
   if need > smax:
-    raise ValueError(_overflow_message(name, fmt, a, "its scales"))
+    raise ValueError(_overflow_message(name, fmt, x, "its scales"))
 
 
 def check_quantized(q: "QArray", name: str = "array", x: Any = None, *,
@@ -613,8 +617,11 @@ def check_quantized(q: "QArray", name: str = "array", x: Any = None, *,
   s = np.asarray(q.scale).astype(np.float32)
   sdt = jnp.dtype(fmt.scale_dtype)
   smax = float(jnp.finfo(sdt).max)
+  lo_hi = None
   if x is not None:
-    check_range_fits(x, fmt, name)
+    a = np.asarray(x, np.float32)
+    lo_hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    check_range_fits(x, fmt, name, lo_hi=lo_hi)
   if np.isnan(s).any():
     raise ValueError(f"quantizing {name} to {fmt.name} gave NaN scales{_value_range(x)}: its "
                      "input holds NaN (inside jit, check it with quantize(..., checks=True))")
@@ -631,16 +638,14 @@ def check_quantized(q: "QArray", name: str = "array", x: Any = None, *,
       raise ValueError(f"cannot quantize {name} to {fmt.name}{_value_range(x)}: min + "
                        f"{fmt.qmax} * step passes float32's range; use a symmetric or "
                        "integer-zero-point format")
-  if warn_underflow and x is not None:
-    ax = np.abs(np.asarray(x, np.float32))
-    tiny = np.finfo(np.float32).tiny
-    n_denormal = int(np.count_nonzero((ax > 0) & (ax < tiny)))
+  if warn_underflow and lo_hi is not None:
     # Only when nothing else is there: beside normal values they are far below a step.
-    if n_denormal and not np.any(ax >= tiny):
+    amax = max(abs(lo_hi[0]), abs(lo_hi[1]))
+    tiny = float(np.finfo(np.float32).tiny)
+    if 0 < amax < tiny:
       import warnings
-      warnings.warn(f"{name}: {n_denormal} non-zero values are float32 denormals (|x| < "
-                    f"{float(np.finfo(np.float32).tiny):.3g}), which XLA flushes to 0: they "
-                    "quantize to 0", stacklevel=3)
+      warnings.warn(f"{name}: all its non-zero values are float32 denormals (|x| <= {amax:.3g} "
+                    f"< {tiny:.3g}), which XLA flushes to 0: they quantize to 0", stacklevel=3)
   if warn_underflow and x is not None and fmt.kind == "int":
     floor = scale_floor(sdt)
     at_floor = int(np.sum(np.abs(s) <= floor))
