@@ -9,14 +9,13 @@ Saves are crash-safe (`quantjax.io.atomic.atomic_dir`): a kill at any point
 leaves the previous checkpoint or the new one restorable, never neither and
 never a mix; the next save cleans what an interrupted one left. A save never
 replaces anything that is not a quantjax checkpoint. Restores check a
-SHA-256 of every file and of every array (recorded at save), so a flipped
+checksum (XXH3-128) of every file and of every array (recorded at save), so a flipped
 byte, a truncated file or an edited manifest is an error naming it, not
 silently different values.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -150,10 +149,12 @@ def _legacy_checkpoint(d: str) -> bool:
 
 
 def _array_digest(a: np.ndarray) -> str:
+  """XXH3-128 of an array's dtype, shape and bytes."""
+  import xxhash
   a = np.ascontiguousarray(a)
-  h = hashlib.sha256()
-  h.update(f"{a.dtype.str}{a.shape}".encode())
-  h.update(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
+  h = xxhash.xxh3_128(f"{a.dtype.str}{a.shape}".encode())
+  if a.size:
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
   return h.hexdigest()
 
 
@@ -164,8 +165,8 @@ def save_params(path: str | os.PathLike, params: Any, *, overwrite: bool = True)
   committed with `quantjax.io.atomic.atomic_dir`: at every instant `path`
   (or, after a crash between two renames, a complete copy beside it that
   `restore_params` finds) is the old checkpoint or the new one, complete.
-  Every array's SHA-256 goes into the manifest and every file's into the
-  commit record, so `restore_params` detects a flipped byte, a truncated
+  Every array's checksum (XXH3-128) goes into the manifest and every file's
+  into the commit record, so `restore_params` detects a flipped byte, a truncated
   file or an edited manifest and names it. Leftovers of an interrupted save
   are cleaned by the next save to the same path.
 
@@ -188,7 +189,7 @@ def save_params(path: str | os.PathLike, params: Any, *, overwrite: bool = True)
   manifest = {"version": _VERSION, "tree": desc,
               "is_nnx_state": isinstance(params, nnx.State),
               "arrays": {k: {"dtype": v.dtype.str, "shape": list(v.shape),
-                             "sha256": _array_digest(v)} for k, v in flat.items()}}
+                             atomic.HASH: _array_digest(v)} for k, v in flat.items()}}
   with atomic.atomic_dir(path, overwrite=overwrite, kind="checkpoint",
                          legacy=_legacy_checkpoint) as tmp:
     ckptr = ocp.PyTreeCheckpointer()
@@ -217,7 +218,7 @@ def restore_params(path: str | os.PathLike, *, as_nnx_state: bool | None = None,
   Args:
     path: the checkpoint directory.
     as_nnx_state: return an `nnx.State` (default: whatever was saved).
-    verify: check every file's and every array's SHA-256 (recorded at save)
+    verify: check every file's and every array's checksum (recorded at save)
       before returning anything.
 
   Raises:
@@ -296,6 +297,6 @@ def _verify_arrays(manifest: dict, flat: dict, mpath: str) -> None:
     if a.dtype.str != info["dtype"] or list(a.shape) != list(info["shape"]):
       raise ValueError(f"checkpoint array {name!r} restored as {a.dtype.str}{list(a.shape)}, "
                        f"saved as {info['dtype']}{info['shape']} (manifest {mpath})")
-    if _array_digest(a) != info["sha256"]:
-      raise ValueError(f"checkpoint array {name!r} differs from what was saved (SHA-256 "
+    if _array_digest(a) != info.get(atomic.HASH):
+      raise ValueError(f"checkpoint array {name!r} differs from what was saved (checksum "
                        f"mismatch; manifest {mpath})")
