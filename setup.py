@@ -26,6 +26,7 @@ setup(
         "transformers>=5.0,<6",
         "tokenizers>=0.21",
         "safetensors>=0.4",
+        "xxhash==4.1.0",  # checkpoint checksums (quantjax.io.atomic)
     ],
     extras_require={
         # llama.cpp as an independent runtime for exported GGUF files (built from

@@ -195,7 +195,7 @@ def _save(workdir: str, state: TrainState, history: list[dict]) -> None:
 
 def _restore(workdir: str, opt_state_like: Any) -> tuple[TrainState, list[dict]] | None:
   path = _ckpt_dir(workdir)
-  if not os.path.isdir(path):
+  if not checkpoint_lib.exists(path):  # also finds a save interrupted between its renames
     return None
   tree = checkpoint_lib.restore_params(path)
   treedef = jax.tree.structure(opt_state_like)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
@@ -28,21 +27,11 @@ __all__ = [
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to a temp file in the same directory, then `os.replace`s it."""
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Writes `text` to a temp file in the same directory, then `os.replace`s it
+  (`quantjax.io.atomic.atomic_write`: the umask applies; errors name `path`)."""
+  from quantjax.io import atomic
+  with atomic.atomic_write(path, "w", encoding="utf-8") as f:
+    f.write(text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -198,14 +187,12 @@ def family_styles(families: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 def _save_figure(fig, path: str | os.PathLike) -> None:
   import matplotlib.pyplot as plt
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-  os.close(fd)
+
+  from quantjax.io import atomic
+  tmp = atomic.temp_path(path)
   try:
     fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    atomic.commit_file(tmp, path)
   finally:
     plt.close(fig)
     if os.path.exists(tmp):

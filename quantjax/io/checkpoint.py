@@ -3,17 +3,21 @@
 Orbax stores the arrays (codes, scales, zero points: the real, small bytes);
 the static part of each QArray (format, logical shape, dtype) and the tree's
 layout go to a JSON manifest beside them, so a checkpoint restores with no
-target tree. Writes are atomic: everything is written into a temporary
-directory next to the destination, which is renamed into place at the end;
-an interrupted save leaves the previous checkpoint (if any) untouched.
+target tree.
+
+Saves are crash-safe (`quantjax.io.atomic.atomic_dir`): a kill at any point
+leaves the previous checkpoint or the new one restorable, never neither and
+never a mix; the next save cleans what an interrupted one left. A save never
+replaces anything that is not a quantjax checkpoint. Restores check a
+checksum (XXH3-128) of every file and of every array (recorded at save), so a flipped
+byte, a truncated file or an edited manifest is an error naming it, not
+silently different values.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -22,14 +26,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from quantjax.io import atomic
+from quantjax.io.atomic import atomic_dir  # noqa: F401  (re-exported for stage outputs)
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
-__all__ = ["save_params", "restore_params", "format_to_dict", "format_from_dict"]
+__all__ = ["save_params", "restore_params", "find_checkpoint", "exists", "atomic_dir",
+           "format_to_dict", "format_from_dict"]
 
 _MANIFEST = "quantjax_manifest.json"
 _ARRAYS = "arrays"
-_VERSION = 1
+_VERSION = 2          # array checksums in the manifest, files in the commit record
+_VERSION_LEGACY = 1   # before commit records: read without checks
 
 
 def format_to_dict(fmt: QuantFormat) -> dict[str, Any]:
@@ -131,66 +139,164 @@ def _rebuild(desc: Any, arrays: dict[str, Any]) -> Any:
   raise ValueError(f"unreadable checkpoint manifest entry: {desc!r}")
 
 
-def save_params(path: str | os.PathLike, params: Any, *, overwrite: bool = True) -> str:
-  """Saves a params tree (QArrays, masks, nnx.State, nested dicts) atomically.
+def _legacy_checkpoint(d: str) -> bool:
+  """A checkpoint written before commit records (manifest version 1): only our two entries."""
+  try:
+    entries = set(os.listdir(d))
+  except OSError:
+    return False
+  return _MANIFEST in entries and entries <= {_MANIFEST, _ARRAYS}
 
-  Returns the checkpoint directory. With `overwrite=False`, an existing
-  directory is an error.
+
+def _array_digest(a: np.ndarray) -> str:
+  """XXH3-128 of an array's dtype, shape and bytes."""
+  import xxhash
+  a = np.ascontiguousarray(a)
+  h = xxhash.xxh3_128(f"{a.dtype.str}{a.shape}".encode())
+  if a.size:
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
+def save_params(path: str | os.PathLike, params: Any, *, overwrite: bool = True) -> str:
+  """Saves a params tree (QArrays, masks, nnx.State, nested dicts) crash-safely.
+
+  The checkpoint is written into a temporary directory beside `path` and
+  committed with `quantjax.io.atomic.atomic_dir`: at every instant `path`
+  (or, after a crash between two renames, a complete copy beside it that
+  `restore_params` finds) is the old checkpoint or the new one, complete.
+  Every array's checksum (XXH3-128) goes into the manifest and every file's
+  into the commit record, so `restore_params` detects a flipped byte, a truncated
+  file or an edited manifest and names it. Leftovers of an interrupted save
+  are cleaned by the next save to the same path.
+
+  Args:
+    path: the checkpoint directory.
+    params: the tree.
+    overwrite: replace an existing checkpoint at `path`. Whatever the flag, a
+      regular file, a symlink, or a directory that is not a quantjax
+      checkpoint (or holds files added to one) is never replaced: that is an
+      error and nothing is written.
+
+  Returns:
+    The checkpoint directory.
   """
   path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"checkpoint {path} exists (pass overwrite=True to replace it)")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
   arrays: dict[str, Any] = {}
   desc = _describe(_to_plain(params), arrays, "")
+  # numpy keys: orbax wants a dict of arrays; '/' in keys would nest, so escape.
+  flat = {k.replace("/", "|") or "|": np.asarray(v) for k, v in arrays.items()}
   manifest = {"version": _VERSION, "tree": desc,
-              "is_nnx_state": isinstance(params, nnx.State)}
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-  try:
-    # numpy keys: orbax wants a dict of arrays; '/' in keys would nest, so escape.
-    flat = {k.replace("/", "|") or "|": np.asarray(v) for k, v in arrays.items()}
+              "is_nnx_state": isinstance(params, nnx.State),
+              "arrays": {k: {"dtype": v.dtype.str, "shape": list(v.shape),
+                             atomic.HASH: _array_digest(v)} for k, v in flat.items()}}
+  with atomic.atomic_dir(path, overwrite=overwrite, kind="checkpoint",
+                         legacy=_legacy_checkpoint) as tmp:
     ckptr = ocp.PyTreeCheckpointer()
     ckptr.save(os.path.join(tmp, _ARRAYS), flat)
     with open(os.path.join(tmp, _MANIFEST), "w", encoding="utf-8") as f:
       json.dump(manifest, f)
-    if os.path.exists(path):
-      old = path + ".old-" + os.path.basename(tmp)
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 
-def restore_params(path: str | os.PathLike, *, as_nnx_state: bool | None = None) -> Any:
+def find_checkpoint(path: str | os.PathLike) -> str | None:
+  """The directory `restore_params(path)` reads: `path` itself, or after a save
+  interrupted between its two renames, the newest complete copy beside it;
+  None when there is no checkpoint."""
+  return atomic.resolve(path, legacy=_legacy_checkpoint)
+
+
+def exists(path: str | os.PathLike) -> bool:
+  """True when `restore_params(path)` finds a checkpoint (see `find_checkpoint`)."""
+  return find_checkpoint(path) is not None
+
+
+def restore_params(path: str | os.PathLike, *, as_nnx_state: bool | None = None,
+                   verify: bool = True) -> Any:
   """Restores a tree saved by `save_params` (QArrays with their formats).
 
   Args:
     path: the checkpoint directory.
     as_nnx_state: return an `nnx.State` (default: whatever was saved).
+    verify: check every file's and every array's checksum (recorded at save)
+      before returning anything.
+
+  Raises:
+    FileNotFoundError: no checkpoint at `path` (nor a complete copy beside it).
+    ValueError: a damaged checkpoint: a file missing, truncated or changed, an
+      edited manifest, an array whose bytes differ from those saved; the
+      message names the file or the array.
   """
   path = os.path.abspath(os.fspath(path))
-  mpath = os.path.join(path, _MANIFEST)
-  if not os.path.isfile(mpath):
-    raise FileNotFoundError(f"{path} is not a quantjax checkpoint (no {_MANIFEST})")
-  with open(mpath, encoding="utf-8") as f:
-    try:
+  found = find_checkpoint(path)
+  if found is None:
+    if os.path.isdir(path):
+      raise FileNotFoundError(
+          f"{path} is not a quantjax checkpoint (no {atomic.COMMIT_RECORD} nor {_MANIFEST}"
+          f"{'; ' + _why_not(path) if os.listdir(path) else ''})")
+    raise FileNotFoundError(f"no checkpoint at {path}")
+  legacy = not os.path.exists(os.path.join(found, atomic.COMMIT_RECORD))
+  if not legacy:
+    if verify:
+      atomic.verify_dir(found)
+    else:
+      atomic.read_record(found)
+  mpath = os.path.join(found, _MANIFEST)
+  try:
+    with open(mpath, encoding="utf-8") as f:
       manifest = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"corrupt checkpoint manifest {mpath}: {e}") from None
-  if manifest.get("version") != _VERSION:
-    raise ValueError(f"checkpoint {path} has manifest version {manifest.get('version')}, "
-                     f"this quantjax reads version {_VERSION}")
-  flat = ocp.PyTreeCheckpointer().restore(os.path.join(path, _ARRAYS))
+  except FileNotFoundError:
+    raise ValueError(f"checkpoint {found} has no manifest {_MANIFEST}") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"corrupt checkpoint manifest {mpath}: {e}") from None
+  want = _VERSION_LEGACY if legacy else _VERSION
+  if not isinstance(manifest, dict) or manifest.get("version") != want:
+    got = manifest.get("version") if isinstance(manifest, dict) else None
+    raise ValueError(f"checkpoint manifest {mpath} has version {got}; expected {want}")
+  try:
+    flat = ocp.PyTreeCheckpointer().restore(os.path.join(found, _ARRAYS))
+  except Exception as e:  # orbax / tensorstore raise assorted errors on damaged files
+    raise ValueError(f"checkpoint {found}: orbax cannot read {os.path.join(found, _ARRAYS)} "
+                     f"({type(e).__name__}: {e})") from None
+  if not legacy and verify:
+    _verify_arrays(manifest, flat, mpath)
   arrays = {("" if k == "|" else k.replace("|", "/")): jnp.asarray(v) for k, v in flat.items()}
-  tree = _rebuild(manifest["tree"], arrays)
+  try:
+    tree = _rebuild(manifest["tree"], arrays)
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"checkpoint manifest {mpath} does not match its arrays ({e!r})") from None
   if as_nnx_state is None:
     as_nnx_state = manifest.get("is_nnx_state", False)
   if as_nnx_state:
     return nnx.State(tree)
   return tree
+
+
+def _why_not(path: str) -> str:
+  try:
+    atomic.read_record(path)
+  except FileNotFoundError:
+    return f"it holds {sorted(os.listdir(path))[:6]}"
+  except atomic.CommitError as e:
+    return str(e)
+  return ""
+
+
+def _verify_arrays(manifest: dict, flat: dict, mpath: str) -> None:
+  want = manifest.get("arrays")
+  if not isinstance(want, dict):
+    raise ValueError(f"checkpoint manifest {mpath} lists no array checksums")
+  if set(want) != set(flat):
+    missing = sorted(set(want) - set(flat))
+    extra = sorted(set(flat) - set(want))
+    raise ValueError(f"checkpoint arrays do not match manifest {mpath}: missing "
+                     f"{missing[:5]}, unexpected {extra[:5]}")
+  for k, info in want.items():
+    a = np.asarray(flat[k])
+    name = "/" if k == "|" else k.replace("|", "/")
+    if a.dtype.str != info["dtype"] or list(a.shape) != list(info["shape"]):
+      raise ValueError(f"checkpoint array {name!r} restored as {a.dtype.str}{list(a.shape)}, "
+                       f"saved as {info['dtype']}{info['shape']} (manifest {mpath})")
+    if _array_digest(a) != info.get(atomic.HASH):
+      raise ValueError(f"checkpoint array {name!r} differs from what was saved (checksum "
+                       f"mismatch; manifest {mpath})")

@@ -40,14 +40,15 @@ import dataclasses
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from quantjax.io import atomic
+from quantjax.io import gguf_read
 from quantjax.io import kquants
-from quantjax.models.load import GGUFError
+from quantjax.io.gguf_read import GGUFError
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
@@ -280,6 +281,54 @@ def _pure(params: Any) -> Any:
   return params
 
 
+def _expected_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
+  """`{gguf name: (row-major shape in the file, params path)}` the config implies."""
+  from flax import nnx
+
+  from quantjax.models import load as load_lib
+  pure = nnx.to_pure_dict(load_lib.model_module(config).abstract_state(config))
+  out = {}
+  for gname, ppath, _, _ in _name_table(config):
+    node = pure
+    for k in ppath:
+      node = node[k]
+    shape = tuple(int(s) for s in node.shape)
+    out[gname] = (shape[::-1] if ppath[-1] == "kernel" else shape, "/".join(map(str, ppath)))
+  return out
+
+
+_SHAPE_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count",
+               "attention.head_count_kv", "attention.key_length", "block_count")
+
+
+def check_tensor_shapes(config, reader, path: str) -> None:
+  """Checks, before any data is read, that the file holds exactly the tensors
+  `config` implies with the shapes it implies (GGUF rows: `[out, in]`).
+
+  Raises:
+    GGUFError: a missing or unexpected tensor, or a shape that contradicts the
+      metadata (the message names the tensor and the metadata keys involved).
+  """
+  from quantjax.models import load as load_lib
+  want = _expected_shapes(config)
+  have = {t.name: t for t in reader.tensors}
+  missing = [n for n in want if n not in have]
+  if missing:
+    raise GGUFError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                    f"(the metadata implies {len(want)} tensors)")
+  unknown = sorted(set(have) - set(want) - set(load_lib._IGNORED))
+  if unknown:
+    raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
+  arch = getattr(reader, "get", lambda *_: None)("general.architecture") or "llama"
+  for name, (shape, ppath) in want.items():
+    got = tuple(int(s) for s in reversed(have[name].shape.tolist()))
+    if got != shape:
+      raise GGUFError(
+          f"{path}: tensor {name!r} has shape {list(got)} but the metadata implies "
+          f"{list(shape)} (for {ppath}); check the keys "
+          f"{', '.join(arch + '.' + k for k in _SHAPE_KEYS)}")
+
+
 # ----------------------------------------------------------------------------
 # Export.
 
@@ -320,7 +369,8 @@ def _float_tensor(x: np.ndarray, t: str) -> np.ndarray:
   if t == "F32":
     return np.asarray(x, np.float32)
   if t == "F16":
-    return np.asarray(x, np.float16)
+    with np.errstate(over="ignore"):  # values past 65504 become inf: _check_encoded names them
+      return np.asarray(x, np.float16)
   if t == "BF16":
     u = np.asarray(x, np.float32).view(np.uint32)
     # Round to nearest even, as a bf16 cast does.
@@ -353,10 +403,12 @@ def _file_type(kinds: list[str]) -> int:
   return int(table[most])
 
 
-def _copy_tokenizer_fields(writer, source: str) -> None:
+def _copy_tokenizer_fields(writer, source: str) -> int:
+  """Copies `tokenizer.*` keys; returns the number of tokens."""
   import gguf
   from quantjax.models import load as load_lib
   reader = load_lib._open_gguf(source)
+  tokens = reader.fields.get("tokenizer.ggml.tokens")
   for key, field in reader.fields.items():
     if not key.startswith("tokenizer."):
       continue
@@ -365,10 +417,12 @@ def _copy_tokenizer_fields(writer, source: str) -> None:
       writer.add_key_value(key, field.contents(), types[0], sub_type=types[-1])
     else:
       writer.add_key_value(key, field.contents(), types[0])
+  return 0 if tokens is None else tokens.count
 
 
-def _hf_tokenizer_fields(writer, tokenizer) -> None:
-  """Tokenizer metadata for a byte-level BPE ("gpt2") Hugging Face tokenizer."""
+def _hf_tokenizer_fields(writer, tokenizer) -> int:
+  """Tokenizer metadata for a byte-level BPE ("gpt2") Hugging Face tokenizer; returns
+  the number of tokens."""
   import json
   if isinstance(tokenizer, (str, os.PathLike)):
     from transformers import AutoTokenizer
@@ -410,6 +464,7 @@ def _hf_tokenizer_fields(writer, tokenizer) -> None:
   template = getattr(tokenizer, "chat_template", None)
   if isinstance(template, str):
     writer.add_chat_template(template)
+  return n
 
 
 def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any = None,
@@ -444,6 +499,18 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   Returns:
     One `TensorExport` per tensor: its type and whether it went in losslessly,
     was quantized from floats, or was re-quantized from another format.
+
+  Raises:
+    GGUFError: a leaf missing or of a shape the config contradicts, NaN/Inf in
+      a leaf, values out of the chosen type's range (e.g. above F16's 65504,
+      or beyond what Q4_0's fp16 scales reach): each names the leaf, the
+      tensor and the value range, before any file is written.
+    OSError: the file could not be written (disk full, ...); the message
+      names it and nothing is left behind.
+
+  Every tensor's encoding is checked as the reader checks a file (finite
+  block scales and float values), and the written file is read back with
+  `quantjax.io.gguf_read` before it is renamed into place.
   """
   import gguf
 
@@ -467,6 +534,7 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   # Encode every tensor first: a bad leaf fails before any file exists.
   tensors: list[tuple[str, np.ndarray, str]] = []
   report: list[TensorExport] = []
+  want = _expected_shapes(config)
   for gname, ppath, heads, axis in _name_table(config):
     leaf = _get(pure, ppath)
     spath = "/".join(map(str, ppath))
@@ -480,6 +548,13 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
     if isinstance(leaf, ActQuantized):
       leaf = leaf.weight  # llama.cpp quantizes activations itself
     shape = tuple(int(s) for s in leaf.shape)
+    rows_shape = want[gname][0]
+    exp = rows_shape[::-1] if ppath[-1] == "kernel" else rows_shape
+    if shape != exp:
+      raise GGUFError(f"{spath} has shape {shape} but the config implies {exp} (tensor {gname}); "
+                      "llama.cpp and quantjax would refuse the file: fix the leaf or the config")
+    if not isinstance(leaf, QArray):
+      _check_finite_leaf(leaf, spath, gname)
     is_norm = ppath[-1] == "scale"
     n_in = shape[axis] if len(shape) == 2 else shape[-1]
     rows_fn = (lambda a, h=heads: permute_qk(a, h)) if heads else None
@@ -521,65 +596,85 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
             leaf, jnp.float32)
         # llama.cpp's rule for Q4_0/Q5_0: the extreme value maps to the lowest code
         cal = "signed_max" if t in ("Q4_0", "Q5_0") else "minmax"
-        q = qarray_lib.quantize(x, block_format(t, axis), calibration=cal)
+        q = qarray_lib.quantize(x, block_format(t, axis), calibration=cal,
+                                name=f"{spath} (tensor {gname}, {t})")
         raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
     elif t in K_TYPES:
-      raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
-                               importance=None if importance is None else importance.get(spath))
+      with np.errstate(over="ignore", invalid="ignore"):  # overflowing scales: checked below
+        raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
+                                 importance=None if importance is None else importance.get(spath))
     else:
       raw = _float_tensor(_float_rows(leaf, axis, rows_fn), t)
+    _check_encoded(gname, spath, t, raw, leaf, axis, n_in)
     tensors.append((gname, raw, t))
     report.append(TensorExport(gname, spath, shape, _source_name(leaf), t, how, int(raw.nbytes)))
 
-  fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".gguf")
-  os.close(fd)
+  tmp = atomic.temp_path(path)  # mode 0666 less the umask, like any new file
   try:
-    gemma = isinstance(config, gemma3_lib.Gemma3Config)
-    w = gguf.GGUFWriter(tmp, "gemma3" if gemma else "llama")
-    w.add_name(name or config.name)
-    w.add_context_length(int(config.max_position_embeddings))
-    w.add_embedding_length(int(config.hidden_size))
-    w.add_block_count(int(config.num_layers))
-    w.add_feed_forward_length(int(config.intermediate_size))
-    w.add_head_count(int(config.num_heads))
-    w.add_head_count_kv(int(config.num_kv_heads))
-    w.add_rope_freq_base(float(config.rope_theta))
-    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    if gemma:
-      w.add_key_length(int(config.head_dim))
-      w.add_value_length(int(config.head_dim))
-      if config.sliding_window is not None:
-        w.add_sliding_window(int(config.sliding_window))
-      if config.final_logit_softcapping is not None:
-        w.add_final_logit_softcapping(float(config.final_logit_softcapping))
-      if config.rope_scaling_factor != 1.0:
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(config.rope_scaling_factor))
-    else:
-      w.add_rope_dimension_count(int(config.head_dim))
-      if config.head_dim * config.num_heads != config.hidden_size:
+    try:
+      gemma = isinstance(config, gemma3_lib.Gemma3Config)
+      w = gguf.GGUFWriter(tmp, "gemma3" if gemma else "llama")
+      w.add_name(name or config.name)
+      w.add_context_length(int(config.max_position_embeddings))
+      w.add_embedding_length(int(config.hidden_size))
+      w.add_block_count(int(config.num_layers))
+      w.add_feed_forward_length(int(config.intermediate_size))
+      w.add_head_count(int(config.num_heads))
+      w.add_head_count_kv(int(config.num_kv_heads))
+      w.add_rope_freq_base(float(config.rope_theta))
+      w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+      if gemma:
         w.add_key_length(int(config.head_dim))
         w.add_value_length(int(config.head_dim))
-      w.add_vocab_size(int(config.vocab_size))
-    w.add_file_type(_file_type([t for _, r, t in tensors if r.ndim == 2]))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if tokenizer is not None:
-      if isinstance(tokenizer, (str, os.PathLike)) and os.fspath(tokenizer).endswith(".gguf"):
-        _copy_tokenizer_fields(w, os.fspath(tokenizer))
+        if config.sliding_window is not None:
+          w.add_sliding_window(int(config.sliding_window))
+        if config.final_logit_softcapping is not None:
+          w.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if config.rope_scaling_factor != 1.0:
+          w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+          w.add_rope_scaling_factor(float(config.rope_scaling_factor))
       else:
-        _hf_tokenizer_fields(w, tokenizer)
-    for gname, raw, t in tensors:
-      if t in BLOCK_TYPES or t in K_TYPES:
-        w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[t])
-      elif t == "BF16":
-        w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
-      else:
-        w.add_tensor(gname, raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
+        w.add_rope_dimension_count(int(config.head_dim))
+        if config.head_dim * config.num_heads != config.hidden_size:
+          w.add_key_length(int(config.head_dim))
+          w.add_value_length(int(config.head_dim))
+        w.add_vocab_size(int(config.vocab_size))
+      w.add_file_type(_file_type([t for _, r, t in tensors if r.ndim == 2]))
+      w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+      if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)) and os.fspath(tokenizer).endswith(".gguf"):
+          n_tok = _copy_tokenizer_fields(w, os.fspath(tokenizer))
+        else:
+          n_tok = _hf_tokenizer_fields(w, tokenizer)
+        if n_tok and n_tok != int(config.vocab_size):
+          raise GGUFError(f"{path}: the tokenizer has {n_tok} tokens but the model's vocabulary "
+                          f"(config.vocab_size, the embedding's rows) is {config.vocab_size}; "
+                          "llama.cpp refuses such a file, so nothing was written")
+      for gname, raw, t in tensors:
+        if t in BLOCK_TYPES or t in K_TYPES:
+          w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[t])
+        elif t == "BF16":
+          w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+          w.add_tensor(gname, raw)
+      w.write_header_to_file()
+      w.write_kv_data_to_file()
+      w.write_tensors_to_file()
+      w.close()
+    except OSError as e:
+      raise OSError(e.errno, f"cannot write GGUF file {path}: {e.strerror or e}") if e.errno \
+          else OSError(f"cannot write GGUF file {path}: {e}") from e
+    # Read back what was written, as any reader will, before it takes the name.
+    try:
+      with gguf_read.read_gguf(tmp) as check:
+        gguf_read.validate_metadata(check)
+        check_tensor_shapes(config, check, tmp)
+        if len(check.tensors) != len(tensors):
+          raise GGUFError(f"{len(check.tensors)} tensors were written, {len(tensors)} expected")
+    except GGUFError as e:
+      raise GGUFError(f"{path}: the written file fails the reader's checks, so it was not "
+                      f"kept: {e}") from None
+    atomic.commit_file(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -608,16 +703,47 @@ def _check_gemma3_exportable(config) -> None:
     raise GGUFError("this Gemma3Config cannot be exported for llama.cpp: " + "; ".join(problems))
 
 
+def _check_finite_leaf(leaf: Any, spath: str, gname: str) -> None:
+  x = np.asarray(leaf)
+  if not np.issubdtype(x.dtype, np.floating):
+    raise GGUFError(f"{spath} (tensor {gname}) has dtype {x.dtype}; GGUF export takes floats")
+  bad = ~np.isfinite(x)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise GGUFError(f"{spath} (tensor {gname}) holds {int(bad.sum())} NaN/Inf values of "
+                    f"{x.size} (first at {first}: {x[first]}); nothing was written")
+
+
+_FLOAT_MAX = {"F16": float(np.finfo(np.float16).max), "BF16": 3.3895313892515355e38,
+              "F32": float(np.finfo(np.float32).max)}
+
+
+def _check_encoded(gname: str, spath: str, t: str, raw: np.ndarray, leaf: Any, axis: int,
+                   row: int) -> None:
+  """The encoded tensor passes the reader's value checks, or a message says why not."""
+  try:
+    gguf_read.check_raw_tensor("export", gname, t, raw, row, full=True)
+  except GGUFError as e:
+    x = _float_rows(leaf, axis, None)
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if t in _FLOAT_MAX:
+      hint = (f"its values span [{lo:.4g}, {hi:.4g}], beyond {t}'s largest finite value "
+              f"{_FLOAT_MAX[t]:.6g}: export it as F32 (or BF16)")
+    else:
+      hint = (f"its values span [{lo:.4g}, {hi:.4g}]; {t}'s float16 scales cannot represent "
+              "them: export it as F32/BF16, or rescale it")
+    raise GGUFError(f"{spath} (tensor {gname}, {t}): {hint} ({e})") from None
+
+
 def type_rules(path: str | os.PathLike) -> list[tuple[str, str]]:
   """Rules that give every matrix the GGUF type it has in the file at `path`.
 
   `export_gguf(..., types=type_rules("model-Q4_K_M.gguf"))` writes quantjax's
   encoding of a model with the same per-tensor type mix as that file.
   """
-  import gguf
-  reader = gguf.GGUFReader(os.fspath(path))
-  return [(f"^{re.escape(t.name)}$", t.tensor_type.name) for t in reader.tensors
-          if len(t.shape) == 2]
+  with gguf_read.read_gguf(os.fspath(path)) as reader:
+    return [(f"^{re.escape(t.name)}$", t.tensor_type.name) for t in reader.tensors
+            if len(t.shape) == 2]
 
 
 def _float_rows(leaf: Any, axis: int, rows_fn) -> np.ndarray:
@@ -655,7 +781,8 @@ def export_summary(report: list[TensorExport]) -> str:
 # Import.
 
 
-def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any = jnp.float32):
+def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any = jnp.float32,
+                check_values: bool = False):
   """Loads a llama or gemma3 GGUF keeping block-quantized tensors as QArrays.
 
   Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 become QArrays of the equivalent format with
@@ -663,12 +790,17 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
   QArrays; F32 stays float32; k-quants (Q4_K, Q6_K, ...) are dequantized to
   float32. Returns `(config, params, tokenizer, info)` with `info` mapping each
   GGUF tensor name to `(type, "qarray" | "float" | "dequantized")`.
+
+  The file is checked before any tensor is read (`quantjax.io.gguf_read`:
+  structure, offsets, block scales, metadata, tensor shapes against the
+  metadata); `check_values=True` also checks every float tensor value.
   """
   from quantjax.models import load as load_lib
 
   path = os.fspath(path)
-  reader = load_lib._open_gguf(path)
+  reader = load_lib._open_gguf(path, check_values=check_values)
   config = load_lib._config_from_reader(reader, path)
+  check_tensor_shapes(config, reader, path)
   by_name = {t.name: t for t in reader.tensors}
   info: dict[str, tuple[str, str]] = {}
   pure: dict = {}

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quantjax import rules as rules_lib
 from quantjax.numerics import qarray as qarray_lib
@@ -56,8 +57,8 @@ def _scaled_error(x, ref, ws, s, fmts):
 
 
 def awq_search_scales(x: jax.Array, x_absmean: jax.Array, weights: Sequence[jax.Array],
-                      formats: Sequence[QuantFormat | str], *, grid: int = 20
-                      ) -> tuple[jax.Array, float, list[float]]:
+                      formats: Sequence[QuantFormat | str], *, grid: int = 20,
+                      name: str = "weights") -> tuple[jax.Array, float, list[float]]:
   """Grid search of AWQ's per-input-channel scales.
 
   Args:
@@ -66,10 +67,17 @@ def awq_search_scales(x: jax.Array, x_absmean: jax.Array, weights: Sequence[jax.
     weights: the consumers' kernels, each `[k, out_c]`.
     formats: their formats.
     grid: exponents `a = i / grid`, `i = 0..grid-1` (a = 0 is plain RTN).
+    name: the weights' paths, for messages.
 
   Returns:
     `(s [k], best error, errors per a)`.
+
+  Raises:
+    ValueError: no calibration rows, NaN/Inf in `x`, `x_absmean` or the weights,
+      or no finite error on the grid (the search would silently return RTN).
   """
+  _check_calib(x, "calibration inputs", name)
+  _check_calib(x_absmean, "mean |input|", name)
   x = jnp.asarray(x, jnp.float32)
   ws = tuple(jnp.asarray(w, jnp.float32) for w in weights)
   fmts = tuple(resolve_format(f) for f in formats)
@@ -82,9 +90,26 @@ def awq_search_scales(x: jax.Array, x_absmean: jax.Array, weights: Sequence[jax.
     s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
     e = float(_scaled_error(x, ref, ws, s, fmts))
     errs.append(e)
-    if best is None or e < best:
+    if np.isfinite(e) and (best is None or e < best):
       best, best_s = e, s
+  if best is None:
+    raise ValueError(f"AWQ {name}: no scale on the grid gives a finite error ({errs[:3]} ...): "
+                     "the weights or their quantization overflow")
   return best_s, best, errs
+
+
+def _check_calib(x: Any, what: str, name: str) -> None:
+  """Host check of concrete calibration statistics (skipped under tracing)."""
+  if isinstance(x, jax.core.Tracer):
+    return
+  a = np.asarray(x)
+  if a.size == 0:
+    raise ValueError(f"AWQ {name}: no calibration rows ({what} of shape {a.shape})")
+  bad = ~np.isfinite(a)
+  if bad.any():
+    raise ValueError(f"AWQ {name}: the {what} hold {int(bad.sum())} NaN/Inf values of {a.size} "
+                     "(check the calibration batches: token ids beyond the vocabulary, "
+                     "overflowing activations); the scale search would fall back to plain RTN")
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "grid", "max_shrink"))
@@ -119,6 +144,7 @@ def awq_clip(w: jax.Array, x: jax.Array, fmt: QuantFormat | str, *, grid: int = 
   ratio of max|w| in `1, 1 - 1/grid, ...` (down to `1 - max_shrink`) with the
   least error of `x @ w` restricted to that group. Returns the clipped `w`."""
   fmt = resolve_format(fmt)
+  _check_calib(x, "calibration inputs", "clip search")
   w = jnp.asarray(w, jnp.float32)
   x = jnp.asarray(x, jnp.float32)
   if x.shape[0] > max_rows:
@@ -185,7 +211,8 @@ class AWQ:
       if scaled:
         fmts = [p.matrix_format(p.rule.format) for p in scaled]
         s, _, errs = awq_search_scales(x, ps[0].stats.absmean, [p.matrix() for p in scaled],
-                                       fmts, grid=self.grid)
+                                       fmts, grid=self.grid,
+                                       name=", ".join(p.name for p in scaled))
         errors[", ".join(p.name for p in scaled)] = errs
       for p in ps:
         fmt = resolve_format(p.rule.format)

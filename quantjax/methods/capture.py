@@ -99,6 +99,10 @@ _CHEAP = {"broadcast_in_dim", "iota", "reshape", "convert_element_type", "squeez
 _ROOT_OPS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision",
              "reshape", "squeeze", "expand_dims", "transpose", "pvary"}
 _MATMULS = {"dot_general", "conv_general_dilated"}
+# Ops between a batch of ids and the gather that reads a params leaf with them
+# (jnp.take / x[ids] wrap negative ids with lt / add / select_n).
+_INDEX_OPS = {"convert_element_type", "copy", "broadcast_in_dim", "reshape", "expand_dims",
+              "squeeze", "select_n", "lt", "ge", "add", "clamp", "and"}
 
 STAT_KINDS = ("hessian", "absmean", "sqmean", "range", "sample")
 
@@ -486,6 +490,41 @@ class Capture:
         break
     self.sites = sites
     self._group_sites()
+    self.index_uses = self._index_uses()
+
+  def _index_uses(self) -> list[tuple[int, int, int]]:
+    """`(batch leaf, params leaf, rows)` for every gather of a params leaf (an
+    embedding lookup) whose indices come straight from a batch leaf."""
+    out = []
+    for e in self.flat.eqns:
+      if e.primitive.name != "gather" or len(e.invars) < 2:
+        continue
+      op, idx = e.invars[0], e.invars[1]
+      if _is_lit(op) or _is_lit(idx) or op not in self.origin or self.origin[op][1]:
+        continue
+      dims = tuple(e.params["dimension_numbers"].start_index_map)
+      src = self._batch_source(idx)
+      if src is None or len(dims) != 1:
+        continue
+      leaf = self.origin[op][0]
+      out.append((src, leaf, int(self.leaf_avals[leaf].shape[dims[0]])))
+    return out
+
+  def _batch_source(self, var) -> int | None:
+    found, seen, stack = set(), set(), [var]
+    while stack:
+      v = stack.pop()
+      if _is_lit(v) or v in seen:
+        continue
+      seen.add(v)
+      if v in self.batch_index:
+        found.add(self.batch_index[v])
+      elif v in self.bdep:
+        e = self.flat.eqns[self.prod[v]]
+        if e.primitive.name not in _INDEX_OPS:
+          return None
+        stack.extend(e.invars)
+    return found.pop() if len(found) == 1 else None
 
   def _leaves_of(self, var) -> set[int]:
     out, stack, seen = set(), [var], set()
@@ -1287,6 +1326,23 @@ def _check_batches(cap: Capture, batches: list[Any]) -> None:
             "pad, drop or re-batch the odd one")
 
 
+def _check_indices(cap: Capture, batches: list[Any]) -> None:
+  """Ids that index a params leaf (token ids into an embedding) lie inside it."""
+  for j, leaf, rows in getattr(cap, "index_uses", ()):
+    for i, b in enumerate(batches):
+      ids = np.asarray(jax.tree_util.tree_leaves(b)[j])
+      if not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+        continue
+      bad = (ids >= rows) | (ids < -rows)
+      if bad.any():
+        at = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(
+            f"calibration batch {i}: {int(bad.sum())} ids lie outside [0, {rows}) (values in "
+            f"[{int(ids.min())}, {int(ids.max())}]; first {int(ids[at])} at index {at}) but "
+            f"they index {cap.leaf_paths[leaf]}, which has {rows} rows: token ids beyond the "
+            "vocabulary")
+
+
 def _region_get(value, region):
   return value[region] if region else value
 
@@ -1382,6 +1438,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   t_start = time.perf_counter()
   cap = capture if capture is not None else trace(fn, params, batches[0])
   _check_batches(cap, batches)
+  _check_indices(cap, batches)
   if not cap.sites:
     raise ValueError(
         "the forward function performs no matmul whose operand is a params leaf "

@@ -219,7 +219,7 @@ def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
 
 def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
                   calibration: Any = "minmax", percdamp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False) -> GPTQResult:
+                  act_order: bool = False, name: str = "weight") -> GPTQResult:
   """GPTQ-quantizes one weight matrix.
 
   Args:
@@ -236,13 +236,17 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
       group size).
     act_order: quantize rows in order of decreasing Hessian diagonal; group
       scales are then fixed from the original weights ("static groups").
+    name: the weight's path, for messages.
 
   Returns:
     `GPTQResult(qarray, loss, perm)`; `qarray` is a plain QArray of `fmt`.
 
   Raises:
-    ValueError: unsupported format or layout, shape mismatch, a Hessian that
-      stays indefinite after dampening.
+    ValueError: unsupported format or layout, shape mismatch, NaN/Inf in the
+      weight or the Hessian, a Hessian that is zero (no calibration rows, or
+      inputs so small that their squares underflow float32: GPTQ would return
+      all-zero weights) or stays indefinite after dampening, scales that
+      overflow the format's scale dtype. Each names `name`.
   """
   fmt = resolve_format(fmt)
   w = jnp.asarray(w)
@@ -253,9 +257,20 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   if h.shape != (k, k):
     raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
                      f"dimension {k} (weight shape {tuple(w.shape)})")
-  qarray_lib._check_finite(w, "the GPTQ weight")
-  wt = np.array(w, np.float32).T.copy()  # [out, in], the paper's layout
+  qarray_lib._check_finite(w, f"{name} (GPTQ weight)")
+  qarray_lib.check_range_fits(w, fmt, f"{name} (GPTQ)")
+  if not np.isfinite(h).all():
+    raise ValueError(f"GPTQ {name}: the Hessian holds NaN/Inf values (NaN/Inf in the "
+                     "calibration inputs, e.g. token ids beyond the vocabulary or overflowing "
+                     "activations)")
   dead = np.diag(h) == 0
+  if dead.all():
+    raise ValueError(
+        f"GPTQ {name}: the Hessian is zero: no calibration rows reached this weight, its "
+        "inputs are all zero, or they are so small (|x| < ~1e-19) that x^2 underflows "
+        "float32. GPTQ would zero every weight; give it calibration data that exercises the "
+        "layer, or quantize it round-to-nearest")
+  wt = np.array(w, np.float32).T.copy()  # [out, in], the paper's layout
   h = h.copy()
   h[dead, dead] = 1.0
   wt[:, dead] = 0.0
@@ -281,7 +296,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
     if static:
       s_rows, z_rows = s_rows[perm], z_rows[perm]
 
-  hinv = inverse_cholesky_upper(h, percdamp)
+  hinv = inverse_cholesky_upper(h, percdamp, what=f"GPTQ {name}")
 
   # Blocks hold whole groups; pad to whole blocks with identity Hessian rows
   # (padded rows are zero, quantize to zero and never touch real rows).
@@ -320,6 +335,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
         jnp.int8 if fmt.signed else jnp.uint8)
     zp = zp.astype(zdtype)
   qa = QArray.from_codes(codes.T.astype(code_dtype), fmt, scale, zp, dtype=w.dtype)
+  qarray_lib.check_quantized(qa, f"{name} (GPTQ)", np.asarray(w), warn_underflow=False)
   return GPTQResult(qa, float(loss), perm)
 
 
@@ -371,7 +387,7 @@ class GPTQ:
       else:
         res = gptq_quantize(p.matrix(), p.stats.hessian(), p.matrix_format(fmt),
                             calibration=p.rule.calibration, percdamp=self.percdamp,
-                            act_order=self.act_order, block_size=self.block_size)
+                            act_order=self.act_order, block_size=self.block_size, name=p.name)
         q = p.qarray_from_matrix(res.qarray)
         losses[p.name] = res.loss
       out[p.key] = act_lib.wrap_weight(p, q, observer=self.act_observer)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quantjax import rules as rules_lib
 from quantjax.numerics import qarray as qarray_lib
@@ -35,13 +36,23 @@ __all__ = ["smooth_scales", "SmoothQuant"]
 
 
 def smooth_scales(act_absmax: jax.Array, weights: Sequence[jax.Array], alpha: float = 0.5,
-                  eps: float = 1e-5) -> jax.Array:
+                  eps: float = 1e-5, *, name: str = "weights") -> jax.Array:
   """`s_j = max|X_j|^alpha / max_consumers max|W_j,:|^(1-alpha)`, `[k]`.
 
-  Channels that never fire (or have all-zero weights) get `s = 1`.
+  Channels that never fire (or have all-zero weights) get `s = 1`. NaN/Inf in
+  a concrete `act_absmax` is an error naming `name` (it would silently give
+  `s = 1`, plain round-to-nearest, for that channel).
   """
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+  if not isinstance(act_absmax, jax.core.Tracer):
+    a = np.asarray(act_absmax)
+    if a.size == 0:
+      raise ValueError(f"SmoothQuant {name}: no activation ranges (no calibration rows)")
+    if not np.isfinite(a).all():
+      raise ValueError(f"SmoothQuant {name}: the activation ranges hold "
+                       f"{int((~np.isfinite(a)).sum())} NaN/Inf values of {a.size} (NaN/Inf "
+                       "in the calibration batches, or no rows reached this input)")
   a = jnp.maximum(jnp.asarray(act_absmax, jnp.float32), eps)
   wmax = jnp.max(jnp.stack([jnp.max(jnp.abs(jnp.asarray(w, jnp.float32)), axis=1)
                             for w in weights]), axis=0)
@@ -91,7 +102,8 @@ class SmoothQuant:
           self.scales_for is None or re.fullmatch(self.scales_for, p.path))]
       s = None
       if scaled:
-        s = smooth_scales(ps[0].stats.absmax, [p.matrix() for p in scaled], self.alpha)
+        s = smooth_scales(ps[0].stats.absmax, [p.matrix() for p in scaled], self.alpha,
+                          name=", ".join(p.name for p in scaled))
         for p in scaled:
           scales[p.name] = s
       for p in ps:

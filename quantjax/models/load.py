@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from quantjax.models import gemma3 as gemma3_lib
+from quantjax.io.gguf_read import GGUFError  # the reader's error, re-exported here
 from quantjax.models import llama as llama_lib
 
 __all__ = [
@@ -62,10 +63,6 @@ __all__ = [
 ]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class GGUFError(ValueError):
-  """A GGUF file that cannot be read or holds something we do not support."""
 
 
 # ----------------------------------------------------------------------------
@@ -122,7 +119,8 @@ _VIA_GGUF_PY = ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q5_0", "Q5_1")
 
 
 def dequantize_gguf_tensor(tensor: Any) -> np.ndarray:
-  """A `gguf.ReaderTensor` as float32 numpy `[ne_{n-1}, ..., ne_0]` (row-major)."""
+  """A GGUF tensor (`quantjax.io.gguf_read.GGUFTensor`, or gguf-py's `ReaderTensor`) as
+  float32 numpy `[ne_{n-1}, ..., ne_0]` (row-major)."""
   import gguf
   kind = tensor.tensor_type.name
   data = np.asarray(tensor.data)
@@ -151,6 +149,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   Hugging Face uses to interleaved pairs; this restores the original order.
   """
   out = w.shape[0]
+  if n_head < 1 or out % n_head or (out // n_head) % 2:
+    raise GGUFError(f"cannot undo llama.cpp's Q/K row order: {out} rows do not split into "
+                    f"{n_head} heads of an even size (check attention.head_count / "
+                    "head_count_kv in the file's metadata)")
   head = out // n_head
   return w.reshape(n_head, head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -159,23 +161,13 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # GGUF files.
 
 
-def _open_gguf(path: str):
-  import gguf
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"GGUF file not found: {path}")
-  size = os.path.getsize(path)
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # gguf-py raises assorted errors on damaged files
-    raise GGUFError(f"cannot read GGUF file {path} ({size} bytes): it is truncated or "
-                    f"not a GGUF file ({type(e).__name__}: {e})") from e
-  for t in reader.tensors:
-    end = int(t.data_offset) + int(t.n_bytes)
-    if end > size or np.asarray(t.data).nbytes != int(t.n_bytes):
-      raise GGUFError(f"GGUF file {path} is truncated: tensor {t.name!r} needs bytes up to "
-                      f"{end} but the file has {size}")
-  return reader
+def _open_gguf(path: str, *, check_values: bool = False):
+  """The checked GGUF file at `path` (`quantjax.io.gguf_read.read_gguf`): structure,
+  block scales and model metadata are validated before any tensor is read."""
+  from quantjax.io import gguf_read
+  f = gguf_read.read_gguf(path, check_values=check_values)
+  gguf_read.validate_metadata(f)
+  return f
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
@@ -390,7 +382,8 @@ def _check_gguf_names(config: Any, reader: Any, path: str) -> None:
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bool = True,
-              quantized: bool = False) -> tuple[Any, Any, Any]:
+              quantized: bool = False, check_values: bool = False,
+              ) -> tuple[Any, Any, Any]:
   """Loads a Llama or Gemma 3 GGUF file (by its `general.architecture`).
 
   Args:
@@ -401,6 +394,10 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
     quantized: keep Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (and F16/BF16) tensors as QArrays
       holding the file's own codes and scales, so the model runs at the file's
       size (see `quantjax.io.gguf.import_gguf`); k-quants are dequantized.
+    check_values: also check every value of the float tensors (F32/F16/BF16)
+      for NaN/Inf before loading, as llama.cpp's `check_tensors` does. The
+      structure, offsets, block scales, metadata and tensor shapes are always
+      checked before any tensor is read (`quantjax.io.gguf_read`).
 
   Returns:
     `(config, params, tokenizer)`: a `LlamaConfig` or `Gemma3Config`, and
@@ -408,19 +405,24 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
 
   Raises:
     FileNotFoundError: no file at `path`.
-    GGUFError: truncated or damaged file, an architecture other than llama /
-      gemma3, a missing or unsupported tensor, an unsupported tensor type, or
-      an inconsistent head dimension (the message names the file and the
-      tensor or metadata key).
+    GGUFError: truncated or damaged file (a length, offset, type or scale that
+      does not add up), metadata out of range, an architecture other than
+      llama / gemma3, a missing or unsupported tensor, tensor shapes that
+      contradict the metadata (an inconsistent head dimension), or an
+      unsupported tensor type (the message names the file and the key or
+      tensor).
   """
   path = os.fspath(path)
   if quantized:
     from quantjax.io import gguf as gguf_io
-    config, params, tok, _ = gguf_io.import_gguf(path, tokenizer=tokenizer, dtype=dtype)
+    config, params, tok, _ = gguf_io.import_gguf(path, tokenizer=tokenizer, dtype=dtype,
+                                                 check_values=check_values)
     return config, params, tok
-  reader = _open_gguf(path)
+  from quantjax.io import gguf as gguf_io
+  reader = _open_gguf(path, check_values=check_values)
   config = _config_from_reader(reader, path)
   _check_gguf_names(config, reader, path)
+  gguf_io.check_tensor_shapes(config, reader, path)
   by_name = {t.name: t for t in reader.tensors}
   pure: dict = {}
   for gname, dest, heads, _ in gguf_tensor_table(config):

@@ -131,8 +131,10 @@ def _signed_max_scale(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):
   hi = jnp.max(x, axis=axes, keepdims=True)
   lo = jnp.min(x, axis=axes, keepdims=True)
   ext = jnp.where(-lo > hi, lo, hi)  # the signed value of largest magnitude
-  tiny = jnp.finfo(jnp.float32).tiny
-  scale = jnp.where(jnp.abs(ext) > tiny, ext / fmt.qmin, 1.0)
+  raw = ext / fmt.qmin
+  floor = qarray_lib.scale_floor(fmt.scale_dtype)
+  scale = jnp.where(ext != 0, jnp.sign(raw) * jnp.maximum(jnp.abs(raw), floor), 1.0)
+  scale = jnp.where(jnp.isnan(lo) | jnp.isnan(hi), jnp.nan, scale)  # NaN stays visible
   return scale.astype(fmt.scale_dtype), None
 
 
@@ -149,16 +151,31 @@ def sign_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):
     (TWN), 2016, arXiv:1605.04711.
   """
   a = jnp.abs(xb.astype(jnp.float32))
-  mean_abs = jnp.mean(a, axis=axes, keepdims=True)
+  n = 1
+  for ax in axes:
+    n *= a.shape[ax]
+  mean_abs = _safe_mean(a, axes, float(n))
   if fmt.kind == "binary":
     # An all-zero block gets alpha = 0: its values decode to exactly 0.
     return mean_abs.astype(fmt.scale_dtype), None
   delta = 0.7 * mean_abs
   mask = a > delta
   cnt = jnp.sum(mask, axis=axes, keepdims=True).astype(jnp.float32)
-  alpha = jnp.sum(jnp.where(mask, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(cnt, 1)
+  total = jnp.sum(jnp.where(mask, a, 0.0), axis=axes, keepdims=True)
+  # a sum past float32's range (values near 3e38): average the pre-divided terms instead
+  alpha = jnp.where(jnp.isinf(total),
+                    jnp.sum(jnp.where(mask, a / jnp.maximum(cnt, 1), 0.0), axis=axes,
+                            keepdims=True),
+                    total / jnp.maximum(cnt, 1))
   alpha = jnp.where(cnt > 0, alpha, 0.0)
+  alpha = jnp.where(jnp.isfinite(mean_abs), alpha, jnp.nan)  # NaN/Inf input stays visible
   return alpha.astype(fmt.scale_dtype), delta
+
+
+def _safe_mean(a: jax.Array, axes: tuple[int, ...], n: float) -> jax.Array:
+  """`mean(a)` over `axes` that does not overflow when the sum passes float32's max."""
+  total = jnp.sum(a, axis=axes, keepdims=True)
+  return jnp.where(jnp.isinf(total), jnp.sum(a * (1.0 / n), axis=axes, keepdims=True), total / n)
 
 
 def block_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,

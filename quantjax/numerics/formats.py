@@ -292,7 +292,17 @@ class QuantFormat:
         raise ValueError(f"unknown format spec {spec!r}: cannot read {head!r}")
     if kw["kind"] in ("fp16", "bf16"):
       kw["granularity"] = "per_tensor"
+    aspects = {"granularity": ("t", "c", "ch"), "symmetry": ("asym", "asymf", "sym"),
+               "rounding": ("sr",), "scale dtype": ("fp16s",)}
+    seen: dict[str, str] = {}
     for tok in filter(None, s.split("_")):
+      aspect = "granularity" if re.fullmatch(r"g\d+", tok) else next(
+          (a for a, toks in aspects.items() if tok in toks), None)
+      if aspect is not None:
+        if aspect in seen:
+          raise ValueError(f"format spec {spec!r} sets the {aspect} twice ({seen[aspect]!r} and "
+                           f"{tok!r}); give it once")
+        seen[aspect] = tok
       if re.fullmatch(r"g\d+", tok):
         kw.update(granularity="group", group_size=int(tok[1:]))
       elif tok == "t":

@@ -38,7 +38,7 @@ from quantjax.numerics.formats import QuantFormat
 __all__ = [
     "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
-    "InputScaled", "quantize_with_scale",
+    "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "scale_floor",
 ]
 
 
@@ -104,37 +104,77 @@ def block_scale(scale: jax.Array, shape, fmt: QuantFormat) -> jax.Array:
 # Scales from ranges, encode and decode.
 # ----------------------------------------------------------------------------
 
+def scale_floor(scale_dtype: Any) -> float:
+  """The smallest positive scale that survives storage in `scale_dtype` and XLA's
+  flush of float32 denormals: 2^-24 (float16's smallest subnormal, exact in
+  float32) for float16 scales, float32's smallest normal number otherwise."""
+  if jnp.dtype(scale_dtype) == jnp.float16:
+    return 2.0 ** -24
+  return float(jnp.finfo(jnp.float32).tiny)
+
+
+def _span(lo: jax.Array, hi: jax.Array, n: float) -> jax.Array:
+  """`(hi - lo) / n` without overflow when `hi - lo` exceeds float32 (values near 3e38)."""
+  d = hi - lo
+  return jnp.where(jnp.isfinite(d) | jnp.isnan(d), d / n, hi / n - lo / n)
+
+
+def _guard_scale(raw: jax.Array, amax: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """A block's scale: `raw` raised to `scale_floor` (a non-zero block never gets a
+  scale that rounds to 0 in storage), 1 for an all-zero block, NaN for a block
+  holding NaN (so NaN stays visible instead of becoming 0). Not clamped above:
+  a scale beyond the scale dtype's range becomes inf, which `check_quantized`
+  reports on concrete arrays."""
+  floor = scale_floor(fmt.scale_dtype)
+  s = jnp.where(amax > 0, jnp.maximum(raw, floor), 1.0)
+  return jnp.where(jnp.isnan(amax) | jnp.isnan(raw), jnp.nan, s)
+
+
 def scale_from_range(fmt: QuantFormat, lo: jax.Array, hi: jax.Array):
   """Scale (and zero point) that map `[lo, hi]` onto the format's codes.
 
   Symmetric formats use `max(|lo|, |hi|)`. An all-zero block gets scale 1 so
-  nothing becomes NaN or inf. Returns `(scale, zero_point_or_None)` with the
-  scale rounded to `fmt.scale_dtype` already.
+  nothing becomes NaN or inf; a block of tiny values gets at least
+  `scale_floor(fmt.scale_dtype)` (float16 scales would otherwise round to 0
+  and zero the block); ranges near float32's limit do not overflow; a NaN in
+  the range gives a NaN scale. Returns `(scale, zero_point_or_None)` with the
+  scale rounded to `fmt.scale_dtype` already (inf where it does not fit:
+  `check_quantized` names such tensors).
   """
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
-  tiny = jnp.finfo(jnp.float32).tiny
   if fmt.is_cast:
     return None, None
   if fmt.kind == "int" and not fmt.symmetric:
+    n = float(fmt.qmax - fmt.qmin)
     if fmt.zero_point == "float":
-      span = hi - lo
-      scale = jnp.where(span > tiny, span / (fmt.qmax - fmt.qmin), 1.0)
-      scale = scale.astype(fmt.scale_dtype)
+      span = _span(lo, hi, n)
+      scale = _guard_scale(span, span, fmt).astype(fmt.scale_dtype)
       return scale, lo.astype(fmt.scale_dtype)
     lo = jnp.minimum(lo, 0.0)
     hi = jnp.maximum(hi, 0.0)
-    span = hi - lo
-    scale = jnp.where(span > tiny, span / (fmt.qmax - fmt.qmin), 1.0).astype(fmt.scale_dtype)
+    span = _span(lo, hi, n)
+    scale = _guard_scale(span, span, fmt).astype(fmt.scale_dtype)
     s32 = scale.astype(jnp.float32)
-    zp = jnp.clip(jnp.round(fmt.qmin - lo / s32), fmt.qmin, fmt.qmax)
+    zp = jnp.clip(jnp.round(fmt.qmin - _div(lo, s32)), fmt.qmin, fmt.qmax)
     return scale, zp.astype(jnp.int8 if fmt.signed else jnp.uint8)
   if fmt.kind == "int" and not fmt.signed:
     amax = jnp.maximum(hi, 0.0)  # unsigned symmetric: [0, hi], negatives clip to 0
+    amax = jnp.where(jnp.isnan(lo), jnp.nan, amax)
   else:
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-  scale = jnp.where(amax > tiny, amax / fmt.max_representable, 1.0)
+  scale = _guard_scale(amax / fmt.max_representable, amax, fmt)
   return scale.astype(fmt.scale_dtype), None
+
+
+_BIG = 2.0 ** 100
+
+
+def _div(x: jax.Array, s: jax.Array) -> jax.Array:
+  """`x / s`, also for scales above ~8.5e37, whose reciprocal (which XLA may
+  multiply by instead of dividing) is a float32 denormal flushed to 0."""
+  k = jnp.where(s > _BIG, 2.0 ** -64, 1.0).astype(jnp.float32)
+  return (x * k) / (s * k)
 
 
 def _round(v: jax.Array, fmt: QuantFormat, key: jax.Array | None) -> jax.Array:
@@ -160,26 +200,26 @@ def encode(xb: jax.Array, fmt: QuantFormat, scale_b: jax.Array | None,
   s = scale_b.astype(jnp.float32)
   if fmt.kind in ("fp8_e4m3", "fp8_e5m2"):
     m = fmt.max_representable
-    return jnp.clip(x / s, -m, m).astype(fmt.code_dtype)
+    return jnp.clip(_div(x, s), -m, m).astype(fmt.code_dtype)
   if fmt.kind == "binary":
     return jnp.where(x >= 0, 1, -1).astype(jnp.int8)
   if fmt.kind == "ternary":
     if threshold_b is not None:
       return jnp.where(jnp.abs(x) > threshold_b, jnp.sign(x), 0.0).astype(jnp.int8)
     safe = jnp.where(s > 0, s, 1.0)
-    return jnp.clip(_round(x / safe, fmt, key), -1, 1).astype(jnp.int8)
+    return jnp.clip(_round(_div(x, safe), fmt, key), -1, 1).astype(jnp.int8)
   if fmt.kind == "nf4":
-    v = jnp.clip(x / s, -1.0, 1.0)
+    v = jnp.clip(_div(x, s), -1.0, 1.0)
     cb = jnp.asarray(formats_lib.NF4_CODEBOOK)
     mids = (cb[1:] + cb[:-1]) / 2
     return jnp.sum(v[..., None] > mids, axis=-1).astype(jnp.int8)
   # integer
   if fmt.symmetric:
-    v = x / s
+    v = _div(x, s)
   elif fmt.zero_point == "float":
-    v = (x - zp_b.astype(jnp.float32)) / s
+    v = _div(x - zp_b.astype(jnp.float32), s)
   else:
-    v = x / s + zp_b.astype(jnp.float32)
+    v = _div(x, s) + zp_b.astype(jnp.float32)
   q = jnp.clip(_round(v, fmt, key), fmt.qmin, fmt.qmax)
   return q.astype(jnp.uint8 if (fmt.bits == 8 and not fmt.signed) else
                   (jnp.int8 if fmt.qmax <= 127 else jnp.int16))
@@ -488,23 +528,137 @@ def is_qarray(x: Any) -> bool:
   return isinstance(x, QArray)
 
 
-def _check_finite(x: jax.Array, name: str) -> None:
-  """Raises on NaN/Inf when `x` is concrete (skipped under tracing)."""
+def _check_finite(x: jax.Array, name: str) -> np.ndarray | None:
+  """Raises on NaN/Inf (or no values) when `x` is concrete; returns it as numpy
+  (None under tracing, where nothing can be checked on the host)."""
   if isinstance(x, jax.core.Tracer):
-    return
+    return None
   arr = np.asarray(x)
+  if arr.size == 0:
+    raise ValueError(f"cannot quantize {name}: it is empty (shape {arr.shape})")
   if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V":
-    return
+    return arr
   bad = ~np.isfinite(arr.astype(np.float32))
   if bad.any():
     first = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(
         f"cannot quantize {name}: it holds {int(bad.sum())} NaN/Inf value(s) of "
         f"{arr.size} (shape {arr.shape}; first at index {first}: {arr[first]})")
+  return arr
+
+
+def _value_range(x: Any) -> str:
+  if x is None:
+    return ""
+  a = np.asarray(x, np.float32)
+  return f" (values in [{float(a.min()):.4g}, {float(a.max()):.4g}])"
+
+
+def _overflow_message(name: str, fmt: QuantFormat, x: Any, what: str) -> str:
+  sdt = jnp.dtype(fmt.scale_dtype)
+  smax = float(jnp.finfo(sdt).max)
+  reach = smax * (float(fmt.qmax - fmt.qmin) if fmt.has_zero_point else fmt.max_representable)
+  fix = "float32 scales (drop fp16s, or a non-GGUF format), " if sdt != jnp.float32 else ""
+  return (f"cannot quantize {name} to {fmt.name}{_value_range(x)}: {what} overflow {sdt.name} "
+          f"(largest {smax:.6g}, so this format reaches |x| <= {reach:.4g}); use {fix}a float "
+          "format, or rescale the tensor")
+
+
+def check_range_fits(x: Any, fmt: QuantFormat, name: str = "array", *,
+                     lo_hi: tuple[float, float] | None = None) -> None:
+  """Raises when the scales `x`'s extremes need cannot be stored in `fmt.scale_dtype`
+  (checked on the whole tensor, before quantizing: GPTQ's updates would otherwise
+  spread an overflowed scale as NaN). Concrete `x` only; `lo_hi` = its min and
+  max when already known."""
+  if fmt.is_cast or fmt.kind in ("binary", "ternary") or isinstance(x, jax.core.Tracer):
+    return
+  if lo_hi is None:
+    a = np.asarray(x, np.float32)
+    if a.size == 0:
+      return
+    lo_hi = (float(a.min()), float(a.max()))
+  smax = float(jnp.finfo(jnp.dtype(fmt.scale_dtype)).max)
+  lo, hi = lo_hi
+  if fmt.has_zero_point:
+    need = (max(hi, 0.0) / 2 - min(lo, 0.0) / 2) / (fmt.qmax - fmt.qmin) * 2
+    if fmt.zero_point == "float" and max(abs(lo), abs(hi)) > smax and np.isfinite(smax):
+      need = float("inf")
+  else:
+    need = max(abs(lo), abs(hi)) / fmt.max_representable
+  if need > smax:
+    raise ValueError(_overflow_message(name, fmt, x, "its scales"))
+
+
+def check_quantized(q: "QArray", name: str = "array", x: Any = None, *,
+                    warn_underflow: bool = True) -> None:
+  """Host-side check of a concrete QArray's scales: refuses a result that is not
+  the quantization of finite values.
+
+  Scales (or float minima) that overflowed their dtype (inf: float16 scales of
+  Q4_0 at values near 1e6), a NaN scale, or a float-offset format whose
+  `min + qmax * step` passes float32's range are errors naming `name`, the
+  format and the value range; blocks of values so small that they use the
+  smallest scale the format stores are warned about (values below half of it
+  round to 0). Skipped under tracing (see `quantize(checks=True)` for checks
+  inside `jit`).
+
+  Args:
+    q: the QArray.
+    name: the tensor's path, for messages.
+    x: the quantized input (for the value range in messages), optional.
+    warn_underflow: warn about blocks at the smallest scale (needs `x`).
+
+  Raises:
+    ValueError: as above.
+  """
+  if q.scale is None or isinstance(q.scale, jax.core.Tracer):
+    return
+  fmt = q.fmt
+  s = np.asarray(q.scale).astype(np.float32)
+  sdt = jnp.dtype(fmt.scale_dtype)
+  smax = float(jnp.finfo(sdt).max)
+  lo_hi = None
+  if x is not None:
+    a = np.asarray(x, np.float32)
+    lo_hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    check_range_fits(x, fmt, name, lo_hi=lo_hi)
+  if np.isnan(s).any():
+    raise ValueError(f"quantizing {name} to {fmt.name} gave NaN scales{_value_range(x)}: its "
+                     "input holds NaN (inside jit, check it with quantize(..., checks=True))")
+  bad = ~np.isfinite(s)
+  if bad.any():
+    raise ValueError(_overflow_message(name, fmt, x, f"{int(bad.sum())} of {s.size} scales"))
+  if fmt.has_zero_point and fmt.zero_point == "float" and q.zero_point is not None:
+    m = np.asarray(q.zero_point).astype(np.float32)
+    if not np.isfinite(m).all():
+      raise ValueError(f"cannot quantize {name} to {fmt.name}{_value_range(x)}: the block minima "
+                       f"overflow {sdt.name} (largest {smax:.6g})")
+    top = np.abs(m.astype(np.float64)) + float(fmt.qmax) * np.abs(s.astype(np.float64))
+    if (top > float(np.finfo(np.float32).max)).any():
+      raise ValueError(f"cannot quantize {name} to {fmt.name}{_value_range(x)}: min + "
+                       f"{fmt.qmax} * step passes float32's range; use a symmetric or "
+                       "integer-zero-point format")
+  if warn_underflow and lo_hi is not None:
+    # Only when nothing else is there: beside normal values they are far below a step.
+    amax = max(abs(lo_hi[0]), abs(lo_hi[1]))
+    tiny = float(np.finfo(np.float32).tiny)
+    if 0 < amax < tiny:
+      import warnings
+      warnings.warn(f"{name}: all its non-zero values are float32 denormals (|x| <= {amax:.3g} "
+                    f"< {tiny:.3g}), which XLA flushes to 0: they quantize to 0", stacklevel=3)
+  if warn_underflow and x is not None and fmt.kind == "int":
+    floor = scale_floor(sdt)
+    at_floor = int(np.sum(np.abs(s) <= floor))
+    if at_floor:
+      import warnings
+      warnings.warn(
+          f"{name}: {at_floor} of {s.size} blocks hold values so small that they use "
+          f"{fmt.name}'s smallest scale {floor:.3g}: they are stored in steps of {floor:.3g} "
+          f"(values below {floor / 2:.3g} become 0)", stacklevel=3)
 
 
 def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "minmax",
-             key: jax.Array | None = None, name: str = "array") -> QArray:
+             key: jax.Array | None = None, name: str = "array", checks: bool = False) -> QArray:
   """Quantizes `x` to a `QArray` in format `fmt`.
 
   Args:
@@ -516,27 +670,64 @@ def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "minmax
       0.7 mean|w| and optimal alpha).
     key: PRNG key, required for stochastic rounding.
     name: used in error messages.
+    checks: under `jit` (traced `x`), add `jax.experimental.checkify` checks
+      that `x` is finite and that every scale fits its dtype; wrap the caller
+      with `checkify.checkify(...)` and call `err.throw()`. Concrete inputs are
+      always checked on the host (`check_quantized`).
 
   Returns:
     A `QArray`; jittable, vmappable. Gradients flow to nothing through the
     codes (rounding); use `fake_quant` for a straight-through estimator.
 
   Raises:
-    ValueError: NaN/Inf in a concrete `x`, a group size that does not divide
-      the grouped axis, or a non-float input.
+    ValueError: NaN/Inf in a concrete `x`, an empty `x`, values whose scales
+      overflow the format's scale dtype (Q4_0's float16 scales at |x| ~ 1e6),
+      a group size that does not divide the grouped axis, or a non-float
+      input; each names `name`.
   """
   fmt = formats_lib.resolve_format(fmt)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"cannot quantize {name}: dtype {x.dtype} is not floating point")
-  _check_finite(x, name)
+  if x.size == 0:
+    raise ValueError(f"cannot quantize {name}: it is empty (shape {tuple(x.shape)})")
+  host = _check_finite(x, name)
   if not fmt.is_cast:
     jax.eval_shape(lambda a: block_view(a, fmt), x)  # shape errors, before compiling
   from quantjax.numerics import calibrate as calibrate_lib
   calibration = calibrate_lib.resolve_calibration(calibration)
   # One compiled computation per (format, calibration, shape): eager calls, calls
   # under an outer jit and sharded calls then round identically.
-  return _quantize_jit(x, key, fmt=fmt, calibration=calibration)
+  q = _quantize_jit(x, key, fmt=fmt, calibration=calibration)
+  if host is not None:
+    check_quantized(q, name, host)
+    if fmt.is_cast:
+      _check_cast(q, name, host)
+  elif checks:
+    _checkify_quantized(x, q, name)
+  return q
+
+
+def _check_cast(q: "QArray", name: str, x: np.ndarray) -> None:
+  v = np.asarray(q.qvalue).astype(np.float32)
+  if not np.isfinite(v).all():
+    big = float(np.abs(x.astype(np.float32)).max())
+    raise ValueError(f"cannot cast {name} to {q.fmt.name}: values up to |x| = {big:.4g} exceed "
+                     f"{q.fmt.name}'s largest finite value "
+                     f"{float(jnp.finfo(q.fmt.code_dtype).max):.6g} and would become inf")
+
+
+def _checkify_quantized(x: jax.Array, q: "QArray", name: str) -> None:
+  from jax.experimental import checkify
+  checkify.check(jnp.all(jnp.isfinite(x)), f"quantize {name}: the input holds NaN/Inf")
+  if q.scale is not None:
+    checkify.check(jnp.all(jnp.isfinite(q.scale.astype(jnp.float32))),
+                   f"quantize {name} to {q.fmt.name}: scales overflow "
+                   f"{jnp.dtype(q.fmt.scale_dtype).name} (values too large for the format)")
+  if q.fmt.is_cast:
+    checkify.check(jnp.all(jnp.isfinite(q.qvalue.astype(jnp.float32))),
+                   f"quantize {name} to {q.fmt.name}: values overflow {q.fmt.name}")
+
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "calibration"))

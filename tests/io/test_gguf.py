@@ -1,5 +1,6 @@
 """GGUF block codecs, export and import on a tiny random Llama (no llama.cpp needed)."""
 
+import dataclasses
 import os
 
 import gguf
@@ -209,7 +210,11 @@ def test_tokenizer_metadata_built_from_hugging_face_matches_the_gguf(tmp_path):
   src = load.smollm2_path()
   tok = load.load_tokenizer(src)  # a transformers fast tokenizer
   path = tmp_path / "hf_tok.gguf"
-  gio.export_gguf(path, TINY, tiny_params(), tokenizer=tok)
+  with pytest.raises(gio.GGUFError, match="49152 tokens but the model's vocabulary"):
+    gio.export_gguf(path, TINY, tiny_params(), tokenizer=tok)  # llama.cpp would refuse it
+  assert not os.path.exists(path) and os.listdir(tmp_path) == []
+  cfg = dataclasses.replace(TINY, vocab_size=len(tok))
+  gio.export_gguf(path, cfg, tiny_params(cfg), tokenizer=tok)
   ours = gguf.GGUFReader(str(path)).fields
   theirs = gguf.GGUFReader(src).fields
   assert ours["tokenizer.ggml.model"].contents() == "gpt2"
