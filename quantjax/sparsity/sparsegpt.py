@@ -16,13 +16,14 @@ Implementation notes:
     `inverse_factor`;
   * the column loop is jitted in float32, in GPTQ's shape: a `lax.fori_loop`
     over blocks of `block_size` inputs with a lazy batched update of the
-    inputs after each block; a last, shorter block (an input width that is
-    not a multiple of `block_size`) is a second, statically shaped step of
-    the same executable. One executable per (shape, pattern): identical
-    layers reuse it;
+    inputs after each block, and inside a block sub-blocks of 16 columns
+    updated the same way (`_sparsegpt_loop`). An input width that is not a
+    multiple of `block_size` is padded with inert inputs at the end. One
+    executable per (shape, pattern): identical layers reuse it;
   * unstructured: exactly `int(out * width * sparsity)` weights are pruned
-    per block, the lowest scores, ties at the threshold resolved as the
-    float64 reference did (the later ones, in row-major order, go first);
+    per block of `width` inputs, the lowest scores, found by bisection (no
+    sort), ties at the threshold resolved as the float64 reference did (the
+    later ones, in row-major order, go first);
   * N:M: the mask of each run of `m` inputs is chosen from the partially
     updated weights when the loop reaches it (ties: the earlier input goes).
 
@@ -40,6 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from quantjax.sparsity import _select as select_lib
 
 __all__ = ["SparseGPTResult", "InverseFactor", "inverse_factor", "sparsegpt_prune"]
 
@@ -84,38 +87,17 @@ def inverse_factor(h: jax.Array, percdamp: float = 0.01) -> InverseFactor:
 
 def _block_prune_unstructured(score: jax.Array, k: jax.Array) -> jax.Array:
   """Prune mask of one block's scores `[out, width]`: exactly the `k` lowest
-  (padding holds +inf), and among equal scores the later (row-major) first.
-
-  The threshold is found by bisection over the scores' float32 bit patterns
-  (non-negative floats order like their bits): 31 counting passes, several
-  times faster than sorting the block on CPU, and the same set as a stable
-  sort would give.
-  """
-  bits = jax.lax.bitcast_convert_type(score.reshape(-1), jnp.int32)
-
-  def bisect(_, lohi):
-    lo, hi = lohi
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(bits <= mid) >= k
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-  # The smallest t with at least k scores <= t (0x7f800000 is +inf).
-  t, _ = jax.lax.fori_loop(0, 31, bisect, (jnp.int32(0), jnp.int32(0x7F800000)))
-  below = bits < t
-  tied = bits == t
-  from_end = jnp.cumsum(tied[::-1].astype(jnp.int32))[::-1]
-  drop = (below | (tied & (from_end <= k - jnp.sum(below)))) & (k > 0)
-  return drop.reshape(score.shape)
+  (padding holds +inf); among equal scores the later ones (row-major) first,
+  as the reference loop resolved ties. A bisection, not a sort
+  (`quantjax.sparsity._select`)."""
+  rev = score.reshape(-1)[::-1]
+  return select_lib.lowest_k_mask(rev, k)[::-1].reshape(score.shape)
 
 
 def _run_prune_nm(score: jax.Array, n: int, m: int) -> jax.Array:
-  """Prune mask `[out, m]`: the `m - n` lowest scores of each row (ties: lower index)."""
-  idx = jnp.arange(m)
-  s_i = score[:, :, None]  # candidate j = axis 1, other i = axis 2
-  s_o = score[:, None, :]
-  before = (s_o < s_i) | ((s_o == s_i) & (idx[None, None, :] < idx[None, :, None]))
-  rank = jnp.sum(before, axis=2)
-  return rank < (m - n)
+  """Prune mask `[out, m]`: the `m - n` lowest scores of each row (ties: the
+  earlier input goes)."""
+  return select_lib.run_rank(-score) < (m - n)
 
 
 def _sub_size(width: int, m: int | None) -> int:

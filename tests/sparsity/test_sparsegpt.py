@@ -63,7 +63,8 @@ def test_matches_the_float64_reference(kw, seed):
 
 
 @pytest.mark.parametrize("kw", [dict(sparsity=0.5, block_size=16), dict(sparsity=0.3),
-                                dict(n=2, m=4, block_size=16)], ids=str)
+                                dict(n=2, m=4, block_size=16), dict(n=1, m=4), dict(n=3, m=4)],
+                         ids=str)
 def test_exact_ties_resolved_as_the_reference(kw):
   # Weights on a coarse grid and a diagonal Hessian with one value: equal scores
   # everywhere and no update moving them apart.
