@@ -47,10 +47,11 @@ class _Pruner:
   def apply(self, parts, record) -> dict:
     masks = record.setdefault("masks", {})
     out = {}
+    shared: dict = {}  # per-input work reused by the weights that read one input
     for p in parts:
       _check_nm(p, p.rule)
       w = p.matrix()
-      new_w, mask = self.prune(w, p)
+      new_w, mask = self.prune(w, p, shared)
       masks[p.key] = p.layout.from_matrix(mask)
       out[p.key] = p.from_matrix(new_w)
     return out
@@ -66,7 +67,7 @@ class Wanda(_Pruner):
   label: ClassVar[str] = "Wanda"
   needs: ClassVar[frozenset] = frozenset({"sqmean"})
 
-  def prune(self, w, part):
+  def prune(self, w, part, shared):
     r = part.rule
     norms = jnp.sqrt(jnp.asarray(part.stats.sum_sq))  # ||X_i||_2 over every calibration row
     mask = wanda_lib.wanda_mask(w, norms, sparsity=r.sparsity, n=r.n, m=r.m)
@@ -85,10 +86,16 @@ class SparseGPT(_Pruner):
   label: ClassVar[str] = "SparseGPT"
   needs: ClassVar[frozenset] = frozenset({"hessian"})
 
-  def prune(self, w, part):
+  def prune(self, w, part, shared):
     r = part.rule
-    res = sparsegpt_lib.sparsegpt_prune(w, part.stats.hessian(), sparsity=r.sparsity, n=r.n,
-                                        m=r.m, percdamp=self.percdamp, block_size=self.block_size)
+    # q/k/v (gate/up) read one input: their parts hold the same statistics
+    # object, so the float64 inverse factor is computed once for them.
+    key = id(part.stats)
+    if key not in shared:
+      shared[key] = (part.stats, sparsegpt_lib.inverse_factor(part.stats.hessian(),
+                                                              self.percdamp))
+    res = sparsegpt_lib.sparsegpt_prune(w, shared[key][1], sparsity=r.sparsity, n=r.n,
+                                        m=r.m, block_size=self.block_size)
     return res.weight, res.mask
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from quantjax import rules as rules_lib
+from quantjax.sparsity import _select as select_lib
 from quantjax.sparsity import nm as nm_lib
 
 __all__ = ["magnitude_mask", "mask_from_scores", "prune_params", "apply_masks", "sparsity_of"]
@@ -36,20 +37,15 @@ def mask_from_scores(scores: jax.Array, sparsity: float, *, axis: int | None = N
     raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
   s = jnp.asarray(scores, jnp.float32)
   if axis is None:
-    flat = s.reshape(-1)
-    k = int(round(sparsity * flat.size))
+    k = int(round(sparsity * s.size))
     if k == 0:
       return jnp.ones(s.shape, bool)
-    order = jnp.argsort(flat, stable=True)
-    drop = jnp.zeros(flat.size, bool).at[order[:k]].set(True)
-    return ~drop.reshape(s.shape)
+    return ~select_lib.lowest_k_mask(s, k)
   axis = axis % s.ndim
-  moved = jnp.moveaxis(s, axis, -1)
-  k = int(round(sparsity * moved.shape[-1]))
+  k = int(round(sparsity * s.shape[axis]))
   if k == 0:
     return jnp.ones(s.shape, bool)
-  ranks = jnp.argsort(jnp.argsort(moved, axis=-1, stable=True), axis=-1, stable=True)
-  return jnp.moveaxis(ranks >= k, -1, axis)
+  return ~select_lib.lowest_k_mask(s, k, axis=axis)
 
 
 def magnitude_mask(w: jax.Array, sparsity: float, *, axis: int | None = None) -> jax.Array:
