@@ -172,7 +172,7 @@ def quantized_matmul(x, w, *, contract_axis: int = 0, precision: Any = None):
   """Runs a registered kernel if the path allows one; None means: take the XLA path."""
   del precision
   path = current_path()
-  if path == "cpu" or (path == "auto" and _cpu_backend()):
+  if path == "cpu" or (path == "auto" and _cpu_backend() and not auto_uses_kernels()):
     return _cpu_kernel(x, w, contract_axis, forced=path == "cpu")
   kpath = _kernel_path()
   if kpath is None:

@@ -33,6 +33,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,9 +46,6 @@ namespace {
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint8_t v16b __attribute__((vector_size(16)));
-typedef int8_t v16sb __attribute__((vector_size(16)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
 
 // Code kinds (must match cpu_matmul.py).
 enum Kind : int64_t { kU4 = 0, kS8 = 1, kU8 = 2, kNF4 = 3, kE4M3 = 4, kE5M2 = 5, kBF16 = 6, kF16 = 7 };
@@ -53,44 +54,88 @@ enum Layout : int64_t { kKN = 0, kNK = 1 };
 // Types of the scale / zero-point operands.
 enum Elem : int { kF32 = 0, kF16e = 1, kBF16e = 2, kU8e = 3, kS8e = 4, kOther = 5 };
 
-inline v16f zero16() { return v16f{} ; }
-
-inline v16b load_b(const uint8_t* p) {
-  v16b b;
-  std::memcpy(&b, p, 16);
-  return b;
-}
+inline v16f zero16() { return v16f{}; }
 
 inline v16f as_f(v16u u) { return (v16f)u; }
+
+// 16 bytes / 16 halfwords widened to 32-bit lanes. GCC scalarizes
+// `__builtin_convertvector` from 8-bit vectors, so the widening loads use the
+// ISA's extend instructions (AVX-512 or AVX2), with a portable loop otherwise.
+#if defined(__AVX512F__)
+inline v16u widen_u8(const uint8_t* p) {
+  return (v16u)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline v16i widen_s8(const uint8_t* p) {
+  return (v16i)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline v16u widen_u16(const uint8_t* p) {
+  return (v16u)_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#elif defined(__AVX2__)
+inline v16u join(__m256i a, __m256i b) {
+  v16u r;
+  std::memcpy(&r, &a, 32);
+  std::memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
+  return r;
+}
+inline v16u widen_u8(const uint8_t* p) {
+  __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return join(_mm256_cvtepu8_epi32(x), _mm256_cvtepu8_epi32(_mm_srli_si128(x, 8)));
+}
+inline v16i widen_s8(const uint8_t* p) {
+  __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (v16i)join(_mm256_cvtepi8_epi32(x), _mm256_cvtepi8_epi32(_mm_srli_si128(x, 8)));
+}
+inline v16u widen_u16(const uint8_t* p) {
+  return join(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+              _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+}
+#else
+inline v16u widen_u8(const uint8_t* p) {
+  v16u r;
+  for (int i = 0; i < 16; ++i) r[i] = p[i];
+  return r;
+}
+inline v16i widen_s8(const uint8_t* p) {
+  v16i r;
+  for (int i = 0; i < 16; ++i) r[i] = static_cast<int8_t>(p[i]);
+  return r;
+}
+inline v16u widen_u16(const uint8_t* p) {
+  v16u r;
+  for (int i = 0; i < 16; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    r[i] = h;
+  }
+  return r;
+}
+#endif
+
+// Non-negative 32-bit lanes to float (the signed conversion is native everywhere).
+inline v16f to_f(v16u u) { return __builtin_convertvector((v16i)u, v16f); }
+inline v16f to_f(v16i i) { return __builtin_convertvector(i, v16f); }
 
 // IEEE half bits -> float (finite values; subnormals exact).
 inline v16f half_bits_to_f(v16u u) {
   v16u sign = (u & 0x8000u) << 16;
   v16u em = u & 0x7fffu;
   v16u normal = (em << 13) + (112u << 23);
-  v16f sub = __builtin_convertvector(em, v16f) * (1.0f / 16777216.0f);
+  v16f sub = to_f(em) * (1.0f / 16777216.0f);
   v16f r = (em < 0x400u) ? sub : as_f(normal);
   return (v16f)((v16u)r | sign);
 }
 
-inline v16f load_half(const uint8_t* p) {
-  v16h h;
-  std::memcpy(&h, p, 32);
-  return half_bits_to_f(__builtin_convertvector(h, v16u));
-}
+inline v16f load_half(const uint8_t* p) { return half_bits_to_f(widen_u16(p)); }
 
-inline v16f load_bf16(const uint8_t* p) {
-  v16h h;
-  std::memcpy(&h, p, 32);
-  return as_f(__builtin_convertvector(h, v16u) << 16);
-}
+inline v16f load_bf16(const uint8_t* p) { return as_f(widen_u16(p) << 16); }
 
 // FP8 e4m3fn byte -> float (finite values; subnormals exact).
 inline v16f e4m3_to_f(v16u b) {
   v16u sign = (b & 0x80u) << 24;
   v16u em = b & 0x7fu;
   v16u normal = (em << 20) + (120u << 23);
-  v16f sub = __builtin_convertvector(em, v16f) * (1.0f / 512.0f);
+  v16f sub = to_f(em) * (1.0f / 512.0f);
   v16f r = (em < 0x8u) ? sub : as_f(normal);
   return (v16f)((v16u)r | sign);
 }
@@ -106,12 +151,8 @@ inline v16f load_vals(const void* base, int elem, int64_t idx) {
     }
     case kF16e: return load_half(p + 2 * idx);
     case kBF16e: return load_bf16(p + 2 * idx);
-    case kU8e: return __builtin_convertvector(__builtin_convertvector(load_b(p + idx), v16u), v16f);
-    case kS8e: {
-      v16sb s;
-      std::memcpy(&s, p + idx, 16);
-      return __builtin_convertvector(__builtin_convertvector(s, v16i), v16f);
-    }
+    case kU8e: return to_f(widen_u8(p + idx));
+    case kS8e: return to_f(widen_s8(p + idx));
   }
   return zero16();
 }
@@ -120,6 +161,7 @@ inline float half_to_float(uint16_t h) {
   v16u u = {h};
   return half_bits_to_f(u)[0];
 }
+
 
 // One value of a float operand.
 inline float load_val(const void* base, int elem, int64_t idx) {
@@ -159,9 +201,9 @@ template <>
 struct Dec<kU4> {
   static constexpr int per = 2, esize = 1;
   static inline void run(const uint8_t* p, const v16f&, v16f* o) {
-    v16u i = __builtin_convertvector(load_b(p), v16u);
-    o[0] = __builtin_convertvector(i & 15u, v16f);
-    o[1] = __builtin_convertvector(i >> 4, v16f);
+    v16u i = widen_u8(p);
+    o[0] = to_f(i & 15u);
+    o[1] = to_f(i >> 4);
   }
 };
 
@@ -169,7 +211,7 @@ template <>
 struct Dec<kNF4> {
   static constexpr int per = 2, esize = 1;
   static inline void run(const uint8_t* p, const v16f& lut, v16f* o) {
-    v16i i = __builtin_convertvector(load_b(p), v16i);
+    v16i i = (v16i)widen_u8(p);
     o[0] = __builtin_shuffle(lut, i & 15);
     o[1] = __builtin_shuffle(lut, i >> 4);
   }
@@ -178,26 +220,20 @@ struct Dec<kNF4> {
 template <>
 struct Dec<kS8> {
   static constexpr int per = 1, esize = 1;
-  static inline void run(const uint8_t* p, const v16f&, v16f* o) {
-    v16sb s;
-    std::memcpy(&s, p, 16);
-    o[0] = __builtin_convertvector(__builtin_convertvector(s, v16i), v16f);
-  }
+  static inline void run(const uint8_t* p, const v16f&, v16f* o) { o[0] = to_f(widen_s8(p)); }
 };
 
 template <>
 struct Dec<kU8> {
   static constexpr int per = 1, esize = 1;
-  static inline void run(const uint8_t* p, const v16f&, v16f* o) {
-    o[0] = __builtin_convertvector(__builtin_convertvector(load_b(p), v16u), v16f);
-  }
+  static inline void run(const uint8_t* p, const v16f&, v16f* o) { o[0] = to_f(widen_u8(p)); }
 };
 
 template <>
 struct Dec<kE4M3> {
   static constexpr int per = 1, esize = 1;
   static inline void run(const uint8_t* p, const v16f&, v16f* o) {
-    o[0] = e4m3_to_f(__builtin_convertvector(load_b(p), v16u));
+    o[0] = e4m3_to_f(widen_u8(p));
   }
 };
 
@@ -205,7 +241,7 @@ template <>
 struct Dec<kE5M2> {
   static constexpr int per = 1, esize = 1;
   static inline void run(const uint8_t* p, const v16f&, v16f* o) {
-    o[0] = half_bits_to_f(__builtin_convertvector(load_b(p), v16u) << 8);
+    o[0] = half_bits_to_f(widen_u8(p) << 8);
   }
 };
 
