@@ -189,8 +189,24 @@ def quantized_matmul(x, w, *, contract_axis: int = 0, precision: Any = None):
 
 
 def quantized_matmul_w8a8(xq, w, *, out_dtype):
-  """The W8A8 kernel on per-token int8 activations `xq`, if the path allows; else None."""
+  """The W8A8 kernel on per-token int8 activations `xq`, if the path allows; else None.
+
+  On CPU with few rows, the CPU kernel computes the same product: the int8
+  activations times their per-token scales are exact float inputs to its
+  float32 accumulation over the int8 weight codes.
+  """
   from quantjax.kernels import w8a8_matmul
+  path = current_path()
+  if path == "cpu" or (path == "auto" and _cpu_backend() and not auto_uses_kernels()):
+    import jax.numpy as jnp
+    from quantjax.kernels import cpu_matmul
+    p, reason = cpu_matmul.plan(xq, w, 0)
+    if p is None and path == "auto":
+      _log.debug("qdot: CPU kernel declines W8A8 %s: %s; XLA int8 x int8 dot", _describe(xq, w),
+                 reason)
+      return None
+    out = _cpu_kernel(xq.dequantize(jnp.float32), w, 0, forced=path == "cpu")
+    return None if out is None else out.astype(out_dtype)
   kpath = _kernel_path()
   if kpath is None:
     return None

@@ -49,6 +49,15 @@ def test_matches_reference(fmt, axis):
                                atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
+def test_w8a8_small_batches():
+  w = qj.quantize_params({"w": jax.random.normal(jax.random.key(0), (128, 48))},
+                         [qj.QuantRule(module_path="w", format="int8", act_format="int8")])["w"]
+  x = jax.random.normal(jax.random.key(1), (3, 128))
+  ref, out = _qdot("xla", x, w, 0), _qdot("cpu", x, w, 0)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
 def test_bf16_activations_and_auto_routing(caplog):
   w = _weight("q4_0", 0)
   x = jax.random.normal(jax.random.key(3), (2, 128)).astype(jnp.bfloat16)
@@ -142,3 +151,23 @@ def test_greedy_generation_identical(fmt):
   with dispatch.matmul_path("cpu"):
     b, _ = llama._step(cfg, state, tok, llama.init_cache(cfg, 2, 8), jnp.int32(0))
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_import_decodes_through_the_kernel(tmp_path, caplog):
+  """A GGUF file's Q4_0 / Q4_1 / Q8_0 tensors, imported as they are, take the kernel."""
+  from quantjax.io import gguf as gio
+  cfg, state = _tiny_llama()
+  path = str(tmp_path / "tiny.gguf")
+  gio.export_gguf(path, cfg, state, types=[(r".*ffn_(gate|up).*", "Q4_1"),
+                                           (r".*ffn_down.*", "Q8_0"), (r".*", "Q4_0")])
+  cfg2, imported, _, info = gio.import_gguf(path, tokenizer=False)
+  assert {info["blk.0.ffn_up.weight"][0], info["blk.0.ffn_down.weight"][0],
+          info["token_embd.weight"][0]} == {"Q4_1", "Q8_0", "Q4_0"}
+  prompt = np.random.default_rng(1).integers(0, 256, (1, 5)).astype(np.int32)
+  with dispatch.matmul_path("xla"):
+    ref = llama.generate(cfg2, imported, prompt, 16)
+  with caplog.at_level(logging.DEBUG, logger=dispatch.__name__):
+    out = llama.generate(cfg2, imported, prompt, 16)  # auto
+  for name in ("q4_0 (64, 64)", "q4_1 (64, 128)", "q8_0 (128, 64)", "q4_0 (256, 64)"):
+    assert f"qdot: cpu_matmul for weight {name}" in caplog.text
+  np.testing.assert_array_equal(out, ref)

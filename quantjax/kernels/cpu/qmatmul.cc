@@ -48,11 +48,13 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
 // Code kinds (must match cpu_matmul.py).
-enum Kind : int64_t { kU4 = 0, kS8 = 1, kU8 = 2, kNF4 = 3, kE4M3 = 4, kE5M2 = 5, kBF16 = 6, kF16 = 7 };
+enum Kind : int64_t {
+  kU4 = 0, kS8 = 1, kU8 = 2, kNF4 = 3, kE4M3 = 4, kE5M2 = 5, kBF16 = 6, kF16 = 7, kF32 = 8
+};
 enum ZpMode : int64_t { kNone = 0, kIntZp = 1, kFloatMin = 2 };
 enum Layout : int64_t { kKN = 0, kNK = 1 };
 // Types of the scale / zero-point operands.
-enum Elem : int { kF32 = 0, kF16e = 1, kBF16e = 2, kU8e = 3, kS8e = 4, kOther = 5 };
+enum Elem : int { kF32e = 0, kF16e = 1, kBF16e = 2, kU8e = 3, kS8e = 4, kOther = 5 };
 
 inline v16f zero16() { return v16f{}; }
 
@@ -144,7 +146,7 @@ inline v16f e4m3_to_f(v16u b) {
 inline v16f load_vals(const void* base, int elem, int64_t idx) {
   const uint8_t* p = static_cast<const uint8_t*>(base);
   switch (elem) {
-    case kF32: {
+    case kF32e: {
       v16f v;
       std::memcpy(&v, p + 4 * idx, 64);
       return v;
@@ -158,8 +160,24 @@ inline v16f load_vals(const void* base, int elem, int64_t idx) {
 }
 
 inline float half_to_float(uint16_t h) {
-  v16u u = {h};
-  return half_bits_to_f(u)[0];
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  float f;
+  if (em < 0x400u) {
+    f = float(em) * (1.0f / 16777216.0f);
+  } else {
+    const uint32_t bits = (em << 13) + (112u << 23);
+    std::memcpy(&f, &bits, 4);
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u |= sign;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
 }
 
 
@@ -167,7 +185,7 @@ inline float half_to_float(uint16_t h) {
 inline float load_val(const void* base, int elem, int64_t idx) {
   const uint8_t* p = static_cast<const uint8_t*>(base);
   switch (elem) {
-    case kF32: {
+    case kF32e: {
       float f;
       std::memcpy(&f, p + 4 * idx, 4);
       return f;
@@ -249,6 +267,12 @@ template <>
 struct Dec<kBF16> {
   static constexpr int per = 1, esize = 2;
   static inline void run(const uint8_t* p, const v16f&, v16f* o) { o[0] = load_bf16(p); }
+};
+
+template <>
+struct Dec<kF32> {
+  static constexpr int per = 1, esize = 4;
+  static inline void run(const uint8_t* p, const v16f&, v16f* o) { std::memcpy(o, p, 64); }
 };
 
 template <>
@@ -344,58 +368,73 @@ void kn_tile(const Args& a, int64_t m0, int64_t n0) {
 }
 
 inline float hsum(v16f v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
   float s = 0.0f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
+#endif
 }
 
-// nk: rows m0..m0+MT, one output n.
-template <int64_t KIND, int MT>
-void nk_tile(const Args& a, int64_t m0, int64_t n) {
+// nk: rows m0..m0+MT, outputs n0..n0+NR (NR rows of codes share each load of x).
+template <int64_t KIND, int MT, int NR>
+void nk_tile(const Args& a, int64_t m0, int64_t n0) {
   using D = Dec<KIND>;
   constexpr int P = D::per;
-  v16f acc[MT];
-  float off[MT];
-  for (int m = 0; m < MT; ++m) {
-    acc[m] = zero16();
-    off[m] = 0.0f;
-  }
+  v16f acc[MT][NR];
+  float off[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) {
+      acc[m][r] = zero16();
+      off[m][r] = 0.0f;
+    }
   const int64_t vecs = a.group / (16 * P);  // 16-element vectors of stored codes per group
-  const uint8_t* row = a.codes + n * a.row_bytes;
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = a.codes + (n0 + r) * a.row_bytes;
   const int64_t kstride = P == 2 ? a.K / 2 : a.K;
   const float* x0 = P == 2 ? a.xe : a.x;
   const float* x1 = a.xo;
   for (int64_t g = 0; g < a.groups; ++g) {
-    v16f t[MT];
-    for (int m = 0; m < MT; ++m) t[m] = zero16();
+    v16f t[MT][NR];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < NR; ++r) t[m][r] = zero16();
     for (int64_t q = 0; q < vecs; ++q) {
-      const int64_t e = g * vecs * 16 + q * 16;  // stored element index along the row
-      v16f c[P];
-      D::run(row + e * D::esize, a.lut, c);
+      const int64_t e = (g * vecs + q) * 16;  // stored element index along the row
+      v16f c[NR][P];
+      for (int r = 0; r < NR; ++r) D::run(rows[r] + e * D::esize, a.lut, c[r]);
       for (int m = 0; m < MT; ++m) {
         v16f xv;
         std::memcpy(&xv, x0 + (m0 + m) * kstride + e, 64);
-        t[m] += xv * c[0];
+        for (int r = 0; r < NR; ++r) t[m][r] += xv * c[r][0];
         if constexpr (P == 2) {
           v16f xw;
           std::memcpy(&xw, x1 + (m0 + m) * kstride + e, 64);
-          t[m] += xw * c[1];
+          for (int r = 0; r < NR; ++r) t[m][r] += xw * c[r][1];
         }
       }
     }
     if (a.scale == nullptr) {
-      for (int m = 0; m < MT; ++m) acc[m] += t[m];
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < NR; ++r) acc[m][r] += t[m][r];
       continue;
     }
-    float s, o;
-    nk_scale(a, n, g, s, o);
-    for (int m = 0; m < MT; ++m) {
-      acc[m] += s * t[m];
-      off[m] += o * a.xsum[(m0 + m) * a.groups + g];
+    for (int r = 0; r < NR; ++r) {
+      float sc, o;
+      nk_scale(a, n0 + r, g, sc, o);
+      for (int m = 0; m < MT; ++m) {
+        acc[m][r] += sc * t[m][r];
+        off[m][r] += o * a.xsum[(m0 + m) * a.groups + g];
+      }
     }
   }
-  for (int m = 0; m < MT; ++m) a.out[(m0 + m) * a.N + n] = hsum(acc[m]) + off[m];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) a.out[(m0 + m) * a.N + n0 + r] = hsum(acc[m][r]) + off[m][r];
 }
+
+// Multiply-adds below which a call runs on the calling thread alone: handing
+// work to the pool costs more than it saves there.
+constexpr int64_t kSmallWork = 1 << 17;
 
 // Runs `body(i)` for i in [0, total) on the caller and the XLA intra-op pool.
 // The caller takes items too, so it never waits on a task that has not
@@ -409,8 +448,8 @@ struct Shared {
 };
 
 template <class F>
-void parallel_for(ffi::ThreadPool& pool, int64_t total, const F& body) {
-  const int64_t threads = pool.num_threads();
+void parallel_for(ffi::ThreadPool& pool, int64_t total, const F& body, bool small = false) {
+  const int64_t threads = small ? 1 : pool.num_threads();
   if (total <= 1 || threads <= 1) {
     for (int64_t i = 0; i < total; ++i) body(i);
     return;
@@ -479,29 +518,46 @@ void run_kn(ffi::ThreadPool& pool, const Args& a) {
     const int64_t b1 = std::min(blocks, b0 + per_task);
     for (int64_t b = b0; b < b1; ++b) rows(b * width, false);
   };
-  parallel_for(pool, tasks, body);
+  parallel_for(pool, tasks, body, a.M * a.K * a.N < kSmallWork);
 }
 
 template <int64_t KIND>
 void run_nk(ffi::ThreadPool& pool, const Args& a) {
   const int64_t M = a.M;
-  const int64_t per_task = std::max<int64_t>(1, (a.N + 15) / 16);
-  const int64_t tasks = (a.N + per_task - 1) / per_task;
-  auto body = [&](int64_t t) {
-    const int64_t n1 = std::min(a.N, (t + 1) * per_task);
-    for (int64_t n = t * per_task; n < n1; ++n) {
+  constexpr int64_t kRows = 4;  // output rows per step (a multiple of every NR below)
+  const int64_t steps = a.N / kRows;
+  const int64_t per_task = std::max<int64_t>(1, (steps + 15) / 16);
+  const int64_t tasks = (steps + per_task - 1) / per_task + (a.N % kRows ? 1 : 0);
+  auto block = [&](int64_t n0, int64_t nr) {  // outputs n0..n0+nr, every row of x
+    for (int64_t n = n0; n < n0 + nr;) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) nk_tile<KIND, 4>(a, m, n);
-      for (; m + 2 <= M; m += 2) nk_tile<KIND, 2>(a, m, n);
-      for (; m < M; ++m) nk_tile<KIND, 1>(a, m, n);
+      if (nr - (n - n0) >= 4) {
+        for (; m + 4 <= M; m += 4) nk_tile<KIND, 4, 1>(a, m, n), nk_tile<KIND, 4, 1>(a, m, n + 1),
+                                   nk_tile<KIND, 4, 1>(a, m, n + 2), nk_tile<KIND, 4, 1>(a, m, n + 3);
+        for (; m + 2 <= M; m += 2) nk_tile<KIND, 2, 2>(a, m, n), nk_tile<KIND, 2, 2>(a, m, n + 2);
+        for (; m < M; ++m) nk_tile<KIND, 1, 4>(a, m, n);
+        n += 4;
+      } else {
+        for (; m < M; ++m) nk_tile<KIND, 1, 1>(a, m, n);
+        n += 1;
+      }
     }
   };
-  parallel_for(pool, tasks, body);
+  auto body = [&](int64_t t) {
+    const int64_t s0 = t * per_task;
+    if (s0 >= steps) {  // the tail task: the last N % 4 outputs
+      block(steps * kRows, a.N - steps * kRows);
+      return;
+    }
+    const int64_t s1 = std::min(steps, s0 + per_task);
+    block(s0 * kRows, (s1 - s0) * kRows);
+  };
+  parallel_for(pool, tasks, body, a.M * a.K * a.N < kSmallWork);
 }
 
 int elem_of(ffi::DataType t) {
   switch (t) {
-    case ffi::DataType::F32: return kF32;
+    case ffi::DataType::F32: return kF32e;
     case ffi::DataType::F16: return kF16e;
     case ffi::DataType::BF16: return kBF16e;
     case ffi::DataType::U8: return kU8e;
@@ -517,7 +573,9 @@ std::string dims_str(ffi::AnyBuffer::Dimensions d) {
 }
 
 int64_t per_of(int64_t kind) { return (kind == kU4 || kind == kNF4) ? 2 : 1; }
-int64_t esize_of(int64_t kind) { return (kind == kBF16 || kind == kF16) ? 2 : 1; }
+int64_t esize_of(int64_t kind) {
+  return kind == kF32 ? 4 : ((kind == kBF16 || kind == kF16) ? 2 : 1);
+}
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                        ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> lut,
@@ -633,6 +691,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     QJ_CASE(kE5M2)
     QJ_CASE(kBF16)
     QJ_CASE(kF16)
+    QJ_CASE(kF32)
     default:
       return ffi::Error::InvalidArgument("quantjax_qmatmul: unknown code kind " +
                                          std::to_string(kind));
