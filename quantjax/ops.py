@@ -126,7 +126,8 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
     out = dispatch.quantized_matmul(x, w, contract_axis=contract_axis, precision=precision)
     if out is not None:
       return out
-    w = w.dequantize(dtype=x.dtype)
+    from quantjax.kernels import cpu_matmul
+    w = cpu_matmul.dequantized_operand(w.dequantize(dtype=x.dtype))
   else:
     w = jnp.asarray(w)
     if act_format is not None:

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["available", "open_model", "perplexity", "greedy", "quantize", "ggml_quantize_rows"]
+__all__ = ["available", "open_model", "perplexity", "greedy", "prefill_decode", "quantize",
+           "ggml_quantize_rows"]
 
 
 def available() -> bool:
@@ -118,6 +119,118 @@ def greedy(path: str | os.PathLike, prompt: Sequence[int], steps: int, *,
       nxt = int(np.argmax(np.asarray(llm.scores[llm.n_tokens - 1])))
       out.append(nxt)
       llm.eval([nxt])
+  return out
+
+
+def prefill_decode(path: str | os.PathLike, prompts: Sequence[np.ndarray], *,
+                   decode_steps: int = 32, repeats: int = 3,
+                   n_threads: int | None = None) -> list[dict[str, Any]]:
+  """llama.cpp's prefill and greedy decode throughput, one record per prompt batch.
+
+  The same measurement as `quantjax.eval.speed.prefill_decode`, through
+  llama.cpp's batch API: each prompt batch `[B, T]` is B sequences of one
+  context (`n_seq_max=B`); prefill is one `llama_decode` of the B*T prompt
+  tokens, decode is `decode_steps` calls of B tokens (one per sequence, the
+  argmax of its last logits). The memory is cleared before each repeat; the
+  median of `repeats` is reported. Returns dicts with the keys of
+  `speed.prefill_decode` (no compile times), plus `greedy_tokens_row0`: the
+  first sequence's greedy tokens (the prefill's argmax, then each step's).
+  """
+  import ctypes
+  import logging
+
+  import llama_cpp as lc
+  import llama_cpp._logger  # noqa: F401 - installs the log callback that honours this logger
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  threads = n_threads or max(1, os.cpu_count() or 1)
+  log = logging.getLogger("llama-cpp-python")
+  old_level = log.level
+  log.setLevel(logging.ERROR)
+  lc.llama_backend_init()
+  mparams = lc.llama_model_default_params()
+  model = lc.llama_model_load_from_file(path.encode(), mparams)
+  if not model:
+    raise RuntimeError(f"llama.cpp could not load {path}")
+  vocab = lc.llama_model_get_vocab(model)
+  n_vocab = lc.llama_vocab_n_tokens(vocab)
+  out = []
+  try:
+    for prompt in prompts:
+      prompt = np.asarray(prompt, np.int64)
+      if prompt.ndim != 2:
+        raise ValueError(f"prompts must be [B, T] token ids, got shape {prompt.shape}")
+      b, t = prompt.shape
+      cparams = lc.llama_context_default_params()
+      cparams.n_ctx = b * (t + decode_steps + 8)
+      cparams.n_batch = b * t
+      cparams.n_ubatch = min(512, b * t)
+      cparams.n_seq_max = b
+      cparams.n_threads = threads
+      cparams.n_threads_batch = threads
+      ctx = lc.llama_init_from_model(model, cparams)
+      if not ctx:
+        raise RuntimeError(f"llama.cpp could not create a context for {path} (batch {b})")
+      batch = lc.llama_batch_init(b * t, 0, 1)
+      try:
+        def fill(tokens, pos, last):
+          n = len(tokens)
+          batch.n_tokens = n
+          for i in range(n):
+            batch.token[i] = int(tokens[i])
+            batch.pos[i] = int(pos[i])
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = int(i // (n // b))
+            batch.logits[i] = int(last[i])
+
+        def decode():
+          rc = lc.llama_decode(ctx, batch)
+          if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} ({path}, batch {b})")
+
+        def next_tokens():
+          nxt = []
+          for i in range(batch.n_tokens):
+            if batch.logits[i]:
+              ptr = lc.llama_get_logits_ith(ctx, i)
+              row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                          shape=(n_vocab,))
+              nxt.append(int(np.argmax(row)))
+          return nxt
+
+        flat = prompt.reshape(-1)
+        pos = np.tile(np.arange(t), b)
+        last = np.tile(np.arange(t) == t - 1, b)
+        pre_s, dec_s = [], []
+        for _ in range(repeats + 1):  # the first round warms up
+          lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+          fill(flat, pos, last)
+          t0 = time.perf_counter()
+          decode()
+          lc.llama_synchronize(ctx)
+          pre_s.append(time.perf_counter() - t0)
+          toks = next_tokens()
+          generated = [toks[0]]
+          t0 = time.perf_counter()
+          for step in range(decode_steps):
+            fill(toks, [t + step] * b, [True] * b)
+            decode()
+            toks = next_tokens()
+            generated.append(toks[0])
+          dec_s.append(time.perf_counter() - t0)
+        pre, dec = float(np.median(pre_s[1:])), float(np.median(dec_s[1:]))
+        out.append({"batch": b, "prompt_len": t, "decode_steps": decode_steps,
+                    "prefill_s": pre, "prefill_tokens_per_s": b * t / pre,
+                    "decode_step_ms": 1e3 * dec / decode_steps,
+                    "decode_tokens_per_s": b * decode_steps / dec, "threads": threads,
+                    "greedy_tokens_row0": generated})
+      finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+  finally:
+    lc.llama_model_free(model)
+    log.setLevel(old_level)
   return out
 
 

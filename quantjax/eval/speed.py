@@ -9,14 +9,16 @@ come with every perplexity record).
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Timer", "time_fn", "prefill_decode", "quantize_time"]
+__all__ = ["Timer", "time_fn", "prefill_decode", "quantize_time", "bench_prompts", "rss_bytes",
+           "peak_rss_bytes", "reset_peak_rss"]
 
 
 class Timer:
@@ -54,34 +56,71 @@ def quantize_time(fn: Callable[[], Any]) -> tuple[Any, float]:
   return out, time.perf_counter() - t0
 
 
+def _proc_status(field: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+  except OSError:
+    return None
+  return int(m.group(1)) * 1024 if m else None
+
+
+def rss_bytes() -> int | None:
+  """Resident memory of this process now (Linux `VmRSS`; None elsewhere)."""
+  return _proc_status("VmRSS")
+
+
+def peak_rss_bytes() -> int | None:
+  """Peak resident memory since start or the last `reset_peak_rss()` (Linux `VmHWM`)."""
+  return _proc_status("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+  """Resets the peak to the current resident memory (Linux >= 4.0); False if it cannot."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    return False
+  return True
+
+
+def bench_prompts(vocab_size: int, batch_sizes: Sequence[int] = (1, 8), prompt_len: int = 128,
+                  seed: int = 0) -> list[np.ndarray]:
+  """The random prompts `[B, prompt_len]` that `prefill_decode` uses, one per batch size."""
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, vocab_size, (b, prompt_len)).astype(np.int32) for b in batch_sizes]
+
+
 def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], params: Any, *,
                    vocab_size: int, batch_sizes=(1, 8), prompt_len: int = 128,
-                   decode_steps: int = 32, repeats: int = 3) -> list[dict[str, Any]]:
+                   decode_steps: int = 32, repeats: int = 3,
+                   prompts: Sequence[np.ndarray] | None = None,
+                   peak_rss: bool = False) -> list[dict[str, Any]]:
   """Prefill and decode throughput with a KV cache, per batch size, for any model.
 
-  Args:
-    decoder: `(init_cache(batch, max_len), step(params, tokens, cache, index))`,
-      where `step` returns `(logits of the last position [B, V], cache)`; e.g.
-      `quantjax.models.llama.decoder(config)`.
-    params: the model's params (arrays or QArrays).
-    vocab_size: token ids of the random prompt are drawn below it.
-    batch_sizes: one record per batch size.
-    prompt_len: prefill: one `[B, prompt_len]` step into an empty cache.
-    decode_steps: then this many greedy single-token steps.
-    repeats: timed repetitions (median reported) after a warm-up.
-
-  Returns:
-    One record per batch size with `prefill_tokens_per_s`,
-    `decode_tokens_per_s`, the per-step decode latency and the compile times of
-    both shapes.
+  `decoder` is `(init_cache(batch, max_len), step(params, tokens, cache,
+  index))`, where `step` returns `(logits of the last position [B, V], cache)`;
+  e.g. `quantjax.models.llama.decoder(config)`. Random prompt ids are drawn
+  below `vocab_size`. Prefill: one `[B, prompt_len]` step into an empty cache. Decode:
+  `decode_steps` single-token steps after it (greedy). Returns one record per
+  batch size with `prefill_tokens_per_s`, `decode_tokens_per_s`, the per-step
+  decode latency, the compile times of both shapes and the greedy tokens of
+  the first row (`greedy_tokens_row0`: the prefill's argmax, then each step's).
+  `prompts` (`[B, T]` arrays, e.g. from `bench_prompts`) replaces the random
+  ones. With `peak_rss`, the process's peak resident memory is reset after
+  compiling and read after timing (`peak_rss_bytes`: memory while generating,
+  compilers excluded; Linux only).
   """
   init_cache, step_fn = decoder
   step = jax.jit(step_fn, donate_argnums=2)
   out = []
-  rng = np.random.default_rng(0)
-  for b in batch_sizes:
+  if prompts is None:
+    prompts = bench_prompts(vocab_size, batch_sizes, prompt_len)
+  for prompt in prompts:
+    b, prompt_len = np.asarray(prompt).shape
     max_len = prompt_len + decode_steps + 1
-    prompt = jnp.asarray(rng.integers(0, vocab_size, (b, prompt_len)), jnp.int32)
+    prompt = jnp.asarray(prompt, jnp.int32)
     one = jnp.zeros((b, 1), jnp.int32)
     cache = init_cache(b, max_len)
     t0 = time.perf_counter()
@@ -90,23 +129,31 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
     t0 = time.perf_counter()
     dec_c = step.lower(params, one, cache, jnp.int32(prompt_len)).compile()
     compile_decode = time.perf_counter() - t0
+    del cache
+    if peak_rss:
+      reset_peak_rss()
 
     def prefill():
       return pre_c(params, prompt, init_cache(b, max_len), jnp.int32(0))
 
     pre = time_fn(prefill, repeats=repeats)
-    _, cache = _block(prefill())
+    logits, cache = _block(prefill())
+    first = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
+    generated = []
 
     def decode():
       c = jax.tree.map(jnp.copy, cache)
-      tok = one
+      tok = first
+      toks = [tok]
       for i in range(decode_steps):
         logits, c = dec_c(params, tok, c, jnp.int32(prompt_len + i))
         tok = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
+        toks.append(tok)
+      generated[:] = toks
       return tok
 
     dec = time_fn(decode, repeats=repeats)
-    out.append({
+    rec = {
         "batch": b,
         "prompt_len": prompt_len,
         "decode_steps": decode_steps,
@@ -116,5 +163,9 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
         "prefill_tokens_per_s": b * prompt_len / pre["median_s"],
         "decode_step_ms": 1e3 * dec["median_s"] / decode_steps,
         "decode_tokens_per_s": b * decode_steps / dec["median_s"],
-    })
+        "greedy_tokens_row0": [int(np.asarray(t)[0, 0]) for t in generated],
+    }
+    if peak_rss:
+      rec["peak_rss_bytes"] = peak_rss_bytes()
+    out.append(rec)
   return out

@@ -1,11 +1,15 @@
 """Chooses how `ops.qdot` computes a matmul with a `QArray` weight.
 
 Paths: `"xla"` (dequantize then `dot_general`, or the int8 x int8 XLA dot for
-W8A8; works on every backend), `"kernel"` (a Pallas kernel, native lowering),
-`"interpret"` (the same kernel in Pallas interpret mode, for CPU tests) and
-`"auto"` (the default).
+W8A8; works on every backend, and is the reference), `"kernel"` (a Pallas
+kernel, native lowering), `"interpret"` (the same kernel in Pallas interpret
+mode, for CPU tests), `"cpu"` (the C++ CPU kernel of `cpu_matmul`, called
+through XLA's FFI) and `"auto"` (the default).
 
-`auto` takes the XLA path on CPU. On GPU/TPU it takes a kernel when one
+On CPU, `auto` takes the CPU kernel for matmuls with few rows (decode; up to
+`cpu_matmul.MAX_ROWS`) when it accepts the weight's format and layout and has
+been built, and the XLA path otherwise (with a debug log saying why; set
+`QUANTJAX_CPU_KERNEL=0` to keep XLA everywhere). On GPU/TPU it takes a kernel when one
 accepts the operands *and* kernels are enabled for auto dispatch: the
 kernels match their references in interpret mode and their Triton / Mosaic
 lowerings are checked in CI, but they have not yet been run on a GPU or TPU
@@ -29,7 +33,7 @@ from typing import Any, Callable, Iterator
 __all__ = ["matmul_path", "current_path", "register_kernel", "quantized_matmul",
            "quantized_matmul_w8a8", "set_auto_kernels", "auto_uses_kernels", "route", "routed", "routed_jit"]
 
-_PATHS = ("auto", "xla", "kernel", "interpret")
+_PATHS = ("auto", "xla", "kernel", "interpret", "cpu")
 _state = threading.local()
 _log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def current_path() -> str:
 
 @contextlib.contextmanager
 def matmul_path(path: str) -> Iterator[None]:
-  """Forces how `qdot` runs inside the block: auto, xla, kernel or interpret."""
+  """Forces how `qdot` runs inside the block: auto, xla, kernel, interpret or cpu."""
   if path not in _PATHS:
     raise ValueError(f"unknown matmul path {path!r}; expected one of {_PATHS}")
   old = current_path()
@@ -124,7 +128,7 @@ def routed_jit(fn: Callable | None = None, *, static_argnums=(), donate_argnums=
 def _kernel_path() -> str | None:
   """"kernel" / "interpret" when this call should try a kernel, else None (XLA)."""
   path = current_path()
-  if path == "xla" or (path == "auto" and not auto_uses_kernels()):
+  if path in ("xla", "cpu") or (path == "auto" and not auto_uses_kernels()):
     return None
   return "interpret" if path == "interpret" else "kernel"
 
@@ -139,13 +143,40 @@ def _describe(x, w) -> str:
           f"x {getattr(x, 'dtype', '?')} {tuple(getattr(x, 'shape', ()))}")
 
 
+def _cpu_backend() -> bool:
+  import jax
+  return jax.default_backend() == "cpu"
+
+
+def _cpu_kernel(x, w, contract_axis: int, forced: bool):
+  """The CPU kernel's result, or None (XLA path) with a debug log saying why."""
+  from quantjax.kernels import cpu_matmul
+  p, reason = cpu_matmul.plan(x, w, contract_axis, max_rows=None if forced else
+                              cpu_matmul.MAX_ROWS)
+  if p is not None and not forced and not cpu_matmul.enabled():
+    p, reason = None, "QUANTJAX_CPU_KERNEL is off"
+  if p is not None and not cpu_matmul.available():
+    p, reason = None, f"the CPU kernel is not available ({cpu_matmul.load_error()})"
+  if p is None:
+    if forced:
+      raise ValueError(f"matmul path 'cpu' forced but the CPU kernel does not accept "
+                       f"{_describe(x, w)} (contract_axis={contract_axis}): {reason}")
+    _log.debug("qdot: CPU kernel declines %s (contract_axis=%d): %s; XLA path",
+               _describe(x, w), contract_axis, reason)
+    return None
+  _log.debug("qdot: cpu_matmul for %s (contract_axis=%d)", _describe(x, w), contract_axis)
+  return cpu_matmul.cpu_matmul(x, w, contract_axis, max_rows=None)
+
+
 def quantized_matmul(x, w, *, contract_axis: int = 0, precision: Any = None):
   """Runs a registered kernel if the path allows one; None means: take the XLA path."""
   del precision
+  path = current_path()
+  if path == "cpu" or (path == "auto" and _cpu_backend() and not auto_uses_kernels()):
+    return _cpu_kernel(x, w, contract_axis, forced=path == "cpu")
   kpath = _kernel_path()
   if kpath is None:
     return None
-  path = current_path()
   for name, can_use, run in _KERNELS:
     if can_use(x, w, contract_axis):
       _log.debug("qdot: %s for %s", name, _describe(x, w))
@@ -158,8 +189,24 @@ def quantized_matmul(x, w, *, contract_axis: int = 0, precision: Any = None):
 
 
 def quantized_matmul_w8a8(xq, w, *, out_dtype):
-  """The W8A8 kernel on per-token int8 activations `xq`, if the path allows; else None."""
+  """The W8A8 kernel on per-token int8 activations `xq`, if the path allows; else None.
+
+  On CPU with few rows, the CPU kernel computes the same product: the int8
+  activations times their per-token scales are exact float inputs to its
+  float32 accumulation over the int8 weight codes.
+  """
   from quantjax.kernels import w8a8_matmul
+  path = current_path()
+  if path == "cpu" or (path == "auto" and _cpu_backend() and not auto_uses_kernels()):
+    import jax.numpy as jnp
+    from quantjax.kernels import cpu_matmul
+    p, reason = cpu_matmul.plan(xq, w, 0)
+    if p is None and path == "auto":
+      _log.debug("qdot: CPU kernel declines W8A8 %s: %s; XLA int8 x int8 dot", _describe(xq, w),
+                 reason)
+      return None
+    out = _cpu_kernel(xq.dequantize(jnp.float32), w, 0, forced=path == "cpu")
+    return None if out is None else out.astype(out_dtype)
   kpath = _kernel_path()
   if kpath is None:
     return None
