@@ -81,13 +81,13 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
   # calibration: the weights' scale rule; embedding_format: also quantize the embedding;
   # mode: sequential | one_pass; input_scales: foldable | all (AWQ / SmoothQuant).
   c.quantize = ml_collections.ConfigDict(dict(
-      method="rtn", format="int4_g64", calibration="minmax", act_format="", act_observer="",
+      method="rtn", format="int4_g64", calibration="auto", act_format="", act_observer="",
       act_order=False, alpha=0.5, mode="sequential", input_scales="foldable",
       embedding_format=""))
   # One format per tensor under a budget (bits per weight of the targets, scales included).
   c.mixed = ml_collections.ConfigDict(dict(
       budget_bpw=4.5, candidates=list(GGUF_CANDIDATES), sensitivity_windows=16, method="rtn",
-      calibration="minmax"))
+      calibration="auto"))
   # format gguf | hf; types: (regex, GGUF type) pairs; llamacpp_quantize: let llama.cpp's own
   # quantizer make this type from an F32 export; types_from: reproduce that llama.cpp type's
   # per-tensor mix with quantjax's encoders; importance_windows: importance matrix.

@@ -4,9 +4,20 @@ Launch (from the repository root; `make run` does the same):
 
     python -m experiments.main --config=configs/default.py --workdir=runs/default
 
-Other models and texts: `--config.model.source=gguf --config.model.path=m.gguf`,
-`--config.data.corpus=path/to/text.txt`. `arg` is a comma list of entry
-names to run (default: all of `ENTRIES`).
+Other models and texts: `--config.model.source=gemma3` (or `gguf` with
+`--config.model.path=m.gguf`), `--config.data.corpus=gutenberg_kjv_new_testament`
+(or a text file); `--config.data.calib_corpus=pydoc_topics` calibrates on
+another text than the one evaluated. `arg` is a comma list of entry names
+to run (default: all of `ENTRIES`). The README's table by text:
+
+    python -m experiments.main --config=configs/default.py \
+        --config.data.corpus=gutenberg_kjv_new_testament --workdir=runs/default_kjv
+    python -m experiments.main \
+        --config=configs/default.py:fp32,rtn_w4_g64,gptq_w4_g64,awq_w4_g64,gptq_w3_g64,smoothquant_w8a8,static_w8a8,sparsegpt_2of4,mixed_4.5bpw \
+        --config.data.corpus=gutenberg_kjv_new_testament --config.data.calib_corpus=pydoc_topics \
+        --workdir=runs/default_kjv_xdomain
+    python -m experiments.compare --by_text --out=runs/texts \
+        runs/default runs/default_kjv runs/default_kjv_xdomain
 
 One table, one Pareto plot: FP32; BF16; RTN W8 per channel; RTN, GPTQ and
 AWQ at W4 group-64 symmetric; GPTQ W3 group 64; SmoothQuant W8A8 (dynamic
@@ -16,7 +27,9 @@ to GGUF and scored by llama.cpp; llama.cpp's own Q4_0 beside it. Every row:
 perplexity on the protocol (32 windows of 512), Δ, KL divergence and top-1
 agreement against FP32, model bytes, bits per weight, quantize seconds,
 evaluation tokens/s. Calibrated methods use `CALIB_WINDOWS` windows (the
-protocol's full 128 in `configs/calibrated.py`); the table says so.
+protocol's full 128 in `configs/calibrated.py`), mixed precision's Fisher
+sensitivity 8 of them; the table says so. Signed symmetric integer formats
+use the default scale rule "auto" (llama.cpp's signed-max).
 
 Expected result: see README, "The default comparison" (its first table is
 this config's output, with the machine and timings).
@@ -46,7 +59,8 @@ ENTRIES = (
     entry("fp8_e4m3", "quantize,evaluate", quantize__format="fp8_e4m3"),
     entry("sparsegpt_2of4", "prune,evaluate", prune__method="sparsegpt", prune__pattern="2:4"),
     entry("mixed_4.5bpw", "mixed,evaluate,export,llamacpp", mixed__budget_bpw=4.5,
-          mixed__method="gptq", mixed__candidates=list(GGUF_CANDIDATES)),
+          mixed__method="gptq", mixed__candidates=list(GGUF_CANDIDATES),
+          mixed__sensitivity_windows=8),
     entry("llamacpp_q4_0", "export,llamacpp", export__llamacpp_quantize="Q4_0"),
 )
 

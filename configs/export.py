@@ -27,6 +27,5 @@ def get_config(arg=None):
   c.quantize.method = method
   c.quantize.format = fmt or "q4_0"
   c.quantize.act_order = True
-  c.quantize.calibration = "signed_max"
   c.sweep = [entry(f"{method}_{fmt or 'q4_0'}", "quantize,evaluate,export,llamacpp")]
   return c

@@ -20,6 +20,13 @@ Distillation and QAT stages of the runner (`stages/distill-<key>/done.json`,
 record their loss history; `loss_curves.png` draws them, one line per run.
 
 Writes `compare.md`, `compare.json`, `pareto.png` and `loss_curves.png` to `--out`.
+
+    python -m experiments.compare --by_text --out=runs/texts runs/default runs/default_kjv ...
+
+With `--by_text` the directories are runs of one config on different texts
+(or with calibration from another text, `data.calib_corpus`): one row per
+sweep entry, the perplexity and its increase over that text's FP32 per
+directory, side by side (`texts.md`, `texts.json`); protocols may differ.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from quantjax.eval import report
 
 _OUT = flags.DEFINE_string("out", None, "Directory for compare.md / compare.json / pareto.png.")
 _MIXED = flags.DEFINE_bool("allow_mixed", False, "Allow records from different protocols.")
+_BY_TEXT = flags.DEFINE_bool("by_text", False, "One row per entry, one column group per directory "
+                             "(runs of one config on different texts).")
 
 _PROTOCOL = ("corpus_sha256", "eval_tokens", "window")
 _TRAIN_STAGES = ("distill", "qat")
@@ -151,11 +160,64 @@ def compare(dirs: list[str], out: str, *, allow_mixed: bool = False) -> dict[str
   return {"records": records, "curves": curves, "families": styles, "curves_drawn": drawn}
 
 
+def _text_label(recs: list[dict]) -> str:
+  r = next((r for r in recs if r.get("corpus")), {})
+  corpus, calib = r.get("corpus", "?"), r.get("calib_corpus")
+  return corpus if not calib or calib == corpus else f"{corpus}, calibrated on {calib}"
+
+
+def by_text(dirs: list[str], out: str) -> dict[str, Any]:
+  """Perplexity and Δ vs the same text's FP32 per entry, one column pair per directory."""
+  cols, rows, order = [], {}, []
+  for d in dirs:
+    files = results_files(d)
+    recs = [r for _, path in files for r in report.read_json(path)["records"]]
+    label = f"{os.path.basename(os.path.normpath(d))}: {_text_label(recs)}"
+    base = next((r["perplexity"] for r in recs
+                 if report.method_family(r) == "fp32" and r.get("perplexity")), None)
+    cols.append(label)
+    for r in recs:
+      if r.get("perplexity") is None:
+        continue
+      key = (r.get("entry") or r["method"], r.get("runtime", "jax"))
+      if key not in rows:
+        rows[key] = {"entry": key[0], "runtime": key[1], "method": r["method"]}
+        order.append(key)
+      delta = r.get("delta_pct")
+      if delta is None and base:
+        delta = 100.0 * (r["perplexity"] / base - 1.0)
+      rows[key][label] = {"perplexity": r["perplexity"], "delta_pct": delta,
+                          "kl_mean": r.get("kl_mean")}
+  head = "| entry | runtime | " + " | ".join(f"{c} ppl | Δ | KL" for c in cols) + " |"
+  lines = [head, "|---|---|" + "---:|---:|---:|" * len(cols)]
+  for key in order:
+    row = rows[key]
+    cells = []
+    for c in cols:
+      v = row.get(c)
+      if v is None:
+        cells += ["–", "–", "–"]
+        continue
+      cells += [f"{v['perplexity']:.3f}",
+                "–" if v["delta_pct"] is None else f"{v['delta_pct']:+.2f}%",
+                "–" if v["kl_mean"] is None else f"{v['kl_mean']:.3g}"]
+    lines.append(f"| {row['entry']} | {row['runtime']} | " + " | ".join(cells) + " |")
+  text = "\n".join(lines) + "\n"
+  table = [rows[k] for k in order]
+  report.write_json_atomic(os.path.join(out, "texts.json"), {"columns": cols, "rows": table})
+  report.write_text_atomic(os.path.join(out, "texts.md"), text)
+  print(text)
+  return {"columns": cols, "rows": table}
+
+
 def main(argv):
   dirs = argv[1:]
   if not dirs:
     raise app.UsageError("give one or more results directories")
-  compare(dirs, _OUT.value or "runs/compare", allow_mixed=_MIXED.value)
+  if _BY_TEXT.value:
+    by_text(dirs, _OUT.value or "runs/texts")
+  else:
+    compare(dirs, _OUT.value or "runs/compare", allow_mixed=_MIXED.value)
 
 
 if __name__ == "__main__":

@@ -550,7 +550,7 @@ def _quant_rules(ctx: Context, block) -> list:
   from quantjax.rules import QuantRule
   act = str(block.get("act_format", "") or "") or None
   rules = [QuantRule(module_path=ctx.targets, format=str(block.format),
-                     calibration=str(block.get("calibration", "minmax")), act_format=act)]
+                     calibration=str(block.get("calibration", "auto")), act_format=act)]
   emb = str(block.get("embedding_format", "") or "")
   if emb:
     # The table [vocab, d] is read by the embedding lookup and, tied, contracted over d as
@@ -613,7 +613,7 @@ def mixed_stage(ctx: Context, params, block):
   fisher = mixed.fisher_diagonal(ctx.model.family.loss_fn(ctx.model.config), params,
                                  [w[None] for w in windows], ctx.targets, progress=ctx.progress)
   fisher_s = time.perf_counter() - t
-  cal = str(block.get("calibration", "minmax"))
+  cal = str(block.get("calibration", "auto"))
   costs = mixed.candidate_costs(params, fisher, list(block.candidates), calibration=cal)
   count = sum(int(np.prod(f.shape)) for f in fisher.values())
   alloc = mixed.allocate(costs, int(float(block.budget_bpw) * count / 8), count=count)

@@ -40,8 +40,9 @@ class QuantRule:
     module_path: regex, matched with `re.fullmatch` on the '/'-joined path.
     format: a `QuantFormat` or spec string (`"int4_g64_asym"`); required
       unless `skip`.
-    calibration: how scales are chosen ("minmax", "percentile", "mse" or a
-      `Calibration`).
+    calibration: how scales are chosen: "auto" (default: llama.cpp's
+      signed-max rule for signed symmetric integers, min-max otherwise),
+      "minmax", "signed_max", "percentile", "mse" or a `Calibration`.
     skip: leave matching leaves as they are (and stop searching rules).
     act_format: optional activation format applied at run time by
       `ops.qdot` (dynamic activation quantization, e.g. W8A8).
@@ -49,7 +50,7 @@ class QuantRule:
 
   module_path: str
   format: QuantFormat | str | None = None
-  calibration: Calibration | str = "minmax"
+  calibration: Calibration | str = "auto"
   skip: bool = False
   act_format: QuantFormat | str | None = None
 

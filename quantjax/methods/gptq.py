@@ -222,7 +222,7 @@ def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
 
 
 def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
-                  calibration: Any = "minmax", percdamp: float = 0.01, block_size: int = 128,
+                  calibration: Any = "auto", percdamp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, name: str = "weight") -> GPTQResult:
   """GPTQ-quantizes one weight matrix.
 
@@ -234,7 +234,8 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
       point), NF4 or FP8; per-tensor, per-output-channel or groups along the
       input axis.
     calibration: how each scale's range is chosen from the (updated) weights
-      ("minmax", "percentile", "mse" or a `Calibration`).
+      ("auto", "minmax", "signed_max", "percentile", "mse" or a
+      `Calibration`; see `numerics.calibrate.Calibration`).
     percdamp: dampening, as a fraction of the mean Hessian diagonal.
     block_size: rows per lazy-update block (rounded to a multiple of the
       group size).

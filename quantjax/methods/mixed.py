@@ -115,7 +115,7 @@ def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
   return {p: np.asarray(flat[p]) / len(batches) for p in paths}
 
 
-def calibration_for(fmt: QuantFormat | str, calibration: str = "minmax") -> str:
+def calibration_for(fmt: QuantFormat | str, calibration: str = "auto") -> str:
   """`calibration` where the format supports it, else "minmax" ("signed_max" needs a
   signed symmetric integer format)."""
   fmt = resolve_format(fmt)
@@ -125,7 +125,7 @@ def calibration_for(fmt: QuantFormat | str, calibration: str = "minmax") -> str:
 
 
 def candidate_costs(params: Any, fisher: Mapping[str, np.ndarray],
-                    candidates: Sequence[str], *, calibration: str = "minmax",
+                    candidates: Sequence[str], *, calibration: str = "auto",
                     ) -> dict[str, list[Choice]]:
   """Per tensor, every candidate format's bytes and `½ Σ F ⊙ (W − Q(W))²`."""
   flat = dict(rules_lib.tree_leaves_with_paths(params))
@@ -204,7 +204,7 @@ def allocate(costs: Mapping[str, Sequence[Choice]], budget_bytes: int, *,
 
 
 def assignment_rules(allocation: Allocation | Mapping[str, str], *,
-                     calibration: str = "minmax") -> list[rules_lib.QuantRule]:
+                     calibration: str = "auto") -> list[rules_lib.QuantRule]:
   """One exact-path `QuantRule` per allocated tensor (see `calibration_for`)."""
   formats = allocation.formats if isinstance(allocation, Allocation) else dict(allocation)
   return [rules_lib.QuantRule(module_path=re.escape(p), format=f,

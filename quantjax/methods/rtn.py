@@ -30,7 +30,7 @@ from quantjax.numerics.formats import QuantFormat
 __all__ = ["rtn_quantize", "rtn_params", "rtn_transform", "RTN"]
 
 
-def rtn_quantize(w: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "minmax",
+def rtn_quantize(w: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "auto",
                  key: jax.Array | None = None) -> qarray_lib.QArray:
   """Round-to-nearest quantization of one array (scales from its own range)."""
   return qarray_lib.quantize(w, fmt, calibration=calibration, key=key)

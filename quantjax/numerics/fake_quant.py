@@ -56,9 +56,10 @@ def _qdq(x: jax.Array, fmt: QuantFormat, calibration: Any) -> tuple[jax.Array, j
   # Inside the range: the values the extreme codes decode to.
   lo_code = {"binary": -1, "ternary": -1}.get(fmt.kind)
   if fmt.kind == "int":
-    lo = qarray_lib.decode(jnp.full((), fmt.qmin), fmt, s, z)
-    hi = qarray_lib.decode(jnp.full((), fmt.qmax), fmt, s, z)
-    inside = (xb32 >= lo - 0.5 * s) & (xb32 <= hi + 0.5 * s)
+    a = qarray_lib.decode(jnp.full((), fmt.qmin), fmt, s, z)
+    b = qarray_lib.decode(jnp.full((), fmt.qmax), fmt, s, z)
+    half = 0.5 * jnp.abs(s)  # signed-max scales carry the sign of the extreme value
+    inside = (xb32 >= jnp.minimum(a, b) - half) & (xb32 <= jnp.maximum(a, b) + half)
   elif lo_code is not None:
     inside = jnp.abs(xb32) <= 1.5 * s.astype(jnp.float32)
   else:
@@ -68,7 +69,7 @@ def _qdq(x: jax.Array, fmt: QuantFormat, calibration: Any) -> tuple[jax.Array, j
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def fake_quant(x: jax.Array, fmt: QuantFormat, calibration: Any = "minmax") -> jax.Array:
+def fake_quant(x: jax.Array, fmt: QuantFormat, calibration: Any = "auto") -> jax.Array:
   """`dequantize(quantize(x, fmt))` with a straight-through gradient.
 
   The gradient w.r.t. `x` is passed unchanged for values inside the

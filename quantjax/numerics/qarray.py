@@ -657,15 +657,16 @@ def check_quantized(q: "QArray", name: str = "array", x: Any = None, *,
           f"(values below {floor / 2:.3g} become 0)", stacklevel=3)
 
 
-def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "minmax",
+def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "auto",
              key: jax.Array | None = None, name: str = "array", checks: bool = False) -> QArray:
   """Quantizes `x` to a `QArray` in format `fmt`.
 
   Args:
     x: a floating-point array.
     fmt: a `QuantFormat` or spec string (`"int4_g64_asym"`).
-    calibration: how ranges are chosen: "minmax", "percentile", "mse", or a
-      `quantjax.numerics.calibrate.Calibration`. Binary and ternary formats
+    calibration: how ranges are chosen: "auto" (signed-max for signed
+      symmetric integers, min-max otherwise), "minmax", "signed_max",
+      "percentile", "mse", or a `quantjax.numerics.calibrate.Calibration`. Binary and ternary formats
       always use their closed-form scales (XNOR-Net mean|w|; TWN threshold
       0.7 mean|w| and optimal alpha).
     key: PRNG key, required for stochastic rounding.

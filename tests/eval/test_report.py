@@ -117,3 +117,28 @@ def test_compare_merges_sweeps_fills_deltas_and_draws_loss_curves(tmp_path):
 
   with pytest.raises(FileNotFoundError, match="no results.json"):
     compare.compare([str(tmp_path / "cmp")], str(tmp_path / "cmp2"))
+
+
+def test_compare_by_text_puts_each_text_beside_the_others(tmp_path):
+  from experiments import compare
+  a, b, c = tmp_path / "pydoc", tmp_path / "kjv", tmp_path / "kjv_x"
+  report.write_json_atomic(a / "results.json", {"records": [
+      _rec("fp32", 10.0, 538, entry="fp32", corpus="pydoc_topics"),
+      _rec("gptq int4_g64", 11.0, 173, entry="gptq", corpus="pydoc_topics", kl_mean=0.1)]})
+  report.write_json_atomic(b / "results.json", {"records": [
+      _rec("fp32", 4.0, 538, entry="fp32", corpus="kjv", corpus_sha256="x"),
+      _rec("gptq int4_g64", 5.0, 173, entry="gptq", corpus="kjv", corpus_sha256="x"),
+      _rec("gptq int4_g64", 5.2, 173, entry="gptq", corpus="kjv", runtime="llama.cpp")]})
+  report.write_json_atomic(c / "results.json", {"records": [
+      _rec("fp32", 4.0, 538, entry="fp32", corpus="kjv", calib_corpus="pydoc_topics"),
+      _rec("gptq int4_g64", 6.0, 173, entry="gptq", corpus="kjv", calib_corpus="pydoc_topics")]})
+  res = compare.by_text([str(a), str(b), str(c)], str(tmp_path / "out"))
+  assert res["columns"] == ["pydoc: pydoc_topics", "kjv: kjv",
+                            "kjv_x: kjv, calibrated on pydoc_topics"]
+  gptq = res["rows"][1]
+  assert gptq["pydoc: pydoc_topics"]["delta_pct"] == pytest.approx(10.0)
+  assert gptq["kjv: kjv"]["delta_pct"] == pytest.approx(25.0)
+  assert gptq["kjv_x: kjv, calibrated on pydoc_topics"]["delta_pct"] == pytest.approx(50.0)
+  md = (tmp_path / "out" / "texts.md").read_text()
+  assert "| gptq | jax | 11.000 | +10.00% | 0.1 | 5.000 | +25.00% |" in md
+  assert "| gptq | llama.cpp | – | – | – | 5.200 | +30.00% |" in md

@@ -15,9 +15,9 @@ def _heavy_tailed(shape, seed=0):
 
 def test_minmax_scale_per_granularity():
   x = jax.random.normal(jax.random.key(0), (128, 6))
-  s_t, _ = cal.calibrate(x, "int8_t")
-  s_c, _ = cal.calibrate(x, "int8")
-  s_g, _ = cal.calibrate(x, "int8_g32")
+  s_t, _ = cal.calibrate(x, "int8_t", "minmax")
+  s_c, _ = cal.calibrate(x, "int8", "minmax")
+  s_g, _ = cal.calibrate(x, "int8_g32", "minmax")
   assert s_t.shape == (1, 1) and s_c.shape == (1, 6) and s_g.shape == (4, 6)
   np.testing.assert_allclose(float(s_t[0, 0]), float(jnp.max(jnp.abs(x))) / 127, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(s_c[0]), np.asarray(jnp.max(jnp.abs(x), 0)) / 127, rtol=1e-6)
@@ -37,7 +37,7 @@ def test_asymmetric_zero_point_and_float_offset():
 
 def test_percentile_clips_outliers():
   x = _heavy_tailed((256, 4))
-  s_mm, _ = cal.calibrate(x, "int4")
+  s_mm, _ = cal.calibrate(x, "int4", "minmax")
   s_p, _ = cal.calibrate(x, "int4", cal.Calibration(method="percentile", percentile=99.0))
   assert bool(jnp.all(s_p < s_mm))
 
@@ -58,7 +58,7 @@ def test_mse_never_worse_than_minmax(spec):
 def test_mse_recovers_known_optimum():
   """Many uniform values and one outlier: the least-squares clip ignores the outlier."""
   x = jnp.concatenate([jnp.linspace(-1, 1, 4095), jnp.array([5.0])])[:, None]
-  s_mm, _ = cal.calibrate(x, "int4")
+  s_mm, _ = cal.calibrate(x, "int4", "minmax")
   s_mse, _ = cal.calibrate(x, "int4", cal.Calibration(method="mse", grid=200, min_ratio=0.01))
   assert float(s_mse[0, 0]) < 0.5 * float(s_mm[0, 0])
 
@@ -70,3 +70,22 @@ def test_bad_calibration_arguments():
     cal.Calibration(method="percentile", percentile=0.0)
   with pytest.raises(TypeError):
     cal.resolve_calibration(3)
+
+
+def test_auto_is_signed_max_for_signed_symmetric_ints_and_minmax_otherwise():
+  x = jax.random.normal(jax.random.key(3), (128, 8))
+  for spec in ("int4_g64", "int8", "int3_g32", "q4_0"):
+    auto = cal.calibrate(x, spec)
+    np.testing.assert_array_equal(np.asarray(auto[0]), np.asarray(cal.calibrate(x, spec, "signed_max")[0]))
+    assert not np.array_equal(np.asarray(auto[0]), np.asarray(cal.calibrate(x, spec, "minmax")[0]))
+  for spec in ("int4_g64_asym", "uint8", "nf4_g64", "fp8_e4m3", "q4_1"):
+    auto, minmax = cal.calibrate(x, spec), cal.calibrate(x, spec, "minmax")
+    for a, b in zip(auto, minmax):
+      if a is not None:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Every code of int4 is in use: the extreme of each group decodes exactly.
+  q = qa.quantize(x, "int4_g64")
+  codes = np.round(np.asarray(q.dequantize()) / np.repeat(np.asarray(q.scale, np.float32), 64, axis=0))
+  assert codes.min() == -8 and np.all(np.abs(codes) <= 8)
+  np.testing.assert_allclose(np.max(np.abs(np.asarray(q.dequantize())), axis=0),
+                             np.max(np.abs(np.asarray(x)), axis=0), rtol=1e-2)
