@@ -50,7 +50,9 @@ def quantize_activation(x: jax.Array, fmt: formats_lib.QuantFormat) -> QArray:
   x2 = x.reshape(-1, x.shape[-1])
   if fmt.granularity == "per_channel":
     fmt = fmt.replace(channel_axis=0)
-  return qarray_lib.quantize(x2, fmt)
+  # Min-max scales (max|x| / 127 for int8), as vLLM's W8A8 kernels and our
+  # compressed-tensors exports assume; "auto" (signed-max) is for weights.
+  return qarray_lib.quantize(x2, fmt, calibration="minmax")
 
 
 def _w8a8_dot(x: jax.Array, w: QArray, act_fmt: formats_lib.QuantFormat,

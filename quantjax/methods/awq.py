@@ -34,16 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.numerics import calibrate as calibrate_lib
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 
 __all__ = ["awq_search_scales", "awq_clip", "AWQ", "fake_quant_weight"]
 
 
-@functools.partial(jax.jit, static_argnames=("fmt",))
-def fake_quant_weight(w: jax.Array, fmt: QuantFormat) -> jax.Array:
-  """Round-to-nearest quantize-dequantize (min-max scales), jitted per format."""
-  return qarray_lib.quantize(w, fmt).dequantize(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("fmt", "calibration"))
+def fake_quant_weight(w: jax.Array, fmt: QuantFormat, calibration: str = "auto") -> jax.Array:
+  """Round-to-nearest quantize-dequantize (the format's default scale rule), jitted per format."""
+  return qarray_lib.quantize(w, fmt, calibration=calibration).dequantize(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("fmts",))
@@ -112,8 +113,14 @@ def _check_calib(x: Any, what: str, name: str) -> None:
                      "overflowing activations); the scale search would fall back to plain RTN")
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "grid", "max_shrink"))
-def _clip_search(w, x, fmt, grid, max_shrink):
+def _signed_max_rule(fmt: QuantFormat, calibration: Any) -> bool:
+  method = calibrate_lib.resolve_calibration(calibration).method
+  signed = fmt.kind == "int" and fmt.symmetric and fmt.signed
+  return method == "signed_max" or (method == "auto" and signed)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "grid", "max_shrink", "signed_max"))
+def _clip_search(w, x, fmt, grid, max_shrink, signed_max):
   k, out = w.shape
   g = fmt.group_size if fmt.granularity == "group" else k
   ng = k // g
@@ -121,12 +128,22 @@ def _clip_search(w, x, fmt, grid, max_shrink):
   xg = x.reshape(x.shape[0], ng, g)
   amax0 = jnp.max(jnp.abs(wg), axis=1, keepdims=True)  # [G, 1, out]
   ref = jnp.einsum("nGg,Ggo->nGo", xg, wg, precision=jax.lax.Precision.HIGHEST)
+  if signed_max:
+    # Signed-max scales map the group's signed extreme to the code -2^(b-1): clip
+    # that side at m and the other at m * qmax / 2^(b-1), so that after clipping
+    # every code is used and nothing is clamped by a whole step.
+    neg = -jnp.min(wg, axis=1, keepdims=True) > jnp.max(wg, axis=1, keepdims=True)
+    other = fmt.qmax / -fmt.qmin
+    lo_f, hi_f = jnp.where(neg, -1.0, -other), jnp.where(neg, other, 1.0)
+  else:
+    lo_f, hi_f = -1.0, 1.0
+  cal = "signed_max" if signed_max else "minmax"
 
   def body(carry, r):
     best_e, best_m = carry
     mx = amax0 * r
-    wc = jnp.clip(wg, -mx, mx).reshape(k, out)
-    q = fake_quant_weight(wc, fmt).reshape(ng, g, out)
+    wc = jnp.clip(wg, lo_f * mx, hi_f * mx).reshape(k, out)
+    q = fake_quant_weight(wc, fmt, cal).reshape(ng, g, out)
     e = jnp.mean((jnp.einsum("nGg,Ggo->nGo", xg, q, precision=jax.lax.Precision.HIGHEST)
                   - ref) ** 2, axis=0)[:, None, :]
     better = e < best_e
@@ -135,14 +152,21 @@ def _clip_search(w, x, fmt, grid, max_shrink):
   ratios = 1.0 - jnp.arange(int(grid * max_shrink), dtype=jnp.float32) / grid
   init = (jnp.full(amax0.shape, jnp.inf, jnp.float32), amax0)
   (_, best_m), _ = jax.lax.scan(body, init, ratios)
-  return jnp.clip(wg, -best_m, best_m).reshape(k, out)
+  return jnp.clip(wg, lo_f * best_m, hi_f * best_m).reshape(k, out)
 
 
 def awq_clip(w: jax.Array, x: jax.Array, fmt: QuantFormat | str, *, grid: int = 20,
-             max_shrink: float = 0.5, max_rows: int = 512) -> jax.Array:
+             max_shrink: float = 0.5, max_rows: int = 512, calibration: Any = "auto") -> jax.Array:
   """AWQ's clipping search: per (weight group, output channel), the clip
   ratio of max|w| in `1, 1 - 1/grid, ...` (down to `1 - max_shrink`) with the
-  least error of `x @ w` restricted to that group. Returns the clipped `w`."""
+  least error of `x @ w` restricted to that group. Returns the clipped `w`.
+
+  With min-max scales both signs are clipped at the same bound. With
+  signed-max scales (`calibration` "signed_max", or "auto" on a signed
+  symmetric format) the side of the group's signed extreme is clipped at the
+  bound and the other side at `qmax / 2^(b-1)` of it, the range that rule's
+  codes cover, so quantizing the clipped weight with the same rule clamps
+  nothing."""
   fmt = resolve_format(fmt)
   _check_calib(x, "calibration inputs", "clip search")
   w = jnp.asarray(w, jnp.float32)
@@ -151,7 +175,7 @@ def awq_clip(w: jax.Array, x: jax.Array, fmt: QuantFormat | str, *, grid: int = 
     x = x[:: x.shape[0] // max_rows][:max_rows]
   if fmt.granularity == "group" and w.shape[0] % fmt.group_size:
     raise ValueError(f"group_size {fmt.group_size} does not divide {w.shape[0]}")
-  return _clip_search(w, x, fmt, grid, max_shrink)
+  return _clip_search(w, x, fmt, grid, max_shrink, _signed_max_rule(fmt, calibration))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +249,8 @@ class AWQ:
           w, xs, sp = w * s[:, None], x / s[None, :], s
         if self.clip and not (self.no_clip and re.fullmatch(self.no_clip, p.path)):
           w = awq_clip(w, xs, p.matrix_format(fmt), grid=self.clip_grid,
-                       max_shrink=self.max_shrink, max_rows=self.max_rows)
+                       max_shrink=self.max_shrink, max_rows=self.max_rows,
+                       calibration=p.rule.calibration)
         q = qarray_lib.quantize(p.from_matrix(w), p.leaf_format(fmt),
                                 calibration=p.rule.calibration, name=p.name)
         out[p.key] = act_lib.wrap_weight(p, q, observer=self.act_observer, input_scale=sp)

@@ -128,9 +128,9 @@ def test_qat_ste_and_lsq_convert_to_identical_qarrays():
 
 def test_lsq_minmax_init_starts_at_the_rtn_model():
   params = _mlp_params(jax.random.key(1), sizes=(128, 64, 16))
-  rules = [qj.QuantRule(module_path=r"l\d/kernel", format="int4_g64"),
+  rules = [qj.QuantRule(module_path=r"l\d/kernel", format="int4_g64", calibration="minmax"),
            qj.QuantRule(module_path=r".*bias", skip=True)]
-  rtn = qj.dequantize_params(qj.quantize_params(params, rules))
+  rtn = qj.dequantize_params(qj.quantize_params(params, rules))  # RTN with min-max scales
   steps = distill.lsq_init(params, rules, init="minmax")
   fq = distill.lsq_apply(params, steps, rules)
   for a, b in zip(jax.tree.leaves(rtn), jax.tree.leaves(fq)):

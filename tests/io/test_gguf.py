@@ -199,7 +199,10 @@ def test_signed_max_calibration_reproduces_llamacpp_q4_0():
   ours = gio.qarray_to_blocks(q, "Q4_0", 0)
   # Equal but for rare ties (we round half to even on fp16-rounded scales).
   assert (ref == ours).mean() > 0.99
-  minmax = qj.quantize(jnp.asarray(x.T), "q4_0").dequantize()
+  minmax = qj.quantize(jnp.asarray(x.T), "q4_0", calibration="minmax").dequantize()
+  # "auto", the default, is the same rule for a signed symmetric format.
+  np.testing.assert_array_equal(np.asarray(qj.quantize(jnp.asarray(x.T), "q4_0").dequantize()),
+                                np.asarray(q.dequantize()))
   err = lambda d: float(np.abs(np.asarray(d).T - x).mean())  # noqa: E731
   assert err(q.dequantize()) < 0.9 * err(minmax)
   with pytest.raises(ValueError, match="signed symmetric integer"):

@@ -188,11 +188,11 @@ def test_calibrate_names_empty_calibration_and_ids_beyond_the_vocabulary():
   cfg, params = _tiny_llama()
   rules = [qj.QuantRule(module_path=r".*_proj/kernel", format="int4_g32")]
   with pytest.raises(ValueError, match="got no calibration batches"):
-    methods.calibrate(llama.calib_fn(cfg), params, [], rules, methods.GPTQ(), progress=False)
+    methods.calibrate(llama.forward_fn(cfg), params, [], rules, methods.GPTQ(), progress=False)
   toks = RNG.integers(0, cfg.vocab_size, (2, 16))
   toks[1, 3] = cfg.vocab_size + 404
   with pytest.raises(ValueError, match=r"ids lie outside \[0, 96\).*embed/embedding"):
-    methods.calibrate(llama.calib_fn(cfg), params, [toks], rules, methods.GPTQ(),
+    methods.calibrate(llama.forward_fn(cfg), params, [toks], rules, methods.GPTQ(),
                       progress=False)
 
 
@@ -278,7 +278,7 @@ FORMATS = ["int8", "int4_g32", "int4_g32_asym", "uint8_t", "q4_0", "q4_1", "q8_0
 
 
 def _bound(f: QuantFormat) -> float | None:
-  """Largest error relative to max|x| that round-to-nearest min-max allows."""
+  """Largest error relative to max|x| that round-to-nearest with the default scale rule allows."""
   if f.kind == "nf4":
     return float(np.max(np.diff(NF4_CODEBOOK))) / 2
   if f.kind == "fp8_e4m3":
@@ -288,7 +288,9 @@ def _bound(f: QuantFormat) -> float | None:
   if f.kind != "int" or (f.symmetric and not f.signed):
     return None  # binary / ternary: no such bound; unsigned: negatives clip
   if f.symmetric:
-    return 1.0 / (2 * f.qmax)
+    # "auto" = signed-max: the extreme maps to qmin exactly; a value of the same
+    # magnitude on the other side clamps to qmax, one step (max|x| / |qmin|) away.
+    return 1.0 / -f.qmin
   return 1.0 / (f.qmax - f.qmin)
 
 
