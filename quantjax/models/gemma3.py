@@ -66,7 +66,8 @@ from flax import nnx
 
 from quantjax.kernels import dispatch
 from quantjax.models import llama as llama_lib
-from quantjax.models.llama import Linear, _intify, _sample, apply_rope
+from quantjax.models import functional
+from quantjax.models.llama import Linear, apply_rope
 
 __all__ = [
     "AWQ_NO_CLIP",
@@ -655,34 +656,7 @@ class Gemma3(nnx.Module):
 # Functional API.
 
 
-@functools.lru_cache(maxsize=32)
-def _split_abstract(config: Gemma3Config):
-  model = nnx.eval_shape(lambda: Gemma3(config, rngs=nnx.Rngs(0)))
-  return nnx.split(model)
-
-
-def graphdef(config: Gemma3Config):
-  """The `nnx.GraphDef` of a `Gemma3` with this config (cached)."""
-  return _split_abstract(config)[0]
-
-
-def abstract_state(config: Gemma3Config) -> nnx.State:
-  """The parameter `nnx.State` of this config with `jax.ShapeDtypeStruct` leaves."""
-  return _split_abstract(config)[1]
-
-
-def as_state(config: Gemma3Config, params: Any) -> nnx.State:
-  """Accepts an `nnx.State` or its pure dict; returns an `nnx.State`."""
-  if isinstance(params, nnx.State):
-    return params
-  state = jax.tree.map(lambda x: x, abstract_state(config))
-  nnx.replace_by_pure_dict(state, _intify(params))
-  return state
-
-
-def model_from_params(config: Gemma3Config, params: Any) -> Gemma3:
-  """A stateful `Gemma3` holding `params` (arrays or QArrays)."""
-  return nnx.merge(graphdef(config), as_state(config, params))
+graphdef, abstract_state, as_state, model_from_params = functional.model_api(Gemma3)
 
 
 @dispatch.routed_jit(static_argnums=0)
@@ -789,29 +763,11 @@ def generate(config: Gemma3Config, params: Any, prompt: jax.Array, max_new_token
 
   Returns `[B, T + n]` int32 numpy (the prompt followed by the new tokens).
   """
-  params = as_state(config, params)
-  prompt = np.asarray(prompt, np.int32)
-  if prompt.ndim == 1:
-    prompt = prompt[None]
-  b, t = prompt.shape
-  cache = init_cache(config, b, t + max_new_tokens)
-  key = jax.random.key(seed)
-  logits, cache = _step(config, params, jnp.asarray(prompt), cache, jnp.int32(0))
-  out = [prompt]
-  done = np.zeros((b,), bool)
-  for i in range(max_new_tokens):
-    key, sub = jax.random.split(key)
-    nxt = _sample(logits, sub, temperature, top_k)
-    nxt_np = np.asarray(nxt)
-    out.append(nxt_np[:, None])
-    if eos_token_id is not None:
-      done |= nxt_np == eos_token_id
-      if done.all():
-        break
-    if i + 1 == max_new_tokens:
-      break
-    logits, cache = _step(config, params, nxt[:, None], cache, jnp.int32(t + i))
-  return np.concatenate(out, axis=1)
+  return functional.generate_loop(functools.partial(_step, config),
+                                  functools.partial(init_cache, config),
+                                  as_state(config, params), prompt, max_new_tokens,
+                                  temperature=temperature, top_k=top_k, seed=seed,
+                                  eos_token_id=eos_token_id)
 
 
 # ----------------------------------------------------------------------------
@@ -863,23 +819,10 @@ def fold_groups(config: Gemma3Config, *, prefix: str = "layers", up_to_down: boo
   exact. The tied embedding also feeds the lookup, so `final_norm` -> head
   does not fold.
   """
-  from quantjax.methods.fold import FoldGroup
-  out = []
-  for i in range(config.num_layers):
-    p = f"{prefix}/{i}"
-    out.append(FoldGroup(f"{p}/input_norm/scale",
-                         tuple(f"{p}/attn/{n}_proj/kernel" for n in ("q", "k", "v"))))
-    if v_to_o and config.num_heads == config.num_kv_heads:
-      out.append(FoldGroup(f"{p}/attn/v_proj/kernel", (f"{p}/attn/o_proj/kernel",), "linear"))
-    out.append(FoldGroup(f"{p}/pre_mlp_norm/scale",
-                         (f"{p}/mlp/gate_proj/kernel", f"{p}/mlp/up_proj/kernel")))
-    if up_to_down:
-      out.append(FoldGroup(f"{p}/mlp/up_proj/kernel", (f"{p}/mlp/down_proj/kernel",), "linear"))
-  return out
+  return functional.decoder_fold_groups(config, mlp_norm="pre_mlp_norm", prefix=prefix,
+                                        up_to_down=up_to_down, v_to_o=v_to_o)
 
 
 def foldable(config: Gemma3Config, **kw) -> str:
   """Regex of the projections whose input scales `fold_groups` can absorb."""
-  import re
-  cons = [c for g in fold_groups(config, **kw) for c in g.consumers]
-  return "|".join(re.escape(c) for c in cons)
+  return functional.consumers_regex(fold_groups(config, **kw))

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from quantjax.kernels import dispatch
+from quantjax.models import functional
 
 __all__ = [
     "PROJ_KERNELS",
@@ -416,42 +417,7 @@ class Llama(nnx.Module):
 # Functional API.
 
 
-@functools.lru_cache(maxsize=32)
-def _split_abstract(config: LlamaConfig):
-  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  return nnx.split(model)
-
-
-def graphdef(config: LlamaConfig):
-  """The `nnx.GraphDef` of a `Llama` with this config (cached)."""
-  return _split_abstract(config)[0]
-
-
-def abstract_state(config: LlamaConfig) -> nnx.State:
-  """The parameter `nnx.State` of this config with `jax.ShapeDtypeStruct` leaves."""
-  return _split_abstract(config)[1]
-
-
-def as_state(config: LlamaConfig, params: Any) -> nnx.State:
-  """Accepts an `nnx.State` or its pure dict; returns an `nnx.State`."""
-  if isinstance(params, nnx.State):
-    return params
-  state = jax.tree.map(lambda x: x, abstract_state(config))
-  nnx.replace_by_pure_dict(state, _intify(params))
-  return state
-
-
-def _intify(d):
-  """Pure dicts may come with string layer indices ("3"); nnx uses ints."""
-  if isinstance(d, Mapping):
-    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _intify(v)
-            for k, v in d.items()}
-  return d
-
-
-def model_from_params(config: LlamaConfig, params: Any) -> Llama:
-  """A stateful `Llama` holding `params` (arrays or QArrays)."""
-  return nnx.merge(graphdef(config), as_state(config, params))
+graphdef, abstract_state, as_state, model_from_params = functional.model_api(Llama)
 
 
 @dispatch.routed_jit(static_argnums=0)
@@ -499,16 +465,6 @@ def decoder(config: LlamaConfig):
   return init, step
 
 
-def _sample(logits, key, temperature: float, top_k: int | None):
-  if temperature <= 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k is not None:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
 def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
              eos_token_id: int | None = None) -> np.ndarray:
@@ -527,29 +483,11 @@ def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens
   Returns:
     `[B, T + n]` int32 numpy array (prompt followed by the generated tokens).
   """
-  params = as_state(config, params)
-  prompt = np.asarray(prompt, np.int32)
-  if prompt.ndim == 1:
-    prompt = prompt[None]
-  b, t = prompt.shape
-  cache = init_cache(config, b, t + max_new_tokens)
-  key = jax.random.key(seed)
-  logits, cache = _step(config, params, jnp.asarray(prompt), cache, jnp.int32(0))
-  out = [prompt]
-  done = np.zeros((b,), bool)
-  for i in range(max_new_tokens):
-    key, sub = jax.random.split(key)
-    nxt = _sample(logits, sub, temperature, top_k)
-    nxt_np = np.asarray(nxt)
-    out.append(nxt_np[:, None])
-    if eos_token_id is not None:
-      done |= nxt_np == eos_token_id
-      if done.all():
-        break
-    if i + 1 == max_new_tokens:
-      break
-    logits, cache = _step(config, params, nxt[:, None], cache, jnp.int32(t + i))
-  return np.concatenate(out, axis=1)
+  return functional.generate_loop(functools.partial(_step, config),
+                                  functools.partial(init_cache, config),
+                                  as_state(config, params), prompt, max_new_tokens,
+                                  temperature=temperature, top_k=top_k, seed=seed,
+                                  eos_token_id=eos_token_id)
 
 
 # ----------------------------------------------------------------------------
@@ -588,23 +526,10 @@ def fold_groups(config: LlamaConfig, *, prefix: str = "layers", up_to_down: bool
   (with it, one v head feeds several o inputs and scales per o input cannot
   fold: o_proj keeps its `InputScaled` leaf).
   """
-  from quantjax.methods.fold import FoldGroup
-  out = []
-  for i in range(config.num_layers):
-    p = f"{prefix}/{i}"
-    out.append(FoldGroup(f"{p}/input_norm/scale",
-                         tuple(f"{p}/attn/{n}_proj/kernel" for n in ("q", "k", "v"))))
-    if v_to_o and config.num_heads == config.num_kv_heads:
-      out.append(FoldGroup(f"{p}/attn/v_proj/kernel", (f"{p}/attn/o_proj/kernel",), "linear"))
-    out.append(FoldGroup(f"{p}/post_attn_norm/scale",
-                         (f"{p}/mlp/gate_proj/kernel", f"{p}/mlp/up_proj/kernel")))
-    if up_to_down:
-      out.append(FoldGroup(f"{p}/mlp/up_proj/kernel", (f"{p}/mlp/down_proj/kernel",), "linear"))
-  return out
+  return functional.decoder_fold_groups(config, mlp_norm="post_attn_norm", prefix=prefix,
+                                        up_to_down=up_to_down, v_to_o=v_to_o)
 
 
 def foldable(config: LlamaConfig, **kw) -> str:
   """Regex of the projections whose input scales `fold_groups` can absorb."""
-  import re
-  cons = [c for g in fold_groups(config, **kw) for c in g.consumers]
-  return "|".join(re.escape(c) for c in cons)
+  return functional.consumers_regex(fold_groups(config, **kw))

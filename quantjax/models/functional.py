@@ -1,0 +1,142 @@
+"""The functional surface shared by quantjax's NNX decoders (Llama, Gemma 3).
+
+Each model module builds its `graphdef` / `abstract_state` / `as_state` /
+`model_from_params` with `model_api(ModelClass)`, and its `generate` runs
+`generate_loop` over the model's own jitted cached step, so the two families
+differ only where the architectures do.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["model_api", "intify", "sample", "generate_loop"]
+
+
+def intify(d):
+  """Pure dicts may come with string layer indices ("3"); nnx uses ints."""
+  if isinstance(d, Mapping):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): intify(v)
+            for k, v in d.items()}
+  return d
+
+
+def model_api(model_cls: type):
+  """`(graphdef, abstract_state, as_state, model_from_params)` of `model_cls(config, rngs=)`.
+
+  * `graphdef(config)`: the `nnx.GraphDef` (cached per config);
+  * `abstract_state(config)`: the parameter `nnx.State` with
+    `jax.ShapeDtypeStruct` leaves;
+  * `as_state(config, params)`: an `nnx.State` from a state or its pure dict
+    (leaves may be QArrays);
+  * `model_from_params(config, params)`: a stateful module holding `params`.
+  """
+  @functools.lru_cache(maxsize=32)
+  def split_abstract(config):
+    return nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
+
+  def graphdef(config):
+    return split_abstract(config)[0]
+
+  def abstract_state(config) -> nnx.State:
+    return split_abstract(config)[1]
+
+  def as_state(config, params: Any) -> nnx.State:
+    if isinstance(params, nnx.State):
+      return params
+    state = jax.tree.map(lambda x: x, abstract_state(config))
+    nnx.replace_by_pure_dict(state, intify(params))
+    return state
+
+  def model_from_params(config, params: Any):
+    return nnx.merge(graphdef(config), as_state(config, params))
+
+  for f, doc in ((graphdef, f"The `nnx.GraphDef` of a `{model_cls.__name__}` with this config."),
+                 (abstract_state, "The parameter `nnx.State` of this config with "
+                                  "`jax.ShapeDtypeStruct` leaves."),
+                 (as_state, "Accepts an `nnx.State` or its pure dict; returns an `nnx.State`."),
+                 (model_from_params, f"A stateful `{model_cls.__name__}` holding `params` "
+                                     "(arrays or QArrays).")):
+    f.__doc__ = doc
+  return graphdef, abstract_state, as_state, model_from_params
+
+
+def sample(logits, key, temperature: float, top_k: int | None):
+  """Greedy (`temperature <= 0`) or temperature / top-k sampling of `[B, V]` logits."""
+  if temperature <= 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate_loop(step: Callable, init_cache: Callable, params: Any, prompt: Any,
+                  max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                  seed: int = 0, eos_token_id: int | None = None) -> np.ndarray:
+  """Autoregressive decoding with a KV cache.
+
+  `step(params, tokens [B, T], cache, index)` returns the last position's
+  logits `[B, V]` and the cache; `init_cache(batch, max_len)` an empty cache.
+  Returns `[B, T + n]` int32 numpy (the prompt followed by the new tokens);
+  stops early once every row has produced `eos_token_id`.
+  """
+  prompt = np.asarray(prompt, np.int32)
+  if prompt.ndim == 1:
+    prompt = prompt[None]
+  b, t = prompt.shape
+  cache = init_cache(b, t + max_new_tokens)
+  key = jax.random.key(seed)
+  logits, cache = step(params, jnp.asarray(prompt), cache, jnp.int32(0))
+  out = [prompt]
+  done = np.zeros((b,), bool)
+  for i in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    nxt = sample(logits, sub, temperature, top_k)
+    nxt_np = np.asarray(nxt)
+    out.append(nxt_np[:, None])
+    if eos_token_id is not None:
+      done |= nxt_np == eos_token_id
+      if done.all():
+        break
+    if i + 1 == max_new_tokens:
+      break
+    logits, cache = step(params, nxt[:, None], cache, jnp.int32(t + i))
+  return np.concatenate(out, axis=1)
+
+
+def decoder_fold_groups(config: Any, *, mlp_norm: str, prefix: str = "layers",
+                        up_to_down: bool = True, v_to_o: bool = True) -> list:
+  """The exact input-scale folds of a pre-norm decoder with q/k/v/o and a gated MLP.
+
+  `input_norm` -> q/k/v and `mlp_norm` -> gate/up always; up_proj -> down_proj
+  (the gate multiplies up's output into down's input, so its columns absorb
+  the scales); v_proj -> o_proj only without grouped-query attention (with it,
+  one v head feeds several o inputs and per-input scales cannot fold).
+  """
+  from quantjax.methods.fold import FoldGroup
+  out = []
+  for i in range(config.num_layers):
+    p = f"{prefix}/{i}"
+    out.append(FoldGroup(f"{p}/input_norm/scale",
+                         tuple(f"{p}/attn/{n}_proj/kernel" for n in ("q", "k", "v"))))
+    if v_to_o and config.num_heads == config.num_kv_heads:
+      out.append(FoldGroup(f"{p}/attn/v_proj/kernel", (f"{p}/attn/o_proj/kernel",), "linear"))
+    out.append(FoldGroup(f"{p}/{mlp_norm}/scale",
+                         (f"{p}/mlp/gate_proj/kernel", f"{p}/mlp/up_proj/kernel")))
+    if up_to_down:
+      out.append(FoldGroup(f"{p}/mlp/up_proj/kernel", (f"{p}/mlp/down_proj/kernel",), "linear"))
+  return out
+
+
+def consumers_regex(groups: list) -> str:
+  """Regex (fullmatch) of every consumer of `groups`: the weights whose input scales fold."""
+  import re
+  return "|".join(re.escape(c) for g in groups for c in g.consumers)
