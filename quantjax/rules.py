@@ -41,7 +41,8 @@ class QuantRule:
     format: a `QuantFormat` or spec string (`"int4_g64_asym"`); required
       unless `skip`.
     calibration: how scales are chosen: "auto" (default: llama.cpp's
-      signed-max rule for signed symmetric integers, min-max otherwise),
+      signed-max rule for group-wise signed symmetric integers, min-max
+      otherwise; `numerics.calibrate.auto_method`),
       "minmax", "signed_max", "percentile", "mse" or a `Calibration`.
     skip: leave matching leaves as they are (and stop searching rules).
     act_format: optional activation format applied at run time by

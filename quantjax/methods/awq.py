@@ -115,8 +115,9 @@ def _check_calib(x: Any, what: str, name: str) -> None:
 
 def _signed_max_rule(fmt: QuantFormat, calibration: Any) -> bool:
   method = calibrate_lib.resolve_calibration(calibration).method
-  signed = fmt.kind == "int" and fmt.symmetric and fmt.signed
-  return method == "signed_max" or (method == "auto" and signed)
+  if method == "auto":
+    method = calibrate_lib.auto_method(fmt)
+  return method == "signed_max"
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "grid", "max_shrink", "signed_max"))

@@ -664,8 +664,8 @@ def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "auto",
   Args:
     x: a floating-point array.
     fmt: a `QuantFormat` or spec string (`"int4_g64_asym"`).
-    calibration: how ranges are chosen: "auto" (signed-max for signed
-      symmetric integers, min-max otherwise), "minmax", "signed_max",
+    calibration: how ranges are chosen: "auto" (signed-max for group-wise
+      signed symmetric integers, min-max otherwise), "minmax", "signed_max",
       "percentile", "mse", or a `quantjax.numerics.calibrate.Calibration`. Binary and ternary formats
       always use their closed-form scales (XNOR-Net mean|w|; TWN threshold
       0.7 mean|w| and optimal alpha).

@@ -74,11 +74,12 @@ def test_bad_calibration_arguments():
 
 def test_auto_is_signed_max_for_signed_symmetric_ints_and_minmax_otherwise():
   x = jax.random.normal(jax.random.key(3), (128, 8))
-  for spec in ("int4_g64", "int8", "int3_g32", "q4_0"):
+  for spec in ("int4_g64", "int8_g32", "int3_g32", "q4_0", "q8_0"):
     auto = cal.calibrate(x, spec)
     np.testing.assert_array_equal(np.asarray(auto[0]), np.asarray(cal.calibrate(x, spec, "signed_max")[0]))
     assert not np.array_equal(np.asarray(auto[0]), np.asarray(cal.calibrate(x, spec, "minmax")[0]))
-  for spec in ("int4_g64_asym", "uint8", "nf4_g64", "fp8_e4m3", "q4_1"):
+  # Per-channel and per-tensor integers keep min-max (signed-max measured worse for W8).
+  for spec in ("int8", "int4", "int8_t", "int4_g64_asym", "uint8", "nf4_g64", "fp8_e4m3", "q4_1"):
     auto, minmax = cal.calibrate(x, spec), cal.calibrate(x, spec, "minmax")
     for a, b in zip(auto, minmax):
       if a is not None:

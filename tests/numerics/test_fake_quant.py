@@ -18,9 +18,9 @@ def test_ste_gradient_is_identity_inside_range_and_zero_outside():
   x = jnp.linspace(-1.0, 1.0, 64)[:, None]
   g = jax.grad(lambda v: jnp.sum(fq.fake_quant(v, "int4_t", "minmax") * 3.0))(x)
   np.testing.assert_array_equal(np.asarray(g), np.full(x.shape, 3.0))
-  # Signed-max scales (the default) map +1 to code -8 with a negative scale, so
-  # the codes reach [-7s, 8s] = [-0.875, 1]: values below -0.875 - s/2 clip.
-  g = np.asarray(jax.grad(lambda v: jnp.sum(fq.fake_quant(v, "int4_t")))(x))[:, 0]
+  # Signed-max scales map +1 to code -8 with a negative scale, so the codes
+  # reach [-7s, 8s] = [-0.875, 1]: values below -0.875 - s/2 clip.
+  g = np.asarray(jax.grad(lambda v: jnp.sum(fq.fake_quant(v, "int4_t", "signed_max")))(x))[:, 0]
   xs = np.asarray(x)[:, 0]
   np.testing.assert_array_equal(g, (xs >= -0.9375).astype(np.float32))
   # a percentile-clipped range puts the extremes outside: their gradient is 0

@@ -287,10 +287,12 @@ def _bound(f: QuantFormat) -> float | None:
     return 2.0 ** -3
   if f.kind != "int" or (f.symmetric and not f.signed):
     return None  # binary / ternary: no such bound; unsigned: negatives clip
-  if f.symmetric:
+  if f.symmetric and f.granularity == "group":
     # "auto" = signed-max: the extreme maps to qmin exactly; a value of the same
     # magnitude on the other side clamps to qmax, one step (max|x| / |qmin|) away.
     return 1.0 / -f.qmin
+  if f.symmetric:
+    return 1.0 / (2 * f.qmax)
   return 1.0 / (f.qmax - f.qmin)
 
 
