@@ -40,10 +40,15 @@ from absl import flags
 
 from quantjax.eval import report
 
-_OUT = flags.DEFINE_string("out", None, "Directory for compare.md / compare.json / pareto.png.")
-_MIXED = flags.DEFINE_bool("allow_mixed", False, "Allow records from different protocols.")
-_BY_TEXT = flags.DEFINE_bool("by_text", False, "One row per entry, one column group per directory "
-                             "(runs of one config on different texts).")
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so importing this module (tests, other
+  tools with an `--out` of their own) defines no flags."""
+  flags.DEFINE_string("out", None, "Directory for compare.md / compare.json / pareto.png.")
+  flags.DEFINE_bool("allow_mixed", False, "Allow records from different protocols.")
+  flags.DEFINE_bool("by_text", False, "One row per entry, one column group per directory "
+                    "(runs of one config on different texts).")
+
 
 _PROTOCOL = ("corpus_sha256", "eval_tokens", "window")
 _TRAIN_STAGES = ("distill", "qat")
@@ -214,11 +219,13 @@ def main(argv):
   dirs = argv[1:]
   if not dirs:
     raise app.UsageError("give one or more results directories")
-  if _BY_TEXT.value:
-    by_text(dirs, _OUT.value or "runs/texts")
+  f = flags.FLAGS
+  if f.by_text:
+    by_text(dirs, f.out or "runs/texts")
   else:
-    compare(dirs, _OUT.value or "runs/compare", allow_mixed=_MIXED.value)
+    compare(dirs, f.out or "runs/compare", allow_mixed=f.allow_mixed)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

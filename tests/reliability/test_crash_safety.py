@@ -237,8 +237,10 @@ def test_restore_names_damaged_files(tmp_path):
   n = len(data_files(fresh()))
   assert n >= 2
   # a flipped byte in every array data file is caught, and the file is named
+  # (orbax may split the arrays into a different number of data files per save)
   for i in range(n):
-    rel = data_files(fresh())[i]
+    files = data_files(fresh())
+    rel = files[i % len(files)]
     p = path / rel
     b = bytearray(p.read_bytes())
     b[len(b) // 2] ^= 0x10
