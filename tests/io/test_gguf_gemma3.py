@@ -153,8 +153,7 @@ def test_llama_cpp_runs_a_tiny_export_like_jax(tmp_path):
   """A tiny random Gemma 3 with the real tokenizer's vocabulary (262,144), written as an
   F32 gemma3 GGUF: llama.cpp's logits equal the JAX model's, sliding window included."""
   from quantjax.eval import llamacpp
-  if not llamacpp.available():
-    pytest.skip("llama-cpp-python is not installed")
+  assert llamacpp.available(), "llama-cpp-python is missing: `make install` installs it"
   d = tmp_path / "hf"
   make_tiny_gemma_hf(str(d), seed=5, vocab_size=262144, num_hidden_layers=6, layer_types=None,
                      query_pre_attn_scalar=32, sliding_window=8)
