@@ -214,3 +214,19 @@ def check_report(report: RuleReport, strict: bool, what: str, *, stacklevel: int
       raise ValueError(msg + " (strict=True; add a rule with skip=True to leave leaves as "
                        "they are)")
     warnings.warn(msg, stacklevel=stacklevel)
+
+
+def leaf_at(tree: Any, path: tuple, error: type[Exception] = KeyError) -> Any:
+  """The leaf of a nested-dict params tree at `path` (integer layer keys also
+  match their string form); `error` names the path when it is missing."""
+  from collections.abc import Mapping
+  node = tree
+  for k in path:
+    if isinstance(node, Mapping) and k in node:
+      node = node[k]
+    elif isinstance(node, Mapping) and str(k) in node:
+      node = node[str(k)]
+    else:
+      raise error(f"params have no leaf {'/'.join(map(str, path))} (is this a params tree "
+                  "of the model this config describes?)")
+  return node

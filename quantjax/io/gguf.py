@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from quantjax import rules as rules_lib
 from quantjax.io import atomic
 from quantjax.io import gguf_read
 from quantjax.io import kquants
@@ -262,16 +263,7 @@ def _name_table(config) -> list[tuple[str, tuple, int | None, int]]:
 
 
 def _get(tree: Any, path: tuple) -> Any:
-  node = tree
-  for k in path:
-    if isinstance(node, Mapping) and k in node:
-      node = node[k]
-    elif isinstance(node, Mapping) and str(k) in node:
-      node = node[str(k)]
-    else:
-      raise GGUFError(f"params have no leaf {'/'.join(map(str, path))} (is this a "
-                      "params tree of the model this config describes?)")
-  return node
+  return rules_lib.leaf_at(tree, path, GGUFError)
 
 
 def _pure(params: Any) -> Any:

@@ -82,6 +82,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from quantjax import rules as rules_lib
 from quantjax.io import safetensors as st
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
@@ -521,16 +522,7 @@ def _pure(params: Any) -> Any:
 
 
 def _get(tree: Any, path: tuple) -> Any:
-  node = tree
-  for k in path:
-    if isinstance(node, Mapping) and k in node:
-      node = node[k]
-    elif isinstance(node, Mapping) and str(k) in node:
-      node = node[str(k)]
-    else:
-      raise HFFormatError(f"params have no leaf {'/'.join(map(str, path))} (is this a params "
-                          "tree of the config's architecture?)")
-  return node
+  return rules_lib.leaf_at(tree, path, HFFormatError)
 
 
 def _source_name(leaf: Any) -> str:
