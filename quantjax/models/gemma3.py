@@ -446,12 +446,6 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float, factor: float
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
-  if cap is None:
-    return x
-  return jnp.tanh(x / cap) * cap
-
-
 class Attention(nnx.Module):
   """Grouped-query attention with QK-norm, RoPE, a query scale and optional soft-cap."""
 
@@ -479,14 +473,7 @@ class Attention(nnx.Module):
     new_kv = None
     if kv is not None:
       k, v, new_kv = write(kv, k, v)
-    g = h // hk
-    qg = q.reshape(b, t, hk, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * self.scaling
-    scores = _softcap(scores, self.softcap)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h * hd)
+    out = functional.attend(q, k, v, mask, scale=self.scaling, cap=self.softcap)
     return self.o_proj(out), new_kv
 
 
@@ -572,9 +559,7 @@ class Gemma3(nnx.Module):
     q = pos[:, None]
 
     if cache is None:
-      kp = jnp.arange(t, dtype=jnp.int32)[None, :]
-      mask_g = kp <= q
-      mask_l = mask_g if window is None else mask_g & (q - kp < window)
+      mask_g, mask_l = functional.Causal(), functional.Causal(window)
       write_g = write_l = None
     else:
       s = cache.k_global.shape[2]
@@ -603,8 +588,9 @@ class Gemma3(nnx.Module):
         nv = cv.at[:, slots].set(v[:, t - m:].astype(cv.dtype))
         return keys, vals, (nk, nv)
 
-    mask_g = jnp.broadcast_to(mask_g[None], (b,) + mask_g.shape)
-    mask_l = jnp.broadcast_to(mask_l[None], (b,) + mask_l.shape)
+    if cache is not None:
+      mask_g = jnp.broadcast_to(mask_g[None], (b,) + mask_g.shape)
+      mask_l = jnp.broadcast_to(mask_l[None], (b,) + mask_l.shape)
     new = {"g": ([], []), "l": ([], [])}
     n = {"g": 0, "l": 0}
     for i, layer in enumerate(self.layers):
@@ -642,7 +628,7 @@ class Gemma3(nnx.Module):
   def logits(self, x):
     w, axis = self.head()
     out = llama_lib._qdot(x, w, contract_axis=axis).astype(jnp.float32)
-    return _softcap(out, self.config.final_logit_softcapping)
+    return functional.softcap(out, self.config.final_logit_softcapping)
 
   def __call__(self, tokens, cache: Gemma3Cache | None = None, index=None):
     x, new_cache = self.hidden_states(tokens, cache, index)
@@ -687,7 +673,7 @@ def _chunked_nll(model: Gemma3, x: jax.Array, targets: jax.Array, rows: int) -> 
 
   def one(args):
     xc, yc = args
-    logits = _softcap(llama_lib._qdot(xc, w, contract_axis=axis).astype(jnp.float32), cap)
+    logits = functional.softcap(llama_lib._qdot(xc, w, contract_axis=axis).astype(jnp.float32), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return lse - jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
 

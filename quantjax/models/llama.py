@@ -314,15 +314,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       new_kv = (k, v)
-    g = h // hk
-    qg = q.reshape(b, t, hk, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(hd))
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-    out = out.reshape(b, t, h * hd)
+    out = functional.attend(q, k, v, mask, scale=1.0 / math.sqrt(hd))
     return self.o_proj(out), new_kv
 
 
@@ -377,16 +369,17 @@ class Llama(nnx.Module):
     b, t = tokens.shape
     if index is None:
       index = 0
+    default_positions = positions is None
     if positions is None:
       positions = index + jnp.arange(t, dtype=jnp.int32)[None, :]
       positions = jnp.broadcast_to(positions, (b, t))
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     x = self.embed(tokens, dtype)
-    if cache is None:
-      kpos = jnp.arange(t)
+    if cache is None and default_positions:
+      mask = functional.Causal()
     else:
-      kpos = jnp.arange(cache.k.shape[2])
-    mask = kpos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+      kpos = jnp.arange(t if cache is None else cache.k.shape[2])
+      mask = kpos[None, None, :] <= positions[:, :, None]  # [B, T, S]
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
