@@ -9,6 +9,9 @@ STAMP   := $(VENV)/.installed
 WORKDIR ?= runs/default
 # Tests force 8 host devices so sharding code runs on CPU (see DESIGN.md).
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+# Test files run on this many pytest-xdist workers, a file on one worker (its module
+# fixtures load once): XLA compiles on one thread, so two overlap on 2 cores.
+TEST_WORKERS ?= 2
 
 PEERS   ?= .venv-peers
 
@@ -31,7 +34,7 @@ run: $(STAMP)
 	JAX_PLATFORMS=cpu $(PYTHON) -m experiments.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PYTHON) -m pytest tests -q -p no:cacheprovider --durations=15
+	$(TEST_ENV) $(PYTHON) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Peer libraries for side-by-side benchmarks (experiments/bench_calibration.py), in their
 # own venv: llm-compressor pins another transformers than ours.

@@ -38,6 +38,9 @@ setup(
         "hf": ["compressed-tensors==0.19.0"],
         "test": [
             "pytest>=8",
+            # `make test` runs test files on 2 workers (--dist loadfile): XLA compiles
+            # on one thread, so two files overlap their compiles on a 2-core machine.
+            "pytest-xdist==3.8.0",
             "hypothesis>=6.100",
             "torch==2.13.0",
             "accelerate>=1.0",
