@@ -37,7 +37,7 @@ this config's output, with the machine and timings).
 
 from configs.base import GGUF_CANDIDATES, base_config, entry, select
 
-CALIB_WINDOWS = 8
+CALIB_WINDOWS = 16
 
 ENTRIES = (
     entry("fp32", "evaluate"),
