@@ -108,7 +108,8 @@ def _check_format(fmt: QuantFormat, w_shape) -> None:
                      f"weight; got channel_axis={fmt.channel_axis}")
 
 
-def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ") -> np.ndarray:
+def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ", *,
+                           overwrite: bool = False) -> np.ndarray:
   """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), in float64.
 
   With J the reversal permutation, `J H J = L L^T` gives `H^-1 = U^T U` for
@@ -119,21 +120,36 @@ def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ") -
   alternating between their two thread pools made this function many times
   slower on a busy machine (measured on a shared 2-core machine at K = 576:
   0.06-1.0 s with numpy's Cholesky, 0.03-0.05 s with scipy's).
+
+  Memory: at most two `K x K` float64 arrays beside the caller's `h` (one
+  with `overwrite=True`, which uses `h`, a float64 C-contiguous array, as
+  scratch space): the factor is computed in place in a Fortran-ordered copy
+  and the identity it is solved against is `h`'s own buffer. The LAPACK calls
+  and their inputs are the same as without it, so the result is too.
   """
   import scipy.linalg
-  h = np.array(h, np.float64)
+  h = np.asarray(h)
+  if not (overwrite and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable):
+    h = np.array(h, np.float64)
   n = h.shape[0]
   damp = percdamp * float(np.mean(np.diag(h)))
   if not np.isfinite(damp):
     raise ValueError(f"{what}: the Hessian holds NaN/Inf values")
   h[np.diag_indices(n)] += damp
+  a = np.asfortranarray(h[::-1, ::-1])  # J H J, column-major: LAPACK works in place
   try:
-    lower_rev = scipy.linalg.cholesky(h[::-1, ::-1], lower=True, check_finite=False)
+    lower_rev = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
   except np.linalg.LinAlgError:
     raise ValueError(
         f"{what}: the dampened Hessian is not positive definite (percdamp={percdamp}); "
         "raise percdamp or use more calibration data") from None
-  inv = scipy.linalg.solve_triangular(lower_rev, np.eye(n), lower=True, check_finite=False)
+  # The identity, column-major, in h's buffer (h is not needed any more).
+  h.fill(0.0)
+  h[np.diag_indices(n)] = 1.0
+  eye = h.T
+  inv = scipy.linalg.solve_triangular(lower_rev, eye, lower=True, overwrite_b=True,
+                                      check_finite=False)
+  del a, lower_rev
   return np.ascontiguousarray(inv[::-1, ::-1])
 
 
@@ -258,7 +274,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   _check_format(fmt, w.shape)
   cal = calibrate_lib.resolve_calibration(calibration)
   k, out = w.shape
-  h = np.asarray(h, np.float64)
+  h = np.array(h, np.float64)  # our own copy: the solve below uses it as scratch space
   if h.shape != (k, k):
     raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
                      f"dimension {k} (weight shape {tuple(w.shape)})")
@@ -276,7 +292,6 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
         "float32. GPTQ would zero every weight; give it calibration data that exercises the "
         "layer, or quantize it round-to-nearest")
   wt = np.array(w, np.float32).T.copy()  # [out, in], the paper's layout
-  h = h.copy()
   h[dead, dead] = 1.0
   wt[:, dead] = 0.0
 
@@ -301,7 +316,8 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
     if static:
       s_rows, z_rows = s_rows[perm], z_rows[perm]
 
-  hinv = inverse_cholesky_upper(h, percdamp, what=f"GPTQ {name}")
+  hinv = inverse_cholesky_upper(h, percdamp, what=f"GPTQ {name}", overwrite=True)
+  del h
 
   # Blocks hold whole groups; pad to whole blocks with identity Hessian rows
   # (padded rows are zero, quantize to zero and never touch real rows).
@@ -321,8 +337,10 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   else:
     s_cols = z_cols = np.zeros((1, out), np.float32)
 
+  hinv32 = jnp.asarray(hinv, jnp.float32)
+  del hinv
   codes, g_scale, g_zp, loss = _gptq_loop(
-      jnp.asarray(wt), jnp.asarray(hinv, jnp.float32), jnp.asarray(s_cols),
+      jnp.asarray(wt), hinv32, jnp.asarray(s_cols),
       jnp.asarray(z_cols), fmt=fmt, cal=cal, block=block, group=g_loop, dynamic=not static)
   codes = codes[:, :k]
   if perm is not None:
