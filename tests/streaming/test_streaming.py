@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,14 @@ def source(tmp_path_factory):
   return _write_source(tmp_path_factory.mktemp("src") / "tiny-bf16")
 
 
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, source):
+  """One uninterrupted GPTQ run, the reference of the other tests: (output dir, result)."""
+  out = tmp_path_factory.mktemp("full") / "full"
+  return out, streaming.compress_streaming(source, out, _tokens(), RULES, methods.GPTQ(),
+                                           progress=False)
+
+
 def _tensors(directory):
   ck = hf.Checkpoint(str(directory))
   return {k: np.asarray(ck.get(k)) for k in ck.where}
@@ -69,12 +78,17 @@ def _files(directory):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_streaming_equals_in_memory_gptq(tmp_path, source, dtype):
+def test_streaming_equals_in_memory_gptq(tmp_path, source, full, dtype):
   """Same codes, scales and float tensors, bit for bit, as import_hf -> calibrate -> export_hf:
   the layer's segments run the same equations on the same float32 inputs."""
-  src = source if dtype == "bfloat16" else _write_source(tmp_path / "src32", "float32")
-  res = streaming.compress_streaming(src, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
-                                     progress=False)
+  if dtype == "bfloat16":
+    src = source
+    shutil.copytree(full[0], tmp_path / "out")
+    res = full[1]
+  else:
+    src = _write_source(tmp_path / "src32", "float32")
+    res = streaming.compress_streaming(src, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                       progress=False)
   cfg, params, _, _ = hf.import_hf(src, dtype=jnp.float32, tokenizer=False)
   ref = methods.calibrate(llama.forward_fn(cfg), params, _tokens(), RULES, methods.GPTQ(),
                           progress=False)
@@ -94,6 +108,7 @@ def test_streaming_equals_in_memory_gptq(tmp_path, source, dtype):
   assert res.output_bytes == sum(os.path.getsize(tmp_path / "out" / n)
                                  for n in os.listdir(tmp_path / "out"))
   assert not os.path.exists(tmp_path / ".out.stream-work")  # removed after success
+  assert not os.path.exists(full[0].parent / ".full.stream-work")
   # The output loads in the JAX model and decodes.
   qcfg, qparams, _, _ = hf.import_hf(tmp_path / "out", tokenizer=False)
   toks = llama.generate(qcfg, qparams, _tokens()[0][:1, :4], 3)
@@ -114,9 +129,7 @@ class _Stop(Exception):
   pass
 
 
-def test_resume_after_interruption_is_identical(tmp_path, source):
-  full = streaming.compress_streaming(source, tmp_path / "full", _tokens(), RULES,
-                                      methods.GPTQ(), progress=False)
+def test_resume_after_interruption_is_identical(tmp_path, source, full):
 
   def stop(i, rec):
     if i == 1:
@@ -132,14 +145,12 @@ def test_resume_after_interruption_is_identical(tmp_path, source):
                                      progress=False)
   assert res.resumed_from == 2
   assert [r["resumed"] for r in res.layers] == [True, True, False]
-  assert _files(tmp_path / "out") == _files(tmp_path / "full")
-  assert set(res.info["gptq_loss"]) == set(full.info["gptq_loss"])
+  assert _files(tmp_path / "out") == _files(full[0])
+  assert res.info["gptq_loss"] == full[1].info["gptq_loss"]
 
 
-def test_resume_after_kill_is_identical(tmp_path, source):
+def test_resume_after_kill_is_identical(tmp_path, source, full):
   """A process killed (SIGKILL) after layer 1 is resumed by another process."""
-  streaming.compress_streaming(source, tmp_path / "full", _tokens(), RULES, methods.GPTQ(),
-                               progress=False)
   code = textwrap.dedent(f"""
       import os, signal, sys
       sys.path.insert(0, {os.getcwd()!r})
@@ -159,7 +170,7 @@ def test_resume_after_kill_is_identical(tmp_path, source):
   res = streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
                                      progress=False)
   assert res.resumed_from == 2
-  assert _files(tmp_path / "out") == _files(tmp_path / "full")
+  assert _files(tmp_path / "out") == _files(full[0])
 
 
 def test_work_of_another_run_is_not_resumed(tmp_path, source):
@@ -217,9 +228,9 @@ def test_shard_of_another_dtype_is_named(tmp_path):
   assert not os.path.exists(tmp_path / ".out.stream-work")
 
 
-def test_disk_full_keeps_previous_output(tmp_path, source, monkeypatch):
+def test_disk_full_keeps_previous_output(tmp_path, source, full, monkeypatch):
   out = tmp_path / "out"
-  streaming.compress_streaming(source, out, _tokens(), RULES, methods.GPTQ(), progress=False)
+  shutil.copytree(full[0], out)  # an earlier output (committed: ours to replace)
   before = _files(out)
   real = st.write_safetensors_chunks
 
