@@ -323,6 +323,33 @@ def _remove_work(work: str) -> None:
     pass  # something else is in it: left as it is
 
 
+def _write_other_shard(src: _Source, path: str, fdt: np.dtype, meta: dict) -> list[dict]:
+  """The embedding, final norm and untied head, converted in row blocks from memory
+  maps that are closed on return (their pages then leave this process)."""
+  entries, recs = {}, []
+  for spec in src.other_specs:
+    a = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)
+    entries[spec.hf_name] = (fdt, a.shape, _row_blocks(a, fdt))
+    note = f"cast to {fdt.name}" if src.dtype.itemsize > fdt.itemsize else ""
+    recs.append(dataclasses.asdict(hf.TensorExport(
+        spec.hf_name, "/".join(map(str, spec.path)), tuple(spec.shape), src.dtype.name,
+        f"dense {st.dtype_name(fdt)}", "float", int(np.prod(a.shape)) * fdt.itemsize, note)))
+  _write_shard(path, entries, meta)
+  del entries, a
+  src.release()
+  return recs
+
+
+def _embed_rows(src: _Source, tokens: np.ndarray) -> np.ndarray:
+  """`embed_tokens[tokens]` as float32, read from a memory map (only those rows)."""
+  spec = next(s for s in src.other_specs if s.path == ("embed", "embedding"))
+  table = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)
+  out = np.take(table, tokens, axis=0).astype(np.float32)
+  del table
+  src.release()
+  return out
+
+
 # ----------------------------------------------------------------------------
 # The driver.
 
@@ -472,28 +499,14 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   # The embedding, final norm and head: copied as stored (row blocks), one shard.
   meta = {"format": "pt"}
   if not manifest["embed_done"]:
-    entries, recs = {}, []
-    for spec in src.other_specs:
-      sf = src.ckpt.files[src.ckpt.where[spec.hf_name]]
-      a = sf.get(spec.hf_name)  # memory map: row blocks are read as they are written
-      entries[spec.hf_name] = (fdt, a.shape, _row_blocks(a, fdt))
-      note = f"cast to {out_dtype}" if src.dtype.itemsize > fdt.itemsize else ""
-      recs.append(dataclasses.asdict(hf.TensorExport(
-          spec.hf_name, "/".join(map(str, spec.path)), tuple(spec.shape), src.dtype.name,
-          f"dense {st.dtype_name(fdt)}", "float", int(np.prod(a.shape)) * fdt.itemsize, note)))
-    _write_shard(os.path.join(work, "embed.safetensors"), entries, meta)
-    src.release()
+    manifest["embed_records"] = _write_other_shard(
+        src, os.path.join(work, "embed.safetensors"), fdt, meta)
     manifest["embed_done"] = True
-    manifest["embed_records"] = recs
     _write_json(os.path.join(work, MANIFEST), manifest)
 
   # Calibration hidden states at the current layer boundary: [nb, B, T, d] float32.
   if start == 0:
-    emb_spec = next(s for s in src.other_specs if s.path == ("embed", "embedding"))
-    table = src.ckpt.files[src.ckpt.where[emb_spec.hf_name]].get(emb_spec.hf_name)
-    hidden = np.take(table, tokens_all, axis=0).astype(np.float32)  # only these rows are read
-    del table
-    src.release()
+    hidden = _embed_rows(src, tokens_all)
   else:
     hidden = np.load(os.path.join(work, manifest["hidden"]))
     if hidden.shape != (nb, bsz, t, cfg.hidden_size):
@@ -527,10 +540,10 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     layer: dict = {}
     stored: dict[str, np.ndarray] = {}
     for spec in specs:
-      a = src.stored(spec)
-      stored[spec.hf_name] = a
-      v = a.T if spec.kind == "linear" else a
+      stored[spec.hf_name] = src.stored(spec)
+      v = stored[spec.hf_name].T if spec.kind == "linear" else stored[spec.hf_name]
       _set(layer, spec.path[2:], jnp.asarray(np.asarray(v, np.float32)))
+    del v
     params = {"layers": {i: layer}}
 
     def fn(p, x, _i=i):
@@ -558,8 +571,9 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
         out, scheme, rec = hf._encode_leaf(spec, leaf, fdt)
         _set(eff, spec.path[2:], capture_lib.effective_weight(leaf, jnp.float32))
       else:
-        a = stored[spec.hf_name]
-        out, scheme, rec = hf._encode_leaf(spec, a.T if spec.kind == "linear" else a, fdt)
+        v = stored[spec.hf_name]
+        out, scheme, rec = hf._encode_leaf(spec, v.T if spec.kind == "linear" else v, fdt)
+        del v
         _set(eff, spec.path[2:], _get(layer, spec.path[2:]))
       for name, arr in out.items():
         entries[name] = (arr.dtype, arr.shape, (arr,))
