@@ -103,6 +103,8 @@ def test_streaming_equals_in_memory_gptq(tmp_path, source, full, dtype):
   # The record: one entry per layer with its time and peak memory; GPTQ losses per weight.
   assert [r["layer"] for r in res.layers] == list(range(N_LAYERS))
   assert all(r["seconds"] > 0 and not r["resumed"] for r in res.layers)
+  # Identical layers share the first layer's compiled segments.
+  assert res.layers[0]["compiles"] > 0 and all(r["compiles"] == 0 for r in res.layers[1:])
   assert res.peak_rss_bytes is None or res.peak_rss_bytes > 0
   assert set(res.info["gptq_loss"]) == set(ref.info["gptq_loss"])
   assert res.output_bytes == sum(os.path.getsize(tmp_path / "out" / n)
