@@ -19,6 +19,7 @@ from quantjax.numerics.qarray import (ActQuantized, InputScaled, QArray, dequant
                                      quantize_with_scale)
 from quantjax.ops import qdot, qeinsum
 from quantjax.rules import PruneRule, QuantRule, RuleReport, match_rules
+from quantjax.streaming import StreamResult, compress_streaming
 from quantjax.sparsity import (NMSparse, apply_masks, compress_nm, magnitude_mask, nm_mask,
                                prune_params, sparsegpt_prune, sparsity_of, wanda_mask)
 from quantjax.transforms import (Transform, chain, dequantization, dequantize_params,
@@ -37,6 +38,7 @@ __all__ = [
     "QuantFormat",
     "QuantRule",
     "RuleReport",
+    "StreamResult",
     "Transform",
     "apply_masks",
     "bits_per_weight",
@@ -44,6 +46,7 @@ __all__ = [
     "methods",
     "chain",
     "compress_nm",
+    "compress_streaming",
     "dequantization",
     "dequantize",
     "dequantize_params",

@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
-__all__ = ["DTYPES", "SafetensorsError", "SafetensorsFile", "dtype_name", "write_safetensors"]
+__all__ = ["DTYPES", "SafetensorsError", "SafetensorsFile", "dtype_name", "write_safetensors",
+           "write_safetensors_chunks"]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -132,6 +133,28 @@ class SafetensorsFile:
     buf = self._mmap[self._start + b:self._start + end]
     return buf.view(dt).reshape(shape)
 
+  def read(self, name: str) -> np.ndarray:
+    """The tensor as a fresh writable array read from the file (no memory map).
+
+    Its memory is the process's own and is freed with the array, whereas the
+    pages of a memory map stay resident (and counted in the process's
+    resident memory) while the map is open; streaming readers use this.
+    """
+    dt, shape, b, end = self._entry(name)
+    out = np.empty(end - b, np.uint8)
+    with open(self.path, "rb") as f:
+      f.seek(self._start + b)
+      got = f.readinto(memoryview(out))
+    if got != end - b:
+      raise SafetensorsError(f"{self.path}: tensor {name!r}: read {got} of {end - b} bytes "
+                             "(the file shrank after it was opened)")
+    return out.view(dt).reshape(shape)
+
+  def close(self) -> None:
+    """Drops this reader's memory map (arrays returned by `get` keep it alive until
+    they are freed); a later `get` maps the file again."""
+    self._mmap = None
+
 
 def _tensor_bytes(a: np.ndarray) -> bytes:
   a = np.ascontiguousarray(a)
@@ -149,23 +172,52 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   writer does). Not atomic by itself: callers write into a temporary
   directory.
   """
+  arrays = {name: np.asarray(a) for name, a in tensors.items()}
+  return write_safetensors_chunks(
+      path, {name: (a.dtype, a.shape, (a,)) for name, a in arrays.items()}, metadata)
+
+
+def _header_bytes(entries: Mapping[str, tuple[Any, Any, Any]],
+                  metadata: Mapping[str, str] | None) -> tuple[bytes, int]:
   header: dict[str, Any] = {}
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   off = 0
-  arrays = []
-  for name, a in tensors.items():
-    a = np.asarray(a)
-    n = a.size * a.dtype.itemsize
-    header[name] = {"dtype": dtype_name(a.dtype), "shape": list(a.shape),
+  for name, (dtype, shape, _) in entries.items():
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": dtype_name(dtype), "shape": [int(s) for s in shape],
                     "data_offsets": [off, off + n]}
-    arrays.append(a)
     off += n
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  raw += b" " * ((-len(raw)) % 8)
+  return raw + b" " * ((-len(raw)) % 8), off
+
+
+def write_safetensors_chunks(path: str | os.PathLike,
+                             entries: Mapping[str, tuple[Any, Any, Any]],
+                             metadata: Mapping[str, str] | None = None) -> int:
+  """Like `write_safetensors`, with each tensor given as `(dtype, shape, chunks)`:
+  `chunks` an iterable of arrays whose bytes, concatenated, are the tensor
+  (row blocks of a tensor too large to hold twice, converted as they go).
+
+  Returns the file size. Raises `SafetensorsError` when a tensor's chunks do
+  not add up to its dtype and shape (naming the tensor).
+  """
+  raw, total = _header_bytes(entries, metadata)
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
-    for a in arrays:
-      f.write(_tensor_bytes(a))
-  return 8 + len(raw) + off
+    for name, (dtype, shape, chunks) in entries.items():
+      want = math.prod(shape) * np.dtype(dtype).itemsize
+      got = 0
+      for c in chunks:
+        c = np.asarray(c)
+        if c.dtype != np.dtype(dtype):
+          raise SafetensorsError(f"{path}: tensor {name!r}: a chunk of dtype {c.dtype}, the "
+                                 f"header says {np.dtype(dtype)}")
+        b = _tensor_bytes(c)
+        f.write(b)
+        got += len(b)
+      if got != want:
+        raise SafetensorsError(f"{path}: tensor {name!r}: {got} bytes written, its dtype and "
+                               f"shape {list(shape)} need {want}")
+  return 8 + len(raw) + total

@@ -1074,7 +1074,8 @@ class _Segment:
 class _Runner:
   """Builds the compiled segments of a capture (cached by structure)."""
 
-  def __init__(self, cap: Capture, virtual_uses: dict[Any, int]):
+  def __init__(self, cap: Capture, virtual_uses: dict[Any, int],
+               compiled: dict[Any, Any] | None = None):
     self.cap = cap
     self.last_use: dict[Any, int] = {}
     for i, e in enumerate(cap.flat.eqns):
@@ -1084,6 +1085,9 @@ class _Runner:
     for v, pos in virtual_uses.items():
       self.last_use[v] = max(self.last_use.get(v, -1), pos)
     self.cache: dict[Any, Any] = {}
+    # Compiled segments by structure; shared between calls when the caller passes one
+    # (identical layers calibrated one call at a time compile once).
+    self.compiled: dict[Any, Any] = {} if compiled is None else compiled
     self.compiles = 0
 
   def _order(self, v):
@@ -1212,12 +1216,12 @@ class _Runner:
                           tuple(f"out{i}" for i in range(len(outvars))))
     jaxpr = jcore.Jaxpr([], invars, outvars, seg_eqns, effects, dbg)
     key = (str(jaxpr), _params_key(seg_eqns), tuple(tkeys))
-    fn = self.cache.get(key)
+    fn = self.compiled.get(key)
     if fn is None:
       fn = _scan_over_batches(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, [])), len(env_in),
                               len(invars) - len(env_in) - len(acc_in), len(acc_in),
                               len(live_out))
-      self.cache[key] = fn
+      self.compiled[key] = fn
       self.compiles += 1
     return _Segment(fn=fn, env_in=env_in, env_out=live_out,
                     weights_in=[weights[v] for v in w_vars], const_vals=const_vals,
@@ -1389,7 +1393,8 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
               rules: Sequence[Any], method: Any, *, mode: str = "sequential",
               strict: bool = False, max_samples: int = 2048, mesh: Any = None,
               data_axis: str = "data", progress: bool = True,
-              capture: Capture | None = None) -> CalibrationResult:
+              capture: Capture | None = None,
+              segment_cache: dict | None = None) -> CalibrationResult:
   """Runs a calibrated `method` on the weights `rules` select, on any model.
 
   Args:
@@ -1414,6 +1419,10 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       `jax.sharding.Mesh`; the statistics are reduced across it by XLA.
     progress: a progress bar over groups.
     capture: a `trace(fn, params, batch)` made earlier, to reuse.
+    segment_cache: a dict kept by the caller across calls: compiled segments
+      are looked up and stored there by structure, so calling `calibrate` once
+      per layer of identical layers compiles each segment once (used by
+      `quantjax.streaming`). None: a cache for this call only.
 
   Returns:
     `CalibrationResult(params, report, parts, info)`.
@@ -1527,7 +1536,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   if bad_needs:
     raise ValueError(f"{type(method).__name__} asks for unknown statistics {sorted(bad_needs)}")
   n_sample = max(1, int(max_samples) // len(batches)) if "sample" in needs else 0
-  runner = _Runner(cap, {cap.group_roots[g]: first[g] - 1 for g in order})
+  runner = _Runner(cap, {cap.group_roots[g]: first[g] - 1 for g in order}, segment_cache)
   state = _State(p_leaves)
   put = (lambda b: b)
   if mesh is not None:

@@ -108,7 +108,8 @@ def _check_format(fmt: QuantFormat, w_shape) -> None:
                      f"weight; got channel_axis={fmt.channel_axis}")
 
 
-def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ") -> np.ndarray:
+def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ", *,
+                           overwrite: bool = False) -> np.ndarray:
   """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), in float64.
 
   With J the reversal permutation, `J H J = L L^T` gives `H^-1 = U^T U` for
@@ -116,28 +117,41 @@ def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ") -
   inverse, instead of the reference's Cholesky, inverse and second Cholesky
   (three times faster at K = 1536, the same factor to 1e-15). The inverse
   is LAPACK's triangular inverse (`dtrtri`), not a solve against the
-  identity. Both steps use scipy's LAPACK: numpy and scipy each bundle their own OpenBLAS, and
-  alternating between their two thread pools made this function many times
+  identity. Both steps use scipy's LAPACK: numpy and scipy each bundle
+  their own OpenBLAS, and alternating between their two thread pools made this function many times
   slower on a busy machine (measured on a shared 2-core machine at K = 576:
   0.06-1.0 s with numpy's Cholesky, 0.03-0.05 s with scipy's).
+
+  Memory: at most two `K x K` float64 arrays beside the caller's `h` (with
+  `overwrite=True`, `h`, a float64 C-contiguous array, receives the
+  dampening in place instead of being copied): the factor and then its
+  inverse are computed in place in one Fortran-ordered copy, and the result
+  is one more. The LAPACK calls and their inputs are the same either way, so
+  the result is too.
   """
   import scipy.linalg
-  h = np.array(h, np.float64)
+  h = np.asarray(h)
+  if not (overwrite and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable):
+    h = np.array(h, np.float64)
   n = h.shape[0]
   damp = percdamp * float(np.mean(np.diag(h)))
   if not np.isfinite(damp):
     raise ValueError(f"{what}: the Hessian holds NaN/Inf values")
   h[np.diag_indices(n)] += damp
+  a = np.asfortranarray(h[::-1, ::-1])  # J H J, column-major: LAPACK works in place
   try:
-    lower_rev = scipy.linalg.cholesky(h[::-1, ::-1], lower=True, check_finite=False)
+    lower_rev = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
   except np.linalg.LinAlgError:
     raise ValueError(
         f"{what}: the dampened Hessian is not positive definite (percdamp={percdamp}); "
         "raise percdamp or use more calibration data") from None
+  del h  # our copy (or the caller's, which stays theirs): no longer needed here
+  # The triangular inverse in place in the factor's own (column-major) buffer.
   inv, info = scipy.linalg.lapack.dtrtri(lower_rev, lower=1, overwrite_c=1)
   if info != 0:  # a zero on the factor's diagonal: not reachable after a successful Cholesky
     raise ValueError(f"{what}: the Cholesky factor of the dampened Hessian is singular "
                      f"(LAPACK dtrtri info={info}); raise percdamp")
+  del a, lower_rev
   return np.ascontiguousarray(inv[::-1, ::-1])
 
 
@@ -262,7 +276,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   _check_format(fmt, w.shape)
   cal = calibrate_lib.resolve_calibration(calibration)
   k, out = w.shape
-  h = np.asarray(h, np.float64)
+  h = np.array(h, np.float64)  # our own copy: the solve below uses it as scratch space
   if h.shape != (k, k):
     raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
                      f"dimension {k} (weight shape {tuple(w.shape)})")
@@ -280,7 +294,6 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
         "float32. GPTQ would zero every weight; give it calibration data that exercises the "
         "layer, or quantize it round-to-nearest")
   wt = np.array(w, np.float32).T.copy()  # [out, in], the paper's layout
-  h = h.copy()
   h[dead, dead] = 1.0
   wt[:, dead] = 0.0
 
@@ -305,7 +318,8 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
     if static:
       s_rows, z_rows = s_rows[perm], z_rows[perm]
 
-  hinv = inverse_cholesky_upper(h, percdamp, what=f"GPTQ {name}")
+  hinv = inverse_cholesky_upper(h, percdamp, what=f"GPTQ {name}", overwrite=True)
+  del h
 
   # Blocks hold whole groups; pad to whole blocks with identity Hessian rows
   # (padded rows are zero, quantize to zero and never touch real rows).
@@ -325,8 +339,10 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   else:
     s_cols = z_cols = np.zeros((1, out), np.float32)
 
+  hinv32 = jnp.asarray(hinv, jnp.float32)
+  del hinv
   codes, g_scale, g_zp, loss = _gptq_loop(
-      jnp.asarray(wt), jnp.asarray(hinv, jnp.float32), jnp.asarray(s_cols),
+      jnp.asarray(wt), hinv32, jnp.asarray(s_cols),
       jnp.asarray(z_cols), fmt=fmt, cal=cal, block=block, group=g_loop, dynamic=not static)
   codes = codes[:, :k]
   if perm is not None:

@@ -57,6 +57,8 @@ __all__ = [
     "init_cache",
     "model_from_params",
     "decoder",
+    "block_inputs",
+    "block_api",
     "forward_fn",
     "loss_fn",
     "fold_groups",
@@ -346,6 +348,22 @@ class Block(nnx.Module):
     return x, new_kv
 
 
+def block_inputs(config: LlamaConfig, positions: jax.Array, kv_len: int, *,
+                 causal: bool = False):
+  """What every `Block` takes beside the hidden states: RoPE `cos`, `sin`
+  `[B, T, head_dim]` (float32) and the causal mask `[B, T, kv_len]` for integer
+  `positions` `[B, T]`, or `functional.Causal()` with `causal=True` (positions
+  `0..T-1` and no cache: the attention then skips the masked keys).
+  `Llama.hidden_states` and layer-by-layer drivers (`quantjax.streaming`)
+  share it, so both compute the same numbers."""
+  cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
+  if causal:
+    return cos, sin, functional.Causal()
+  kpos = jnp.arange(kv_len)
+  mask = kpos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  return cos, sin, mask
+
+
 class Llama(nnx.Module):
   """Llama-family causal language model.
 
@@ -373,13 +391,9 @@ class Llama(nnx.Module):
     if positions is None:
       positions = index + jnp.arange(t, dtype=jnp.int32)[None, :]
       positions = jnp.broadcast_to(positions, (b, t))
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    cos, sin, mask = block_inputs(cfg, positions, t if cache is None else cache.k.shape[2],
+                                  causal=cache is None and default_positions)
     x = self.embed(tokens, dtype)
-    if cache is None and default_positions:
-      mask = functional.Causal()
-    else:
-      kpos = jnp.arange(t if cache is None else cache.k.shape[2])
-      mask = kpos[None, None, :] <= positions[:, :, None]  # [B, T, S]
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -411,6 +425,10 @@ class Llama(nnx.Module):
 
 
 graphdef, abstract_state, as_state, model_from_params = functional.model_api(Llama)
+# The same four functions for one decoder block (`Block(config, rngs=)`): its params
+# are `input_norm/scale`, `attn/{q,k,v,o}_proj/kernel`, `post_attn_norm/scale`,
+# `mlp/{gate,up,down}_proj/kernel`, i.e. `layers/{i}/...` of the model without the prefix.
+block_api = functional.model_api(Block)
 
 
 @dispatch.routed_jit(static_argnums=0)

@@ -1,0 +1,679 @@
+"""Compress models larger than memory: one decoder layer at a time, disk to disk.
+
+`compress_streaming(source, output, batches, rules, method)` reads a Llama-family
+Hugging Face directory (`config.json` and F32 / BF16 / F16 safetensors, one
+file or shards with `model.safetensors.index.json`) and writes the quantized
+model as a Hugging Face compressed-tensors directory (the layout `io.hf.export_hf`
+writes, one safetensors shard per decoder layer), holding at most one layer in
+memory:
+
+1. Every header is checked first (a missing tensor, a wrong shape, a shard
+   whose dtype differs from `config.json`'s, unknown extra tensors: an
+   `HFFormatError` naming the file and the tensor), before any work.
+2. The calibration hidden states start as the embedding rows of the
+   calibration tokens, gathered from a memory map (only those rows are read).
+3. For each layer: its tensors are read from disk (a copy per tensor, no map
+   left open; BF16 becomes float32 only here, for the method), the method runs
+   on it through the ordinary calibration driver (`methods.calibrate`,
+   sequential mode) with the layer's own forward taken from the model code
+   (`models.llama.Block`), the quantized tensors are encoded exactly as
+   `export_hf` encodes them and written as one shard, and the layer's output
+   hidden states, computed with the quantized weights, become the next
+   layer's inputs (GPTQ's sequential recipe: every layer is calibrated on the
+   outputs of the already-quantized layers before it, as llm-compressor's
+   sequential pipeline does). The layer is then released.
+4. The embedding, final norm and untied head are copied in row blocks; the
+   shards, index, `config.json` and report are committed atomically as one
+   directory (`io.atomic.atomic_dir`): the output is complete or absent, and
+   an earlier output is kept until the new one is complete.
+
+Resume: finished layer shards, the hidden states at the last layer boundary
+and a manifest live in a work directory beside the output, each written
+atomically. The manifest is keyed by everything the result depends on
+(source files, config, rules, method, calibration tokens, output dtype,
+versions); a run that finds a matching manifest continues after the last
+finished layer and gives the same bytes as an uninterrupted run.
+
+Memory: one layer's weights (stored dtype, then float32) with the method's
+statistics and working copies (for GPTQ the largest Hessian, `K x K` float32
+and the float64 copies of its Cholesky solve), plus the calibration hidden
+states (`n_tokens x d` float32, twice while a layer's output is computed).
+The peak is independent of the number of layers.
+
+References:
+  Frantar et al., GPTQ, ICLR 2023, arXiv:2210.17323 (layer-by-layer
+  quantization on the quantized prefix's outputs). llm-compressor,
+  `pipelines/sequential` (one decoder layer at a time, activations carried
+  between layers). Hugging Face safetensors sharding
+  (`model.safetensors.index.json`); compressed-tensors 0.19 (see `io/hf.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from quantjax import rules as rules_lib
+from quantjax.eval import speed as speed_lib
+from quantjax.io import atomic
+from quantjax.io import hf
+from quantjax.io import safetensors as st
+
+__all__ = ["StreamResult", "compress_streaming", "check_source"]
+
+MANIFEST = "manifest.json"
+_MANIFEST_FORMAT = "quantjax-stream"
+_MANIFEST_VERSION = 1
+_FLOAT = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+_ROW_BLOCK_BYTES = 32 * 2**20  # row blocks of the embedding / head copy
+
+
+@dataclasses.dataclass
+class StreamResult:
+  """What `compress_streaming` returns.
+
+  Attributes:
+    path: the output directory.
+    layers: one record per decoder layer, in order: `layer`, `seconds`
+      (read, calibrate, write, carry), `stats_seconds` / `quant_seconds`
+      (the driver's forward statistics / the method), `peak_rss_bytes`
+      (Linux VmHWM during that layer, None elsewhere), `resumed` (True when
+      an earlier run finished it and this one reused it; its figures are that
+      run's).
+    resumed_from: the first layer this call computed (0 for a fresh run,
+      `num_layers` when every layer was already done).
+    seconds: wall time of this call.
+    peak_rss_bytes: the largest peak resident memory of this call's phases.
+    output_bytes: total bytes of the output directory's files.
+    report: the `hf.ExportReport` (per tensor: how it was stored).
+    info: the method's records merged over layers (e.g. `gptq_loss`).
+  """
+
+  path: str
+  layers: list[dict[str, Any]]
+  resumed_from: int
+  seconds: float
+  peak_rss_bytes: int | None
+  output_bytes: int
+  report: hf.ExportReport
+  info: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------
+# The source.
+
+
+@dataclasses.dataclass
+class _Source:
+  directory: str
+  cfg_json: dict
+  cfg_path: str
+  arch: hf.HFArchitecture
+  config: Any
+  ckpt: hf.Checkpoint
+  dtype: np.dtype
+  layer_specs: list[list[hf.TensorSpec]]
+  other_specs: list[hf.TensorSpec]
+
+  def stored(self, spec: hf.TensorSpec) -> np.ndarray:
+    """The tensor as stored (HF layout, stored dtype), read into a fresh array."""
+    return self.ckpt.files[self.ckpt.where[spec.hf_name]].read(spec.hf_name)
+
+  def release(self) -> None:
+    for f in self.ckpt.files.values():
+      f.close()
+
+
+def check_source(directory: str | os.PathLike) -> _Source:
+  """Opens a Llama-family Hugging Face directory for streaming and checks every
+  tensor's header (presence, shape, dtype) against `config.json`.
+
+  Raises:
+    FileNotFoundError: no directory or no `config.json`.
+    HFFormatError: not a Llama-family model, an already-quantized checkpoint,
+      a missing shard or tensor, a shape that disagrees with `config.json`, a
+      tensor whose dtype differs from the checkpoint's dtype (`config.json`'s
+      `torch_dtype` / `dtype`, else the embedding's), a non-float tensor,
+      tensors the architecture does not have. Each names the file and tensor.
+  """
+  from quantjax.models import llama
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"not a directory: {directory}")
+  cfg_path, cfg_json = hf._read_config(directory)
+  model_type = str(cfg_json.get("model_type"))
+  try:
+    arch = hf.architecture_for(model_type)
+  except hf.HFFormatError as e:
+    raise hf.HFFormatError(f"{cfg_path}: {e}") from None
+  if arch.config_type is not llama.LlamaConfig:
+    raise hf.HFFormatError(f"{cfg_path}: model_type {model_type!r}: streaming compression "
+                           "covers the Llama family (model_type 'llama', 'mistral', 'smollm')")
+  if cfg_json.get("quantization_config"):
+    raise hf.HFFormatError(f"{cfg_path}: the checkpoint is already quantized "
+                           f"({cfg_json['quantization_config'].get('quant_method')!r}); "
+                           "streaming compression reads float checkpoints")
+  try:
+    config = arch.from_hf_config(cfg_json, os.path.basename(directory), cfg_path)
+  except KeyError as e:
+    raise hf.HFFormatError(f"{cfg_path}: missing field {e}") from None
+  except ValueError as e:
+    raise hf.HFFormatError(f"{cfg_path}: {e}") from None
+  ckpt = hf.Checkpoint(directory)
+  specs = arch.tensors(config)
+  declared = cfg_json.get("torch_dtype") or cfg_json.get("dtype")
+  if declared is not None and declared not in _FLOAT:
+    raise hf.HFFormatError(f"{cfg_path}: dtype {declared!r} is not one of {sorted(_FLOAT)}")
+  for spec in specs:
+    if spec.hf_name not in ckpt:
+      raise hf.HFFormatError(
+          f"{directory}: tensor {spec.hf_name!r} is missing (no safetensors file holds it; "
+          f"config.json has {config.num_layers} layers)")
+    got = ckpt.shape(spec.hf_name)
+    if tuple(got) != tuple(spec.hf_shape):
+      raise hf.HFFormatError(f"{ckpt.file_of(spec.hf_name)}: tensor {spec.hf_name!r} has shape "
+                             f"{list(got)}, config.json implies {list(spec.hf_shape)}")
+  if declared is not None:
+    want, where = _FLOAT[declared], f"config.json ({cfg_path}) declares {declared}"
+  else:
+    first = specs[0].hf_name
+    want = ckpt.dtype(first)
+    where = f"the checkpoint's first tensor {first!r} is {want.name} (no dtype in config.json)"
+  for spec in specs:
+    dt = ckpt.dtype(spec.hf_name)
+    if dt not in _FLOAT.values():
+      raise hf.HFFormatError(f"{ckpt.file_of(spec.hf_name)}: tensor {spec.hf_name!r} has dtype "
+                             f"{dt.name}; streaming reads float32 / bfloat16 / float16 tensors")
+    if dt != want:
+      raise hf.HFFormatError(
+          f"{ckpt.file_of(spec.hf_name)}: tensor {spec.hf_name!r} has dtype {dt.name}, but "
+          f"{where}: a shard of another dtype (mixed checkpoints are refused: convert the "
+          "shard or fix config.json)")
+  names = {s.hf_name for s in specs}
+  extra = sorted(k for k in ckpt.where if k not in names and
+                 not any(re.fullmatch(p, k) for p in arch.ignorable))
+  if extra:
+    raise hf.HFFormatError(f"{ckpt.file_of(extra[0])}: tensors a {arch.hf_class} with this "
+                           f"config.json does not have: {extra[:6]}")
+  layers: list[list[hf.TensorSpec]] = [[] for _ in range(config.num_layers)]
+  others = []
+  for spec in specs:
+    if spec.path[0] == "layers":
+      layers[int(spec.path[1])].append(spec)
+    else:
+      others.append(spec)
+  return _Source(directory, cfg_json, cfg_path, arch, config, ckpt, want, layers, others)
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+
+
+def _set(tree: dict, path: Sequence[Any], value: Any) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: Sequence[Any]) -> Any:
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _fingerprint(src: _Source, rules, method, tokens: np.ndarray, out_dtype: str) -> dict:
+  files = {}
+  for fname in sorted(set(src.ckpt.where.values())):
+    stt = os.stat(os.path.join(src.directory, fname))
+    files[fname] = [stt.st_size, stt.st_mtime_ns]
+  import quantjax
+  return {"source": src.directory, "files": files, "config": _sha256_file(src.cfg_path),
+          "rules": repr(tuple(rules)), "method": repr(method),
+          "tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest() +
+          f" {list(tokens.shape)} {tokens.dtype}",
+          "dtype": out_dtype, "quantjax": quantjax.__version__, "jax": jax.__version__}
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with atomic.atomic_write(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=True, default=str)
+
+
+def _write_shard(path: str, entries: dict, metadata: dict) -> None:
+  """One safetensors file, atomically (a failed write leaves nothing at `path`)."""
+  tmp = atomic.temp_path(path)
+  try:
+    st.write_safetensors_chunks(tmp, entries, metadata)
+    atomic.commit_file(tmp, path)
+  except OSError as e:
+    atomic._unlink(tmp)
+    raise atomic._os_error(e, f"cannot write {path}") from e
+  except BaseException:
+    atomic._unlink(tmp)
+    raise
+
+
+def _row_blocks(a: np.ndarray, dtype: np.dtype) -> Iterable[np.ndarray]:
+  """`a` (a memory-mapped 2-D tensor) converted to `dtype` in row blocks."""
+  rows = max(1, _ROW_BLOCK_BYTES // max(1, a[0].nbytes if a.ndim > 1 else a.nbytes))
+  for r in range(0, a.shape[0], rows):
+    # Through float32, as export_hf converts (exact for BF16 / F16 sources).
+    yield np.asarray(a[r:r + rows], np.float32).astype(dtype)
+
+
+def _scheme_json(s: hf.Scheme) -> dict:
+  return dataclasses.asdict(s)
+
+
+def _scheme_from(d: dict) -> hf.Scheme:
+  return hf.Scheme(d["format"], None if d["weights"] is None else hf.QArgs(**d["weights"]),
+                   None if d["input_activations"] is None else
+                   hf.QArgs(**d["input_activations"]))
+
+
+def _clean_work(work: str) -> None:
+  """Removes leftover temporary files of our atomic writes in the work directory."""
+  for name in os.listdir(work):
+    if re.fullmatch(r"\..+\.tmp-[0-9a-f]{12}", name):
+      p = os.path.join(work, name)
+      if os.path.isfile(p):
+        os.unlink(p)
+
+
+def _is_ours(work: str) -> bool:
+  try:
+    with open(os.path.join(work, MANIFEST), encoding="utf-8") as f:
+      m = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+  return isinstance(m, dict) and m.get("format") == _MANIFEST_FORMAT
+
+
+def _remove_work(work: str) -> None:
+  """Removes a work directory we wrote: only the files we name, then the directory."""
+  for name in os.listdir(work):
+    if (name == MANIFEST or re.fullmatch(r"(layer-\d{5}|embed)\.safetensors", name)
+        or re.fullmatch(r"hidden-\d{5}\.npy", name)
+        or re.fullmatch(r"\..+\.tmp-[0-9a-f]{12}", name)):
+      os.unlink(os.path.join(work, name))
+  try:
+    os.rmdir(work)
+  except OSError:
+    pass  # something else is in it: left as it is
+
+
+def _write_other_shard(src: _Source, path: str, fdt: np.dtype, meta: dict) -> list[dict]:
+  """The embedding, final norm and untied head, converted in row blocks from memory
+  maps that are closed on return (their pages then leave this process)."""
+  entries, recs = {}, []
+  for spec in src.other_specs:
+    a = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)
+    entries[spec.hf_name] = (fdt, a.shape, _row_blocks(a, fdt))
+    note = f"cast to {fdt.name}" if src.dtype.itemsize > fdt.itemsize else ""
+    recs.append(dataclasses.asdict(hf.TensorExport(
+        spec.hf_name, "/".join(map(str, spec.path)), tuple(spec.shape), src.dtype.name,
+        f"dense {st.dtype_name(fdt)}", "float", int(np.prod(a.shape)) * fdt.itemsize, note)))
+  _write_shard(path, entries, meta)
+  del entries, a
+  src.release()
+  return recs
+
+
+def _embed_rows(src: _Source, tokens: np.ndarray) -> np.ndarray:
+  """`embed_tokens[tokens]` as float32, read from a memory map (only those rows)."""
+  spec = next(s for s in src.other_specs if s.path == ("embed", "embedding"))
+  table = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)
+  out = np.take(table, tokens, axis=0).astype(np.float32)
+  del table
+  src.release()
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The driver.
+
+
+def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
+                       batches: Iterable[Any], rules: Sequence[Any], method: Any = None, *,
+                       dtype: str | None = None, work_dir: str | os.PathLike | None = None,
+                       overwrite: bool = False, resume: bool = True, progress: bool = True,
+                       keep_work: bool = False,
+                       on_layer: Callable[[int, dict], None] | None = None) -> StreamResult:
+  """Quantizes a Llama-family Hugging Face directory layer by layer, disk to disk.
+
+  Args:
+    source: the float checkpoint (`config.json` + safetensors, sharded or not).
+    output: the directory to write (a compressed-tensors Hugging Face model).
+    batches: calibration token batches, each `[B, T]` int, all of one shape.
+    rules: `QuantRule`s over the model's params paths (e.g.
+      `models.llama.PROJ_KERNELS`); they may select decoder-layer weights only
+      (the embedding, final norm and head are copied as stored).
+    method: a calibrated method of `quantjax.methods` (`GPTQ()` by default;
+      `RTN()` works too); weight-only formats.
+    dtype: dtype of the output's float tensors and scales ("bfloat16",
+      "float16", "float32"); default the source's.
+    work_dir: where finished layers, the carried hidden states and the
+      manifest wait until the end (default `.<output name>.stream-work` beside
+      the output; it must be on the output's filesystem for the shards to be
+      linked, not copied, into place).
+    overwrite: replace an existing output (only a directory quantjax
+      committed); checked before any work.
+    resume: continue a matching interrupted run found in `work_dir`; False
+      discards it.
+    progress: a tqdm bar over layers (elapsed, estimate to finish).
+    keep_work: keep the work directory after success.
+    on_layer: called as `on_layer(i, record)` after layer `i` is safely on
+      disk (tests interrupt a run here).
+
+  Returns:
+    A `StreamResult`.
+
+  Raises:
+    HFFormatError: a source that cannot be read as claimed (see `check_source`).
+    ValueError: rules that select the embedding / head / norms, an activation
+      (W8A8) or input-scale (AWQ / SmoothQuant) result, calibration batches of
+      different shapes, a work directory holding another run (with resume).
+    FileExistsError: `output` exists (without `overwrite`) or is not ours.
+    OSError: a failed write (disk full, ...) naming the path; the previous
+      output is untouched and finished layers stay in the work directory.
+  """
+  from flax import nnx
+
+  from quantjax import methods
+  from quantjax.methods import capture as capture_lib
+  from quantjax.models import llama
+  from quantjax.numerics.qarray import ActQuantized, InputScaled
+
+  t_start = time.perf_counter()
+  speed_lib.reset_peak_rss()
+  peaks: list[int] = []
+
+  def phase_peak():
+    p = speed_lib.peak_rss_bytes()
+    if p is not None:
+      peaks.append(p)
+    speed_lib.reset_peak_rss()
+    return p
+
+  method = methods.GPTQ() if method is None else method
+  rules = tuple(rules)
+  output = os.path.abspath(os.fspath(output))
+  kind = "Hugging Face model (streamed)"
+  atomic._check_target(output, overwrite, None, kind)
+  src = check_source(source)
+  cfg = src.config
+  out_dtype = dtype or src.dtype.name
+  if out_dtype not in _FLOAT:
+    raise ValueError(f"dtype must be one of {sorted(_FLOAT)}, got {out_dtype!r}")
+  fdt = _FLOAT[out_dtype]
+
+  tokens = [np.asarray(b) for b in batches]
+  if not tokens:
+    raise ValueError("compress_streaming() got no calibration batches")
+  for i, b in enumerate(tokens):
+    if b.shape != tokens[0].shape or b.ndim != 2 or not np.issubdtype(b.dtype, np.integer):
+      raise ValueError(f"calibration batch {i} has shape {b.shape} {b.dtype}; every batch must "
+                       f"be [B, T] integer token ids of one shape (batch 0: {tokens[0].shape})")
+    if b.size and (b.min() < 0 or b.max() >= cfg.vocab_size):
+      raise ValueError(f"calibration batch {i}: token ids in [{b.min()}, {b.max()}] lie outside "
+                       f"the vocabulary [0, {cfg.vocab_size})")
+  tokens_all = np.stack(tokens).astype(np.int32)  # [nb, B, T]
+  nb, bsz, t = tokens_all.shape
+
+  # Rules over the whole model (abstract leaves): coverage, and nothing outside the layers.
+  abstract: dict = {}
+  for spec in [s for ls in src.layer_specs for s in ls] + src.other_specs:
+    _set(abstract, spec.path, jax.ShapeDtypeStruct(spec.shape, jnp.float32))
+  report = rules_lib.match_rules(abstract, rules)
+  rules_lib.check_report(report, False, "compress_streaming")
+  for spec in src.other_specs:
+    idx = report.assignments.get("/".join(map(str, spec.path)))
+    if idx is not None and not getattr(rules[idx], "skip", False):
+      raise ValueError(
+          f"rule {rules[idx].module_path!r} selects {'/'.join(map(str, spec.path))}: streaming "
+          "quantizes the decoder layers; the embedding, final norm and head are copied as "
+          "stored (add a skip rule before it, or narrow its regex)")
+
+  # The work directory and the manifest.
+  parent, base = os.path.dirname(output), os.path.basename(output)
+  work = os.path.abspath(os.fspath(work_dir)) if work_dir else os.path.join(
+      parent, f".{base}.stream-work")
+  fp = _fingerprint(src, rules, method, tokens_all, out_dtype)
+  key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+  manifest = None
+  if os.path.lexists(work):
+    if not os.path.isdir(work) or (os.listdir(work) and not _is_ours(work)):
+      raise FileExistsError(f"work directory {work} exists and is not one compress_streaming "
+                            "wrote (no manifest); choose another work_dir or remove it")
+    if _is_ours(work):
+      with open(os.path.join(work, MANIFEST), encoding="utf-8") as f:
+        old = json.load(f)
+      if resume and old.get("key") == key and old.get("version") == _MANIFEST_VERSION:
+        manifest = old
+        _clean_work(work)
+      elif resume:
+        diff = sorted(k for k in fp if old.get("fingerprint", {}).get(k) != fp[k])
+        raise ValueError(
+            f"work directory {work} holds an interrupted run with other inputs (differs in: "
+            f"{', '.join(diff) or 'version'}); pass resume=False to discard it, or another "
+            "work_dir")
+      else:
+        _remove_work(work)
+  os.makedirs(work, exist_ok=True)
+  if manifest is None:
+    manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "key": key,
+                "fingerprint": fp, "embed_done": False, "done": [], "hidden": None,
+                "layers": {}}
+    _write_json(os.path.join(work, MANIFEST), manifest)
+
+  # Progress.
+  n_layers = cfg.num_layers
+  start = len(manifest["done"])
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n_layers, initial=start, desc=f"stream {getattr(method, 'label', 'method')}",
+               unit="layer")
+
+  # The embedding, final norm and head: copied as stored (row blocks), one shard.
+  meta = {"format": "pt"}
+  if not manifest["embed_done"]:
+    manifest["embed_records"] = _write_other_shard(
+        src, os.path.join(work, "embed.safetensors"), fdt, meta)
+    manifest["embed_done"] = True
+    _write_json(os.path.join(work, MANIFEST), manifest)
+
+  # Calibration hidden states at the current layer boundary: [nb, B, T, d] float32.
+  if start == 0:
+    hidden = _embed_rows(src, tokens_all)
+  else:
+    hidden = np.load(os.path.join(work, manifest["hidden"]))
+    if hidden.shape != (nb, bsz, t, cfg.hidden_size):
+      raise ValueError(f"{os.path.join(work, manifest['hidden'])}: carried hidden states of "
+                       f"shape {hidden.shape}, expected {(nb, bsz, t, cfg.hidden_size)}")
+  phase_peak()
+
+  # The block's own forward (models.llama.Block), with the model's RoPE tables and mask.
+  gd_fn, _, as_state, _ = llama.block_api
+  graph = gd_fn(cfg)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (bsz, t))
+  cos, sin, mask = llama.block_inputs(cfg, positions, t, causal=True)
+
+  def block_apply(p, x):
+    return nnx.merge(graph, as_state(cfg, p))(x, cos, sin, mask)[0]
+
+  carry = jax.jit(block_apply)
+  segment_cache: dict = {}
+  info: dict[str, Any] = {}
+  layer_records: list[dict] = []
+  for i in range(start):
+    rec = dict(manifest["layers"][str(i)]["record"])
+    rec["resumed"] = True
+    layer_records.append(rec)
+    for k, v in manifest["layers"][str(i)].get("info", {}).items():
+      info.setdefault(k, {}).update(v)
+
+  for i in range(start, n_layers):
+    t0 = time.perf_counter()
+    specs = src.layer_specs[i]
+    layer: dict = {}
+    stored: dict[str, np.ndarray] = {}
+    for spec in specs:
+      stored[spec.hf_name] = src.stored(spec)
+      v = stored[spec.hf_name].T if spec.kind == "linear" else stored[spec.hf_name]
+      _set(layer, spec.path[2:], jnp.asarray(np.asarray(v, np.float32)))
+    del v
+    params = {"layers": {i: layer}}
+
+    def fn(p, x, _i=i):
+      return block_apply(p["layers"][_i], x)
+
+    batches_i = [jnp.asarray(hidden[b]) for b in range(nb)]
+    with warnings.catch_warnings():
+      # Rules for other layers match nothing here; coverage was checked on the whole model.
+      warnings.simplefilter("ignore")
+      res = capture_lib.calibrate(fn, params, batches_i, rules, method, mode="sequential",
+                                  progress=False, segment_cache=segment_cache)
+    new_layer = res.params["layers"][i]
+    # Encode exactly as export_hf does; float leaves (norms, skipped weights) as stored.
+    entries, recs, schemes = {}, [], {}
+    eff: dict = {}
+    for spec in specs:
+      leaf = _get(new_layer, spec.path[2:])
+      spath = "/".join(map(str, spec.path))
+      if isinstance(leaf, (ActQuantized, InputScaled)):
+        raise ValueError(f"{spath}: the method returned a {type(leaf).__name__}; streaming "
+                         "supports weight-only results (no activation quantization, no "
+                         "unfolded input scales)")
+      changed = leaf is not _get(layer, spec.path[2:])
+      if changed:
+        out, scheme, rec = hf._encode_leaf(spec, leaf, fdt)
+        _set(eff, spec.path[2:], capture_lib.effective_weight(leaf, jnp.float32))
+      else:
+        v = stored[spec.hf_name]
+        out, scheme, rec = hf._encode_leaf(spec, v.T if spec.kind == "linear" else v, fdt)
+        del v
+        _set(eff, spec.path[2:], _get(layer, spec.path[2:]))
+      for name, arr in out.items():
+        entries[name] = (arr.dtype, arr.shape, (arr,))
+      recs.append(dataclasses.asdict(rec))
+      if scheme is not None:
+        schemes[spec.module] = _scheme_json(scheme)
+    del stored
+    _write_shard(os.path.join(work, f"layer-{i:05d}.safetensors"), entries, meta)
+    del entries
+    # The next layer's inputs: this layer's output with its quantized (effective) weights.
+    hidden = np.stack([np.asarray(carry(eff, batches_i[b])) for b in range(nb)])
+    timings = {"stats_seconds": float(res.info.get("stats_seconds", 0.0)),
+               "quant_seconds": float(res.info.get("quant_seconds", 0.0)),
+               "compiles": int(res.info.get("compiles", 0))}
+    layer_info = {k: {n: float(x) for n, x in v.items()} for k, v in res.info.items()
+                  if isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())}
+    for k, v in layer_info.items():
+      info.setdefault(k, {}).update(v)
+    del batches_i, eff, layer, params, res, new_layer
+    hname = f"hidden-{i + 1:05d}.npy"
+    with atomic.atomic_write(os.path.join(work, hname)) as f:
+      np.save(f, hidden)
+    peak = phase_peak()
+    rec = {"layer": i, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak,
+           "resumed": False, **timings}
+    manifest["layers"][str(i)] = {"record": {k: v for k, v in rec.items() if k != "resumed"},
+                                  "records": recs, "schemes": schemes, "info": layer_info}
+    manifest["done"].append(i)
+    old_hidden = manifest["hidden"]
+    manifest["hidden"] = hname
+    _write_json(os.path.join(work, MANIFEST), manifest)
+    if old_hidden:
+      atomic._unlink(os.path.join(work, old_hidden))
+    layer_records.append(rec)
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(layer_s=f"{rec['seconds']:.1f}",
+                      rss_gb=f"{(peak or 0) / 2**30:.2f}")
+    if on_layer is not None:
+      on_layer(i, rec)
+  if bar is not None:
+    bar.close()
+  del hidden
+
+  # Finish: link the shards into a fresh directory with index, config and report; commit.
+  n_files = n_layers + 1
+  names = [f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
+  sources = [os.path.join(work, "embed.safetensors")] + [
+      os.path.join(work, f"layer-{i:05d}.safetensors") for i in range(n_layers)]
+  tensor_recs = [hf.TensorExport(**r) for r in manifest["embed_records"]]
+  schemes: dict[str, hf.Scheme] = {}
+  weight_map: dict[str, str] = {}
+  for r in manifest["embed_records"]:
+    weight_map[r["name"]] = names[0]
+  for i in range(n_layers):
+    entry = manifest["layers"][str(i)]
+    for r in entry["records"]:
+      tensor_recs.append(hf.TensorExport(**{**r, "shape": tuple(r["shape"])}))
+    for m, sj in entry["schemes"].items():
+      schemes[m] = _scheme_from(sj)
+  for k, path in enumerate(sources[1:], start=1):
+    for name in st.SafetensorsFile(path).keys():
+      weight_map[name] = names[k]
+  specs = [s for ls in src.layer_specs for s in ls] + src.other_specs
+  linear_modules = [s.module for s in specs if s.kind == "linear"]
+  qconfig = hf._group_config(schemes, linear_modules) if schemes else None
+  notes = hf._fused_notes(schemes, linear_modules)
+  cfg_out = {"architectures": [src.arch.hf_class], "model_type": src.arch.model_types[0],
+             "_name_or_path": getattr(cfg, "name", "") or base,
+             **src.arch.to_hf_config(cfg), "dtype": out_dtype, "torch_dtype": out_dtype}
+  if qconfig is not None:
+    cfg_out["quantization_config"] = qconfig
+  files = sorted(names + [hf.INDEX_FILE, "config.json", "generation_config.json",
+                          hf.REPORT_FILE])
+  report = hf.ExportReport(path=output, tensors=tensor_recs, notes=notes,
+                           quantization_config=qconfig, files=files)
+  with atomic.atomic_dir(output, overwrite=overwrite, kind=kind,
+                         meta={"streamed_from": src.directory}) as tmp:
+    for path, name in zip(sources, names):
+      dest = os.path.join(tmp, name)
+      try:
+        os.link(path, dest)  # no copy: the work directory keeps its own name until the end
+      except OSError:
+        shutil.copyfile(path, dest)
+    index = {"metadata": {"total_size": int(sum(r.nbytes for r in tensor_recs))},
+             "weight_map": weight_map}
+    with open(os.path.join(tmp, hf.INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg_out, f, indent=2)
+    gen = {k: cfg_out[k] for k in ("bos_token_id", "eos_token_id") if k in cfg_out}
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump(gen, f, indent=2)
+    with open(os.path.join(tmp, hf.REPORT_FILE), "w") as f:
+      json.dump(report.to_json(), f, indent=1, default=str)
+  if not keep_work:
+    _remove_work(work)
+  phase_peak()
+  out_bytes = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+  return StreamResult(path=output, layers=layer_records, resumed_from=start,
+                      seconds=time.perf_counter() - t_start,
+                      peak_rss_bytes=max(peaks) if peaks else None, output_bytes=out_bytes,
+                      report=report, info=info)

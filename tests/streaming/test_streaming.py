@@ -1,0 +1,278 @@
+"""Streaming compression (`quantjax.streaming`) on a tiny random Llama written as safetensors."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quantjax import methods, streaming
+from quantjax.io import atomic, hf
+from quantjax.io import safetensors as st
+from quantjax.models import llama
+from quantjax.rules import QuantRule
+from tests.methods.conftest import make_tiny
+
+RULES = (QuantRule(module_path=llama.PROJ_KERNELS, format="int4_g32"),)
+N_LAYERS = 3
+
+
+def _tokens():
+  return [np.random.default_rng(i).integers(0, 128, (2, 16)).astype(np.int32) for i in range(3)]
+
+
+def _write_source(path, dtype="bfloat16", shard="40KB"):
+  cfg, pure = make_tiny(num_layers=N_LAYERS)
+  hf.export_hf(path, cfg, pure, dtype=dtype, max_shard_size=shard)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  return _write_source(tmp_path_factory.mktemp("src") / "tiny-bf16")
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, source):
+  """One uninterrupted GPTQ run, the reference of the other tests: (output dir, result)."""
+  out = tmp_path_factory.mktemp("full") / "full"
+  return out, streaming.compress_streaming(source, out, _tokens(), RULES, methods.GPTQ(),
+                                           progress=False)
+
+
+def _tensors(directory):
+  ck = hf.Checkpoint(str(directory))
+  return {k: np.asarray(ck.get(k)) for k in ck.where}
+
+
+def _assert_same_tensors(a_dir, b_dir):
+  a, b = _tensors(a_dir), _tensors(b_dir)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), f"{k} differs"
+
+
+def _files(directory):
+  """Every file's bytes, but the commit record (it holds the commit time) and the
+  report's own output path."""
+  out = {}
+  for name in sorted(os.listdir(directory)):
+    if name == atomic.COMMIT_RECORD:
+      continue
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    if name == hf.REPORT_FILE:
+      rep = json.loads(data)
+      rep.pop("path")
+      data = json.dumps(rep, sort_keys=True).encode()
+    out[name] = data
+  return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_streaming_equals_in_memory_gptq(tmp_path, source, full, dtype):
+  """Same codes, scales and float tensors, bit for bit, as import_hf -> calibrate -> export_hf:
+  the layer's segments run the same equations on the same float32 inputs."""
+  if dtype == "bfloat16":
+    src = source
+    shutil.copytree(full[0], tmp_path / "out")
+    res = full[1]
+  else:
+    src = _write_source(tmp_path / "src32", "float32")
+    res = streaming.compress_streaming(src, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                       progress=False)
+  cfg, params, _, _ = hf.import_hf(src, dtype=jnp.float32, tokenizer=False)
+  ref = methods.calibrate(llama.forward_fn(cfg), params, _tokens(), RULES, methods.GPTQ(),
+                          progress=False)
+  hf.export_hf(tmp_path / "ref", cfg, ref.params, dtype=dtype)
+  _assert_same_tensors(tmp_path / "out", tmp_path / "ref")
+  with open(tmp_path / "out" / "config.json") as f:
+    out_cfg = json.load(f)
+  with open(tmp_path / "ref" / "config.json") as f:
+    ref_cfg = json.load(f)
+  assert out_cfg == {**ref_cfg, "_name_or_path": out_cfg["_name_or_path"]}
+  assert atomic.verify_dir(tmp_path / "out")
+  # The record: one entry per layer with its time and peak memory; GPTQ losses per weight.
+  assert [r["layer"] for r in res.layers] == list(range(N_LAYERS))
+  assert all(r["seconds"] > 0 and not r["resumed"] for r in res.layers)
+  # Identical layers share the first layer's compiled segments.
+  assert res.layers[0]["compiles"] > 0 and all(r["compiles"] == 0 for r in res.layers[1:])
+  assert res.peak_rss_bytes is None or res.peak_rss_bytes > 0
+  assert set(res.info["gptq_loss"]) == set(ref.info["gptq_loss"])
+  assert res.output_bytes == sum(os.path.getsize(tmp_path / "out" / n)
+                                 for n in os.listdir(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / ".out.stream-work")  # removed after success
+  assert not os.path.exists(full[0].parent / ".full.stream-work")
+  # The output loads in the JAX model and decodes.
+  qcfg, qparams, _, _ = hf.import_hf(tmp_path / "out", tokenizer=False)
+  toks = llama.generate(qcfg, qparams, _tokens()[0][:1, :4], 3)
+  assert toks.shape == (1, 7)
+
+
+def test_rtn_streams_too(tmp_path, source):
+  streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.RTN(),
+                               progress=False)
+  cfg, params, _, _ = hf.import_hf(source, dtype=jnp.float32, tokenizer=False)
+  ref = methods.calibrate(llama.forward_fn(cfg), params, _tokens(), RULES, methods.RTN(),
+                          progress=False)
+  hf.export_hf(tmp_path / "ref", cfg, ref.params, dtype="bfloat16")
+  _assert_same_tensors(tmp_path / "out", tmp_path / "ref")
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_resume_after_interruption_is_identical(tmp_path, source, full):
+
+  def stop(i, rec):
+    if i == 1:
+      raise _Stop
+  with pytest.raises(_Stop):
+    streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                 progress=False, on_layer=stop)
+  assert not os.path.exists(tmp_path / "out")
+  work = tmp_path / ".out.stream-work"
+  with open(work / streaming.MANIFEST) as f:
+    assert json.load(f)["done"] == [0, 1]
+  res = streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                     progress=False)
+  assert res.resumed_from == 2
+  assert [r["resumed"] for r in res.layers] == [True, True, False]
+  assert _files(tmp_path / "out") == _files(full[0])
+  assert res.info["gptq_loss"] == full[1].info["gptq_loss"]
+
+
+def test_resume_after_kill_is_identical(tmp_path, source, full):
+  """A process killed (SIGKILL) after layer 1 is resumed by another process."""
+  code = textwrap.dedent(f"""
+      import os, signal, sys
+      sys.path.insert(0, {os.getcwd()!r})
+      from tests.streaming.test_streaming import RULES, _tokens
+      from quantjax import methods, streaming
+      def kill(i, rec):
+        if i == 1:
+          os.kill(os.getpid(), signal.SIGKILL)
+      streaming.compress_streaming({source!r}, {str(tmp_path / 'out')!r}, _tokens(), RULES,
+                                   methods.GPTQ(), progress=False, on_layer=kill)
+      """)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.getcwd(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "out")
+  res = streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                     progress=False)
+  assert res.resumed_from == 2
+  assert _files(tmp_path / "out") == _files(full[0])
+
+
+def test_work_of_another_run_is_not_resumed(tmp_path, source):
+  def stop(i, rec):
+    raise _Stop
+  with pytest.raises(_Stop):
+    streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                 progress=False, on_layer=stop)
+  other = (QuantRule(module_path=llama.PROJ_KERNELS, format="int8_g32"),)
+  with pytest.raises(ValueError, match=r"other inputs \(differs in: rules\)"):
+    streaming.compress_streaming(source, tmp_path / "out", _tokens(), other, methods.GPTQ(),
+                                 progress=False)
+  res = streaming.compress_streaming(source, tmp_path / "out", _tokens(), other, methods.GPTQ(),
+                                     progress=False, resume=False)
+  assert res.resumed_from == 0
+
+
+def _rewrite_shard(path, fn):
+  sf = st.SafetensorsFile(path)
+  tensors = {k: np.array(sf.get(k)) for k in sf.keys()}
+  meta = dict(sf.metadata)
+  del sf
+  st.write_safetensors(path, fn(tensors), meta)
+
+
+def _shard_of(directory, name):
+  with open(os.path.join(directory, hf.INDEX_FILE)) as f:
+    return os.path.join(directory, json.load(f)["weight_map"][name])
+
+
+def test_missing_layer_tensor_is_named(tmp_path):
+  src = _write_source(tmp_path / "src")
+  name = "model.layers.2.mlp.up_proj.weight"
+  path = _shard_of(src, name)
+  with open(os.path.join(src, hf.INDEX_FILE)) as f:
+    index = json.load(f)
+  del index["weight_map"][name]
+  with open(os.path.join(src, hf.INDEX_FILE), "w") as f:
+    json.dump(index, f)
+  _rewrite_shard(path, lambda t: {k: v for k, v in t.items() if k != name})
+  with pytest.raises(hf.HFFormatError, match=rf"{src}: tensor '{name}' is missing"):
+    streaming.compress_streaming(src, tmp_path / "out", _tokens(), RULES, progress=False)
+  assert not os.path.exists(tmp_path / "out")
+  assert not os.path.exists(tmp_path / ".out.stream-work")  # refused before any work
+
+
+def test_shard_of_another_dtype_is_named(tmp_path):
+  src = _write_source(tmp_path / "src")
+  name = "model.layers.1.self_attn.o_proj.weight"
+  path = _shard_of(src, name)
+  _rewrite_shard(path, lambda t: {k: v.astype(np.float32) for k, v in t.items()})
+  with pytest.raises(hf.HFFormatError, match=rf"{path}: tensor '.*' has dtype float32, but "
+                     r"config.json .* declares bfloat16"):
+    streaming.compress_streaming(src, tmp_path / "out", _tokens(), RULES, progress=False)
+  assert not os.path.exists(tmp_path / ".out.stream-work")
+
+
+def test_disk_full_keeps_previous_output(tmp_path, source, full, monkeypatch):
+  out = tmp_path / "out"
+  shutil.copytree(full[0], out)  # an earlier output (committed: ours to replace)
+  before = _files(out)
+  real = st.write_safetensors_chunks
+
+  def full(path, entries, metadata=None):
+    if "layer-00001" in os.fspath(path):
+      with open(path, "wb") as f:
+        f.write(b"\0" * 100)  # part of the file, then the disk is full
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(path, entries, metadata)
+  monkeypatch.setattr(st, "write_safetensors_chunks", full)
+  with pytest.raises(OSError, match=r"cannot write .*layer-00001\.safetensors") as e:
+    streaming.compress_streaming(source, out, _tokens(), RULES, methods.RTN(), progress=False,
+                                 overwrite=True)
+  assert e.value.errno == errno.ENOSPC
+  assert _files(out) == before and atomic.verify_dir(out)
+  work = tmp_path / ".out.stream-work"
+  assert sorted(os.listdir(work)) == ["embed.safetensors", "hidden-00001.npy",
+                                      "layer-00000.safetensors", streaming.MANIFEST]
+  assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+  # Space freed: the run resumes from layer 1 and replaces the output.
+  monkeypatch.setattr(st, "write_safetensors_chunks", real)
+  res = streaming.compress_streaming(source, out, _tokens(), RULES, methods.RTN(),
+                                     progress=False, overwrite=True)
+  assert res.resumed_from == 1 and _files(out) != before
+
+
+def test_refusals_before_any_work(tmp_path, source):
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("x")
+  with pytest.raises(FileExistsError, match="exists"):
+    streaming.compress_streaming(source, tmp_path / "mine", _tokens(), RULES, progress=False)
+  with pytest.raises(FileExistsError, match="not a .* quantjax wrote"):
+    streaming.compress_streaming(source, tmp_path / "mine", _tokens(), RULES, progress=False,
+                                 overwrite=True)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
+  with pytest.raises(ValueError, match="selects embed/embedding"):
+    streaming.compress_streaming(source, tmp_path / "o", _tokens(),
+                                 [QuantRule(module_path=r".*", format="int4_g32")],
+                                 progress=False)
+  with pytest.raises(ValueError, match=r"token ids in \[0, 500\]"):
+    streaming.compress_streaming(source, tmp_path / "o", [np.array([[0, 500]])], RULES,
+                                 progress=False)
+  assert not os.path.exists(tmp_path / "o")
