@@ -296,7 +296,7 @@ def _mb(b) -> str:
 def _gen(rows, b, key):
   for r in rows:
     if r["batch"] == b:
-      return r[key]
+      return r.get(key)
   return None
 
 
