@@ -15,7 +15,8 @@ same number of greedy steps for every row:
 * **generation**: prefill and decode tokens/s at batch 1 and 8 for FP32
   weights; for each format (every `*_proj` kernel quantized by
   round-to-nearest; embedding / tied head FP32, as in the default
-  comparison) through the default path (the CPU kernel for decode, XLA for
+  comparison, or quantized too with a `fmt+head_fmt` spec such as
+  `q4_0+q8_0`) through the default path (the CPU kernel for decode, XLA for
   prefill) and through XLA's dequantize-then-dot everywhere; and llama.cpp
   (llama-cpp-python) on an F32 GGUF of the same weights and on llama.cpp's
   own Q4_0 of that file. Peak resident memory while generating is measured
@@ -58,11 +59,20 @@ _RESULT = "BENCH_DECODE_RESULT "
 
 
 def _rules(fmt: str):
+  """Rules of a format spec: `q4_0` (every `*_proj` kernel) or `q4_0+q8_0` (also the
+  tied embedding / output head, in groups along its contraction axis, as llama.cpp
+  quantizes `token_embd`)."""
   import quantjax as qj
   from quantjax.models import llama
+  fmt, _, head = fmt.partition("+")
   if fmt == "w8a8":
-    return [qj.QuantRule(module_path=llama.PROJ_KERNELS, format="int8", act_format="int8")]
-  return [qj.QuantRule(module_path=llama.PROJ_KERNELS, format=fmt)]
+    rules = [qj.QuantRule(module_path=llama.PROJ_KERNELS, format="int8", act_format="int8")]
+  else:
+    rules = [qj.QuantRule(module_path=llama.PROJ_KERNELS, format=fmt)]
+  if head:
+    rules.append(qj.QuantRule(module_path="embed/embedding",
+                              format=qj.QuantFormat.parse(head, group_axis=1, channel_axis=0)))
+  return rules
 
 
 def _copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
@@ -286,7 +296,7 @@ def _mb(b) -> str:
 def _gen(rows, b, key):
   for r in rows:
     if r["batch"] == b:
-      return r[key]
+      return r.get(key)
   return None
 
 
@@ -314,9 +324,10 @@ def markdown(res: dict) -> str:
   out.append("")
   out.append("## Generation (KV cache), batch 1 and 8\n")
   out.append("| runtime | weights | path | weight MB | decode tok/s b1 | decode tok/s b8 | "
+             "decode tok/s b1, per-step Python loop | "
              "prefill tok/s b1 | prefill tok/s b8 | decode b1 vs FP32 | decode b1 vs llama.cpp Q4_0 "
              "| b1 weight traffic of copy bw | peak RSS generating MB (b1 / b8) | RSS loaded MB |")
-  out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   fp32 = _gen(res["generation"][0]["generation"], 1, "decode_tokens_per_s")
   lq = [r for r in res["generation"] if r["runtime"] == "llama.cpp" and r["weights"] == "Q4_0"]
   lq4 = _gen(lq[0]["generation"], 1, "decode_tokens_per_s") if lq else None
@@ -331,10 +342,16 @@ def markdown(res: dict) -> str:
       peak = f"{_mb(_gen(g, 1, 'peak_rss_bytes'))} / {_mb(_gen(g, 8, 'peak_rss_bytes'))}"
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
     out.append(f"| {r['runtime']} | {r['weights']} | {r['path']} | {_mb(r['weights_bytes'])} | "
-               f"{fmt(d1)} | {fmt(d8)} | {fmt(p1)} | {fmt(p8)} | "
+               f"{fmt(d1)} | {fmt(d8)} | {fmt(_gen(g, 1, 'decode_host_loop_tokens_per_s'))} | "
+               f"{fmt(p1)} | {fmt(p8)} | "
                f"{d1 / fp32:.2f}x | {'–' if not lq4 else f'{d1 / lq4:.2f}x'} | "
                f"{'–' if traffic is None else f'{traffic:.0%}'} | {peak} | "
                f"{_mb(r.get('rss_loaded_bytes'))} |")
+  out.append("")
+  out.append("Decode: the jitted device loop (`decoder(config).decode`, one call for every "
+             "step); the per-step column calls the jitted step once per token from Python "
+             "(both give the same greedy tokens; llama.cpp: one call per token). Weights "
+             "`a+b`: `*_proj` kernels in `a`, the tied embedding / output head in `b`.")
   out.append("")
   out.append("Weight MB: bytes of the params tree (JAX; FP32 embedding included) or of the GGUF's "
              "tensors (llama.cpp). llama.cpp Q4_0 tensor types: "

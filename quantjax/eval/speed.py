@@ -100,8 +100,12 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
   """Prefill and decode throughput with a KV cache, per batch size, for any model.
 
   `decoder` is `(init_cache(batch, max_len), step(params, tokens, cache,
-  index))`, where `step` returns `(logits of the last position [B, V], cache)`;
-  e.g. `quantjax.models.llama.decoder(config)`. Random prompt ids are drawn
+  index))`, where `step` returns `(logits of the last position [B, V], cache)`,
+  optionally with a third `decode(params, logits, cache, index, n) -> (tokens
+  [B, n], cache)` that runs `n` greedy steps on the device; e.g.
+  `quantjax.models.llama.decoder(config)`. With `decode`, `decode_tokens_per_s`
+  is its figure (the per-step Python loop's is kept as
+  `decode_host_loop_tokens_per_s`, and both must give the same tokens). Random prompt ids are drawn
   below `vocab_size`. Prefill: one `[B, prompt_len]` step into an empty cache. Decode:
   `decode_steps` single-token steps after it (greedy). Returns one record per
   batch size with `prefill_tokens_per_s`, `decode_tokens_per_s`, the per-step
@@ -112,7 +116,8 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
   compiling and read after timing (`peak_rss_bytes`: memory while generating,
   compilers excluded; Linux only).
   """
-  init_cache, step_fn = decoder
+  init_cache, step_fn = decoder[0], decoder[1]
+  loop_fn = decoder[2] if len(decoder) > 2 else None
   step = jax.jit(step_fn, donate_argnums=2)
   out = []
   if prompts is None:
@@ -153,6 +158,22 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
       return tok
 
     dec = time_fn(decode, repeats=repeats)
+    host_tokens = [int(np.asarray(t)[0, 0]) for t in generated]
+    dec_loop = None
+    if loop_fn is not None:
+      # The same greedy steps in one jitted device loop (no Python per token).
+      t0 = time.perf_counter()
+      toks, _ = loop_fn(params, logits, jax.tree.map(jnp.copy, cache), prompt_len,
+                        decode_steps + 1)
+      _block(toks)
+      compile_loop = time.perf_counter() - t0
+
+      def decode_loop():
+        return loop_fn(params, logits, jax.tree.map(jnp.copy, cache), prompt_len,
+                       decode_steps + 1)[0]
+
+      dec_loop = time_fn(decode_loop, repeats=repeats)
+      loop_tokens = [int(v) for v in np.asarray(decode_loop())[0]]
     rec = {
         "batch": b,
         "prompt_len": prompt_len,
@@ -163,8 +184,17 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
         "prefill_tokens_per_s": b * prompt_len / pre["median_s"],
         "decode_step_ms": 1e3 * dec["median_s"] / decode_steps,
         "decode_tokens_per_s": b * decode_steps / dec["median_s"],
-        "greedy_tokens_row0": [int(np.asarray(t)[0, 0]) for t in generated],
+        "greedy_tokens_row0": host_tokens,
     }
+    if dec_loop is not None:
+      if loop_tokens != host_tokens:
+        raise RuntimeError(f"the device decode loop's greedy tokens {loop_tokens} differ from "
+                           f"the per-step loop's {host_tokens}")
+      rec.update(decode_host_loop_tokens_per_s=rec["decode_tokens_per_s"],
+                 decode_host_loop_step_ms=rec["decode_step_ms"],
+                 decode_step_ms=1e3 * dec_loop["median_s"] / decode_steps,
+                 decode_tokens_per_s=b * decode_steps / dec_loop["median_s"],
+                 compile_decode_loop_s=compile_loop, decode_loop=True)
     if peak_rss:
       rec["peak_rss_bytes"] = peak_rss_bytes()
     out.append(rec)

@@ -760,15 +760,10 @@ def generate(config: Gemma3Config, params: Any, prompt: jax.Array, max_new_token
 # What calibrated methods need to know about this architecture (data only).
 
 
-def decoder(config: Gemma3Config):
-  """`(init_cache(batch, max_len), step(params, tokens, cache, index))` for
-  `quantjax.eval.speed.prefill_decode` (see `llama.decoder`)."""
-  def init(batch: int, max_len: int) -> Gemma3Cache:
-    return init_cache(config, batch, max_len)
-
-  def step_fn(params, tokens, cache, index):
-    return _step(config, as_state(config, params), tokens, cache, index)
-  return init, step_fn
+def decoder(config: Gemma3Config) -> functional.Decoder:
+  """`(init_cache, step, decode)` for `quantjax.eval.speed.prefill_decode` (see
+  `llama.decoder`)."""
+  return functional.make_decoder(_step, init_cache, as_state, config)
 
 
 def forward_fn(config: Gemma3Config):

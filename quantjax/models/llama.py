@@ -312,10 +312,16 @@ class Attention(nnx.Module):
     k = apply_rope(k, cos, sin)
     new_kv = None
     if cache_kv is not None:
-      ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-      new_kv = (k, v)
+      # The whole cache `[L, B, S, H_kv, D]` and this block's layer: the new
+      # keys / values are written into it in place (XLA updates the donated
+      # buffer), and attention reads this layer's slice. Writing into a
+      # per-layer slice and stacking the layers again copied the cache twice
+      # per step.
+      ck, cv, layer = cache_kv
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, index, 0, 0))
+      k, v = ck[layer], cv[layer]
+      new_kv = (ck, cv)
     out = functional.attend(q, k, v, mask, scale=1.0 / math.sqrt(hd))
     return self.o_proj(out), new_kv
 
@@ -394,15 +400,16 @@ class Llama(nnx.Module):
     cos, sin, mask = block_inputs(cfg, positions, t if cache is None else cache.k.shape[2],
                                   causal=cache is None and default_positions)
     x = self.embed(tokens, dtype)
-    new_k, new_v = [], []
+    ck = cv = None
+    if cache is not None:
+      ck, cv = cache.k, cache.v
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
+      kv = None if cache is None else (ck, cv, i)
       x, nkv = layer(x, cos, sin, mask, kv, index)
       if nkv is not None:
-        new_k.append(nkv[0])
-        new_v.append(nkv[1])
+        ck, cv = nkv
     x = self.final_norm(x)
-    new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
+    new_cache = None if cache is None else KVCache(ck, cv)
     return x, new_cache
 
   def logits(self, x):
@@ -464,16 +471,12 @@ def _step(config, params, tokens, cache, index):
   return logits, cache
 
 
-def decoder(config: LlamaConfig):
-  """`(init_cache(batch, max_len), step(params, tokens, cache, index))` for
-  `quantjax.eval.speed.prefill_decode`: `step` returns the last position's logits
-  `[B, V]` and the updated cache."""
-  def init(batch: int, max_len: int) -> KVCache:
-    return init_cache(config, batch, max_len)
-
-  def step(params, tokens, cache, index):
-    return _step(config, as_state(config, params), tokens, cache, index)
-  return init, step
+def decoder(config: LlamaConfig) -> functional.Decoder:
+  """`(init_cache(batch, max_len), step(params, tokens, cache, index), decode(params,
+  logits, cache, index, n))` for `quantjax.eval.speed.prefill_decode`: `step`
+  returns the last position's logits `[B, V]` and the updated cache; `decode`
+  runs `n` greedy steps in one jitted loop (`functional.decode_tokens`)."""
+  return functional.make_decoder(_step, init_cache, as_state, config)
 
 
 def generate(config: LlamaConfig, params: Any, prompt: jax.Array, max_new_tokens: int, *,

@@ -146,3 +146,38 @@ def test_quantized_embedding_and_head(tiny_hf, tiny_tokens):
   q_logits = np.asarray(llama.forward(cfg, qparams, tiny_tokens))
   d_logits = np.asarray(llama.forward(cfg, dequantize_params(qparams), tiny_tokens))
   np.testing.assert_allclose(q_logits, d_logits, atol=1e-5)
+
+
+def test_device_decode_loop_equals_host_loop(tiny_hf, tiny_tokens):
+  """generate's jitted while-loop gives the per-step Python loop's tokens, also when
+  sampling and when rows reach eos at different steps; the decoder's `decode` too."""
+  import functools
+
+  from quantjax.models import functional
+  directory, _, _ = tiny_hf
+  cfg, params, _ = load.load_hf(directory)
+  state = llama.as_state(cfg, params)
+  step = functools.partial(llama._step, cfg)
+  init = functools.partial(llama.init_cache, cfg)
+  prompt = tiny_tokens[:, :6]
+  greedy_host = functional.generate_loop(step, init, state, prompt, 12, device_loop=False)
+  for kw in ({}, dict(temperature=0.9, top_k=30, seed=3),
+             dict(eos_token_id=int(greedy_host[1, 9])),   # row 1 stops first, row 0 goes on
+             dict(eos_token_id=int(greedy_host[0, 6]))):
+    host = functional.generate_loop(step, init, state, prompt, 12, device_loop=False, **kw)
+    dev = functional.generate_loop(step, init, state, prompt, 12, **kw)
+    np.testing.assert_array_equal(dev, host)
+    if "eos_token_id" in kw:  # stops once every row has produced eos
+      gen = greedy_host[:, 6:]
+      hits = [np.flatnonzero(r == kw["eos_token_id"]) for r in gen]
+      want = max(h[0] + 1 for h in hits) if all(len(h) for h in hits) else 12
+      assert dev.shape == (2, 6 + want)
+  # the benchmark's device loop: n greedy tokens from the prefill's logits
+  dec = llama.decoder(cfg)
+  cache = dec.init_cache(2, 20)
+  logits, cache = dec.step(params, jnp.asarray(prompt), cache, jnp.int32(0))
+  toks, _ = dec.decode(params, logits, cache, 6, 12)
+  np.testing.assert_array_equal(np.asarray(toks), greedy_host[:, 6:])
+  with pytest.raises(ValueError, match="n >= 1"):
+    functional.decode_tokens(functional.BoundStep(llama._step, (cfg,)), state, logits,
+                             dec.init_cache(2, 20), 6, 0)
