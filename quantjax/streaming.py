@@ -234,21 +234,13 @@ def _get(tree: dict, path: Sequence[Any]) -> Any:
   return tree
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _fingerprint(src: _Source, rules, method, tokens: np.ndarray, out_dtype: str) -> dict:
   files = {}
   for fname in sorted(set(src.ckpt.where.values())):
     stt = os.stat(os.path.join(src.directory, fname))
     files[fname] = [stt.st_size, stt.st_mtime_ns]
   import quantjax
-  return {"source": src.directory, "files": files, "config": _sha256_file(src.cfg_path),
+  return {"source": src.directory, "files": files, "config": atomic.file_sha256(src.cfg_path),
           "rules": repr(tuple(rules)), "method": repr(method),
           "tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest() +
           f" {list(tokens.shape)} {tokens.dtype}",

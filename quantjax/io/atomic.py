@@ -61,6 +61,7 @@ __all__ = [
     "CommitError",
     "atomic_dir",
     "atomic_write",
+    "file_sha256",
     "is_committed",
     "resolve",
     "verify_dir",
@@ -199,6 +200,15 @@ def _hash_file(p: str, *, fsync: bool = False) -> tuple[int, str]:
     if fsync:
       os.fsync(f.fileno())
   return n, h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """The SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 def _walk_files(root: str) -> list[str]:

