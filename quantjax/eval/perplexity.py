@@ -145,26 +145,41 @@ def _scorer(forward: Callable[[Any, jax.Array], jax.Array], collect_k: int, with
   `skip` predictions (the one made from a BOS token) are not scored."""
 
   def score(params, tokens, base_idx, base_lp):
-    logits = forward(params, tokens)[:, skip:-1].astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tokens[:, skip + 1:, None], axis=-1)[..., 0]
-    out = {"nll": lse - tgt}
-    if collect_k:
-      vals, idx = jax.lax.top_k(logits, collect_k)
-      out["top_lp"] = vals - lse[..., None]
-      out["top_idx"] = idx.astype(jnp.int32)
-    if with_base:
-      q = jnp.take_along_axis(logits, base_idx, axis=-1) - lse[..., None]
-      p = jnp.exp(base_lp)
-      p_rest = jnp.clip(1.0 - p.sum(-1), 0.0, 1.0)
-      q_rest = jnp.clip(1.0 - jnp.exp(q).sum(-1), 1e-12, 1.0)
-      rest = jnp.where(p_rest > 1e-9,
-                       p_rest * (jnp.log(jnp.maximum(p_rest, 1e-30)) - jnp.log(q_rest)), 0.0)
-      out["kl"] = jnp.maximum((p * (base_lp - q)).sum(-1) + rest, 0.0)
-      out["rest"] = p_rest
-      out["top1"] = jnp.argmax(logits, axis=-1).astype(jnp.int32) == base_idx[..., 0]
-    return out
+    logits = forward(params, tokens)[:, skip:-1]
+    return _stats(logits, tokens[:, skip + 1:], collect_k, base_idx if with_base else None,
+                  base_lp)
   return score
+
+
+def _stats(logits: jax.Array, targets: jax.Array, collect_k: int = 0,
+           base_idx: jax.Array | None = None, base_lp: jax.Array | None = None) -> dict:
+  """Per-position statistics of float32 logits `[..., V]` against `targets [...]`: `nll`;
+  with `collect_k` the top-k log-probabilities and ids; with a reference top-k
+  `(base_idx, base_lp)` the KL divergence (top-k plus one bucket for the rest), the top-1
+  agreement and the reference's mass outside its top k. One definition for every
+  runtime (JAX models, and logits from llama.cpp or transformers via `token_stats`)."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  out = {"nll": lse - tgt}
+  if collect_k:
+    vals, idx = jax.lax.top_k(logits, collect_k)
+    out["top_lp"] = vals - lse[..., None]
+    out["top_idx"] = idx.astype(jnp.int32)
+  if base_idx is not None:
+    q = jnp.take_along_axis(logits, base_idx, axis=-1) - lse[..., None]
+    p = jnp.exp(base_lp)
+    p_rest = jnp.clip(1.0 - p.sum(-1), 0.0, 1.0)
+    q_rest = jnp.clip(1.0 - jnp.exp(q).sum(-1), 1e-12, 1.0)
+    rest = jnp.where(p_rest > 1e-9,
+                     p_rest * (jnp.log(jnp.maximum(p_rest, 1e-30)) - jnp.log(q_rest)), 0.0)
+    out["kl"] = jnp.maximum((p * (base_lp - q)).sum(-1) + rest, 0.0)
+    out["rest"] = p_rest
+    out["top1"] = jnp.argmax(logits, axis=-1).astype(jnp.int32) == base_idx[..., 0]
+  return out
+
+
+_stats_jit = jax.jit(_stats, static_argnames=("collect_k",))
 
 
 def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
@@ -293,27 +308,21 @@ def evaluate(forward: Callable[[Any, jax.Array], jax.Array] | None, params: Any,
 
 def token_stats(logits: np.ndarray, targets: np.ndarray, base_idx: np.ndarray | None = None,
                 base_lp: np.ndarray | None = None):
-  """Per-position `(nll, kl, top1 agree, reference mass outside its top k)` from float32
-  logits `[T, V]` of a runtime outside JAX (numpy), as `evaluate` computes them in JAX:
-  float32 logits, a log-sum-exp accumulated in float64, no `[T, V]` log-probabilities
-  materialised; `kl` etc. are None without a reference `(base_idx, base_lp) [T, k]`."""
+  """Per-position `(nll, kl, top1 agree, reference mass outside its top k)` (numpy) from
+  float32 logits `[T, V]` of a runtime outside JAX (llama.cpp, transformers), computed by
+  the same jitted definition `evaluate` uses for JAX models (`_stats`: float32
+  log-sum-exp, multi-threaded; a 262,144-token vocabulary made a numpy version the
+  slowest part of scoring a GGUF); `kl` etc. are None without a reference
+  `(base_idx, base_lp) [T, k]`."""
   x = np.asarray(logits, np.float32)
-  m = x.max(axis=-1, keepdims=True)
-  lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=-1, dtype=np.float64))
-  rows = np.arange(x.shape[0])
-  nll = lse - x[rows, np.asarray(targets, np.int64)]
+  t = np.asarray(targets, np.int32)
   if base_idx is None:
-    return nll, None, None, None
-  q = np.take_along_axis(x, base_idx, axis=-1) - lse[:, None]
-  bl = np.asarray(base_lp, np.float64)
-  p = np.exp(bl)
-  p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
-  q_rest = np.clip(1.0 - np.exp(q).sum(-1), 1e-12, 1.0)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    rest = np.where(p_rest > 1e-9, p_rest * (np.log(np.maximum(p_rest, 1e-30))
-                                             - np.log(q_rest)), 0.0)
-  kl = np.maximum((p * (bl - q)).sum(-1) + rest, 0.0)
-  return nll, kl, x.argmax(-1) == base_idx[:, 0], p_rest
+    r = _stats_jit(x, t)
+    return np.asarray(r["nll"], np.float64), None, None, None
+  r = _stats_jit(x, t, base_idx=np.asarray(base_idx, np.int32),
+                 base_lp=np.asarray(base_lp, np.float32))
+  return (np.asarray(r["nll"], np.float64), np.asarray(r["kl"], np.float64),
+          np.asarray(r["top1"]), np.asarray(r["rest"], np.float64))
 
 
 def kl_summary(kls, top1s, rests, k: int) -> dict[str, Any]:

@@ -102,3 +102,28 @@ def test_kl_and_top1_against_a_reference(tiny):
     other = data.make_split(toks[::-1].copy(), data.Protocol(eval_tokens=4 * 64, window=64,
                                                              calib_windows=0))
     perplexity.evaluate(fwd, q, other, progress=False, baseline=base)
+
+
+def test_logits_from_another_runtime_scored_as_jax_scores_them(tiny):
+  """`evaluate_logits` (llama.cpp, transformers) and `evaluate` (JAX) give the same
+  perplexity, KL and top-1 statistics for the same logits."""
+  from quantjax.rules import QuantRule
+  from quantjax.transforms import quantize_params
+  cfg, state = tiny
+  toks = np.random.default_rng(3).integers(0, 64, 2000).astype(np.int32)
+  split = data.make_split(toks, data.Protocol(eval_tokens=4 * 64, window=64, calib_windows=0))
+  fwd = llama.forward_fn(cfg)
+  q = quantize_params(nnx.to_pure_dict(state), [QuantRule(module_path=r".*_proj/kernel",
+                                                           format="int3")])
+  base = perplexity.evaluate(fwd, state, split, progress=False, collect_top_k=8).pop("baseline")
+  want = perplexity.evaluate(fwd, q, split, progress=False, baseline=base)
+  got = perplexity.evaluate_logits(lambda b: np.asarray(llama.forward(cfg, q, b)), split,
+                                   baseline=base, batch_size=3, progress=False)
+  for key in ("perplexity", "kl_mean", "kl_p99", "top1_agreement", "kl_rest_mass"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  np.testing.assert_allclose(got["per_window_nll"], want["per_window_nll"], rtol=1e-5)
+  nll, kl, top1, rest = perplexity.token_stats(
+      np.asarray(llama.forward(cfg, q, split.eval_windows[:1]))[0, :-1],
+      split.eval_windows[0, 1:])
+  assert kl is None and top1 is None and rest is None
+  np.testing.assert_allclose(nll.mean(), want["per_window_nll"][0], rtol=1e-5)
