@@ -14,6 +14,11 @@ from quantjax.eval.data import DEFAULT_CORPUS
 
 # GGUF block types: what a mixed allocation can export code for code.
 GGUF_CANDIDATES = ("q8_0", "q5_1", "q5_0", "q4_0")
+# A mix at 4.5 bits per weight needs a candidate below 4.5: GGUF's block types on rows that
+# are not multiples of 256 (SmolLM2's 576, Gemma 3's 640; the k-quants need 256) stop at
+# Q4_0's 4.5 bpw, so a 4.5-bpw budget over them alone is Q4_0 everywhere. int3 g64 (3.5 bpw)
+# is the step below.
+MIXED_CANDIDATES = ("q8_0", "q5_0", "q4_0", "int3_g64")
 
 
 def _train_block(**overrides) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ to run (default: all of `ENTRIES`). The README's table by text:
     python -m experiments.main --config=configs/default.py \
         --config.data.corpus=gutenberg_kjv_new_testament --workdir=runs/default_kjv
     python -m experiments.main \
-        --config=configs/default.py:fp32,rtn_w4_g64,gptq_w4_g64,awq_w4_g64,gptq_w3_g64,smoothquant_w8a8,static_w8a8,sparsegpt_2of4,mixed_4.5bpw \
+        --config=configs/default.py:fp32,rtn_w4_g64,gptq_w4_g64,awq_w4_g64,gptq_w3_g64,smoothquant_w8a8,static_w8a8,sparsegpt_2of4,mixed_4.5bpw,gptq_q4_0 \
         --config.data.corpus=gutenberg_kjv_new_testament --config.data.calib_corpus=pydoc_topics \
         --workdir=runs/default_kjv_xdomain
     python -m experiments.compare --by_text --out=runs/texts \
@@ -22,8 +22,11 @@ to run (default: all of `ENTRIES`). The README's table by text:
 One table, one Pareto plot: FP32; BF16; RTN W8 per channel; RTN, GPTQ and
 AWQ at W4 group-64 symmetric; GPTQ W3 group 64; SmoothQuant W8A8 (dynamic
 per-token activations); static per-tensor W8A8; NF4 g64; FP8 e4m3; SparseGPT
-2:4; mixed precision at 4.5 bits per weight over GGUF block types, exported
-to GGUF and scored by llama.cpp; llama.cpp's own Q4_0 beside it. Every row:
+2:4; mixed precision at 4.5 bits per weight (GPTQ codes, one of
+`MIXED_CANDIDATES` per tensor); GPTQ in Q4_0's own format, exported to GGUF
+code for code and scored by llama.cpp (the best 4.5-bpw file we write, as a
+4.5-bpw budget over GGUF block types alone is Q4_0 everywhere), with
+llama.cpp's own Q4_0 beside it. Every row:
 perplexity on the protocol (32 windows of 512), Δ, KL divergence and top-1
 agreement against FP32, model bytes, bits per weight, quantize seconds,
 evaluation tokens/s. Calibrated methods use `CALIB_WINDOWS` windows (the
@@ -35,7 +38,7 @@ Expected result: see README, "The default comparison" (its first table is
 this config's output, with the machine and timings).
 """
 
-from configs.base import GGUF_CANDIDATES, base_config, entry, select
+from configs.base import MIXED_CANDIDATES, base_config, entry, select
 
 CALIB_WINDOWS = 16
 
@@ -58,9 +61,10 @@ ENTRIES = (
     entry("nf4_g64", "quantize,evaluate", quantize__format="nf4_g64"),
     entry("fp8_e4m3", "quantize,evaluate", quantize__format="fp8_e4m3"),
     entry("sparsegpt_2of4", "prune,evaluate", prune__method="sparsegpt", prune__pattern="2:4"),
-    entry("mixed_4.5bpw", "mixed,evaluate,export,llamacpp", mixed__budget_bpw=4.5,
-          mixed__method="gptq", mixed__candidates=list(GGUF_CANDIDATES),
-          mixed__sensitivity_windows=8),
+    entry("mixed_4.5bpw", "mixed,evaluate", mixed__budget_bpw=4.5, mixed__method="gptq",
+          mixed__candidates=list(MIXED_CANDIDATES), mixed__sensitivity_windows=8),
+    entry("gptq_q4_0", "quantize,export,llamacpp", quantize__method="gptq",
+          quantize__format="q4_0", quantize__act_order=True),
     entry("llamacpp_q4_0", "export,llamacpp", export__llamacpp_quantize="Q4_0"),
 )
 

@@ -32,14 +32,10 @@ precision's Fisher sensitivity 8 of them.
 Expected result: README, "Gemma 3 270M", "Every method on Gemma 3".
 """
 
-from configs.base import base_config, entry, select
+from configs.base import MIXED_CANDIDATES, base_config, entry, select
 
 CALIB_WINDOWS = 16
 QAT_STEPS = 20
-# Mixed precision needs a candidate below the budget to mix at all: GGUF's block types
-# on 640-wide rows stop at Q4_0 (4.5 bpw; the k-quants need rows of 256), so a 4.5-bpw
-# budget over GGUF types alone is Q4_0 everywhere. int3 g64 (3.5 bpw) is the one below.
-MIXED_CANDIDATES = ("q8_0", "q5_0", "q4_0", "int3_g64")
 
 _GPTQ_Q4_0 = dict(quantize__method="gptq", quantize__format="q4_0", quantize__act_order=True)
 

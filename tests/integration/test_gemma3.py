@@ -197,3 +197,26 @@ def test_greedy_generation_identical_for_q8_0(tmp_path, gemma):
   ours = [int(t) for t in gemma3.generate(cfg2, imported, np.asarray([prompt]), 32)[0, -32:]]
   theirs = llamacpp.greedy(out, prompt, 32)
   assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
+
+
+def test_runner_takes_gemma3(tmp_path, gemma, monkeypatch):
+  """`--config.model.source=gemma3` through the experiment runner (configs/gemma3.py's
+  entries, one window): the protocol puts BOS in front, a quantized row and a GGUF row
+  that llama.cpp and JAX score on the same file."""
+  from configs import gemma3 as gemma3_config
+  from experiments import pipeline
+  cached = {load.gemma3_path(): gemma}
+  real = load.load_gguf
+  monkeypatch.setattr(load, "load_gguf", lambda p, **kw: cached.get(p) or real(p, **kw))
+  c = gemma3_config.get_config("fp32,rtn_w4_g64,gguf_q8_0")
+  c.eval.tokens = 512
+  c.eval.progress = False
+  c.calib.windows = 0
+  fp32, rtn, q8 = pipeline.run(c, str(tmp_path / "w"))
+  assert [r["entry"] for r in (fp32, rtn, q8)] == ["fp32", "rtn_w4_g64", "gguf_q8_0"]
+  assert all(r["bos"] and r["scored_tokens"] == 511 for r in (fp32, rtn, q8))
+  assert fp32["model"].startswith("Gemma-3-270M")
+  assert rtn["perplexity"] > fp32["perplexity"] and rtn["params_bytes"] < fp32["params_bytes"]
+  assert q8["runtime"] == "llama.cpp" and q8["tensor_types"] == {"Q8_0": 1 + 7 * 18}
+  assert abs(q8["perplexity"] / q8["jax_perplexity"] - 1) < 0.01
+  assert abs(q8["perplexity"] / fp32["perplexity"] - 1) < 0.02
