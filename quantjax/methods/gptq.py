@@ -155,6 +155,10 @@ def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ", *
   return np.ascontiguousarray(inv[::-1, ::-1])
 
 
+# Column steps unrolled per loop iteration (fewer loop trips on the host; see `_gptq_loop`).
+_UNROLL = 8
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "cal", "block", "group", "dynamic"))
 def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
   """The jitted column loop.
@@ -185,7 +189,7 @@ def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
     w1 = jax.lax.dynamic_slice(w_all, (0, i1), (out, block))
     h1 = jax.lax.dynamic_slice(hinv, (i1, i1), (block, block))
 
-    def group_body(gi, c):
+    def group_body(gi, c, ncols=group):
       w1, c1, e1, g_scale, g_zp, loss = c
       j0 = gi * group
       if dynamic:
@@ -218,13 +222,18 @@ def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
         e1 = jax.lax.dynamic_update_index_in_dim(e1, err, i, 1)
         return w1, c1, e1, loss
 
-      w1, c1, e1, loss = jax.lax.fori_loop(0, group, col_body, (w1, c1, e1, loss))
+      w1, c1, e1, loss = jax.lax.fori_loop(0, ncols, col_body, (w1, c1, e1, loss),
+                                           unroll=min(ncols, _UNROLL))
       return w1, c1, e1, g_scale, g_zp, loss
 
     c1 = jnp.zeros((out, block), jnp.float32)
     e1 = jnp.zeros((out, block), jnp.float32)
-    w1, c1, e1, g_scale, g_zp, loss = jax.lax.fori_loop(
-        0, gpb, group_body, (w1, c1, e1, g_scale, g_zp, loss))
+    if dynamic:
+      w1, c1, e1, g_scale, g_zp, loss = jax.lax.fori_loop(
+          0, gpb, group_body, (w1, c1, e1, g_scale, g_zp, loss))
+    else:  # static scales (group == 1): one flat column loop, no per-group level
+      w1, c1, e1, g_scale, g_zp, loss = group_body(
+          0, (w1, c1, e1, g_scale, g_zp, loss), ncols=block)
     # Lazy batch update of everything after the block (rows of H^-1 factor are
     # zero left of the block; the block's own columns are done and not reused).
     hrows = jax.lax.dynamic_slice(hinv, (i1, 0), (block, n))
@@ -240,7 +249,7 @@ def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
 
 
 def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
-                  calibration: Any = "auto", percdamp: float = 0.01, block_size: int = 128,
+                  calibration: Any = "auto", percdamp: float = 0.01, block_size: int = 32,
                   act_order: bool = False, name: str = "weight") -> GPTQResult:
   """GPTQ-quantizes one weight matrix.
 
@@ -256,7 +265,9 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
       `Calibration`; see `numerics.calibrate.Calibration`).
     percdamp: dampening, as a fraction of the mean Hessian diagonal.
     block_size: rows per lazy-update block (rounded to a multiple of the
-      group size).
+      group size). The result does not depend on it (up to float rounding); the
+      paper's 128 rewrites a 128-wide slice per column, and 32 was 1.2-2x faster
+      on CPU (K = 576 / 1536, 8 column steps unrolled per loop trip).
     act_order: quantize rows in order of decreasing Hessian diagonal; group
       scales are then fixed from the original weights ("static groups").
     name: the weight's path, for messages.
@@ -387,7 +398,7 @@ class GPTQ:
 
   percdamp: float = 0.01
   act_order: bool = False
-  block_size: int = 128
+  block_size: int = 32
   act_observer: Any = None
   label: ClassVar[str] = "GPTQ"
 
