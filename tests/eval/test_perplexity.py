@@ -70,17 +70,22 @@ def _log_softmax(x):
   return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def test_kl_and_top1_against_a_reference(tiny):
-  """KL over the reference's top-k plus a remainder bucket: exact when k covers the
-  vocabulary, a lower bound (and close) when it does not; top-1 agreement exact."""
+def _int3_case(tiny, seed):
+  """The tiny model, 4 windows of 64 random tokens, and its int3 round-to-nearest copy."""
   from quantjax.rules import QuantRule
   from quantjax.transforms import quantize_params
   cfg, state = tiny
-  toks = np.random.default_rng(0).integers(0, 64, 2000).astype(np.int32)
+  toks = np.random.default_rng(seed).integers(0, 64, 2000).astype(np.int32)
   split = data.make_split(toks, data.Protocol(eval_tokens=4 * 64, window=64, calib_windows=0))
-  fwd = llama.forward_fn(cfg)
   q = quantize_params(nnx.to_pure_dict(state), [QuantRule(module_path=r".*_proj/kernel",
                                                            format="int3")])
+  return cfg, state, toks, split, llama.forward_fn(cfg), q
+
+
+def test_kl_and_top1_against_a_reference(tiny):
+  """KL over the reference's top-k plus a remainder bucket: exact when k covers the
+  vocabulary, a lower bound (and close) when it does not; top-1 agreement exact."""
+  cfg, state, toks, split, fwd, q = _int3_case(tiny, seed=0)
   w = split.eval_windows
   p = _log_softmax(np.asarray(llama.forward(cfg, state, w))[:, :-1])
   r = _log_softmax(np.asarray(llama.forward(cfg, q, w))[:, :-1])
@@ -107,14 +112,7 @@ def test_kl_and_top1_against_a_reference(tiny):
 def test_logits_from_another_runtime_scored_as_jax_scores_them(tiny):
   """`evaluate_logits` (llama.cpp, transformers) and `evaluate` (JAX) give the same
   perplexity, KL and top-1 statistics for the same logits."""
-  from quantjax.rules import QuantRule
-  from quantjax.transforms import quantize_params
-  cfg, state = tiny
-  toks = np.random.default_rng(3).integers(0, 64, 2000).astype(np.int32)
-  split = data.make_split(toks, data.Protocol(eval_tokens=4 * 64, window=64, calib_windows=0))
-  fwd = llama.forward_fn(cfg)
-  q = quantize_params(nnx.to_pure_dict(state), [QuantRule(module_path=r".*_proj/kernel",
-                                                           format="int3")])
+  cfg, state, toks, split, fwd, q = _int3_case(tiny, seed=3)
   base = perplexity.evaluate(fwd, state, split, progress=False, collect_top_k=8).pop("baseline")
   want = perplexity.evaluate(fwd, q, split, progress=False, baseline=base)
   got = perplexity.evaluate_logits(lambda b: np.asarray(llama.forward(cfg, q, b)), split,
