@@ -49,6 +49,20 @@ def test_matches_reference(fmt, axis):
                                atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
+@pytest.mark.parametrize("fmt", ["int4_g64_asym", "q4_1", "int8", "nf4_g64", "bf16"])
+def test_large_weight_split_over_threads(fmt):
+  # Big enough for the kernel to split the work (K * N above its serial limit): decode
+  # rows (1-4) read the codes in storage order, split by rows of codes over the helper
+  # threads (K = 576 splits a 64-group in two on 2 threads); 5+ rows take the tiled path.
+  w = _weight(fmt, 0, k=576, n=256)
+  for m in (1, 4, 5):
+    x = jax.random.normal(jax.random.key(m), (m, 576))
+    ref = _qdot("xla", x, w, 0)
+    out = _qdot("cpu", x, w, 0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
 def test_w8a8_small_batches():
   w = qj.quantize_params({"w": jax.random.normal(jax.random.key(0), (128, 48))},
                          [qj.QuantRule(module_path="w", format="int8", act_format="int8")])["w"]

@@ -20,8 +20,12 @@
 // row holds `per` consecutive k (4-bit: low nibble k = 2r, high k = 2r + 1);
 // scales [groups, N]. "nk" (contract_axis 1, an [out, in] matrix such as a
 // tied embedding used as the output head): codes [N, K / per]; scales
-// [N, groups]. The kn kernel walks rows of codes and updates 16-column vectors
-// of outputs; the nk kernel forms dot products along contiguous rows.
+// [N, groups]. The kn kernel, for up to kStreamMaxRows rows of x (decode),
+// reads the codes in storage order and updates 16-column vectors of partial
+// sums (one sequential stream per task, see kn_stream); for more rows it
+// tiles outputs in registers (kn_tile). The nk kernel forms dot products
+// along contiguous rows. Work is split over the kernel's own spinning helper
+// threads (class Helpers).
 
 #include <algorithm>
 #include <atomic>
@@ -31,6 +35,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -441,52 +446,126 @@ void nk_tile(const Args& a, int64_t m0, int64_t n0) {
 }
 
 // Multiply-adds below which a call runs on the calling thread alone: handing
-// work to the pool costs more than it saves there.
+// work to the helper threads costs more than it saves there.
 constexpr int64_t kSmallWork = 1 << 17;
 
-// Runs `body(i)` for i in [0, total) on the caller and the XLA intra-op pool.
-// The caller takes items too, so it never waits on a task that has not
-// started; tasks that start late find no item left and exit without touching
-// anything but the shared counters.
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
+// The kernel's own helper threads (one fewer than the hardware threads). A
+// decode step makes a few hundred calls of 10-100 us each, one after another.
+// Handing half of such a call to XLA's intra-op pool gained nothing on the
+// 2-core development machine: the pool's worker had gone to sleep between
+// calls, and waking it took about as long as the call. These helpers spin for
+// a short while (`kSpinIters` pauses, about 0.1-0.5 ms) after each job before
+// they block, so in a decode loop they are awake when the next call comes.
+// One job runs at a time; a call that finds the helpers busy (two XLA threads
+// in the kernel at once) runs on its own thread. The caller takes items too,
+// so a job finishes even when no helper shows up (e.g. after fork()).
+class Helpers {
+ public:
+  static Helpers& get() {
+    static Helpers* h = new Helpers();  // never destroyed: the threads outlive main()
+    return *h;
+  }
+
+  template <class F>
+  void run(int64_t total, const F& body) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (!busy.owns_lock() || n_ == 0) {
+      for (int64_t i = 0; i < total; ++i) body(i);
+      return;
+    }
+    Job job;
+    job.total = total;
+    job.ctx = &body;
+    job.call = [](const void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); };
+    job_.store(&job);
+    gen_.fetch_add(1);
+    if (sleepers_.load() > 0) {  // a helper that blocked (or is about to) needs a wake-up
+      { std::lock_guard<std::mutex> lock(mu_); }
+      cv_.notify_all();
+    }
+    work(&job);
+    while (job.done.load() < total) pause();
+    job_.store(nullptr);
+    while (active_.load() != 0) pause();
+  }
+
+  int64_t threads() const { return static_cast<int64_t>(n_) + 1; }
+
+ private:
+  struct Job {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t total = 0;
+    const void* ctx = nullptr;
+    void (*call)(const void*, int64_t) = nullptr;
+  };
+  static constexpr int kSpinIters = 4000;
+
+  static inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+
+  Helpers() {
+    const unsigned hw = std::thread::hardware_concurrency();
+    n_ = hw > 1 ? std::min<unsigned>(hw - 1, 15) : 0;
+    for (unsigned t = 0; t < n_; ++t) std::thread([this] { loop(); }).detach();
+  }
+
+  static void work(Job* j) {
+    for (;;) {
+      const int64_t i = j->next.fetch_add(1);
+      if (i >= j->total) return;
+      j->call(j->ctx, i);
+      j->done.fetch_add(1);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = gen_.load();
+    for (;;) {
+      int spins = 0;
+      while (gen_.load() == seen) {
+        if (++spins < kSpinIters) {
+          pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);  // before the predicate's check: run() reads it after gen_
+        cv_.wait(lock, [&] { return gen_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = gen_.load();
+      active_.fetch_add(1);
+      Job* j = job_.load();
+      if (j != nullptr) work(j);
+      active_.fetch_sub(1);
+    }
+  }
+
+  unsigned n_ = 0;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<Job*> job_{nullptr};
+  std::atomic<int> active_{0};
+  std::atomic<int> sleepers_{0};
 };
 
+// Runs `body(i)` for i in [0, total): serially for small work, else on the
+// caller and the helper threads.
 template <class F>
-void parallel_for(ffi::ThreadPool& pool, int64_t total, const F& body, bool small = false) {
-  const int64_t threads = small ? 1 : pool.num_threads();
-  if (total <= 1 || threads <= 1) {
+void parallel_for(int64_t total, const F& body, bool small = false) {
+  if (total <= 1 || small) {
     for (int64_t i = 0; i < total; ++i) body(i);
     return;
   }
-  auto sh = std::make_shared<Shared>();
-  const F* fn = &body;
-  auto work = [sh, fn, total]() {
-    for (;;) {
-      const int64_t i = sh->next.fetch_add(1);
-      if (i >= total) return;
-      (*fn)(i);
-      if (sh->done.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(sh->mu);
-        sh->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(threads, total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(sh->mu);
-  sh->cv.wait(lock, [&] { return sh->done.load() == total; });
+  Helpers::get().run(total, body);
 }
 
 template <int64_t KIND>
-void run_kn(ffi::ThreadPool& pool, const Args& a) {
+void run_kn(const Args& a) {
   // Column blocks of 64 (V = 4) for one row, 32 (V = 2) for up to 4 rows at a time,
   // 16 (V = 1) for 8 rows; a last partial block of 16-column vectors uses V = 1.
   const int64_t M = a.M;
@@ -526,11 +605,105 @@ void run_kn(ffi::ThreadPool& pool, const Args& a) {
     const int64_t b1 = std::min(blocks, b0 + per_task);
     for (int64_t b = b0; b < b1; ++b) rows(b * width, false);
   };
-  parallel_for(pool, tasks, body, a.M * a.K * a.N < kSmallWork);
+  parallel_for(tasks, body, a.M * a.K * a.N < kSmallWork);
+}
+
+// kn, few rows of x (decode): the codes in storage order. A task takes a
+// contiguous range of stored rows and reads each row whole, left to right,
+// into partial sums `t` [M, N] kept in L1/L2, so the weight is one sequential
+// stream per task. The tiled path above reads a 64-column block down every row
+// first (one cache line per row, strided): fast while the weight sits in
+// cache, but in a decode step, where every weight comes from DRAM once, each
+// of those lines is its own cache miss. Tasks' partial outputs [M, N] are
+// summed at the end; a group split between two tasks is scaled in each (the
+// scale is linear in the partial sums) and its zero-point term is added by
+// the task that holds the group's first row.
+constexpr int64_t kStreamMaxRows = 4;   // rows of x up to which run_kn streams
+constexpr int64_t kStreamTaskRows = 64; // stored rows per task, at least
+// How far ahead of the read the codes are prefetched: the hardware prefetcher
+// stops at 4 KiB pages; measured best of 0.5-4 KiB on the development machine.
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <int64_t KIND>
+void kn_stream(const Args& a, int64_t ra, int64_t rb, float* acc, float* t) {
+  using D = Dec<KIND>;
+  constexpr int P = D::per;
+  const int64_t M = a.M, N = a.N, nv = N / 16;
+  const int64_t rows_g = a.group / P;
+  std::fill(acc, acc + M * N, 0.0f);
+  for (int64_t r0 = ra; r0 < rb;) {
+    const int64_t g = r0 / rows_g;
+    const int64_t r1 = std::min(rb, (g + 1) * rows_g);
+    std::fill(t, t + M * N, 0.0f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = a.codes + r * a.row_bytes;
+      float xs[kStreamMaxRows][P];
+      for (int64_t m = 0; m < M; ++m)
+        for (int j = 0; j < P; ++j) xs[m][j] = a.x[m * a.K + r * P + j];
+      for (int64_t v = 0; v < nv; ++v) {
+        v16f c[P];
+#if defined(__x86_64__) || defined(__i386__)
+        if (((v * 16 * D::esize) & 63) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(row + v * 16 * D::esize + kPrefetchBytes),
+                       _MM_HINT_T0);
+#endif
+        D::run(row + v * 16 * D::esize, a.lut, c);
+        for (int64_t m = 0; m < M; ++m) {
+          v16f tv;
+          std::memcpy(&tv, t + m * N + 16 * v, 64);
+          for (int j = 0; j < P; ++j) tv += xs[m][j] * c[j];
+          std::memcpy(t + m * N + 16 * v, &tv, 64);
+        }
+      }
+    }
+    const bool first = r0 == g * rows_g;
+    for (int64_t v = 0; v < nv; ++v) {
+      v16f sc, o;
+      if (a.scale != nullptr) kn_scale(a, g, 16 * v, sc, o);
+      for (int64_t m = 0; m < M; ++m) {
+        v16f tv, av;
+        std::memcpy(&tv, t + m * N + 16 * v, 64);
+        std::memcpy(&av, acc + m * N + 16 * v, 64);
+        if (a.scale == nullptr) {
+          av += tv;
+        } else {
+          av += sc * tv;
+          if (first) av += o * a.xsum[m * a.groups + g];
+        }
+        std::memcpy(acc + m * N + 16 * v, &av, 64);
+      }
+    }
+    r0 = r1;
+  }
 }
 
 template <int64_t KIND>
-void run_nk(ffi::ThreadPool& pool, const Args& a) {
+void run_kn_stream(const Args& a) {
+  const int64_t rows = a.K / Dec<KIND>::per;
+  const int64_t threads = a.M * a.K * a.N < kSmallWork ? 1 : Helpers::get().threads();
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(threads, rows / kStreamTaskRows));
+  const int64_t MN = a.M * a.N;
+  if (tasks == 1) {
+    std::vector<float> t(MN);
+    kn_stream<KIND>(a, 0, rows, a.out, t.data());
+    return;
+  }
+  // Per task: its partial output, then its scratch sums.
+  std::vector<float> buf(2 * tasks * MN);
+  auto body = [&](int64_t i) {
+    kn_stream<KIND>(a, rows * i / tasks, rows * (i + 1) / tasks, buf.data() + 2 * i * MN,
+                    buf.data() + (2 * i + 1) * MN);
+  };
+  parallel_for(tasks, body);
+  for (int64_t j = 0; j < MN; ++j) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < tasks; ++i) s += buf[2 * i * MN + j];
+    a.out[j] = s;
+  }
+}
+
+template <int64_t KIND>
+void run_nk(const Args& a) {
   const int64_t M = a.M;
   constexpr int64_t kRows = 4;  // output rows per step (a multiple of every NR below)
   const int64_t steps = a.N / kRows;
@@ -560,7 +733,7 @@ void run_nk(ffi::ThreadPool& pool, const Args& a) {
     const int64_t s1 = std::min(steps, s0 + per_task);
     block(s0 * kRows, (s1 - s0) * kRows);
   };
-  parallel_for(pool, tasks, body, a.M * a.K * a.N < kSmallWork);
+  parallel_for(tasks, body, a.M * a.K * a.N < kSmallWork);
 }
 
 int elem_of(ffi::DataType t) {
@@ -585,7 +758,7 @@ int64_t esize_of(int64_t kind) {
   return kind == kF32 ? 4 : ((kind == kBF16 || kind == kF16) ? 2 : 1);
 }
 
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
+ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                        ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> lut,
                        ffi::ResultBuffer<ffi::F32> out, int64_t layout, int64_t kind,
                        int64_t group, int64_t zp_mode, int64_t has_scale, float code_offset) {
@@ -688,7 +861,9 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   }
 #define QJ_CASE(KIND)                                       \
   case KIND:                                                \
-    if (layout == kKN) run_kn<KIND>(pool, a); else run_nk<KIND>(pool, a); \
+    if (layout == kNK) run_nk<KIND>(a);               \
+    else if (M <= kStreamMaxRows) run_kn_stream<KIND>(a); \
+    else run_kn<KIND>(a);                             \
     break;
   switch (kind) {
     QJ_CASE(kU4)
@@ -716,7 +891,6 @@ extern "C" QJ_EXPORT XLA_FFI_Error* QuantjaxQMatmul(XLA_FFI_CallFrame* call_fram
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantjaxQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
                                   .Arg<ffi::AnyBuffer>()         // codes
                                   .Arg<ffi::AnyBuffer>()         // scale
