@@ -113,8 +113,10 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
   the first row (`greedy_tokens_row0`: the prefill's argmax, then each step's).
   `prompts` (`[B, T]` arrays, e.g. from `bench_prompts`) replaces the random
   ones. With `peak_rss`, the process's peak resident memory is reset after
-  compiling and read after timing (`peak_rss_bytes`: memory while generating,
-  compilers excluded; Linux only).
+  compiling and read after timing (`peak_rss_bytes`: memory while
+  prefilling and decoding step by step, compilers excluded; with `decode`,
+  also `decode_peak_rss_bytes`: memory while the device loop decodes, reset
+  after its compile; Linux only).
   """
   init_cache, step_fn = decoder[0], decoder[1]
   loop_fn = decoder[2] if len(decoder) > 2 else None
@@ -160,6 +162,8 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
     dec = time_fn(decode, repeats=repeats)
     host_tokens = [int(np.asarray(t)[0, 0]) for t in generated]
     dec_loop = None
+    peak = peak_rss_bytes() if peak_rss else None  # prefill and per-step decode
+    decode_peak = None
     if loop_fn is not None:
       # The same greedy steps in one jitted device loop (no Python per token).
       t0 = time.perf_counter()
@@ -172,7 +176,11 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
         return loop_fn(params, logits, jax.tree.map(jnp.copy, cache), prompt_len,
                        decode_steps + 1)[0]
 
+      if peak_rss:  # the loop's compile is done: from here on, decoding only
+        reset_peak_rss()
       dec_loop = time_fn(decode_loop, repeats=repeats)
+      if peak_rss:
+        decode_peak = peak_rss_bytes()
       loop_tokens = [int(v) for v in np.asarray(decode_loop())[0]]
     rec = {
         "batch": b,
@@ -196,6 +204,8 @@ def prefill_decode(decoder: tuple[Callable[..., Any], Callable[..., Any]], param
                  decode_tokens_per_s=b * decode_steps / dec_loop["median_s"],
                  compile_decode_loop_s=compile_loop, decode_loop=True)
     if peak_rss:
-      rec["peak_rss_bytes"] = peak_rss_bytes()
+      rec["peak_rss_bytes"] = peak
+      if decode_peak is not None:
+        rec["decode_peak_rss_bytes"] = decode_peak
     out.append(rec)
   return out

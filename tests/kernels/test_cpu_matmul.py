@@ -185,3 +185,19 @@ def test_gguf_import_decodes_through_the_kernel(tmp_path, caplog):
   for name in ("q4_0 (64, 64)", "q4_1 (64, 128)", "q8_0 (128, 64)", "q4_0 (256, 64)"):
     assert f"qdot: cpu_matmul for weight {name}" in caplog.text
   np.testing.assert_array_equal(out, ref)
+
+
+def test_prefill_decode_reports_decode_memory():
+  # speed.prefill_decode with peak_rss: the device loop's own peak (reset after its compile)
+  # beside the prefill + per-step peak, on a kernel-decoded model; same tokens both loops.
+  import sys
+
+  from quantjax.eval import speed
+  cfg, state = _tiny_llama()
+  q = qj.quantize_params(state, [qj.QuantRule(module_path=llama.PROJ_KERNELS, format="q4_0")])
+  recs = speed.prefill_decode(llama.decoder(cfg), q, vocab_size=256, batch_sizes=(1,),
+                              prompt_len=8, decode_steps=4, repeats=1, peak_rss=True)
+  (rec,) = recs
+  assert rec["decode_loop"] and rec["decode_tokens_per_s"] > 0
+  if sys.platform == "linux":
+    assert rec["peak_rss_bytes"] > 0 and rec["decode_peak_rss_bytes"] > 0
