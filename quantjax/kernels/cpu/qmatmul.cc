@@ -454,8 +454,9 @@ constexpr int64_t kSmallWork = 1 << 17;
 // Handing half of such a call to XLA's intra-op pool gained nothing on the
 // 2-core development machine: the pool's worker had gone to sleep between
 // calls, and waking it took about as long as the call. These helpers spin for
-// a short while (`kSpinIters` pauses, about 0.1-0.5 ms) after each job before
-// they block, so in a decode loop they are awake when the next call comes.
+// a short while after each job (`kSpinIters` pauses: tens of us to about
+// 0.5 ms, by CPU) before they block, so in a decode loop they are awake when
+// the next call comes.
 // One job runs at a time; a call that finds the helpers busy (two XLA threads
 // in the kernel at once) runs on its own thread. The caller takes items too,
 // so a job finishes even when no helper shows up (e.g. after fork()).
