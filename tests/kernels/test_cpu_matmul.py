@@ -36,17 +36,23 @@ def _qdot(path, x, w, axis):
     return jax.jit(lambda a, b: qj.qdot(a, b, contract_axis=axis))(x, w)
 
 
+def _assert_kernel_matches_reference(x, w, axis):
+  """The kernel's `qdot` against XLA's dequantize-then-dot; returns both."""
+  ref = _qdot("xla", x, w, axis)
+  out = _qdot("cpu", x, w, axis)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  return out, ref
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matches_reference(fmt, axis):
   w = _weight(fmt, axis)
   for lead in [(1,), (5,), (2, 3)]:  # 2-D and batched activations
     x = jax.random.normal(jax.random.key(len(lead)), (*lead, 128))
-    ref = _qdot("xla", x, w, axis)
-    out = _qdot("cpu", x, w, axis)
+    out, ref = _assert_kernel_matches_reference(x, w, axis)
     assert out.shape == ref.shape == (*lead, 48) and out.dtype == x.dtype
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
-                               atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
 @pytest.mark.parametrize("fmt", ["int4_g64_asym", "q4_1", "int8", "nf4_g64", "bf16"])
@@ -56,20 +62,13 @@ def test_large_weight_split_over_threads(fmt):
   # threads (K = 576 splits a 64-group in two on 2 threads); 5+ rows take the tiled path.
   w = _weight(fmt, 0, k=576, n=256)
   for m in (1, 4, 5):
-    x = jax.random.normal(jax.random.key(m), (m, 576))
-    ref = _qdot("xla", x, w, 0)
-    out = _qdot("cpu", x, w, 0)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
-                               atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    _assert_kernel_matches_reference(jax.random.normal(jax.random.key(m), (m, 576)), w, 0)
 
 
 def test_w8a8_small_batches():
   w = qj.quantize_params({"w": jax.random.normal(jax.random.key(0), (128, 48))},
                          [qj.QuantRule(module_path="w", format="int8", act_format="int8")])["w"]
-  x = jax.random.normal(jax.random.key(1), (3, 128))
-  ref, out = _qdot("xla", x, w, 0), _qdot("cpu", x, w, 0)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
-                             atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  _assert_kernel_matches_reference(jax.random.normal(jax.random.key(1), (3, 128)), w, 0)
 
 
 def test_bf16_activations_and_auto_routing(caplog):
