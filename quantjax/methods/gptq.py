@@ -11,7 +11,7 @@ round-to-nearest.
 Implementation notes (following the reference implementation):
   * dead inputs (`H_jj == 0`) get `H_jj = 1` and a zero weight row;
   * dampening adds `percdamp * mean(diag H)` to the diagonal;
-  * the upper Cholesky factor of `H^-1` (computed in float64) drives the
+  * the upper Cholesky factor of `H^-1` (float32 as in the reference, or float64) drives the
     updates; the quantization loop is jitted: a `lax.fori_loop` over blocks
     of `block_size` rows with lazy batched updates of the rest, over groups
     inside a block, and over rows inside a group;
@@ -108,51 +108,80 @@ def _check_format(fmt: QuantFormat, w_shape) -> None:
                      f"weight; got channel_axis={fmt.channel_axis}")
 
 
+def _reverse_in_place(a: np.ndarray, rows: int = 256) -> None:
+  """`a[:] = a[::-1, ::-1]` for a square C-contiguous array, without a second copy
+  (row blocks are swapped with their mirror blocks)."""
+  n = a.shape[0]
+  half = n // 2
+  for i0 in range(0, half, rows):
+    i1 = min(i0 + rows, half)
+    top = a[i0:i1].copy()
+    a[i0:i1] = a[n - i1:n - i0][::-1, ::-1]
+    a[n - i1:n - i0] = top[::-1, ::-1]
+  if n % 2:
+    a[half] = a[half, ::-1].copy()
+
+
 def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ", *,
-                           overwrite: bool = False) -> np.ndarray:
-  """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), in float64.
+                           overwrite: bool = False, dtype: Any = np.float64) -> np.ndarray:
+  """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), in `dtype`.
 
-  With J the reversal permutation, `J H J = L L^T` gives `H^-1 = U^T U` for
-  the upper-triangular `U = J L^-1 J`: one Cholesky and one triangular
-  inverse, instead of the reference's Cholesky, inverse and second Cholesky
-  (three times faster at K = 1536, the same factor to 1e-15). The inverse
-  is LAPACK's triangular inverse (`dtrtri`), not a solve against the
-  identity. Both steps use scipy's LAPACK: numpy and scipy each bundle
-  their own OpenBLAS, and alternating between their two thread pools made this function many times
-  slower on a busy machine (measured on a shared 2-core machine at K = 576:
-  0.06-1.0 s with numpy's Cholesky, 0.03-0.05 s with scipy's).
+  With J the reversal permutation, `J H J = R^T R` (R upper) gives
+  `H^-1 = U^T U` for the upper-triangular `U = J R^-T J`: one Cholesky and
+  one triangular inverse, instead of the reference's Cholesky, inverse and
+  second Cholesky (three times faster at K = 1536, the same factor to
+  1e-15). The inverse is LAPACK's triangular inverse (`trtri`), not a solve
+  against the identity. Both steps use scipy's LAPACK: numpy and scipy each
+  bundle their own OpenBLAS, and alternating between their two thread pools
+  made this function many times slower on a busy machine (measured on a
+  shared 2-core machine at K = 576: 0.06-1.0 s with numpy's Cholesky,
+  0.03-0.05 s with scipy's).
 
-  Memory: at most two `K x K` float64 arrays beside the caller's `h` (with
-  `overwrite=True`, `h`, a float64 C-contiguous array, receives the
-  dampening in place instead of being copied): the factor and then its
-  inverse are computed in place in one Fortran-ordered copy, and the result
-  is one more. The LAPACK calls and their inputs are the same either way, so
-  the result is too.
+  `dtype` is the precision of the solve: float64 (the default) or float32
+  (the reference implementation's precision, half the memory).
+
+  Memory: one `K x K` array of `dtype`, and none at all with
+  `overwrite=True` when `h` is already a writable C-contiguous array of
+  `dtype`: the dampening, the reversal, the factor, its inverse and the
+  final reversal all happen in `h`'s buffer (H is symmetric, so its
+  row-major buffer is also its column-major one, which LAPACK works on in
+  place), and the result is `h` itself. At K = 14336 (Llama-3-8B's
+  `down_proj`) that is 0.8 GB in float32 instead of the 5 GB that four
+  float64 copies took.
   """
-  import scipy.linalg
-  h = np.asarray(h)
-  if not (overwrite and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable):
-    h = np.array(h, np.float64)
+  import scipy.linalg.lapack as lapack
+  dtype = np.dtype(dtype)
+  if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+    raise ValueError(f"{what}: the solve's dtype must be float32 or float64, got {dtype}")
+  if not (overwrite and isinstance(h, np.ndarray) and h.dtype == dtype
+          and h.flags.c_contiguous and h.flags.writeable):
+    h = np.array(h, dtype, order="C")
   n = h.shape[0]
-  damp = percdamp * float(np.mean(np.diag(h)))
+  damp = percdamp * float(np.mean(np.diag(h), dtype=np.float64))
   if not np.isfinite(damp):
     raise ValueError(f"{what}: the Hessian holds NaN/Inf values")
-  h[np.diag_indices(n)] += damp
-  a = np.asfortranarray(h[::-1, ::-1])  # J H J, column-major: LAPACK works in place
-  try:
-    lower_rev = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
-  except np.linalg.LinAlgError:
+  h[np.diag_indices(n)] += dtype.type(damp)
+  _reverse_in_place(h)  # J H J: still symmetric
+  potrf, trtri = lapack.get_lapack_funcs(("potrf", "trtri"), (h,))
+  # h.T is the column-major view of the same (symmetric) matrix: LAPACK works in place.
+  r, info = potrf(h.T, lower=0, overwrite_a=1, clean=0)
+  if info != 0:
     raise ValueError(
-        f"{what}: the dampened Hessian is not positive definite (percdamp={percdamp}); "
-        "raise percdamp or use more calibration data") from None
-  del h  # our copy (or the caller's, which stays theirs): no longer needed here
-  # The triangular inverse in place in the factor's own (column-major) buffer.
-  inv, info = scipy.linalg.lapack.dtrtri(lower_rev, lower=1, overwrite_c=1)
+        f"{what}: the dampened Hessian is not positive definite (percdamp={percdamp}, LAPACK "
+        f"potrf info={info}); raise percdamp or use more calibration data")
+  rinv, info = trtri(r, lower=0, overwrite_c=1)
   if info != 0:  # a zero on the factor's diagonal: not reachable after a successful Cholesky
     raise ValueError(f"{what}: the Cholesky factor of the dampened Hessian is singular "
-                     f"(LAPACK dtrtri info={info}); raise percdamp")
-  del a, lower_rev
-  return np.ascontiguousarray(inv[::-1, ::-1])
+                     f"(LAPACK trtri info={info}); raise percdamp")
+  if not (np.shares_memory(r, h) and np.shares_memory(rinv, h)):
+    h = np.ascontiguousarray(rinv.T)  # LAPACK copied (not expected for these inputs)
+  # h (row-major) now holds R^-T in its lower triangle; U = J R^-T J.
+  del r, rinv
+  _reverse_in_place(h)
+  for i0 in range(0, n, 256):  # zero what is left of H below the diagonal
+    blk = h[i0:i0 + 256]
+    blk[np.arange(blk.shape[1])[None, :] < np.arange(i0, i0 + blk.shape[0])[:, None]] = 0
+  return h
 
 
 # Column steps unrolled per loop iteration (fewer loop trips on the host; see `_gptq_loop`).
@@ -160,13 +189,14 @@ _UNROLL = 8
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "cal", "block", "group", "dynamic"))
-def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
+def _gptq_loop(wt, hinv, scale_tab, zp_tab, col_group, *, fmt, cal, block, group, dynamic):
   """The jitted column loop.
 
   Args:
     wt: `[out, n]` weights, rows of the paper's layout (n a multiple of block).
     hinv: `[n, n]` upper Cholesky factor of the inverse Hessian.
-    col_scale, col_zp: `[n, out]` per-column scales (static mode) or unused.
+    scale_tab, zp_tab: `[G, out]` scale / zero-point rows (static mode) or unused.
+    col_group: `[n]` int32, the row of `scale_tab` each column of `wt` uses.
     dynamic: compute group scales when a group starts (no act-order).
 
   Returns:
@@ -207,8 +237,9 @@ def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
         if dynamic:
           s_col, z_col = s, z
         else:
-          s_col = jax.lax.dynamic_index_in_dim(col_scale, i1 + i, 0, keepdims=False)
-          z_col = jax.lax.dynamic_index_in_dim(col_zp, i1 + i, 0, keepdims=False)
+          g = col_group[i1 + i]
+          s_col = jax.lax.dynamic_index_in_dim(scale_tab, g, 0, keepdims=False)
+          z_col = jax.lax.dynamic_index_in_dim(zp_tab, g, 0, keepdims=False)
         w = jax.lax.dynamic_index_in_dim(w1, i, 1, keepdims=False)
         hrow = jax.lax.dynamic_index_in_dim(h1, i, 0, keepdims=False)
         d = hrow[i]
@@ -250,7 +281,8 @@ def _gptq_loop(wt, hinv, col_scale, col_zp, *, fmt, cal, block, group, dynamic):
 
 def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
                   calibration: Any = "auto", percdamp: float = 0.01, block_size: int = 32,
-                  act_order: bool = False, name: str = "weight") -> GPTQResult:
+                  act_order: bool = False, name: str = "weight", solve_dtype: Any = "float32",
+                  count: float | None = None) -> GPTQResult:
   """GPTQ-quantizes one weight matrix.
 
   Args:
@@ -271,6 +303,17 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
     act_order: quantize rows in order of decreasing Hessian diagonal; group
       scales are then fixed from the original weights ("static groups").
     name: the weight's path, for messages.
+    solve_dtype: precision of the inverse-Hessian factor: "float32" (the
+      reference implementation's; half the memory of float64, which decides
+      the peak at large K: 0.8 GB instead of 1.6 GB at K = 14336, and twice
+      as fast) or "float64".
+    count: when given, `h` is `X^T X` summed over `count` rows (an
+      `InputStats.xtx`) and the Hessian `2 X^T X / count` is formed in the
+      copy GPTQ makes anyway (no second K x K array).
+
+  Memory: besides the caller's `h` (read, not copied whole), one `K x K`
+  array of `solve_dtype` (the Hessian, then in place its factor) and a
+  float32 copy of the factor for the jitted loop.
 
   Returns:
     `GPTQResult(qarray, loss, perm)`; `qarray` is a plain QArray of `fmt`.
@@ -287,25 +330,31 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   _check_format(fmt, w.shape)
   cal = calibrate_lib.resolve_calibration(calibration)
   k, out = w.shape
-  h = np.array(h, np.float64)  # our own copy: the solve below uses it as scratch space
-  if h.shape != (k, k):
-    raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
+  solve = np.dtype(solve_dtype)
+  if solve not in (np.dtype(np.float32), np.dtype(np.float64)):
+    raise ValueError(f"GPTQ {name}: solve_dtype must be 'float32' or 'float64', got "
+                     f"{solve_dtype!r}")
+  h_in = np.asarray(h)  # a jax array on the host: a read-only view, no copy
+  if h_in.shape != (k, k):
+    raise ValueError(f"GPTQ: Hessian shape {h_in.shape} does not match the weight's input "
                      f"dimension {k} (weight shape {tuple(w.shape)})")
   qarray_lib._check_finite(w, f"{name} (GPTQ weight)")
   qarray_lib.check_range_fits(w, fmt, f"{name} (GPTQ)")
-  if not np.isfinite(h).all():
+  if not (np.isfinite(np.max(h_in)) and np.isfinite(np.min(h_in))):  # NaN propagates
     raise ValueError(f"GPTQ {name}: the Hessian holds NaN/Inf values (NaN/Inf in the "
                      "calibration inputs, e.g. token ids beyond the vocabulary or overflowing "
                      "activations)")
-  dead = np.diag(h) == 0
+  hdiag = np.diag(h_in)
+  if count is not None:  # the Hessian's diagonal exactly as formed below
+    hdiag = np.asarray(hdiag, np.float32) * np.float32(2.0) / np.float32(max(count, 1.0))
+  dead = hdiag == 0
   if dead.all():
     raise ValueError(
         f"GPTQ {name}: the Hessian is zero: no calibration rows reached this weight, its "
         "inputs are all zero, or they are so small (|x| < ~1e-19) that x^2 underflows "
         "float32. GPTQ would zero every weight; give it calibration data that exercises the "
         "layer, or quantize it round-to-nearest")
-  wt = np.array(w, np.float32).T.copy()  # [out, in], the paper's layout
-  h[dead, dead] = 1.0
+  wt = np.asarray(w, np.float32).T.copy()  # [out, in], the paper's layout
   wt[:, dead] = 0.0
 
   group = fmt.group_size if fmt.granularity == "group" else None
@@ -317,20 +366,32 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
     s_st, z_st = calibrate_lib.calibrate(jnp.asarray(wt.T), fmt, cal)  # stored layout
     s_st = np.asarray(s_st, np.float32)
     z_st = np.zeros_like(s_st) if z_st is None else np.asarray(z_st, np.float32)
-    rows = np.arange(k) // group if group else np.zeros(k, np.int64)
-    s_rows = np.broadcast_to(s_st[rows] if group else s_st, (k, out))
-    z_rows = np.broadcast_to(z_st[rows] if group else z_st, (k, out))
+    # Each input row's scale row (the loop gathers; no [K, out] copy of the scales).
+    row_group = (np.arange(k) // group if group else np.zeros(k, np.int64)).astype(np.int32)
 
   perm = None
   if act_order:
-    perm = np.argsort(-np.diag(h), kind="stable")
+    diag = np.where(dead, 1.0, np.asarray(hdiag, np.float64))
+    perm = np.argsort(-diag, kind="stable")
     wt = wt[:, perm]
-    h = h[perm][:, perm]
     if static:
-      s_rows, z_rows = s_rows[perm], z_rows[perm]
+      row_group = row_group[perm]
+  # The one K x K copy GPTQ makes (permuted and scaled on the way, in row blocks); the
+  # solve below then works in it in place.
+  rows_per = max(1, (8 << 20) // max(1, k * 4))
+  hw = np.empty((k, k), solve)
+  for r0 in range(0, k, rows_per):
+    r1 = min(k, r0 + rows_per)
+    blk = h_in[r0:r1] if perm is None else h_in[perm[r0:r1]][:, perm]
+    if count is not None:  # 2 X^T X / n in float32, exactly as InputStats.hessian() forms it
+      blk = np.asarray(blk, np.float32) * np.float32(2.0) / np.float32(max(count, 1.0))
+    hw[r0:r1] = blk
+  del blk, h_in
+  dp = dead if perm is None else dead[perm]
+  hw[dp, dp] = 1.0
 
-  hinv = inverse_cholesky_upper(h, percdamp, what=f"GPTQ {name}", overwrite=True)
-  del h
+  hinv = inverse_cholesky_upper(hw, percdamp, what=f"GPTQ {name}", overwrite=True, dtype=solve)
+  del hw
 
   # Blocks hold whole groups; pad to whole blocks with identity Hessian rows
   # (padded rows are zero, quantize to zero and never touch real rows).
@@ -340,21 +401,27 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   npad = -(-k // block) * block
   if npad > k:
     wt = np.concatenate([wt, np.zeros((out, npad - k), np.float32)], axis=1)
-    hp = np.eye(npad)
+    hp = np.zeros((npad, npad), hinv.dtype)
     hp[:k, :k] = hinv
+    hp[np.arange(k, npad), np.arange(k, npad)] = 1.0
     hinv = hp
   if static:
-    s_cols = np.ones((npad, out), np.float32)
-    z_cols = np.zeros((npad, out), np.float32)
-    s_cols[:k], z_cols[:k] = s_rows, z_rows
+    # Padded rows use a scale row of ones and a zero point of zero (they are zero).
+    shape = (ngroups, out) if group else (1, out)
+    s_tab = np.concatenate([np.broadcast_to(s_st, shape), np.ones((1, out), np.float32)])
+    z_tab = np.concatenate([np.broadcast_to(z_st, shape), np.zeros((1, out), np.float32)])
+    col_group = np.full((npad,), s_tab.shape[0] - 1, np.int32)
+    col_group[:k] = row_group
   else:
-    s_cols = z_cols = np.zeros((1, out), np.float32)
+    s_tab = z_tab = np.zeros((1, out), np.float32)
+    col_group = np.zeros((1,), np.int32)
 
   hinv32 = jnp.asarray(hinv, jnp.float32)
   del hinv
   codes, g_scale, g_zp, loss = _gptq_loop(
-      jnp.asarray(wt), hinv32, jnp.asarray(s_cols),
-      jnp.asarray(z_cols), fmt=fmt, cal=cal, block=block, group=g_loop, dynamic=not static)
+      jnp.asarray(wt), hinv32, jnp.asarray(s_tab), jnp.asarray(z_tab), jnp.asarray(col_group),
+      fmt=fmt, cal=cal, block=block, group=g_loop, dynamic=not static)
+  del wt, hinv32
   codes = codes[:, :k]
   if perm is not None:
     codes = codes[:, np.argsort(perm)]
@@ -391,7 +458,7 @@ class GPTQ:
   rule's format placed on the weight's own axes (`Part.leaf_format`).
 
   Attributes:
-    percdamp, act_order, block_size: as in `gptq_quantize`.
+    percdamp, act_order, block_size, solve_dtype: as in `gptq_quantize`.
     act_observer: static activation ranges for rules with an `act_format`
       (see `activations.wrap_weight`); None keeps them dynamic.
   """
@@ -400,6 +467,7 @@ class GPTQ:
   act_order: bool = False
   block_size: int = 32
   act_observer: Any = None
+  solve_dtype: str = "float32"
   label: ClassVar[str] = "GPTQ"
 
   @property
@@ -421,9 +489,12 @@ class GPTQ:
       if fmt.is_cast:
         q = qarray_lib.quantize(p.value, fmt, name=p.name)
       else:
-        res = gptq_quantize(p.matrix(), p.stats.hessian(), p.matrix_format(fmt),
+        if p.stats.xtx is None:
+          raise ValueError("the Hessian was not collected")
+        res = gptq_quantize(p.matrix(), p.stats.xtx, p.matrix_format(fmt),
                             calibration=p.rule.calibration, percdamp=self.percdamp,
-                            act_order=self.act_order, block_size=self.block_size, name=p.name)
+                            act_order=self.act_order, block_size=self.block_size, name=p.name,
+                            solve_dtype=self.solve_dtype, count=p.stats.count)
         q = p.qarray_from_matrix(res.qarray)
         losses[p.name] = res.loss
       out[p.key] = act_lib.wrap_weight(p, q, observer=self.act_observer)
