@@ -99,7 +99,9 @@ class StreamResult:
     peak_rss_bytes: the largest peak resident memory of this call's phases.
     output_bytes: total bytes of the output directory's files.
     report: the `hf.ExportReport` (per tensor: how it was stored).
-    info: the method's records merged over layers (e.g. `gptq_loss`).
+    info: the method's records merged over layers (e.g. `gptq_loss`), the
+      number of `processes` and this process's share of the calibration
+      batches (`local_batches`).
   """
 
   path: str
@@ -244,7 +246,8 @@ def _fingerprint(src: _Source, rules, method, tokens: np.ndarray, out_dtype: str
           "rules": repr(tuple(rules)), "method": repr(method),
           "tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest() +
           f" {list(tokens.shape)} {tokens.dtype}",
-          "dtype": out_dtype, "quantjax": quantjax.__version__, "jax": jax.__version__}
+          "dtype": out_dtype, "processes": jax.process_count(),
+          "quantjax": quantjax.__version__, "jax": jax.__version__}
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -306,13 +309,32 @@ def _remove_work(work: str) -> None:
   """Removes a work directory we wrote: only the files we name, then the directory."""
   for name in os.listdir(work):
     if (name == MANIFEST or re.fullmatch(r"(layer-\d{5}|embed)\.safetensors", name)
-        or re.fullmatch(r"hidden-\d{5}\.npy", name)
+        or re.fullmatch(r"hidden-\d{5}(\.p\d+)?\.npy", name)
         or re.fullmatch(r"\..+\.tmp-[0-9a-f]{12}", name)):
       os.unlink(os.path.join(work, name))
   try:
     os.rmdir(work)
   except OSError:
     pass  # something else is in it: left as it is
+
+
+def _hidden_name(boundary: int, pid: int, nproc: int) -> str:
+  """The carried hidden states at a layer boundary (one file per process)."""
+  return f"hidden-{boundary:05d}.npy" if nproc == 1 else f"hidden-{boundary:05d}.p{pid}.npy"
+
+
+def _barrier(name: str) -> None:
+  """Waits until every jax.distributed process has reached `name`."""
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(name)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a (possibly global, row-sharded) array, in order."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+  return np.concatenate([np.asarray(sh.data) for sh in shards])
 
 
 def _write_other_shard(src: _Source, path: str, fdt: np.dtype, meta: dict) -> list[dict]:
@@ -378,6 +400,17 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     on_layer: called as `on_layer(i, record)` after layer `i` is safely on
       disk (tests interrupt a run here).
 
+  Across processes: called by every process of `jax.distributed` with the
+  same arguments (the same calibration tokens), the calibration batches are
+  dealt out (process `p` takes batches `p, p + P, ...`; their number must
+  divide by the process count P), each process carries only its own
+  batches' hidden states, the statistics are summed across processes by XLA
+  (`methods.calibrate` on a mesh over every process's devices) and every
+  process continues with process 0's quantized layer. Process 0 writes the
+  layer shards, the manifest and the output; each process writes its own
+  carried hidden states. The work directory must be one all processes see
+  (one machine, or a shared filesystem).
+
   Returns:
     A `StreamResult`.
 
@@ -398,6 +431,8 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   from quantjax.numerics.qarray import ActQuantized, InputScaled
 
   t_start = time.perf_counter()
+  nproc, pid = jax.process_count(), jax.process_index()
+  lead = pid == 0  # the process that writes shards, manifest and output
   speed_lib.reset_peak_rss()
   peaks: list[int] = []
 
@@ -432,6 +467,19 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                        f"the vocabulary [0, {cfg.vocab_size})")
   tokens_all = np.stack(tokens).astype(np.int32)  # [nb, B, T]
   nb, bsz, t = tokens_all.shape
+  mesh = None
+  if nproc > 1:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    if nb % nproc:
+      raise ValueError(f"{nb} calibration batches do not divide over {nproc} processes; pass a "
+                       "multiple of the process count")
+    if bsz % jax.local_device_count():
+      raise ValueError(f"calibration batches of {bsz} rows do not divide over this process's "
+                       f"{jax.local_device_count()} devices")
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    row_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  local_tokens = tokens_all[pid::nproc]  # this process's batches
+  nb_local = local_tokens.shape[0]
 
   # Rules over the whole model (abstract leaves): coverage, and nothing outside the layers.
   abstract: dict = {}
@@ -454,7 +502,14 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   fp = _fingerprint(src, rules, method, tokens_all, out_dtype)
   key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
   manifest = None
-  if os.path.lexists(work):
+  if not lead:
+    _barrier("quantjax-stream-start")  # process 0 has checked and prepared the work directory
+    with open(os.path.join(work, MANIFEST), encoding="utf-8") as f:
+      manifest = json.load(f)
+    if manifest.get("key") != key:
+      raise ValueError(f"{work}: process 0 prepared a run with other inputs than this process's "
+                       "(every process must pass the same arguments)")
+  elif os.path.lexists(work):
     if not os.path.isdir(work) or (os.listdir(work) and not _is_ours(work)):
       raise FileExistsError(f"work directory {work} exists and is not one compress_streaming "
                             "wrote (no manifest); choose another work_dir or remove it")
@@ -472,44 +527,50 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
             "work_dir")
       else:
         _remove_work(work)
-  os.makedirs(work, exist_ok=True)
-  if manifest is None:
-    manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "key": key,
-                "fingerprint": fp, "embed_done": False, "done": [], "hidden": None,
-                "layers": {}}
-    _write_json(os.path.join(work, MANIFEST), manifest)
+  if lead:
+    os.makedirs(work, exist_ok=True)
+    if manifest is None:
+      manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "key": key,
+                  "fingerprint": fp, "embed_done": False, "done": [], "hidden": None,
+                  "layers": {}}
+      _write_json(os.path.join(work, MANIFEST), manifest)
+    if nproc > 1:
+      _barrier("quantjax-stream-start")
 
   # Progress.
   n_layers = cfg.num_layers
   start = len(manifest["done"])
   bar = None
-  if progress:
+  if progress and lead:
     from tqdm.auto import tqdm
     bar = tqdm(total=n_layers, initial=start, desc=f"stream {getattr(method, 'label', 'method')}",
                unit="layer")
 
   # The embedding, final norm and head: copied as stored (row blocks), one shard.
   meta = {"format": "pt"}
-  if not manifest["embed_done"]:
+  if lead and not manifest["embed_done"]:
     manifest["embed_records"] = _write_other_shard(
         src, os.path.join(work, "embed.safetensors"), fdt, meta)
     manifest["embed_done"] = True
     _write_json(os.path.join(work, MANIFEST), manifest)
 
-  # Calibration hidden states at the current layer boundary: [nb, B, T, d] float32.
+  # This process's calibration hidden states at the current layer boundary:
+  # [nb / P, B, T, d] float32.
   if start == 0:
-    hidden = _embed_rows(src, tokens_all)
+    hidden = _embed_rows(src, local_tokens)
   else:
-    hidden = np.load(os.path.join(work, manifest["hidden"]))
-    if hidden.shape != (nb, bsz, t, cfg.hidden_size):
-      raise ValueError(f"{os.path.join(work, manifest['hidden'])}: carried hidden states of "
-                       f"shape {hidden.shape}, expected {(nb, bsz, t, cfg.hidden_size)}")
+    hpath = os.path.join(work, _hidden_name(start, pid, nproc))
+    hidden = np.load(hpath)
+    if hidden.shape != (nb_local, bsz, t, cfg.hidden_size):
+      raise ValueError(f"{hpath}: carried hidden states of shape {hidden.shape}, expected "
+                       f"{(nb_local, bsz, t, cfg.hidden_size)}")
   phase_peak()
 
   # The block's own forward (models.llama.Block), with the model's RoPE tables and mask.
   gd_fn, _, as_state, _ = llama.block_api
   graph = gd_fn(cfg)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (bsz, t))
+  rows = bsz * nproc  # rows of a (global) calibration batch
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (rows, t))
   cos, sin, mask = llama.block_inputs(cfg, positions, t, causal=True)
 
   def block_apply(p, x):
@@ -517,7 +578,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
 
   carry = jax.jit(block_apply)
   segment_cache: dict = {}
-  info: dict[str, Any] = {}
+  info: dict[str, Any] = {"processes": nproc, "local_batches": nb_local}
   layer_records: list[dict] = []
   for i in range(start):
     rec = dict(manifest["layers"][str(i)]["record"])
@@ -530,23 +591,26 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     t0 = time.perf_counter()
     specs = src.layer_specs[i]
     layer: dict = {}
-    stored: dict[str, np.ndarray] = {}
-    for spec in specs:
-      stored[spec.hf_name] = src.stored(spec)
-      v = stored[spec.hf_name].T if spec.kind == "linear" else stored[spec.hf_name]
-      _set(layer, spec.path[2:], jnp.asarray(np.asarray(v, np.float32)))
-    del v
+    for spec in specs:  # one tensor at a time: the stored copy is dropped once converted
+      v = src.stored(spec)
+      _set(layer, spec.path[2:], jnp.asarray(np.asarray(v.T if spec.kind == "linear" else v,
+                                                        np.float32)))
+      del v
     params = {"layers": {i: layer}}
 
     def fn(p, x, _i=i):
       return block_apply(p["layers"][_i], x)
 
-    batches_i = [jnp.asarray(hidden[b]) for b in range(nb)]
+    if mesh is None:
+      batches_i = [jnp.asarray(hidden[b]) for b in range(nb_local)]
+    else:  # global batches: this process's rows, the other processes' rows
+      batches_i = [jax.make_array_from_process_local_data(row_sharding, hidden[b])
+                   for b in range(nb_local)]
     with warnings.catch_warnings():
       # Rules for other layers match nothing here; coverage was checked on the whole model.
       warnings.simplefilter("ignore")
       res = capture_lib.calibrate(fn, params, batches_i, rules, method, mode="sequential",
-                                  progress=False, segment_cache=segment_cache)
+                                  progress=False, segment_cache=segment_cache, mesh=mesh)
     new_layer = res.params["layers"][i]
     # Encode exactly as export_hf does; float leaves (norms, skipped weights) as stored.
     entries, recs, schemes = {}, [], {}
@@ -562,8 +626,8 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       if changed:
         out, scheme, rec = hf._encode_leaf(spec, leaf, fdt)
         _set(eff, spec.path[2:], capture_lib.effective_weight(leaf, jnp.float32))
-      else:
-        v = stored[spec.hf_name]
+      else:  # as stored (norms, skipped weights): read again, not kept during the method
+        v = src.stored(spec)
         out, scheme, rec = hf._encode_leaf(spec, v.T if spec.kind == "linear" else v, fdt)
         del v
         _set(eff, spec.path[2:], _get(layer, spec.path[2:]))
@@ -572,11 +636,11 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       recs.append(dataclasses.asdict(rec))
       if scheme is not None:
         schemes[spec.module] = _scheme_json(scheme)
-    del stored
-    _write_shard(os.path.join(work, f"layer-{i:05d}.safetensors"), entries, meta)
+    if lead:
+      _write_shard(os.path.join(work, f"layer-{i:05d}.safetensors"), entries, meta)
     del entries
     # The next layer's inputs: this layer's output with its quantized (effective) weights.
-    hidden = np.stack([np.asarray(carry(eff, batches_i[b])) for b in range(nb)])
+    hidden = np.stack([_local_rows(carry(eff, batches_i[b])) for b in range(nb_local)])
     timings = {"stats_seconds": float(res.info.get("stats_seconds", 0.0)),
                "quant_seconds": float(res.info.get("quant_seconds", 0.0)),
                "compiles": int(res.info.get("compiles", 0))}
@@ -585,20 +649,24 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     for k, v in layer_info.items():
       info.setdefault(k, {}).update(v)
     del batches_i, eff, layer, params, res, new_layer
-    hname = f"hidden-{i + 1:05d}.npy"
+    hname = _hidden_name(i + 1, pid, nproc)
     with atomic.atomic_write(os.path.join(work, hname)) as f:
       np.save(f, hidden)
+    if nproc > 1:
+      _barrier(f"quantjax-stream-layer-{i}")  # every process's hidden states are on disk
     peak = phase_peak()
     rec = {"layer": i, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak,
            "resumed": False, **timings}
     manifest["layers"][str(i)] = {"record": {k: v for k, v in rec.items() if k != "resumed"},
                                   "records": recs, "schemes": schemes, "info": layer_info}
     manifest["done"].append(i)
-    old_hidden = manifest["hidden"]
-    manifest["hidden"] = hname
-    _write_json(os.path.join(work, MANIFEST), manifest)
-    if old_hidden:
-      atomic._unlink(os.path.join(work, old_hidden))
+    manifest["hidden"] = _hidden_name(i + 1, 0, nproc)
+    if lead:
+      _write_json(os.path.join(work, MANIFEST), manifest)
+    if nproc > 1:
+      _barrier(f"quantjax-stream-manifest-{i}")  # the manifest names layer i as done
+    if i > 0:
+      atomic._unlink(os.path.join(work, _hidden_name(i, pid, nproc)))
     layer_records.append(rec)
     if bar is not None:
       bar.update(1)
@@ -611,6 +679,11 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   del hidden
 
   # Finish: link the shards into a fresh directory with index, config and report; commit.
+  if nproc > 1:
+    _barrier("quantjax-stream-layers-done")
+    if not lead:  # process 0's manifest (only it holds the embedding's records)
+      with open(os.path.join(work, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
   n_files = n_layers + 1
   names = [f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
   sources = [os.path.join(work, "embed.safetensors")] + [
@@ -642,6 +715,24 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                           hf.REPORT_FILE])
   report = hf.ExportReport(path=output, tensors=tensor_recs, notes=notes,
                            quantization_config=qconfig, files=files)
+  if lead:
+    _commit(output, overwrite, kind, src, sources, names, tensor_recs, weight_map, cfg_out,
+            report)
+  if nproc > 1:
+    _barrier("quantjax-stream-committed")
+  if lead and not keep_work:
+    _remove_work(work)
+  phase_peak()
+  out_bytes = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+  return StreamResult(path=output, layers=layer_records, resumed_from=start,
+                      seconds=time.perf_counter() - t_start,
+                      peak_rss_bytes=max(peaks) if peaks else None, output_bytes=out_bytes,
+                      report=report, info=info)
+
+
+def _commit(output, overwrite, kind, src, sources, names, tensor_recs, weight_map, cfg_out,
+            report) -> None:
+  """The output directory, atomically: the finished shards linked in, index, config, report."""
   with atomic.atomic_dir(output, overwrite=overwrite, kind=kind,
                          meta={"streamed_from": src.directory}) as tmp:
     for path, name in zip(sources, names):
@@ -661,11 +752,3 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       json.dump(gen, f, indent=2)
     with open(os.path.join(tmp, hf.REPORT_FILE), "w") as f:
       json.dump(report.to_json(), f, indent=1, default=str)
-  if not keep_work:
-    _remove_work(work)
-  phase_peak()
-  out_bytes = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
-  return StreamResult(path=output, layers=layer_records, resumed_from=start,
-                      seconds=time.perf_counter() - t_start,
-                      peak_rss_bytes=max(peaks) if peaks else None, output_bytes=out_bytes,
-                      report=report, info=info)

@@ -1283,6 +1283,26 @@ def _run_segment(seg: _Segment, state: "_State", env: list[Any], env_vars: list[
   return list(env_out), accs, samples
 
 
+def _from_process_0(tree: Any) -> Any:
+  """`tree` as process 0 has it, on every jax.distributed process (bitwise: the leaves
+  travel as raw bytes in one broadcast; every process must pass the same structure)."""
+  from jax.experimental import multihost_utils
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  if not leaves:
+    return tree
+  arrays = [np.ascontiguousarray(np.asarray(x)) for x in leaves]
+  raw = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
+  words = np.zeros((-(-raw.size // 4),), np.uint32)
+  words.view(np.uint8)[:raw.size] = raw
+  got = np.asarray(multihost_utils.broadcast_one_to_all(words)).astype(np.uint32)
+  raw = got.view(np.uint8)[:raw.size]
+  out, o = [], 0
+  for a in arrays:
+    out.append(jnp.asarray(raw[o:o + a.nbytes].view(a.dtype).reshape(a.shape)))
+    o += a.nbytes
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _finalize_stats(acc_names, acc, samples, max_samples) -> InputStats:
   a = dict(zip(acc_names, acc))
   st = InputStats(count=float(a["count"]), xtx=a.get("xtx"), sum_abs=a.get("sum_abs"),
@@ -1416,7 +1436,12 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       selected weight is read by no matmul (otherwise warned).
     max_samples: input rows kept per input for methods that sample.
     mesh, data_axis: split every batch's leading axis over `data_axis` of a
-      `jax.sharding.Mesh`; the statistics are reduced across it by XLA.
+      `jax.sharding.Mesh`; the statistics are reduced across it by XLA. The
+      mesh may span the processes of `jax.distributed` (every process calls
+      `calibrate` with global batches, e.g. from
+      `jax.make_array_from_process_local_data`): the method runs on each
+      process on the same reduced statistics and process 0's results are
+      sent to all (`quantjax.streaming` uses this).
     progress: a progress bar over groups.
     capture: a `trace(fn, params, batch)` made earlier, to reuse.
     segment_cache: a dict kept by the caller across calls: compiled segments
@@ -1539,6 +1564,10 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   runner = _Runner(cap, {cap.group_roots[g]: first[g] - 1 for g in order}, segment_cache)
   state = _State(p_leaves)
   put = (lambda b: b)
+  # A mesh over the devices of several jax.distributed processes: each holds its rows of
+  # every batch, XLA reduces the statistics across processes, and every process then
+  # uses process 0's results (bit for bit), so all of them carry the same weights on.
+  multi_process = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
   if mesh is not None:
     from jax.sharding import NamedSharding, PartitionSpec
     n_dev = mesh.shape[data_axis]
@@ -1572,6 +1601,8 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
                     if needs else None)
       todo.append(part)
     results = method.apply(todo, record) if todo else {}
+    if multi_process:
+      results = _from_process_0(results)
     for part in todo:
       res = results.get(part.key)
       if res is not None:
