@@ -98,7 +98,8 @@ class StreamResult:
     seconds: wall time of this call.
     peak_rss_bytes: the largest peak resident memory of this call's phases.
     output_bytes: total bytes of the output directory's files.
-    report: the `hf.ExportReport` (per tensor: how it was stored).
+    report: the `hf.ExportReport` (per tensor: how it was stored), or for a
+      GGUF output the list of `gguf.TensorExport`.
     info: the method's records merged over layers (e.g. `gptq_loss`), the
       number of `processes` and this process's share of the calibration
       batches (`local_batches`).
@@ -318,6 +319,90 @@ def _remove_work(work: str) -> None:
     pass  # something else is in it: left as it is
 
 
+_GGUF_FLOAT = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _check_file_target(path: str, overwrite: bool) -> None:
+  if os.path.islink(path) or os.path.isdir(path):
+    raise FileExistsError(f"{path} is a {'symlink' if os.path.islink(path) else 'directory'}; "
+                          "refusing to replace it with a GGUF file (nothing was written)")
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f"GGUF file {path} exists (pass overwrite=True to replace it)")
+
+
+class _GGUFPlan:
+  """Streaming to one GGUF file: per-tensor encoding as `export_gguf` does it, finished
+  layers kept as raw tensors in the work directory, the file assembled at the end."""
+
+  def __init__(self, gguf_lib, cfg, types, float_type: str):
+    self.lib, self.cfg, self.types, self.float_type = gguf_lib, cfg, types, float_type
+    self.table = {tuple(path): (g, heads, axis)
+                  for g, path, heads, axis in gguf_lib._name_table(cfg)}
+    self.want = gguf_lib._expected_shapes(cfg)
+
+  def encode(self, path, leaf):
+    g, heads, axis = self.table[tuple(path)]
+    raw, _, rec = self.lib.encode_tensor(g, tuple(path), heads, axis, leaf, self.want,
+                                         self.types, self.float_type, None)
+    return raw, rec
+
+  def record(self, r: dict):
+    return self.lib.TensorExport(**{**r, "shape": tuple(r["shape"])})
+
+  def write_other_shard(self, src: _Source, path: str, fdt: np.dtype, meta: dict) -> list[dict]:
+    """Embedding, final norm and untied head: float rows converted in row blocks from
+    memory maps (norms F32, as llama.cpp requires); a `gguf_types` rule that names one of
+    them encodes it whole."""
+    entries, recs = {}, []
+    for spec in src.other_specs:
+      g, heads, axis = self.table[tuple(spec.path)]
+      spath = "/".join(map(str, spec.path))
+      a = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)  # GGUF rows already
+      forced = self.lib._match_type(self.types, spath, g) if spec.path[-1] != "scale" else None
+      t = "F32" if spec.path[-1] == "scale" else (forced or self.float_type)
+      if t in self.lib.FLOAT_TYPES:
+        rows = max(1, _ROW_BLOCK_BYTES // max(1, a[0].nbytes if a.ndim > 1 else a.nbytes))
+        blocks = self._float_blocks(a, rows, t)
+        dt = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": np.dtype(np.uint16)}[t]
+        entries[g] = (dt, a.shape, blocks)
+        nbytes = int(np.prod(a.shape)) * dt.itemsize
+        recs.append(dataclasses.asdict(self.lib.TensorExport(
+            g, spath, tuple(spec.shape), src.dtype.name, t, "float", nbytes)))
+      else:
+        v = np.asarray(a, np.float32)
+        raw, rec = self.encode(spec.path, v.T if spec.kind == "linear" else v)
+        entries[g] = (raw.dtype, raw.shape, (raw,))
+        recs.append(dataclasses.asdict(rec))
+    _write_shard(path, entries, meta)
+    del entries, a
+    src.release()
+    return recs
+
+  def _float_blocks(self, a: np.ndarray, rows: int, t: str) -> Iterable[np.ndarray]:
+    for r in range(0, a.shape[0], rows):
+      yield self.lib._float_tensor(np.asarray(a[r:r + rows], np.float32), t)
+
+  def write(self, output: str, work: str, n_layers: int, tokenizer: Any, name: str) -> None:
+    """The GGUF file from the finished shards (memory maps, in the file's tensor order)."""
+    with open(os.path.join(work, MANIFEST), encoding="utf-8") as f:
+      m = json.load(f)
+    t_of = {r["name"]: r["gguf_type"] for r in m["embed_records"]}
+    for i in range(n_layers):
+      t_of.update({r["name"]: r["gguf_type"] for r in m["layers"][str(i)]["records"]})
+    files = [st.SafetensorsFile(os.path.join(work, "embed.safetensors"))] + [
+        st.SafetensorsFile(os.path.join(work, f"layer-{i:05d}.safetensors"))
+        for i in range(n_layers)]
+    where = {k: f for f in files for k in f.keys()}
+    try:
+      tensors = [(g, where[g].get(g), t_of[g]) for g, _, _, _ in self.lib._name_table(self.cfg)]
+      self.lib.write_gguf_file(output, self.cfg, tensors, tokenizer=tokenizer, name=name)
+      del tensors
+    finally:
+      for f in files:
+        f.close()
+
+
 def _hidden_name(boundary: int, pid: int, nproc: int) -> str:
   """The carried hidden states at a layer boundary (one file per process)."""
   return f"hidden-{boundary:05d}.npy" if nproc == 1 else f"hidden-{boundary:05d}.p{pid}.npy"
@@ -372,13 +457,18 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                        batches: Iterable[Any], rules: Sequence[Any], method: Any = None, *,
                        dtype: str | None = None, work_dir: str | os.PathLike | None = None,
                        overwrite: bool = False, resume: bool = True, progress: bool = True,
-                       keep_work: bool = False,
+                       keep_work: bool = False, gguf_types: Any = None,
+                       tokenizer: Any = "auto",
                        on_layer: Callable[[int, dict], None] | None = None) -> StreamResult:
   """Quantizes a Llama-family Hugging Face directory layer by layer, disk to disk.
 
   Args:
     source: the float checkpoint (`config.json` + safetensors, sharded or not).
-    output: the directory to write (a compressed-tensors Hugging Face model).
+    output: the directory to write (a compressed-tensors Hugging Face model),
+      or a `.gguf` file (llama.cpp): each layer is encoded as `export_gguf`
+      encodes it (a QArray in a GGUF block format, e.g. GPTQ with format
+      "q4_0", goes in code for code) and the file is assembled from the
+      finished layers at the end, atomically.
     batches: calibration token batches, each `[B, T]` int, all of one shape.
     rules: `QuantRule`s over the model's params paths (e.g.
       `models.llama.PROJ_KERNELS`); they may select decoder-layer weights only
@@ -397,6 +487,12 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       discards it.
     progress: a tqdm bar over layers (elapsed, estimate to finish).
     keep_work: keep the work directory after success.
+    gguf_types: GGUF output: `export_gguf`'s `types` rules (`{regex: GGUF
+      type}`); float tensors without a rule are stored in `dtype`.
+    tokenizer: GGUF output: where the tokenizer metadata comes from (a
+      `.gguf` file or a Hugging Face tokenizer directory); "auto" takes the
+      source directory when it holds `tokenizer.json`, else writes none
+      (llama.cpp then refuses the file; quantjax reads it).
     on_layer: called as `on_layer(i, record)` after layer `i` is safely on
       disk (tests interrupt a run here).
 
@@ -446,8 +542,12 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   method = methods.GPTQ() if method is None else method
   rules = tuple(rules)
   output = os.path.abspath(os.fspath(output))
-  kind = "Hugging Face model (streamed)"
-  atomic._check_target(output, overwrite, None, kind)
+  to_gguf = output.endswith(".gguf")
+  kind = "GGUF file (streamed)" if to_gguf else "Hugging Face model (streamed)"
+  if to_gguf:
+    _check_file_target(output, overwrite)
+  else:
+    atomic._check_target(output, overwrite, None, kind)
   src = check_source(source)
   cfg = src.config
   out_dtype = dtype or src.dtype.name
@@ -500,6 +600,11 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   work = os.path.abspath(os.fspath(work_dir)) if work_dir else os.path.join(
       parent, f".{base}.stream-work")
   fp = _fingerprint(src, rules, method, tokens_all, out_dtype)
+  gg = None
+  if to_gguf:
+    from quantjax.io import gguf as gguf_lib
+    gg = _GGUFPlan(gguf_lib, cfg, gguf_types, _GGUF_FLOAT[out_dtype])
+    fp["output"] = f"gguf {gguf_types!r}"
   key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
   manifest = None
   if not lead:
@@ -549,7 +654,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   # The embedding, final norm and head: copied as stored (row blocks), one shard.
   meta = {"format": "pt"}
   if lead and not manifest["embed_done"]:
-    manifest["embed_records"] = _write_other_shard(
+    manifest["embed_records"] = (gg.write_other_shard if gg else _write_other_shard)(
         src, os.path.join(work, "embed.safetensors"), fdt, meta)
     manifest["embed_done"] = True
     _write_json(os.path.join(work, MANIFEST), manifest)
@@ -623,6 +728,15 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                          "supports weight-only results (no activation quantization, no "
                          "unfolded input scales)")
       changed = leaf is not _get(layer, spec.path[2:])
+      if gg is not None:  # GGUF: the tensor's bytes in the file, as export_gguf encodes them
+        raw, rec = gg.encode(spec.path, leaf)
+        entries[rec.name] = (raw.dtype, raw.shape, (raw,))
+        recs.append(dataclasses.asdict(rec))
+        if changed:
+          _set(eff, spec.path[2:], capture_lib.effective_weight(leaf, jnp.float32))
+        else:
+          _set(eff, spec.path[2:], _get(layer, spec.path[2:]))
+        continue
       if changed:
         out, scheme, rec = hf._encode_leaf(spec, leaf, fdt)
         _set(eff, spec.path[2:], capture_lib.effective_weight(leaf, jnp.float32))
@@ -684,6 +798,17 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     if not lead:  # process 0's manifest (only it holds the embedding's records)
       with open(os.path.join(work, MANIFEST), encoding="utf-8") as f:
         manifest = json.load(f)
+  if gg is not None:
+    report = [gg.record(r) for r in manifest["embed_records"]] + [
+        gg.record(r) for i in range(n_layers) for r in manifest["layers"][str(i)]["records"]]
+    if lead:
+      tok = tokenizer
+      if tok == "auto":
+        tok = src.directory if os.path.exists(os.path.join(src.directory, "tokenizer.json")) \
+            else None
+      gg.write(output, work, n_layers, tok, getattr(cfg, "name", "") or base)
+    return _finish(nproc, lead, keep_work, work, phase_peak, output, layer_records, start,
+                   t_start, peaks, report, info)
   n_files = n_layers + 1
   names = [f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
   sources = [os.path.join(work, "embed.safetensors")] + [
@@ -718,12 +843,21 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   if lead:
     _commit(output, overwrite, kind, src, sources, names, tensor_recs, weight_map, cfg_out,
             report)
+  return _finish(nproc, lead, keep_work, work, phase_peak, output, layer_records, start,
+                 t_start, peaks, report, info)
+
+
+def _finish(nproc, lead, keep_work, work, phase_peak, output, layer_records, start, t_start,
+            peaks, report, info) -> StreamResult:
   if nproc > 1:
     _barrier("quantjax-stream-committed")
   if lead and not keep_work:
     _remove_work(work)
   phase_peak()
-  out_bytes = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+  if os.path.isdir(output):
+    out_bytes = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+  else:
+    out_bytes = os.path.getsize(output)
   return StreamResult(path=output, layers=layer_records, resumed_from=start,
                       seconds=time.perf_counter() - t_start,
                       peak_rss_bytes=max(peaks) if peaks else None, output_bytes=out_bytes,

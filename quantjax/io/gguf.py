@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -459,148 +459,94 @@ def _hf_tokenizer_fields(writer, tokenizer) -> int:
   return n
 
 
-def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any = None,
-                types: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                float_type: str = "F32", name: str | None = None,
-                importance: Mapping[str, Any] | None = None) -> list[TensorExport]:
-  """Writes `params` (arrays and QArrays) as a llama.cpp GGUF file.
+def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: Any,
+                  want: Mapping[str, Any], types: Any, float_type: str,
+                  importance: Mapping[str, Any] | None) -> tuple[np.ndarray, str, TensorExport]:
+  """One tensor as GGUF bytes: `(raw array, GGUF type, report entry)` (`export_gguf`'s
+  rules; `want` is `_expected_shapes(config)`). Raises GGUFError naming the tensor."""
+  from quantjax.numerics import qarray as qarray_lib
+  spath = "/".join(map(str, ppath))
+  if isinstance(leaf, InputScaled):
+    raise GGUFError(
+        f"{spath} carries per-input scales (InputScaled, from AWQ / SmoothQuant) that GGUF "
+        "cannot store: fold them into the producing op first "
+        "(quantjax.methods.fold_input_scales with the model's fold_groups(config), e.g. "
+        "quantjax.models.llama.fold_groups) or calibrate with scales only where they fold "
+        "(scales_for=<model>.foldable(config))")
+  if isinstance(leaf, ActQuantized):
+    leaf = leaf.weight  # llama.cpp quantizes activations itself
+  shape = tuple(int(s) for s in leaf.shape)
+  rows_shape = want[gname][0]
+  exp = rows_shape[::-1] if ppath[-1] == "kernel" else rows_shape
+  if shape != exp:
+    raise GGUFError(f"{spath} has shape {shape} but the config implies {exp} (tensor {gname}); "
+                    "llama.cpp and quantjax would refuse the file: fix the leaf or the config")
+  if not isinstance(leaf, QArray):
+    _check_finite_leaf(leaf, spath, gname)
+  is_norm = ppath[-1] == "scale"
+  n_in = shape[axis] if len(shape) == 2 else shape[-1]
+  rows_fn = (lambda a, h=heads: permute_qk(a, h)) if heads else None
+  forced = None if is_norm else _match_type(types, spath, gname)
+  if is_norm:
+    t, how = "F32", "float"
+  elif forced is not None:
+    t = forced
+    if t not in _ALL_TYPES:
+      raise GGUFError(f"rule for {spath}: unknown GGUF type {t!r}; supported: "
+                      f"{', '.join(_ALL_TYPES)}")
+    if t in K_TYPES and (len(shape) != 2 or n_in % kquants.QK_K):
+      _log.info("%s: %d values per row do not fill %s's super-blocks of %d; using %s",
+                gname, n_in, t, kquants.QK_K, K_FALLBACK[t])
+      t = K_FALLBACK[t]
+    if isinstance(leaf, QArray):
+      same = (block_type_of(leaf.fmt, axis) == t or
+              (leaf.fmt.is_cast and {"fp16": "F16", "bf16": "BF16"}[leaf.fmt.kind] == t))
+      how = "lossless" if same else "re-quantized (lossy)"
+    else:
+      how = "quantized" if (t in BLOCK_TYPES or t in K_TYPES) else "float"
+  else:
+    t, how = _default_type(leaf, axis, n_in)
+    if t == "F32" and not isinstance(leaf, QArray) and len(shape) == 2:
+      t = float_type
+  if t in BLOCK_TYPES:
+    if len(shape) != 2 or n_in % QK:
+      raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: its contraction axis "
+                      f"({n_in}) does not fit {t}'s blocks of {QK}")
+    imp = None if importance is None else importance.get(spath)
+    if isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t:
+      raw = qarray_to_blocks(leaf, t, axis, rows_fn=rows_fn)  # code for code
+    elif imp is not None and t in ("Q4_0", "Q5_0"):
+      codes, d = kquants.fit_symmetric_blocks(_float_rows(leaf, axis, rows_fn),
+                                              _block_type(t).bits, imp)
+      raw = pack_blocks(codes, d, None, t)
+    else:
+      x = leaf.dequantize(jnp.float32) if isinstance(leaf, QArray) else jnp.asarray(
+          leaf, jnp.float32)
+      # llama.cpp's rule for Q4_0/Q5_0: the extreme value maps to the lowest code
+      cal = "signed_max" if t in ("Q4_0", "Q5_0") else "minmax"
+      q = qarray_lib.quantize(x, block_format(t, axis), calibration=cal,
+                              name=f"{spath} (tensor {gname}, {t})")
+      raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
+  elif t in K_TYPES:
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing scales: checked below
+      raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
+                               importance=None if importance is None else importance.get(spath))
+  else:
+    raw = _float_tensor(_float_rows(leaf, axis, rows_fn), t)
+  _check_encoded(gname, spath, t, raw, leaf, axis, n_in)
+  return raw, t, TensorExport(gname, spath, shape, _source_name(leaf), t, how, int(raw.nbytes))
 
-  Args:
-    path: output `.gguf`; written to a temporary file and renamed.
-    config: the model's `LlamaConfig` (GGUF architecture "llama") or
-      `Gemma3Config` ("gemma3"; llama.cpp fixes some of Gemma 3's settings,
-      and a config it cannot represent is refused, naming the field).
-    params: the params tree (`nnx.State` or nested dict, `[in, out]` kernels).
-    tokenizer: a GGUF file whose `tokenizer.*` metadata is copied (e.g. the file
-      the model came from), or a Hugging Face tokenizer / directory (byte-level
-      BPE) to build it from. None writes no tokenizer (llama.cpp then refuses the
-      file; useful only for tensor-level tests).
-    types: rules `{regex: GGUF type}` matched (first wins) against each leaf's
-      path (`layers/3/mlp/down_proj/kernel`) or GGUF name (`blk.3.ffn_down.weight`).
-      A rule forces the type; a QArray already of that type stays lossless.
-      Block types Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, k-quants Q4_K/Q5_K/Q6_K (rows not a
-      multiple of 256 fall back as in llama.cpp: Q5_0/Q5_1/Q8_0), F32/F16/BF16.
-    float_type: type for float matrices with no rule ("F32", "F16", "BF16").
-      Norm weights are always F32, as llama.cpp requires.
-    name: `general.name` (default: the config's name).
-    importance: optional `{leaf path: per-input-column weights}` (e.g. mean
-      squared activations, llama.cpp's imatrix): the k-quant encoders and the
-      Q4_0/Q5_0 scale search weight each value's error by it (tensors written
-      from floats only; QArrays already in their type stay lossless).
 
-  Returns:
-    One `TensorExport` per tensor: its type and whether it went in losslessly,
-    was quantized from floats, or was re-quantized from another format.
-
-  Raises:
-    GGUFError: a leaf missing or of a shape the config contradicts, NaN/Inf in
-      a leaf, values out of the chosen type's range (e.g. above F16's 65504,
-      or beyond what Q4_0's fp16 scales reach): each names the leaf, the
-      tensor and the value range, before any file is written.
-    OSError: the file could not be written (disk full, ...); the message
-      names it and nothing is left behind.
-
-  Every tensor's encoding is checked as the reader checks a file (finite
-  block scales and float values), and the written file is read back with
-  `quantjax.io.gguf_read` before it is renamed into place.
-  """
+def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str, Any, str]], *,
+                    tokenizer: Any = None, name: str | None = None) -> None:
+  """Writes encoded tensors `(gguf name, raw array, GGUF type)` (in file order; arrays
+  may be memory maps) with `config`'s metadata, atomically, and reads the file back
+  with the checks any reader makes before it takes `path`'s name."""
   import gguf
 
   from quantjax.models import gemma3 as gemma3_lib
-  from quantjax.models import llama as llama_lib
-  from quantjax.numerics import qarray as qarray_lib
-
-  if isinstance(config, gemma3_lib.Gemma3Config):
-    _check_gemma3_exportable(config)
-  elif not isinstance(config, llama_lib.LlamaConfig):
-    raise GGUFError(f"export supports quantjax.models.llama.LlamaConfig and "
-                    f"quantjax.models.gemma3.Gemma3Config models, got {type(config).__name__}")
-  if float_type.upper() not in FLOAT_TYPES:
-    raise GGUFError(f"float_type must be one of {FLOAT_TYPES}, got {float_type!r}")
-  float_type = float_type.upper()
-  pure = _pure(params)
   path = os.fspath(path)
-  out_dir = os.path.dirname(os.path.abspath(path))
-  os.makedirs(out_dir, exist_ok=True)
-
-  # Encode every tensor first: a bad leaf fails before any file exists.
-  tensors: list[tuple[str, np.ndarray, str]] = []
-  report: list[TensorExport] = []
-  want = _expected_shapes(config)
-  for gname, ppath, heads, axis in _name_table(config):
-    leaf = _get(pure, ppath)
-    spath = "/".join(map(str, ppath))
-    if isinstance(leaf, InputScaled):
-      raise GGUFError(
-          f"{spath} carries per-input scales (InputScaled, from AWQ / SmoothQuant) that GGUF "
-          "cannot store: fold them into the producing op first "
-          "(quantjax.methods.fold_input_scales with the model's fold_groups(config), e.g. "
-          "quantjax.models.llama.fold_groups) or calibrate with scales only where they fold "
-          "(scales_for=<model>.foldable(config))")
-    if isinstance(leaf, ActQuantized):
-      leaf = leaf.weight  # llama.cpp quantizes activations itself
-    shape = tuple(int(s) for s in leaf.shape)
-    rows_shape = want[gname][0]
-    exp = rows_shape[::-1] if ppath[-1] == "kernel" else rows_shape
-    if shape != exp:
-      raise GGUFError(f"{spath} has shape {shape} but the config implies {exp} (tensor {gname}); "
-                      "llama.cpp and quantjax would refuse the file: fix the leaf or the config")
-    if not isinstance(leaf, QArray):
-      _check_finite_leaf(leaf, spath, gname)
-    is_norm = ppath[-1] == "scale"
-    n_in = shape[axis] if len(shape) == 2 else shape[-1]
-    rows_fn = (lambda a, h=heads: permute_qk(a, h)) if heads else None
-    forced = None if is_norm else _match_type(types, spath, gname)
-    if is_norm:
-      t, how = "F32", "float"
-    elif forced is not None:
-      t = forced
-      if t not in _ALL_TYPES:
-        raise GGUFError(f"rule for {spath}: unknown GGUF type {t!r}; supported: "
-                        f"{', '.join(_ALL_TYPES)}")
-      if t in K_TYPES and (len(shape) != 2 or n_in % kquants.QK_K):
-        _log.info("%s: %d values per row do not fill %s's super-blocks of %d; using %s",
-                  gname, n_in, t, kquants.QK_K, K_FALLBACK[t])
-        t = K_FALLBACK[t]
-      if isinstance(leaf, QArray):
-        same = (block_type_of(leaf.fmt, axis) == t or
-                (leaf.fmt.is_cast and {"fp16": "F16", "bf16": "BF16"}[leaf.fmt.kind] == t))
-        how = "lossless" if same else "re-quantized (lossy)"
-      else:
-        how = "quantized" if (t in BLOCK_TYPES or t in K_TYPES) else "float"
-    else:
-      t, how = _default_type(leaf, axis, n_in)
-      if t == "F32" and not isinstance(leaf, QArray) and len(shape) == 2:
-        t = float_type
-    if t in BLOCK_TYPES:
-      if len(shape) != 2 or n_in % QK:
-        raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: its contraction axis "
-                        f"({n_in}) does not fit {t}'s blocks of {QK}")
-      imp = None if importance is None else importance.get(spath)
-      if isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t:
-        raw = qarray_to_blocks(leaf, t, axis, rows_fn=rows_fn)  # code for code
-      elif imp is not None and t in ("Q4_0", "Q5_0"):
-        codes, d = kquants.fit_symmetric_blocks(_float_rows(leaf, axis, rows_fn),
-                                                _block_type(t).bits, imp)
-        raw = pack_blocks(codes, d, None, t)
-      else:
-        x = leaf.dequantize(jnp.float32) if isinstance(leaf, QArray) else jnp.asarray(
-            leaf, jnp.float32)
-        # llama.cpp's rule for Q4_0/Q5_0: the extreme value maps to the lowest code
-        cal = "signed_max" if t in ("Q4_0", "Q5_0") else "minmax"
-        q = qarray_lib.quantize(x, block_format(t, axis), calibration=cal,
-                                name=f"{spath} (tensor {gname}, {t})")
-        raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
-    elif t in K_TYPES:
-      with np.errstate(over="ignore", invalid="ignore"):  # overflowing scales: checked below
-        raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
-                                 importance=None if importance is None else importance.get(spath))
-    else:
-      raw = _float_tensor(_float_rows(leaf, axis, rows_fn), t)
-    _check_encoded(gname, spath, t, raw, leaf, axis, n_in)
-    tensors.append((gname, raw, t))
-    report.append(TensorExport(gname, spath, shape, _source_name(leaf), t, how, int(raw.nbytes)))
-
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = atomic.temp_path(path)  # mode 0666 less the umask, like any new file
   try:
     try:
@@ -670,6 +616,77 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
+
+
+def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any = None,
+                types: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                float_type: str = "F32", name: str | None = None,
+                importance: Mapping[str, Any] | None = None) -> list[TensorExport]:
+  """Writes `params` (arrays and QArrays) as a llama.cpp GGUF file.
+
+  Args:
+    path: output `.gguf`; written to a temporary file and renamed.
+    config: the model's `LlamaConfig` (GGUF architecture "llama") or
+      `Gemma3Config` ("gemma3"; llama.cpp fixes some of Gemma 3's settings,
+      and a config it cannot represent is refused, naming the field).
+    params: the params tree (`nnx.State` or nested dict, `[in, out]` kernels).
+    tokenizer: a GGUF file whose `tokenizer.*` metadata is copied (e.g. the file
+      the model came from), or a Hugging Face tokenizer / directory (byte-level
+      BPE) to build it from. None writes no tokenizer (llama.cpp then refuses the
+      file; useful only for tensor-level tests).
+    types: rules `{regex: GGUF type}` matched (first wins) against each leaf's
+      path (`layers/3/mlp/down_proj/kernel`) or GGUF name (`blk.3.ffn_down.weight`).
+      A rule forces the type; a QArray already of that type stays lossless.
+      Block types Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, k-quants Q4_K/Q5_K/Q6_K (rows not a
+      multiple of 256 fall back as in llama.cpp: Q5_0/Q5_1/Q8_0), F32/F16/BF16.
+    float_type: type for float matrices with no rule ("F32", "F16", "BF16").
+      Norm weights are always F32, as llama.cpp requires.
+    name: `general.name` (default: the config's name).
+    importance: optional `{leaf path: per-input-column weights}` (e.g. mean
+      squared activations, llama.cpp's imatrix): the k-quant encoders and the
+      Q4_0/Q5_0 scale search weight each value's error by it (tensors written
+      from floats only; QArrays already in their type stay lossless).
+
+  Returns:
+    One `TensorExport` per tensor: its type and whether it went in losslessly,
+    was quantized from floats, or was re-quantized from another format.
+
+  Raises:
+    GGUFError: a leaf missing or of a shape the config contradicts, NaN/Inf in
+      a leaf, values out of the chosen type's range (e.g. above F16's 65504,
+      or beyond what Q4_0's fp16 scales reach): each names the leaf, the
+      tensor and the value range, before any file is written.
+    OSError: the file could not be written (disk full, ...); the message
+      names it and nothing is left behind.
+
+  Every tensor's encoding is checked as the reader checks a file (finite
+  block scales and float values), and the written file is read back with
+  `quantjax.io.gguf_read` before it is renamed into place.
+  """
+  from quantjax.models import gemma3 as gemma3_lib
+  from quantjax.models import llama as llama_lib
+
+  if isinstance(config, gemma3_lib.Gemma3Config):
+    _check_gemma3_exportable(config)
+  elif not isinstance(config, llama_lib.LlamaConfig):
+    raise GGUFError(f"export supports quantjax.models.llama.LlamaConfig and "
+                    f"quantjax.models.gemma3.Gemma3Config models, got {type(config).__name__}")
+  if float_type.upper() not in FLOAT_TYPES:
+    raise GGUFError(f"float_type must be one of {FLOAT_TYPES}, got {float_type!r}")
+  float_type = float_type.upper()
+  pure = _pure(params)
+
+  # Encode every tensor first: a bad leaf fails before any file exists.
+  tensors: list[tuple[str, np.ndarray, str]] = []
+  report: list[TensorExport] = []
+  want = _expected_shapes(config)
+  for gname, ppath, heads, axis in _name_table(config):
+    raw, t, rec = encode_tensor(gname, ppath, heads, axis, _get(pure, ppath), want, types,
+                                float_type, importance)
+    tensors.append((gname, raw, t))
+    report.append(rec)
+
+  write_gguf_file(path, config, tensors, tokenizer=tokenizer, name=name)
   return report
 
 

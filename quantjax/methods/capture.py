@@ -1428,7 +1428,9 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       `Importance`, `sparsity.Wanda`, `SparseGPT`, ...): it declares `needs`
       (statistics, from `STAT_KINDS`) and `rule_type`, and
       `apply(parts, record)` returns `{part.key: new value}` for the `Part`s
-      that are ready.
+      that are ready. Statistics no later group reads are referenced only by
+      the parts during `apply`: a method may drop a large one once it has
+      used it (`GPTQ` sets `part.stats.xtx = None` after copying it).
     mode: "sequential" (the inputs of each group come from the model with
       the groups before it already quantized, activation quantization
       included) or "one_pass" (every statistic from the float model).
@@ -1600,6 +1602,15 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       part.stats = (InputStats.merge([stats_of_source[cap.sites[si].source] for si in part.sites])
                     if needs else None)
       todo.append(part)
+    # Sources this call finishes are let go first: then the parts hold their statistics'
+    # only references, and a method may drop them (part.stats.xtx = None) when done.
+    in_call: dict[int, int] = {}
+    for part in todo:
+      for si in part.sites:
+        in_call[cap.sites[si].source] = in_call.get(cap.sites[si].source, 0) + 1
+    for src, n in in_call.items():
+      if pending_of_source[src] == n:
+        stats_of_source.pop(src, None)
     results = method.apply(todo, record) if todo else {}
     if multi_process:
       results = _from_process_0(results)
@@ -1637,6 +1648,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       for j, si in enumerate(srcs):
         stats_of_source[si] = _finalize_stats(seg.acc_names[j], accs[j], samples[j],
                                               max_samples)
+      accs = samples = None  # the statistics live in stats_of_source only
       timing["stats"] += time.perf_counter() - t0
       finish(ready.get(n, []))
       if bar is not None:

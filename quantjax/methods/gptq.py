@@ -42,6 +42,7 @@ from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import QArray
 
 __all__ = ["HessianStat", "hessian_init", "hessian_update", "hessian", "gptq_quantize",
+           "PreparedHessian", "prepare_hessian",
            "GPTQResult", "SUPPORTED_KINDS", "GPTQ"]
 
 SUPPORTED_KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2")
@@ -279,7 +280,74 @@ def _gptq_loop(wt, hinv, scale_tab, zp_tab, col_group, *, fmt, cal, block, group
   return codes, g_scale, g_zp, loss
 
 
-def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
+class PreparedHessian:
+  """GPTQ's own `K x K` copy of a Hessian (`prepare_hessian`): permuted for
+  act-order, dead inputs' diagonal set to 1, in the solve's dtype.
+  `gptq_quantize` takes the array over and solves in it in place, so a
+  caller that passes this object keeps no `K x K` array alive (and can drop
+  the statistic it was copied from first).
+  """
+
+  def __init__(self, h: np.ndarray, dead: np.ndarray, perm: np.ndarray | None):
+    self._h, self.dead, self.perm = h, dead, perm
+    self.shape = h.shape
+
+  def take(self) -> np.ndarray:
+    h, self._h = self._h, None
+    if h is None:
+      raise ValueError("this PreparedHessian was already used by gptq_quantize")
+    return h
+
+
+def prepare_hessian(h: Any, *, count: float | None = None, act_order: bool = False,
+                    solve_dtype: Any = "float32", name: str = "weight") -> PreparedHessian:
+  """GPTQ's working copy of the Hessian `h` (see `gptq_quantize` for the arguments).
+
+  `h` is read, never copied whole: the one `K x K` copy is made in row
+  blocks, permuted (act-order) and scaled (`count`) on the way.
+
+  Raises:
+    ValueError: NaN/Inf in `h`, a zero Hessian, an unknown `solve_dtype`.
+  """
+  solve = np.dtype(solve_dtype)
+  if solve not in (np.dtype(np.float32), np.dtype(np.float64)):
+    raise ValueError(f"GPTQ {name}: solve_dtype must be 'float32' or 'float64', got "
+                     f"{solve_dtype!r}")
+  h_in = np.asarray(h)  # a jax array on the host: a read-only view, no copy
+  if h_in.ndim != 2 or h_in.shape[0] != h_in.shape[1]:
+    raise ValueError(f"GPTQ {name}: the Hessian must be square, got shape {h_in.shape}")
+  k = h_in.shape[0]
+  if not (np.isfinite(np.max(h_in)) and np.isfinite(np.min(h_in))):  # NaN propagates
+    raise ValueError(f"GPTQ {name}: the Hessian holds NaN/Inf values (NaN/Inf in the "
+                     "calibration inputs, e.g. token ids beyond the vocabulary or overflowing "
+                     "activations)")
+  hdiag = np.diag(h_in)
+  if count is not None:  # the Hessian's diagonal exactly as formed below
+    hdiag = np.asarray(hdiag, np.float32) * np.float32(2.0) / np.float32(max(count, 1.0))
+  dead = hdiag == 0
+  if dead.all():
+    raise ValueError(
+        f"GPTQ {name}: the Hessian is zero: no calibration rows reached this weight, its "
+        "inputs are all zero, or they are so small (|x| < ~1e-19) that x^2 underflows "
+        "float32. GPTQ would zero every weight; give it calibration data that exercises the "
+        "layer, or quantize it round-to-nearest")
+  perm = None
+  if act_order:
+    perm = np.argsort(-np.where(dead, 1.0, np.asarray(hdiag, np.float64)), kind="stable")
+  rows_per = max(1, (8 << 20) // max(1, k * 4))
+  hw = np.empty((k, k), solve)
+  for r0 in range(0, k, rows_per):
+    r1 = min(k, r0 + rows_per)
+    blk = h_in[r0:r1] if perm is None else h_in[perm[r0:r1]][:, perm]
+    if count is not None:  # 2 X^T X / n in float32, as InputStats.hessian() forms it
+      blk = np.asarray(blk, np.float32) * np.float32(2.0) / np.float32(max(count, 1.0))
+    hw[r0:r1] = blk
+  dp = dead if perm is None else dead[perm]
+  hw[dp, dp] = 1.0
+  return PreparedHessian(hw, dead, perm)
+
+
+def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
                   calibration: Any = "auto", percdamp: float = 0.01, block_size: int = 32,
                   act_order: bool = False, name: str = "weight", solve_dtype: Any = "float32",
                   count: float | None = None) -> GPTQResult:
@@ -288,7 +356,8 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   Args:
     w: `[in, out]` float weight (y = x @ w).
     h: `[in, in]` Hessian `2 X^T X / n` of the layer's inputs (see
-      `hessian_init` / `hessian_update` / `hessian`).
+      `hessian_init` / `hessian_update` / `hessian`), or a `PreparedHessian`
+      (`prepare_hessian`, made with the same `act_order`).
     fmt: the target format: integer (any bits, sym/asym, int or float zero
       point), NF4 or FP8; per-tensor, per-output-channel or groups along the
       input axis.
@@ -313,7 +382,8 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
 
   Memory: besides the caller's `h` (read, not copied whole), one `K x K`
   array of `solve_dtype` (the Hessian, then in place its factor) and a
-  float32 copy of the factor for the jitted loop.
+  float32 copy of the factor for the jitted loop. `GPTQ.apply` prepares the
+  copy first and drops the statistic before the solve.
 
   Returns:
     `GPTQResult(qarray, loss, perm)`; `qarray` is a plain QArray of `fmt`.
@@ -330,30 +400,18 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
   _check_format(fmt, w.shape)
   cal = calibrate_lib.resolve_calibration(calibration)
   k, out = w.shape
-  solve = np.dtype(solve_dtype)
-  if solve not in (np.dtype(np.float32), np.dtype(np.float64)):
-    raise ValueError(f"GPTQ {name}: solve_dtype must be 'float32' or 'float64', got "
-                     f"{solve_dtype!r}")
-  h_in = np.asarray(h)  # a jax array on the host: a read-only view, no copy
-  if h_in.shape != (k, k):
-    raise ValueError(f"GPTQ: Hessian shape {h_in.shape} does not match the weight's input "
+  if not isinstance(h, PreparedHessian):
+    h = prepare_hessian(h, count=count, act_order=act_order, solve_dtype=solve_dtype, name=name)
+  elif (h.perm is not None) != act_order:
+    raise ValueError(f"GPTQ {name}: the prepared Hessian was made with act_order="
+                     f"{h.perm is not None}, gptq_quantize was called with act_order={act_order}")
+  if h.shape != (k, k):
+    raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
                      f"dimension {k} (weight shape {tuple(w.shape)})")
   qarray_lib._check_finite(w, f"{name} (GPTQ weight)")
   qarray_lib.check_range_fits(w, fmt, f"{name} (GPTQ)")
-  if not (np.isfinite(np.max(h_in)) and np.isfinite(np.min(h_in))):  # NaN propagates
-    raise ValueError(f"GPTQ {name}: the Hessian holds NaN/Inf values (NaN/Inf in the "
-                     "calibration inputs, e.g. token ids beyond the vocabulary or overflowing "
-                     "activations)")
-  hdiag = np.diag(h_in)
-  if count is not None:  # the Hessian's diagonal exactly as formed below
-    hdiag = np.asarray(hdiag, np.float32) * np.float32(2.0) / np.float32(max(count, 1.0))
-  dead = hdiag == 0
-  if dead.all():
-    raise ValueError(
-        f"GPTQ {name}: the Hessian is zero: no calibration rows reached this weight, its "
-        "inputs are all zero, or they are so small (|x| < ~1e-19) that x^2 underflows "
-        "float32. GPTQ would zero every weight; give it calibration data that exercises the "
-        "layer, or quantize it round-to-nearest")
+  dead, perm = h.dead, h.perm
+  hw = h.take()  # ours now: solved in place below
   wt = np.asarray(w, np.float32).T.copy()  # [out, in], the paper's layout
   wt[:, dead] = 0.0
 
@@ -369,28 +427,13 @@ def gptq_quantize(w: jax.Array, h: jax.Array, fmt: QuantFormat | str, *,
     # Each input row's scale row (the loop gathers; no [K, out] copy of the scales).
     row_group = (np.arange(k) // group if group else np.zeros(k, np.int64)).astype(np.int32)
 
-  perm = None
-  if act_order:
-    diag = np.where(dead, 1.0, np.asarray(hdiag, np.float64))
-    perm = np.argsort(-diag, kind="stable")
+  if perm is not None:
     wt = wt[:, perm]
     if static:
       row_group = row_group[perm]
-  # The one K x K copy GPTQ makes (permuted and scaled on the way, in row blocks); the
-  # solve below then works in it in place.
-  rows_per = max(1, (8 << 20) // max(1, k * 4))
-  hw = np.empty((k, k), solve)
-  for r0 in range(0, k, rows_per):
-    r1 = min(k, r0 + rows_per)
-    blk = h_in[r0:r1] if perm is None else h_in[perm[r0:r1]][:, perm]
-    if count is not None:  # 2 X^T X / n in float32, exactly as InputStats.hessian() forms it
-      blk = np.asarray(blk, np.float32) * np.float32(2.0) / np.float32(max(count, 1.0))
-    hw[r0:r1] = blk
-  del blk, h_in
-  dp = dead if perm is None else dead[perm]
-  hw[dp, dp] = 1.0
 
-  hinv = inverse_cholesky_upper(hw, percdamp, what=f"GPTQ {name}", overwrite=True, dtype=solve)
+  hinv = inverse_cholesky_upper(hw, percdamp, what=f"GPTQ {name}", overwrite=True,
+                                dtype=hw.dtype)
   del hw
 
   # Blocks hold whole groups; pad to whole blocks with identity Hessian rows
@@ -484,17 +527,22 @@ class GPTQ:
     from quantjax.methods import activations as act_lib
     out = {}
     losses = record.setdefault("gptq_loss", {})
-    for p in parts:
+    for i, p in enumerate(parts):
       fmt = resolve_format(p.rule.format)
       if fmt.is_cast:
         q = qarray_lib.quantize(p.value, fmt, name=p.name)
       else:
-        if p.stats.xtx is None:
-          raise ValueError("the Hessian was not collected")
-        res = gptq_quantize(p.matrix(), p.stats.xtx, p.matrix_format(fmt),
+        st = p.stats
+        if st.xtx is None:
+          raise ValueError(f"{p.name}: the Hessian was not collected")
+        prep = prepare_hessian(st.xtx, count=st.count, act_order=self.act_order,
+                               solve_dtype=self.solve_dtype, name=p.name)
+        if not any(q.stats is st for q in parts[i + 1:]):
+          st.xtx = None  # the driver keeps no other reference to a finished source's stats
+        del st
+        res = gptq_quantize(p.matrix(), prep, p.matrix_format(fmt),
                             calibration=p.rule.calibration, percdamp=self.percdamp,
-                            act_order=self.act_order, block_size=self.block_size, name=p.name,
-                            solve_dtype=self.solve_dtype, count=p.stats.count)
+                            act_order=self.act_order, block_size=self.block_size, name=p.name)
         q = p.qarray_from_matrix(res.qarray)
         losses[p.name] = res.loss
       out[p.key] = act_lib.wrap_weight(p, q, observer=self.act_observer)

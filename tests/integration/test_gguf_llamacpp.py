@@ -155,3 +155,28 @@ def test_k_quant_export_matches_llamacpps_own_q4_k_m(tmp_path, smollm2, windows)
   got = llamacpp.perplexity(ours, windows[:2], n_threads=2)["perplexity"]
   want = llamacpp.perplexity(theirs, windows[:2], n_threads=2)["perplexity"]
   assert got <= 1.01 * want, (got, want)
+
+
+def test_streamed_gguf_runs_in_llamacpp(tmp_path, smollm2, smollm2_split, windows):
+  """SmolLM2 as a BF16 Hugging Face checkpoint, compressed by `compress_streaming` layer by
+  layer straight to GGUF (GPTQ in Q4_0's format on the first `GPTQ_LAYERS` blocks, the
+  tokenizer copied from the shipped file): llama.cpp loads it and scores it as the JAX
+  model scores the same file."""
+  from quantjax import methods, streaming
+  from quantjax.io import hf
+  from quantjax.rules import QuantRule
+  cfg, params, _ = smollm2
+  hf.export_hf(tmp_path / "bf16", cfg, params, dtype="bfloat16")
+  out = tmp_path / "streamed.gguf"
+  res = streaming.compress_streaming(
+      tmp_path / "bf16", out, [np.asarray(smollm2_split.calib_windows[:4])],
+      [QuantRule(module_path=GPTQ_TARGETS, format="q4_0")], methods.GPTQ(),
+      gguf_types={"embed/embedding": "Q8_0", TARGETS: "Q4_0"}, tokenizer=load.smollm2_path(),
+      progress=False)
+  gptq_rows = [r for r in res.report if re.fullmatch(GPTQ_TARGETS, r.path)]
+  assert len(gptq_rows) == 7 * GPTQ_LAYERS and {r.how for r in gptq_rows} == {"lossless"}
+  cfg2, imported, _, _ = gio.import_gguf(out, tokenizer=False)
+  want = _jax_ppl(cfg2, imported, windows[:2])
+  got = llamacpp.perplexity(out, windows[:2], n_threads=2)["perplexity"]
+  assert abs(got / want - 1) < 0.01, (got, want)
+  assert want < 1.5 * _jax_ppl(cfg, params, windows[:2])  # a working model, not noise

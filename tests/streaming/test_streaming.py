@@ -357,3 +357,43 @@ def test_two_processes_give_the_one_process_file(tmp_path, source):
       cfgs.append({k: v for k, v in json.load(f).items() if k != "_name_or_path"})
   assert cfgs[0] == cfgs[1]
   assert [r["layer"] for r in one.layers] == list(range(N_LAYERS))
+
+
+def test_gguf_output_equals_in_memory_export(tmp_path, source):
+  """Streaming to a .gguf file (interrupted after layer 1 and resumed) gives export_gguf's
+  bytes for the same GPTQ result: the Q4_0 codes go in code for code, floats in the
+  source's dtype (BF16), norms F32."""
+  from quantjax.io import gguf, gguf_read
+  rules = (QuantRule(module_path=llama.PROJ_KERNELS, format="q4_0"),)
+  out = tmp_path / "model.gguf"
+
+  def stop(i, rec):
+    if i == 1:
+      raise _Stop
+  with pytest.raises(_Stop):  # interrupted after layer 1, then resumed: the same bytes
+    streaming.compress_streaming(source, out, _tokens(), rules, methods.GPTQ(act_order=True),
+                                 progress=False, on_layer=stop)
+  assert not os.path.exists(out)
+  res = streaming.compress_streaming(source, out, _tokens(), rules,
+                                     methods.GPTQ(act_order=True), progress=False)
+  assert res.resumed_from == 2
+  assert res.output_bytes == os.path.getsize(out)
+  assert {r.gguf_type for r in res.report if "attn_q" in r.name} == {"Q4_0"}
+  assert all(r.how == "lossless" for r in res.report if r.gguf_type == "Q4_0")
+  cfg, params, _, _ = hf.import_hf(source, dtype=jnp.float32, tokenizer=False)
+  ref = methods.calibrate(llama.forward_fn(cfg), params, _tokens(), rules,
+                          methods.GPTQ(act_order=True), progress=False)
+  gguf.export_gguf(tmp_path / "ref.gguf", cfg, ref.params, float_type="BF16")
+  with gguf_read.read_gguf(out) as a, gguf_read.read_gguf(tmp_path / "ref.gguf") as b:
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+      assert ta.type_name == tb.type_name, ta.name
+      assert np.array_equal(np.asarray(ta.data).view(np.uint8),
+                            np.asarray(tb.data).view(np.uint8)), f"{ta.name} differs"
+  assert not os.path.exists(tmp_path / ".model.gguf.stream-work")
+  # Loads in the JAX model and decodes.
+  qcfg, qparams, _ = gguf.import_gguf(out, tokenizer=False)[:3]
+  assert llama.generate(qcfg, qparams, _tokens()[0][:1, :4], 3).shape == (1, 7)
+  # An existing file is kept unless overwrite=True.
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    streaming.compress_streaming(source, out, _tokens(), rules, methods.GPTQ(), progress=False)
