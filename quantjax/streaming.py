@@ -4,8 +4,8 @@
 Hugging Face directory (`config.json` and F32 / BF16 / F16 safetensors, one
 file or shards with `model.safetensors.index.json`) and writes the quantized
 model as a Hugging Face compressed-tensors directory (the layout `io.hf.export_hf`
-writes, one safetensors shard per decoder layer), holding at most one layer in
-memory:
+writes, one safetensors shard per decoder layer) or as one GGUF file (the
+bytes `io.gguf.export_gguf` writes), holding at most one layer in memory:
 
 1. Every header is checked first (a missing tensor, a wrong shape, a shard
    whose dtype differs from `config.json`'s, unknown extra tensors: an
@@ -24,8 +24,15 @@ memory:
    sequential pipeline does). The layer is then released.
 4. The embedding, final norm and untied head are copied in row blocks; the
    shards, index, `config.json` and report are committed atomically as one
-   directory (`io.atomic.atomic_dir`): the output is complete or absent, and
-   an earlier output is kept until the new one is complete.
+   directory (`io.atomic.atomic_dir`), or the GGUF file is assembled from the
+   finished layers (memory maps) and renamed into place: the output is
+   complete or absent, and an earlier output is kept until the new one is
+   complete.
+
+Across processes (`jax.distributed`): the calibration batches are dealt out,
+each process carries its own batches' hidden states, XLA sums the statistics
+across processes, and every process continues with process 0's layer (see
+`compress_streaming`).
 
 Resume: finished layer shards, the hidden states at the last layer boundary
 and a manifest live in a work directory beside the output, each written
@@ -34,11 +41,15 @@ atomically. The manifest is keyed by everything the result depends on
 versions); a run that finds a matching manifest continues after the last
 finished layer and gives the same bytes as an uninterrupted run.
 
-Memory: one layer's weights (stored dtype, then float32) with the method's
-statistics and working copies (for GPTQ the largest Hessian, `K x K` float32
-and the float64 copies of its Cholesky solve), plus the calibration hidden
-states (`n_tokens x d` float32, twice while a layer's output is computed).
-The peak is independent of the number of layers.
+Memory: one layer's weights in float32 (the stored copy is dropped tensor by
+tensor) and the effective (dequantized) weights of its finished parts, the
+method's statistics and working copies (for GPTQ the largest Hessian: its
+`K x K` float32 statistic, dropped once GPTQ has its own copy, that copy,
+solved in place, and the float32 factor the column loop reads), plus the
+calibration activations (`n_tokens x d` float32 between layers; within a
+layer the driver holds each segment's activations for all batches). Freed
+heap pages are returned to the OS after each layer. The peak is independent
+of the number of layers.
 
 References:
   Frantar et al., GPTQ, ICLR 2023, arXiv:2210.17323 (layer-by-layer
@@ -51,6 +62,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -536,6 +548,10 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     p = speed_lib.peak_rss_bytes()
     if p is not None:
       peaks.append(p)
+    # Freed pages go back to the OS before the next phase (glibc keeps them otherwise,
+    # in the arenas of the threads that freed them, and each layer's peak then grows).
+    gc.collect()
+    speed_lib.trim_heap()
     speed_lib.reset_peak_rss()
     return p
 
