@@ -215,15 +215,17 @@ def _estimate_70b(rows: list[dict]) -> list[str]:
 
 def table(rows: list[dict]) -> str:
   lines = [
-      "| model | layers | BF16 model GiB | peak RSS GiB (runtime before) | peak / BF16 | "
-      "first layer s | s / layer (median) | compress total | output GiB | loads + decodes |",
+      "| model | layers | BF16 file GiB (full model) | peak RSS GiB (runtime before) | "
+      "peak / full model's BF16 | first layer s | s / layer (median) | compress total | "
+      "output GiB | loads + decodes |",
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for r in rows:
     lay = f"{r['layers']} of {r['full_layers']} (truncated)" if r["truncated"] else \
         str(r["layers"])
     lines.append(
-        f"| {r['model']} | {lay} | {_gib(r['source_bytes'])} | {_gib(r['peak_rss_bytes'])} "
-        f"({_gib(r['runtime_rss_before_bytes'])}) | {r['peak_over_source']:.3f} | "
+        f"| {r['model']} | {lay} | {_gib(r['source_bytes'])} ({_gib(r['full_bf16_bytes'])}) | "
+        f"{_gib(r['peak_rss_bytes'])} ({_gib(r['runtime_rss_before_bytes'])}) | "
+        f"{r['peak_over_full_bf16']:.3f} | "
         f"{r['first_layer_s']:.1f} | {r['median_layer_s']:.1f} | {r['compress_s']:.0f} s | "
         f"{_gib(r['output_bytes'])} | {'yes' if r['decode_ok'] else 'NO'} |")
   if rows:
@@ -234,7 +236,8 @@ def table(rows: list[dict]) -> str:
             f"{r0.get('cpus')} CPUs, jax {r0.get('jax')}. Peak RSS: the process's VmHWM during "
             "`compress_streaming` (JAX runtime included). A truncated run has the full model's "
             "layer shapes, embedding and head, fewer layers: its peak is the full model's (it "
-            "does not grow with depth), its ratio is to the smaller file written."]
+            "does not grow with depth), so its ratio is given to the full model's BF16 size; "
+            "its time is per layer."]
   return "\n".join(lines)
 
 
