@@ -144,7 +144,9 @@ def run(args) -> dict:
                for _ in range(args.windows)]
     rules = [QuantRule(module_path=llama.PROJ_KERNELS, format=args.format)]
     base_rss = speed.rss_bytes()
-    res = streaming.compress_streaming(src, out, batches, rules, methods.GPTQ(),
+    # The float32 solve (the reference's precision) halves the largest Hessian's copy.
+    res = streaming.compress_streaming(src, out, batches, rules,
+                                       methods.GPTQ(solve_dtype="float32"),
                                        progress=not args.no_progress)
     secs = [r["seconds"] for r in res.layers]
     rest = secs[1:] or secs
@@ -231,7 +233,8 @@ def table(rows: list[dict]) -> str:
   if rows:
     lines += _estimate_70b(rows)
   r0 = rows[-1] if rows else {}
-  lines += ["", f"GPTQ {r0.get('format')} on {r0.get('windows')} random windows x "
+  lines += ["", f"GPTQ {r0.get('format')} (float32 solve) on {r0.get('windows')} random "
+            "windows x "
             f"{r0.get('seq')} tokens; random BF16 weights; {r0.get('device')}, "
             f"{r0.get('cpus')} CPUs, jax {r0.get('jax')}. Peak RSS: the process's VmHWM during "
             "`compress_streaming` (JAX runtime included). A truncated run has the full model's "
