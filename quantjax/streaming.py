@@ -62,6 +62,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -87,7 +88,7 @@ __all__ = ["StreamResult", "compress_streaming", "check_source"]
 
 MANIFEST = "manifest.json"
 _MANIFEST_FORMAT = "quantjax-stream"
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2
 _FLOAT = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
 _ROW_BLOCK_BYTES = 32 * 2**20  # row blocks of the embedding / head copy
@@ -282,12 +283,13 @@ def _write_shard(path: str, entries: dict, metadata: dict) -> None:
     raise
 
 
-def _row_blocks(a: np.ndarray, dtype: np.dtype) -> Iterable[np.ndarray]:
-  """`a` (a memory-mapped 2-D tensor) converted to `dtype` in row blocks."""
+def _row_blocks(a: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]
+                ) -> Iterable[np.ndarray]:
+  """`convert` of `a` (a memory-mapped tensor) in blocks of rows, each read as float32
+  (exact for BF16 / F16 sources), so no whole float32 copy is ever made."""
   rows = max(1, _ROW_BLOCK_BYTES // max(1, a[0].nbytes if a.ndim > 1 else a.nbytes))
   for r in range(0, a.shape[0], rows):
-    # Through float32, as export_hf converts (exact for BF16 / F16 sources).
-    yield np.asarray(a[r:r + rows], np.float32).astype(dtype)
+    yield convert(np.asarray(a[r:r + rows], np.float32))
 
 
 def _scheme_json(s: hf.Scheme) -> dict:
@@ -373,11 +375,10 @@ class _GGUFPlan:
       forced = self.lib._match_type(self.types, spath, g) if spec.path[-1] != "scale" else None
       t = "F32" if spec.path[-1] == "scale" else (forced or self.float_type)
       if t in self.lib.FLOAT_TYPES:
-        rows = max(1, _ROW_BLOCK_BYTES // max(1, a[0].nbytes if a.ndim > 1 else a.nbytes))
-        blocks = self._float_blocks(a, rows, t)
         dt = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
               "BF16": np.dtype(np.uint16)}[t]
-        entries[g] = (dt, a.shape, blocks)
+        entries[g] = (dt, a.shape,
+                      _row_blocks(a, functools.partial(self.lib._float_tensor, t=t)))
         nbytes = int(np.prod(a.shape)) * dt.itemsize
         recs.append(dataclasses.asdict(self.lib.TensorExport(
             g, spath, tuple(spec.shape), src.dtype.name, t, "float", nbytes)))
@@ -390,10 +391,6 @@ class _GGUFPlan:
     del entries, a
     src.release()
     return recs
-
-  def _float_blocks(self, a: np.ndarray, rows: int, t: str) -> Iterable[np.ndarray]:
-    for r in range(0, a.shape[0], rows):
-      yield self.lib._float_tensor(np.asarray(a[r:r + rows], np.float32), t)
 
   def write(self, output: str, work: str, n_layers: int, tokenizer: Any, name: str) -> None:
     """The GGUF file from the finished shards (memory maps, in the file's tensor order)."""
@@ -440,7 +437,7 @@ def _write_other_shard(src: _Source, path: str, fdt: np.dtype, meta: dict) -> li
   entries, recs = {}, []
   for spec in src.other_specs:
     a = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)
-    entries[spec.hf_name] = (fdt, a.shape, _row_blocks(a, fdt))
+    entries[spec.hf_name] = (fdt, a.shape, _row_blocks(a, lambda b: b.astype(fdt)))
     note = f"cast to {fdt.name}" if src.dtype.itemsize > fdt.itemsize else ""
     recs.append(dataclasses.asdict(hf.TensorExport(
         spec.hf_name, "/".join(map(str, spec.path)), tuple(spec.shape), src.dtype.name,
@@ -652,8 +649,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     os.makedirs(work, exist_ok=True)
     if manifest is None:
       manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "key": key,
-                  "fingerprint": fp, "embed_done": False, "done": [], "hidden": None,
-                  "layers": {}}
+                  "fingerprint": fp, "embed_done": False, "done": [], "layers": {}}
       _write_json(os.path.join(work, MANIFEST), manifest)
     if nproc > 1:
       _barrier("quantjax-stream-start")
@@ -790,7 +786,6 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     manifest["layers"][str(i)] = {"record": {k: v for k, v in rec.items() if k != "resumed"},
                                   "records": recs, "schemes": schemes, "info": layer_info}
     manifest["done"].append(i)
-    manifest["hidden"] = _hidden_name(i + 1, 0, nproc)
     if lead:
       _write_json(os.path.join(work, MANIFEST), manifest)
     if nproc > 1:
