@@ -30,7 +30,7 @@ llama.cpp's own Q4_0 beside it. Every row:
 perplexity on the protocol (32 windows of 512), Δ, KL divergence and top-1
 agreement against FP32, model bytes, bits per weight, quantize seconds,
 evaluation tokens/s. Calibrated methods use `CALIB_WINDOWS` = 8 windows of
-512 tokens (the protocol's full 128 in `configs/calibrated.py`; 8 instead of
+512 tokens (32 in `configs/calibrated.py`; 8 instead of
 16 keeps the run within 15 minutes on 2 cores, and costs GPTQ W4 nothing but
 GPTQ W3, AWQ and SparseGPT some quality: README, "Fewer calibration
 windows"), mixed precision's Fisher sensitivity all 8; the table says so. Signed symmetric integer formats

@@ -2,14 +2,19 @@
 
 `compress_streaming(source, output, batches, rules, method)` reads a Llama-family
 Hugging Face directory (`config.json` and F32 / BF16 / F16 safetensors, one
-file or shards with `model.safetensors.index.json`) and writes the quantized
+file or shards with `model.safetensors.index.json`) or a Llama-family GGUF file
+(memory-mapped; each tensor dequantized to float32 when its layer is read, as
+`models.load.load_gguf` dequantizes it, Q/K rows back in Hugging Face's order;
+the embedding's calibration rows and the copies of the embedding, norm and head
+read by rows, so a quantized vocabulary is never dequantized whole) and writes the quantized
 model as a Hugging Face compressed-tensors directory (the layout `io.hf.export_hf`
 writes, one safetensors shard per decoder layer) or as one GGUF file (the
 bytes `io.gguf.export_gguf` writes), holding at most one layer in memory:
 
 1. Every header is checked first (a missing tensor, a wrong shape, a shard
    whose dtype differs from `config.json`'s, unknown extra tensors: an
-   `HFFormatError` naming the file and the tensor), before any work.
+   `HFFormatError` naming the file and the tensor; for GGUF the checks of
+   `io.gguf_read`, a `GGUFError`), before any work.
 2. The calibration hidden states start as the embedding rows of the
    calibration tokens, gathered from a memory map (only those rows are read).
 3. For each layer: its tensors are read from disk (a copy per tensor, no map
@@ -132,30 +137,153 @@ class StreamResult:
 # The source.
 
 
-@dataclasses.dataclass
-class _Source:
-  directory: str
-  cfg_json: dict
-  cfg_path: str
-  arch: hf.HFArchitecture
-  config: Any
-  ckpt: hf.Checkpoint
-  dtype: np.dtype
-  layer_specs: list[list[hf.TensorSpec]]
-  other_specs: list[hf.TensorSpec]
+class _HFTensors:
+  """Tensors of a Hugging Face checkpoint (safetensors, one file or shards)."""
 
-  def stored(self, spec: hf.TensorSpec) -> np.ndarray:
-    """The tensor as stored (HF layout, stored dtype), read into a fresh array."""
+  def __init__(self, ckpt: hf.Checkpoint, directory: str):
+    self.ckpt, self.directory = ckpt, directory
+
+  def read(self, spec: hf.TensorSpec) -> np.ndarray:
     return self.ckpt.files[self.ckpt.where[spec.hf_name]].read(spec.hf_name)
+
+  def mapped(self, spec: hf.TensorSpec) -> np.ndarray:
+    return self.ckpt.files[self.ckpt.where[spec.hf_name]].get(spec.hf_name)
+
+  def files(self) -> dict[str, str]:
+    return {f: os.path.join(self.directory, f) for f in sorted(set(self.ckpt.where.values()))}
 
   def release(self) -> None:
     for f in self.ckpt.files.values():
       f.close()
 
 
+class _GGUFRows:
+  """A GGUF tensor seen as float32 rows: indexing reads and dequantizes only the rows
+  asked for (the embedding's calibration rows, row blocks of a copy)."""
+
+  def __init__(self, tensor: Any):
+    self._t = tensor
+    self.shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
+    self.ndim = len(self.shape)
+    self.dtype = np.dtype(np.float32)
+    self.nbytes = int(np.prod(self.shape)) * 4
+
+  def __getitem__(self, rows: Any) -> np.ndarray:
+    from quantjax.models import load as load_lib
+    return load_lib.dequantize_gguf_rows(self._t, rows)
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    a = self[:].reshape(self.shape)
+    return a if dtype is None else a.astype(dtype)
+
+
+class _GGUFTensors:
+  """Tensors of a GGUF file, in the Hugging Face layout (`[out, in]`, Q/K rows in
+  Hugging Face's order), dequantized to float32 per tensor as `load_gguf` does."""
+
+  def __init__(self, path: str, config: Any, reader: Any):
+    from quantjax.models import load as load_lib
+    self.path, self._f = path, reader
+    self.table = {tuple(dest): (g, heads) for g, dest, heads, _ in
+                  load_lib.gguf_tensor_table(config)}
+
+  def _tensor(self, spec: hf.TensorSpec) -> tuple[Any, int | None]:
+    from quantjax.models import load as load_lib
+    if self._f is None:
+      self._f = load_lib._open_gguf(self.path)
+    g, heads = self.table[tuple(spec.path)]
+    return self._f.tensor(g), heads
+
+  def read(self, spec: hf.TensorSpec) -> np.ndarray:
+    from quantjax.models import load as load_lib
+    t, heads = self._tensor(spec)
+    w = load_lib.dequantize_gguf_tensor(t)
+    return load_lib.unpermute_qk(w, heads) if heads else w
+
+  def mapped(self, spec: hf.TensorSpec) -> _GGUFRows:
+    t, heads = self._tensor(spec)
+    if heads:  # pragma: no cover - only layer tensors are permuted, and those are read
+      raise ValueError(f"{spec.hf_name}: Q/K tensors are read whole, not by rows")
+    return _GGUFRows(t)
+
+  def files(self) -> dict[str, str]:
+    return {os.path.basename(self.path): self.path}
+
+  def release(self) -> None:
+    """Unmaps the file (pages read so far leave this process); reopened on next use."""
+    if self._f is not None:
+      self._f.close()
+      self._f = None
+
+
+@dataclasses.dataclass
+class _Source:
+  path: str  # the Hugging Face directory or the GGUF file
+  cfg_path: str | None  # config.json (None for GGUF: its metadata is in the file)
+  arch: hf.HFArchitecture
+  config: Any
+  tensors: _HFTensors | _GGUFTensors
+  dtype: np.dtype  # what a tensor is read as: the stored float dtype (float32 for GGUF)
+  layer_specs: list[list[hf.TensorSpec]]
+  other_specs: list[hf.TensorSpec]
+
+  def stored(self, spec: hf.TensorSpec) -> np.ndarray:
+    """The tensor as stored (HF layout, stored dtype), read into a fresh array."""
+    return self.tensors.read(spec)
+
+  def mapped(self, spec: hf.TensorSpec) -> Any:
+    """The tensor for reads by rows (a memory map, or dequantizing GGUF rows)."""
+    return self.tensors.mapped(spec)
+
+  def release(self) -> None:
+    self.tensors.release()
+
+  @property
+  def tokenizer(self) -> str | None:
+    """Where a GGUF output's vocabulary comes from by default ("auto")."""
+    if self.cfg_path is None:
+      return self.path  # the GGUF source carries its own
+    return self.path if os.path.exists(os.path.join(self.path, "tokenizer.json")) else None
+
+
+def _split_specs(specs: list[hf.TensorSpec], n_layers: int):
+  layers: list[list[hf.TensorSpec]] = [[] for _ in range(n_layers)]
+  others = []
+  for spec in specs:
+    if spec.path[0] == "layers":
+      layers[int(spec.path[1])].append(spec)
+    else:
+      others.append(spec)
+  return layers, others
+
+
+def _check_gguf_source(path: str) -> _Source:
+  """A Llama-family GGUF file: structure, metadata, tensor names and shapes checked
+  (`quantjax.io.gguf_read`) before any tensor is read."""
+  from quantjax.io import gguf as gguf_io
+  from quantjax.models import llama
+  from quantjax.models import load as load_lib
+  reader = load_lib._open_gguf(path)
+  try:
+    config = load_lib._config_from_reader(reader, path)
+    if not isinstance(config, llama.LlamaConfig):
+      raise load_lib.GGUFError(f"{path}: architecture {reader.get('general.architecture')!r}: "
+                               "streaming compression covers the Llama family")
+    load_lib._check_gguf_names(config, reader, path)
+    gguf_io.check_tensor_shapes(config, reader, path)
+  except BaseException:
+    reader.close()
+    raise
+  arch = hf.architecture_for("llama")
+  layers, others = _split_specs(arch.tensors(config), config.num_layers)
+  return _Source(path, None, arch, config, _GGUFTensors(path, config, reader),
+                 np.dtype(np.float32), layers, others)
+
+
 def check_source(directory: str | os.PathLike) -> _Source:
-  """Opens a Llama-family Hugging Face directory for streaming and checks every
-  tensor's header (presence, shape, dtype) against `config.json`.
+  """Opens a Llama-family source for streaming and checks every tensor's header: a
+  Hugging Face directory (presence, shape, dtype against `config.json`) or a `.gguf`
+  file (structure, metadata, names and shapes, as `models.load.load_gguf` checks).
 
   Raises:
     FileNotFoundError: no directory or no `config.json`.
@@ -167,6 +295,8 @@ def check_source(directory: str | os.PathLike) -> _Source:
   """
   from quantjax.models import llama
   directory = os.path.abspath(os.fspath(directory))
+  if os.path.isfile(directory) and directory.endswith(".gguf"):
+    return _check_gguf_source(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"not a directory: {directory}")
   cfg_path, cfg_json = hf._read_config(directory)
@@ -224,14 +354,9 @@ def check_source(directory: str | os.PathLike) -> _Source:
   if extra:
     raise hf.HFFormatError(f"{ckpt.file_of(extra[0])}: tensors a {arch.hf_class} with this "
                            f"config.json does not have: {extra[:6]}")
-  layers: list[list[hf.TensorSpec]] = [[] for _ in range(config.num_layers)]
-  others = []
-  for spec in specs:
-    if spec.path[0] == "layers":
-      layers[int(spec.path[1])].append(spec)
-    else:
-      others.append(spec)
-  return _Source(directory, cfg_json, cfg_path, arch, config, ckpt, want, layers, others)
+  layers, others = _split_specs(specs, config.num_layers)
+  return _Source(directory, cfg_path, arch, config, _HFTensors(ckpt, directory), want, layers,
+                 others)
 
 
 # ----------------------------------------------------------------------------
@@ -252,11 +377,12 @@ def _get(tree: dict, path: Sequence[Any]) -> Any:
 
 def _fingerprint(src: _Source, rules, method, tokens: np.ndarray, out_dtype: str) -> dict:
   files = {}
-  for fname in sorted(set(src.ckpt.where.values())):
-    stt = os.stat(os.path.join(src.directory, fname))
+  for fname, fpath in src.tensors.files().items():
+    stt = os.stat(fpath)
     files[fname] = [stt.st_size, stt.st_mtime_ns]
   import quantjax
-  return {"source": src.directory, "files": files, "config": atomic.file_sha256(src.cfg_path),
+  config = atomic.file_sha256(src.cfg_path) if src.cfg_path else repr(src.config)
+  return {"source": src.path, "files": files, "config": config,
           "rules": repr(tuple(rules)), "method": repr(method),
           "tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest() +
           f" {list(tokens.shape)} {tokens.dtype}",
@@ -371,7 +497,7 @@ class _GGUFPlan:
     for spec in src.other_specs:
       g, heads, axis = self.table[tuple(spec.path)]
       spath = "/".join(map(str, spec.path))
-      a = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)  # GGUF rows already
+      a = src.mapped(spec)  # GGUF rows already (Q/K, the permuted ones, are layer tensors)
       forced = self.lib._match_type(self.types, spath, g) if spec.path[-1] != "scale" else None
       t = "F32" if spec.path[-1] == "scale" else (forced or self.float_type)
       if t in self.lib.FLOAT_TYPES:
@@ -436,7 +562,7 @@ def _write_other_shard(src: _Source, path: str, fdt: np.dtype, meta: dict) -> li
   maps that are closed on return (their pages then leave this process)."""
   entries, recs = {}, []
   for spec in src.other_specs:
-    a = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)
+    a = src.mapped(spec)
     entries[spec.hf_name] = (fdt, a.shape, _row_blocks(a, lambda b: b.astype(fdt)))
     note = f"cast to {fdt.name}" if src.dtype.itemsize > fdt.itemsize else ""
     recs.append(dataclasses.asdict(hf.TensorExport(
@@ -451,8 +577,9 @@ def _write_other_shard(src: _Source, path: str, fdt: np.dtype, meta: dict) -> li
 def _embed_rows(src: _Source, tokens: np.ndarray) -> np.ndarray:
   """`embed_tokens[tokens]` as float32, read from a memory map (only those rows)."""
   spec = next(s for s in src.other_specs if s.path == ("embed", "embedding"))
-  table = src.ckpt.files[src.ckpt.where[spec.hf_name]].get(spec.hf_name)
-  out = np.take(table, tokens, axis=0).astype(np.float32)
+  table = src.mapped(spec)
+  flat = np.asarray(tokens).reshape(-1)
+  out = np.asarray(table[flat], np.float32).reshape(tuple(np.shape(tokens)) + (table.shape[1],))
   del table
   src.release()
   return out
@@ -472,7 +599,9 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   """Quantizes a Llama-family Hugging Face directory layer by layer, disk to disk.
 
   Args:
-    source: the float checkpoint (`config.json` + safetensors, sharded or not).
+    source: the float checkpoint (`config.json` + safetensors, sharded or not),
+      or a `.gguf` file (read as float32; its vocabulary is the GGUF output's
+      tokenizer with `tokenizer="auto"`).
     output: the directory to write (a compressed-tensors Hugging Face model),
       or a `.gguf` file (llama.cpp): each layer is encoded as `export_gguf`
       encodes it (a QArray in a GGUF block format, e.g. GPTQ with format
@@ -499,9 +628,9 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     gguf_types: GGUF output: `export_gguf`'s `types` rules (`{regex: GGUF
       type}`); float tensors without a rule are stored in `dtype`.
     tokenizer: GGUF output: where the tokenizer metadata comes from (a
-      `.gguf` file or a Hugging Face tokenizer directory); "auto" takes the
-      source directory when it holds `tokenizer.json`, else writes none
-      (llama.cpp then refuses the file; quantjax reads it).
+      `.gguf` file or a Hugging Face tokenizer directory); "auto" takes a GGUF
+      source's own, or the source directory when it holds `tokenizer.json`,
+      else writes none (llama.cpp then refuses the file; quantjax reads it).
     on_layer: called as `on_layer(i, record)` after layer `i` is safely on
       disk (tests interrupt a run here).
 
@@ -520,7 +649,8 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     A `StreamResult`.
 
   Raises:
-    HFFormatError: a source that cannot be read as claimed (see `check_source`).
+    HFFormatError, GGUFError: a source that cannot be read as claimed (see
+      `check_source`).
     ValueError: rules that select the embedding / head / norms, an activation
       (W8A8) or input-scale (AWQ / SmoothQuant) result, calibration batches of
       different shapes, a work directory holding another run (with resume).
@@ -713,6 +843,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       _set(layer, spec.path[2:], jnp.asarray(np.asarray(v.T if spec.kind == "linear" else v,
                                                         np.float32)))
       del v
+    src.release()  # a GGUF source's pages of this layer leave the process
     params = {"layers": {i: layer}}
 
     def fn(p, x, _i=i):
@@ -762,6 +893,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       recs.append(dataclasses.asdict(rec))
       if scheme is not None:
         schemes[spec.module] = _scheme_json(scheme)
+    src.release()
     if lead:
       _write_shard(os.path.join(work, f"layer-{i:05d}.safetensors"), entries, meta)
     del entries
@@ -815,8 +947,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     if lead:
       tok = tokenizer
       if tok == "auto":
-        tok = src.directory if os.path.exists(os.path.join(src.directory, "tokenizer.json")) \
-            else None
+        tok = src.tokenizer
       gg.write(output, work, n_layers, tok, getattr(cfg, "name", "") or base)
     return _finish(nproc, lead, keep_work, work, phase_peak, output, layer_records, start,
                    t_start, peaks, report, info)
@@ -879,7 +1010,7 @@ def _commit(output, overwrite, kind, src, sources, names, tensor_recs, weight_ma
             report) -> None:
   """The output directory, atomically: the finished shards linked in, index, config, report."""
   with atomic.atomic_dir(output, overwrite=overwrite, kind=kind,
-                         meta={"streamed_from": src.directory}) as tmp:
+                         meta={"streamed_from": src.path}) as tmp:
     for path, name in zip(sources, names):
       dest = os.path.join(tmp, name)
       try:

@@ -45,6 +45,7 @@ __all__ = [
     "load_model",
     "GGUF_LAYER_NAMES",
     "GGUF_TOP_NAMES",
+    "dequantize_gguf_rows",
     "dequantize_gguf_tensor",
     "dequantize_q4_0",
     "dequantize_q4_1",
@@ -121,25 +122,32 @@ _VIA_GGUF_PY = ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q5_0", "Q5_1")
 def dequantize_gguf_tensor(tensor: Any) -> np.ndarray:
   """A GGUF tensor (`quantjax.io.gguf_read.GGUFTensor`, or gguf-py's `ReaderTensor`) as
   float32 numpy `[ne_{n-1}, ..., ne_0]` (row-major)."""
+  shape = tuple(int(s) for s in reversed(list(tensor.shape)))
+  return dequantize_gguf_rows(tensor).reshape(shape)
+
+
+def dequantize_gguf_rows(tensor: Any, rows: Any = slice(None)) -> np.ndarray:
+  """Rows of a GGUF tensor as float32: `rows` (a slice, an index or an index array)
+  selects along the first axis of `[ne_{n-1}, ..., ne_0]`; only those rows' bytes are
+  read from the memory map and dequantized (ggml's blocks never cross a row)."""
   import gguf
   kind = tensor.tensor_type.name
-  data = np.asarray(tensor.data)
-  shape = tuple(int(s) for s in reversed(list(tensor.shape)))
+  data = tensor.data[rows]
   if kind == "F32":
-    out = data.astype(np.float32)
+    out = np.asarray(data, np.float32)
   elif kind == "F16":
-    out = data.astype(np.float32)
+    out = np.asarray(data).astype(np.float32)
   elif kind == "BF16":
-    u = data.view(np.uint16).astype(np.uint32) << 16
+    u = np.asarray(data).view(np.uint16).astype(np.uint32) << 16
     out = u.view(np.float32)
   elif kind in _OWN:
     out = _OWN[kind](data)
   elif kind in _VIA_GGUF_PY:
-    out = gguf.quants.dequantize(data, tensor.tensor_type).astype(np.float32)
+    out = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type).astype(np.float32)
   else:
     raise GGUFError(f"unsupported GGUF tensor type {kind} (tensor {tensor.name!r}); "
                     f"supported: F32, F16, BF16, {', '.join(_OWN)}, {', '.join(_VIA_GGUF_PY)}")
-  return np.asarray(out, np.float32).reshape(shape)
+  return np.asarray(out, np.float32)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

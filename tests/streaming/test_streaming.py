@@ -397,3 +397,42 @@ def test_gguf_output_equals_in_memory_export(tmp_path, source):
   # An existing file is kept unless overwrite=True.
   with pytest.raises(FileExistsError, match="overwrite=True"):
     streaming.compress_streaming(source, out, _tokens(), rules, methods.GPTQ(), progress=False)
+
+
+def test_gguf_source_equals_its_in_memory_load(tmp_path):
+  """A GGUF file as the source (Q8_0 projections and embedding, Q4_1 down_proj, F32
+  norms) streams to the tensors of load_gguf -> calibrate -> export_hf, bit for bit: each
+  tensor dequantized as load_gguf does it, Q/K rows back in Hugging Face's order, the
+  embedding's calibration rows dequantized by rows."""
+  from quantjax.io import gguf
+  from quantjax.models import load as load_lib
+  cfg, pure = make_tiny(num_layers=N_LAYERS)
+  src = tmp_path / "tiny.gguf"
+  gguf.export_gguf(src, cfg, pure, types=[("down_proj", "Q4_1"), ("kernel|embedding", "Q8_0")])
+  res = streaming.compress_streaming(src, tmp_path / "out", _tokens(), RULES,
+                                     methods.GPTQ(act_order=True), progress=False)
+  assert [r["layer"] for r in res.layers] == list(range(N_LAYERS))
+  gcfg, params, _ = load_lib.load_gguf(src, tokenizer=False)
+  ref = methods.calibrate(llama.forward_fn(gcfg), params, _tokens(), RULES,
+                          methods.GPTQ(act_order=True), progress=False)
+  hf.export_hf(tmp_path / "ref", gcfg, ref.params, dtype="float32")
+  _assert_same_tensors(tmp_path / "out", tmp_path / "ref")
+  # The embedding went through Q8_0 (not the float32 weights the file was made from).
+  emb = _tensors(tmp_path / "out")["model.embed_tokens.weight"]
+  assert np.array_equal(emb, np.asarray(params["embed"]["embedding"]))
+  assert not np.array_equal(emb, np.asarray(pure["embed"]["embedding"]))
+  # The output exists now: a second run refuses to overwrite it.
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    streaming.compress_streaming(src, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                 progress=False)
+
+
+def test_damaged_gguf_source_is_refused(tmp_path):
+  """A damaged GGUF source is refused by name before any work (gguf_read's checks)."""
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"GGUF" + b"\0" * 20)
+  from quantjax.models import load as load_lib
+  with pytest.raises(load_lib.GGUFError, match="bad.gguf"):
+    streaming.compress_streaming(bad, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                 progress=False)
+  assert not os.path.exists(tmp_path / "out")
