@@ -185,6 +185,31 @@ def inverse_cholesky_upper(h: np.ndarray, percdamp: float, what: str = "GPTQ", *
   return h
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """An uninitialised array whose data starts on a 64-byte boundary: XLA's CPU client
+  then uses it in place (`_device_f32`) instead of copying it."""
+  dtype = np.dtype(dtype)
+  n = int(np.prod(shape)) * dtype.itemsize
+  buf = np.empty(n + 64, np.uint8)
+  off = (-buf.ctypes.data) % 64
+  return buf[off:off + n].view(dtype).reshape(shape)
+
+
+def _device_f32(a: np.ndarray) -> jax.Array:
+  """`a` as a float32 jax array on a CPU device with no copy beyond the conversion: a
+  float32, contiguous, 64-byte aligned `a` is used in place (the caller must not write
+  to it afterwards), anything else is converted once into such a buffer. For GPTQ's
+  largest array, the K x K factor (0.8 GB in float32 at K = 14336), `jnp.asarray`
+  held up to two more copies while it converted and copied."""
+  if jax.default_backend() != "cpu":
+    return jnp.asarray(a, jnp.float32)
+  if not (a.dtype == np.float32 and a.flags.c_contiguous and a.ctypes.data % 64 == 0):
+    b = _aligned_empty(a.shape, np.float32)
+    np.copyto(b, a, casting="same_kind")  # float64 -> float32 rounds as astype does
+    a = b
+  return jax.device_put(a, may_alias=True)
+
+
 # Column steps unrolled per loop iteration (fewer loop trips on the host; see `_gptq_loop`).
 _UNROLL = 8
 
@@ -335,7 +360,7 @@ def prepare_hessian(h: Any, *, count: float | None = None, act_order: bool = Fal
   if act_order:
     perm = np.argsort(-np.where(dead, 1.0, np.asarray(hdiag, np.float64)), kind="stable")
   rows_per = max(1, (8 << 20) // max(1, k * 4))
-  hw = np.empty((k, k), solve)
+  hw = _aligned_empty((k, k), solve)
   for r0 in range(0, k, rows_per):
     r1 = min(k, r0 + rows_per)
     blk = h_in[r0:r1] if perm is None else h_in[perm[r0:r1]][:, perm]
@@ -384,8 +409,9 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
       copy GPTQ makes anyway (no second K x K array).
 
   Memory: besides the caller's `h` (read, not copied whole), one `K x K`
-  array of `solve_dtype` (the Hessian, then in place its factor) and a
-  float32 copy of the factor for the jitted loop. `GPTQ.apply` prepares the
+  array of `solve_dtype` (the Hessian, then in place its factor), which the
+  jitted loop reads in place when it is float32 (CPU; a float64 factor is
+  converted once into a float32 copy). `GPTQ.apply` prepares the
   copy first and drops the statistic before the solve.
 
   Returns:
@@ -447,7 +473,8 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
   npad = -(-k // block) * block
   if npad > k:
     wt = np.concatenate([wt, np.zeros((out, npad - k), np.float32)], axis=1)
-    hp = np.zeros((npad, npad), hinv.dtype)
+    hp = _aligned_empty((npad, npad), hinv.dtype)
+    hp[:] = 0
     hp[:k, :k] = hinv
     hp[np.arange(k, npad), np.arange(k, npad)] = 1.0
     hinv = hp
@@ -462,7 +489,7 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
     s_tab = z_tab = np.zeros((1, out), np.float32)
     col_group = np.zeros((1,), np.int32)
 
-  hinv32 = jnp.asarray(hinv, jnp.float32)
+  hinv32 = _device_f32(hinv)
   del hinv
   codes, g_scale, g_zp, loss = _gptq_loop(
       jnp.asarray(wt), hinv32, jnp.asarray(s_tab), jnp.asarray(z_tab), jnp.asarray(col_group),
