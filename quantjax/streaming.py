@@ -47,10 +47,12 @@ versions); a run that finds a matching manifest continues after the last
 finished layer and gives the same bytes as an uninterrupted run.
 
 Memory: one layer's weights in float32 (the stored copy is dropped tensor by
-tensor) and the effective (dequantized) weights of its finished parts, the
-method's statistics and working copies (for GPTQ the largest Hessian: its
-`K x K` float32 statistic, dropped once GPTQ has its own copy, that copy,
-solved in place, and the float32 factor the column loop reads), plus the
+tensor; each projection's array is freed once its result replaces it, via
+`calibrate(donate=True)`) and the effective (dequantized) weights of its
+finished parts, the method's statistics and working copies (for GPTQ the
+largest Hessian: its `K x K` float32 statistic, dropped once GPTQ has its
+own copy, and that copy, solved in place, which the column loop reads
+without a further copy for a float32 solve), plus the
 calibration activations (`n_tokens x d` float32 between layers; within a
 layer the driver holds each segment's activations for all batches). Freed
 heap pages are returned to the OS after each layer. The peak is independent
@@ -857,8 +859,10 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     with warnings.catch_warnings():
       # Rules for other layers match nothing here; coverage was checked on the whole model.
       warnings.simplefilter("ignore")
+      # donate: each projection's float32 array is freed once its result replaces it.
       res = capture_lib.calibrate(fn, params, batches_i, rules, method, mode="sequential",
-                                  progress=False, segment_cache=segment_cache, mesh=mesh)
+                                  progress=False, segment_cache=segment_cache, mesh=mesh,
+                                  donate=True)
     new_layer = res.params["layers"][i]
     # Encode exactly as export_hf does; float leaves (norms, skipped weights) as stored.
     entries, recs, schemes = {}, [], {}

@@ -375,3 +375,25 @@ def test_weights_reached_through_layout_ops_and_nnx_apply():
   nnx.update(model, res.params)
   np.testing.assert_allclose(np.asarray(model(x[0])), np.asarray(f2(state, x[0])), rtol=0.05,
                              atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "scan"])
+def test_donated_weights_are_freed_and_the_result_is_the_same(name):
+  """`donate=True` deletes each selected weight's buffer once its result replaces it (the
+  others are untouched) and changes nothing in the result; stacked (scan) weights too."""
+  fn, params, _ = user_models.trained(name)
+  rules = (QuantRule(module_path=TARGETS[name], format="int4_g16"), SKIP)
+  ref = methods.calibrate(fn, params, user_models.calibration(), rules, methods.GPTQ(),
+                          progress=False)
+  mine = jax.tree.map(jnp.array, params)  # a copy whose selected buffers may go
+  res = methods.calibrate(fn, mine, user_models.calibration(), rules, methods.GPTQ(),
+                          progress=False, donate=True)
+  flat = dict(rules_lib.tree_leaves_with_paths(mine))
+  selected = [p for p in flat if re.fullmatch(TARGETS[name], p)]
+  assert selected and all(flat[p].is_deleted() for p in selected)
+  assert not any(x.is_deleted() for p, x in flat.items() if p not in selected)
+  for (pa, a), (pb, b) in zip(rules_lib.tree_leaves_with_paths(ref.params),
+                              rules_lib.tree_leaves_with_paths(res.params)):
+    assert pa == pb
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert np.array_equal(np.asarray(x), np.asarray(y)), pa
