@@ -288,7 +288,8 @@ def check_source(directory: str | os.PathLike) -> _Source:
   file (structure, metadata, names and shapes, as `models.load.load_gguf` checks).
 
   Raises:
-    FileNotFoundError: no directory or no `config.json`.
+    FileNotFoundError: no directory or no `config.json`, no `.gguf` file.
+    GGUFError: a damaged GGUF file, or one not of the Llama family (named).
     HFFormatError: not a Llama-family model, an already-quantized checkpoint,
       a missing shard or tensor, a shape that disagrees with `config.json`, a
       tensor whose dtype differs from the checkpoint's dtype (`config.json`'s
@@ -297,7 +298,9 @@ def check_source(directory: str | os.PathLike) -> _Source:
   """
   from quantjax.models import llama
   directory = os.path.abspath(os.fspath(directory))
-  if os.path.isfile(directory) and directory.endswith(".gguf"):
+  if directory.endswith(".gguf"):
+    if not os.path.isfile(directory):
+      raise FileNotFoundError(f"GGUF source not found: {directory}")
     return _check_gguf_source(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"not a directory: {directory}")

@@ -436,3 +436,6 @@ def test_damaged_gguf_source_is_refused(tmp_path):
     streaming.compress_streaming(bad, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
                                  progress=False)
   assert not os.path.exists(tmp_path / "out")
+  with pytest.raises(FileNotFoundError, match="GGUF source not found: .*missing.gguf"):
+    streaming.compress_streaming(tmp_path / "missing.gguf", tmp_path / "out", _tokens(), RULES,
+                                 methods.GPTQ(), progress=False)
