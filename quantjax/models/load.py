@@ -134,7 +134,7 @@ def dequantize_gguf_rows(tensor: Any, rows: Any = slice(None)) -> np.ndarray:
   kind = tensor.tensor_type.name
   data = tensor.data[rows]
   if kind == "F32":
-    out = np.asarray(data, np.float32)
+    out = np.array(data, np.float32)  # a copy: never a view of the file's memory map
   elif kind == "F16":
     out = np.asarray(data).astype(np.float32)
   elif kind == "BF16":
