@@ -601,7 +601,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                        keep_work: bool = False, gguf_types: Any = None,
                        tokenizer: Any = "auto",
                        on_layer: Callable[[int, dict], None] | None = None) -> StreamResult:
-  """Quantizes a Llama-family Hugging Face directory layer by layer, disk to disk.
+  """Quantizes a Llama-family Hugging Face directory or GGUF file layer by layer, disk to disk.
 
   Args:
     source: the float checkpoint (`config.json` + safetensors, sharded or not),
