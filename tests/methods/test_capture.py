@@ -383,10 +383,10 @@ def test_donated_weights_are_freed_and_the_result_is_the_same(name):
   others are untouched) and changes nothing in the result; stacked (scan) weights too."""
   fn, params, _ = user_models.trained(name)
   rules = (QuantRule(module_path=TARGETS[name], format="int4_g16"), SKIP)
-  ref = methods.calibrate(fn, params, user_models.calibration(), rules, methods.GPTQ(),
+  ref = methods.calibrate(fn, params, user_models.calibration(), rules, methods.RTN(),
                           progress=False)
   mine = jax.tree.map(jnp.array, params)  # a copy whose selected buffers may go
-  res = methods.calibrate(fn, mine, user_models.calibration(), rules, methods.GPTQ(),
+  res = methods.calibrate(fn, mine, user_models.calibration(), rules, methods.RTN(),
                           progress=False, donate=True)
   flat = dict(rules_lib.tree_leaves_with_paths(mine))
   selected = [p for p in flat if re.fullmatch(TARGETS[name], p)]
