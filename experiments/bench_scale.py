@@ -147,7 +147,8 @@ def run(args) -> dict:
     # The float32 solve (the reference's precision) halves the largest Hessian's copy.
     res = streaming.compress_streaming(src, out, batches, rules,
                                        methods.GPTQ(solve_dtype="float32"),
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress,
+                                       activation_limit=args.activation_limit)
     secs = [r["seconds"] for r in res.layers]
     rest = secs[1:] or secs
 
@@ -166,7 +167,9 @@ def run(args) -> dict:
     row = {
         "shape": args.shape, "model": m.name, "layers": layers, "full_layers": m.layers,
         "truncated": layers < m.layers, "format": args.format, "windows": args.windows,
-        "seq": args.seq, "source_bytes": src_bytes, "full_bf16_bytes": full_bf16,
+        "seq": args.seq, "activation_limit": args.activation_limit,
+        "spilled_bytes": sum(r["spilled_bytes"] for r in res.layers),
+        "source_bytes": src_bytes, "full_bf16_bytes": full_bf16,
         "peak_rss_bytes": res.peak_rss_bytes, "runtime_rss_before_bytes": base_rss,
         "peak_over_source": res.peak_rss_bytes / src_bytes if res.peak_rss_bytes else None,
         "peak_over_full_bf16": res.peak_rss_bytes / full_bf16 if res.peak_rss_bytes else None,
@@ -184,11 +187,26 @@ def run(args) -> dict:
       shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _act_bytes(r: dict) -> int:
+  """The float32 hidden states of the calibration set at a layer boundary."""
+  return 4 * r["windows"] * r["seq"] * _shape(r["shape"]).d
+
+
+def _spill(r: dict) -> str:
+  lim = r.get("activation_limit")
+  if lim is None:
+    return "no (in memory)"
+  return f"above {lim / 2**20:.0f} MiB: {_gib(r.get('spilled_bytes', 0))} GiB written"
+
+
 def _estimate_70b(rows: list[dict]) -> list[str]:
   """Llama-3-70B from quantjax.plan's shape, scaled from the largest measured shape."""
   from quantjax import plan
   m70 = plan.MODELS["llama3-70b"]
-  big = max(rows, key=lambda r: _shape(r["shape"]).linear_params / _shape(r["shape"]).layers)
+  # The largest layer measured with the default calibration set, in memory; the deepest run.
+  default = [r for r in rows if r.get("activation_limit") is None] or rows
+  big = max(default, key=lambda r: (_shape(r["shape"]).linear_params / _shape(r["shape"]).layers,
+                                    r["layers"], -r["windows"] * r["seq"]))
   mb = _shape(big["shape"])
   per_layer = m70.linear_params / m70.layers
   ratio = per_layer / (mb.linear_params / mb.layers)
@@ -202,7 +220,8 @@ def _estimate_70b(rows: list[dict]) -> list[str]:
                 calib_samples=big["windows"], calib_seq=big["seq"])
   return [
       f"| {m70.name} (estimate) | {m70.layers} | {_gib(2 * m70.n_params)} | ~{_gib(peak)} | "
-      f"~{peak / (2 * m70.n_params):.3f} | | ~{big['median_layer_s'] * ratio:.0f} | "
+      f"~{peak / (2 * m70.n_params):.3f} | {big['windows']} x {big['seq']} | | | "
+      f"~{big['median_layer_s'] * ratio:.0f} | "
       f"~{big['median_layer_s'] * ratio * m70.layers / 3600:.1f} h | "
       f"~{_gib(big['output_bytes'] / mb.n_params * m70.n_params)} | |",
       "",
@@ -218,9 +237,10 @@ def _estimate_70b(rows: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> str:
   lines = [
       "| model | layers | BF16 file GiB (full model) | peak RSS GiB (runtime before) | "
-      "peak / full model's BF16 | first layer s | s / layer (median) | compress total | "
+      "peak / full model's BF16 | calibration tokens (hidden states) | "
+      "activations on disk | first layer s | s / layer (median) | compress total | "
       "output GiB | loads + decodes |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+      "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
   for r in rows:
     lay = f"{r['layers']} of {r['full_layers']} (truncated)" if r["truncated"] else \
         str(r["layers"])
@@ -228,20 +248,31 @@ def table(rows: list[dict]) -> str:
         f"| {r['model']} | {lay} | {_gib(r['source_bytes'])} ({_gib(r['full_bf16_bytes'])}) | "
         f"{_gib(r['peak_rss_bytes'])} ({_gib(r['runtime_rss_before_bytes'])}) | "
         f"{r['peak_over_full_bf16']:.3f} | "
+        f"{r['windows']} x {r['seq']} ({_act_bytes(r) / 2**20:.0f} MiB) | {_spill(r)} | "
         f"{r['first_layer_s']:.1f} | {r['median_layer_s']:.1f} | {r['compress_s']:.0f} s | "
         f"{_gib(r['output_bytes'])} | {'yes' if r['decode_ok'] else 'NO'} |")
   if rows:
     lines += _estimate_70b(rows)
   r0 = rows[-1] if rows else {}
-  lines += ["", f"GPTQ {r0.get('format')} (float32 solve) on {r0.get('windows')} random "
-            "windows x "
-            f"{r0.get('seq')} tokens; random BF16 weights; {r0.get('device')}, "
+  lines += ["", f"GPTQ {r0.get('format')} (float32 solve) on random token windows (the "
+            "calibration column: windows x tokens, and the float32 hidden states they make at a "
+            "layer boundary); random BF16 weights; "
+            f"{r0.get('device')}, "
             f"{r0.get('cpus')} CPUs, jax {r0.get('jax')}. Peak RSS: the process's VmHWM during "
             "`compress_streaming` (JAX runtime included). A truncated run has the full model's "
             "layer shapes, embedding and head, fewer layers: its peak is the full model's (it "
             "does not grow with depth), so its ratio is given to the full model's BF16 size; "
             "its time is per layer."]
   return "\n".join(lines)
+
+
+def _bytes(text: str) -> int:
+  mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+  return int(float(text[:-1] if mult > 1 else text) * mult)
+
+
+def _key(r: dict) -> tuple:
+  return (r["shape"], r["layers"], r["windows"], r["seq"], r.get("activation_limit"))
 
 
 def main(argv=None) -> int:
@@ -251,6 +282,8 @@ def main(argv=None) -> int:
   ap.add_argument("--windows", type=int, default=4)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--format", default="int4_g128")
+  ap.add_argument("--activation_limit", type=_bytes, default=None,
+                  help="compress_streaming's activation_limit (bytes; K/M/G suffixes)")
   ap.add_argument("--out", default="runs/bench_scale")
   ap.add_argument("--tmp", default=None, help="where the temporary model goes")
   ap.add_argument("--keep", action="store_true", help="keep the temporary files")
@@ -268,8 +301,9 @@ def main(argv=None) -> int:
   if os.path.exists(jpath):
     with open(jpath) as f:
       rows = json.load(f)
-  rows = [r for r in rows if (r["shape"], r["layers"]) != (row["shape"], row["layers"])] + [row]
-  rows.sort(key=lambda r: (_shape(r["shape"]).n_params, r["layers"]))
+  rows = [r for r in rows if _key(r) != _key(row)] + [row]
+  rows.sort(key=lambda r: (_shape(r["shape"]).n_params, r["layers"], r["windows"] * r["seq"],
+                           r.get("activation_limit") is not None))
   with atomic.atomic_write(jpath, "w") as f:
     json.dump(rows, f, indent=1)
   md = table(rows)

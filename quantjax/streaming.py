@@ -18,7 +18,8 @@ bytes `io.gguf.export_gguf` writes), holding at most one layer in memory:
 2. The calibration hidden states start as the embedding rows of the
    calibration tokens, gathered from a memory map (only those rows are read).
 3. For each layer: its tensors are read from disk (a copy per tensor, no map
-   left open; BF16 becomes float32 only here, for the method), the method runs
+   left open; BF16 / F16 stay in their dtype and are cast to float32 inside
+   the forward's computation and by the method), the method runs
    on it through the ordinary calibration driver (`methods.calibrate`,
    sequential mode) with the layer's own forward taken from the model code
    (`models.llama.Block`), the quantized tensors are encoded exactly as
@@ -46,17 +47,20 @@ atomically. The manifest is keyed by everything the result depends on
 versions); a run that finds a matching manifest continues after the last
 finished layer and gives the same bytes as an uninterrupted run.
 
-Memory: one layer's weights in float32 (the stored copy is dropped tensor by
-tensor; each projection's array is freed once its result replaces it, via
-`calibrate(donate=True)`) and the effective (dequantized) weights of its
-finished parts, the method's statistics and working copies (for GPTQ the
-largest Hessian: its `K x K` float32 statistic, dropped once GPTQ has its
-own copy, and that copy, solved in place, which the column loop reads
-without a further copy for a float32 solve), plus the
-calibration activations (`n_tokens x d` float32 between layers; within a
-layer the driver holds each segment's activations for all batches). Freed
-heap pages are returned to the OS after each layer. The peak is independent
-of the number of layers.
+Memory: one layer's weights in their stored dtype (BF16 stays BF16; each
+projection's array is freed once its result replaces it, via
+`calibrate(donate=True)`) and the float32 effective (dequantized) weights of
+its finished parts (`calibrate(stand_in_dtype=float32)`: exactly the values a
+float32 copy of the model would compute with), the method's statistics and
+working copies (for GPTQ the largest Hessian: its `K x K` float32 statistic,
+dropped once GPTQ has its own copy, and that copy, solved in place, which the
+column loop reads without a further copy for a float32 solve), plus the
+calibration activations: `n_tokens x d` float32 between layers, and within a
+layer the driver's stacks of each segment's activations over all batches.
+With `activation_limit`, stacks above the limit live in files of the work
+directory instead and the layer runs one batch at a time, so memory holds
+one batch's activations. Freed heap pages are returned to the OS after each
+layer. The peak is independent of the number of layers.
 
 References:
   Frantar et al., GPTQ, ICLR 2023, arXiv:2210.17323 (layer-by-layer
@@ -68,6 +72,7 @@ References:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import gc
@@ -110,7 +115,8 @@ class StreamResult:
     layers: one record per decoder layer, in order: `layer`, `seconds`
       (read, calibrate, write, carry), `stats_seconds` / `quant_seconds`
       (the driver's forward statistics / the method), `peak_rss_bytes`
-      (Linux VmHWM during that layer, None elsewhere), `resumed` (True when
+      (Linux VmHWM during that layer, None elsewhere), `spilled_bytes` (the
+      driver's activations written to disk, `activation_limit`), `resumed` (True when
       an earlier run finished it and this one reused it; its figures are that
       run's).
     resumed_from: the first layer this call computed (0 for a fresh run,
@@ -434,12 +440,30 @@ def _scheme_from(d: dict) -> hf.Scheme:
 
 
 def _clean_work(work: str) -> None:
-  """Removes leftover temporary files of our atomic writes in the work directory."""
+  """Removes leftover temporary files of our atomic writes in the work directory, and the
+  calibration activations a killed run left."""
   for name in os.listdir(work):
     if re.fullmatch(r"\..+\.tmp-[0-9a-f]{12}", name):
       p = os.path.join(work, name)
       if os.path.isfile(p):
         os.unlink(p)
+  _remove_activations(work)
+
+
+_ACTIVATIONS = "activations"  # the driver's spilled activations (calibrate(activation_dir=))
+
+
+def _remove_activations(work: str) -> None:
+  d = os.path.join(work, _ACTIVATIONS)
+  if not os.path.isdir(d) or os.path.islink(d):
+    return
+  for name in os.listdir(d):
+    if re.fullmatch(r"activations-[A-Za-z0-9_]+\.bin", name):
+      os.unlink(os.path.join(d, name))
+  try:
+    os.rmdir(d)
+  except OSError:
+    pass  # something else is in it: left as it is
 
 
 def _is_ours(work: str) -> bool:
@@ -453,6 +477,7 @@ def _is_ours(work: str) -> bool:
 
 def _remove_work(work: str) -> None:
   """Removes a work directory we wrote: only the files we name, then the directory."""
+  _remove_activations(work)
   for name in os.listdir(work):
     if (name == MANIFEST or re.fullmatch(r"(layer-\d{5}|embed)\.safetensors", name)
         or re.fullmatch(r"hidden-\d{5}(\.p\d+)?\.npy", name)
@@ -579,6 +604,58 @@ def _write_other_shard(src: _Source, path: str, fdt: np.dtype, meta: dict) -> li
   return recs
 
 
+class _Carried(collections.abc.Sequence):
+  """Carried hidden states `[nb, B, T, d]` float32 in an `.npy` file, one batch read per
+  index by positioned reads (no memory map: the file's pages never count as this process's
+  memory). What `compress_streaming(activation_limit=)` hands the driver."""
+
+  def __init__(self, path: str, shape: tuple[int, ...]):
+    fmt = np.lib.format
+    try:
+      with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        got, fortran, dt = read(f)
+        self.offset = f.tell()
+    except ValueError as e:
+      raise ValueError(f"{path}: not a carried hidden-state file ({e})") from None
+    if tuple(got) != tuple(shape) or fortran or dt != np.float32:
+      raise ValueError(f"{path}: carried hidden states of shape {tuple(got)} {dt}, expected "
+                       f"{tuple(shape)} float32")
+    self.path, self.shape = path, tuple(shape)
+    self.rec = int(np.prod(shape[1:], dtype=np.int64)) * 4
+    if os.path.getsize(path) < self.offset + shape[0] * self.rec:
+      raise ValueError(f"{path}: carried hidden states cut short ({os.path.getsize(path)} "
+                       f"bytes, expected {self.offset + shape[0] * self.rec})")
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, b: int) -> np.ndarray:
+    if not 0 <= b < self.shape[0]:
+      raise IndexError(b)
+    out = np.empty(self.shape[1:], np.float32)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(self.offset + b * self.rec)
+      while view.nbytes:
+        n = f.readinto(view)
+        if not n:
+          raise ValueError(f"{self.path}: carried hidden states of batch {b} cut short")
+        view = view[n:]
+    return out
+
+
+def _write_carried(path: str, shape: tuple[int, ...], rows: Iterable[np.ndarray]) -> None:
+  """The `.npy` file `np.save` writes for the stacked `rows`, one batch at a time, atomically."""
+  fmt = np.lib.format
+  with atomic.atomic_write(path) as f:
+    fmt.write_array_header_1_0(f, {"descr": fmt.dtype_to_descr(np.dtype(np.float32)),
+                                   "fortran_order": False, "shape": tuple(shape)})
+    for x in rows:
+      f.write(memoryview(np.ascontiguousarray(x, np.float32).reshape(-1).view(np.uint8)))
+
+
 def _embed_rows(src: _Source, tokens: np.ndarray) -> np.ndarray:
   """`embed_tokens[tokens]` as float32, read from a memory map (only those rows)."""
   spec = next(s for s in src.other_specs if s.path == ("embed", "embedding"))
@@ -599,7 +676,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                        dtype: str | None = None, work_dir: str | os.PathLike | None = None,
                        overwrite: bool = False, resume: bool = True, progress: bool = True,
                        keep_work: bool = False, gguf_types: Any = None,
-                       tokenizer: Any = "auto",
+                       tokenizer: Any = "auto", activation_limit: int | None = None,
                        on_layer: Callable[[int, dict], None] | None = None) -> StreamResult:
   """Quantizes a Llama-family Hugging Face directory or GGUF file layer by layer, disk to disk.
 
@@ -636,6 +713,14 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       `.gguf` file or a Hugging Face tokenizer directory); "auto" takes a GGUF
       source's own, or the source directory when it holds `tokenizer.json`,
       else writes none (llama.cpp then refuses the file; quantjax reads it).
+    activation_limit: bytes of calibration activations held in memory (None:
+      no limit). Above it the hidden states carried between layers stay in
+      the work directory (read one batch at a time, the next layer's written
+      one batch at a time), and the driver keeps its stacks of activations
+      within a layer in files there too (`methods.calibrate`'s
+      `activation_limit`): memory then holds one batch's activations. The
+      output is the same bytes either way. One process only (across
+      processes each already holds only its batches).
     on_layer: called as `on_layer(i, record)` after layer `i` is safely on
       disk (tests interrupt a run here).
 
@@ -728,6 +813,14 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     row_sharding = NamedSharding(mesh, PartitionSpec("data"))
   local_tokens = tokens_all[pid::nproc]  # this process's batches
   nb_local = local_tokens.shape[0]
+  hidden_shape = (nb_local, bsz, t, cfg.hidden_size)
+  if activation_limit is not None and int(activation_limit) < 0:
+    raise ValueError(f"activation_limit must be a number of bytes >= 0, got {activation_limit!r}")
+  if activation_limit is not None and nproc > 1:
+    raise ValueError("activation_limit is for one process; across processes each holds only "
+                     "its own calibration batches (pass None)")
+  # The carried hidden states stay on disk when they exceed the limit.
+  on_disk = activation_limit is not None and 4 * int(np.prod(hidden_shape)) > activation_limit
 
   # Rules over the whole model (abstract leaves): coverage, and nothing outside the layers.
   abstract: dict = {}
@@ -808,14 +901,18 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
 
   # This process's calibration hidden states at the current layer boundary:
   # [nb / P, B, T, d] float32.
-  if start == 0:
+  hidden: Any = None
+  hpath = os.path.join(work, _hidden_name(start, pid, nproc))
+  if start == 0 and on_disk:
+    _write_carried(hpath, hidden_shape,
+                   (_embed_rows(src, local_tokens[b]) for b in range(nb_local)))
+  elif start == 0:
     hidden = _embed_rows(src, local_tokens)
-  else:
-    hpath = os.path.join(work, _hidden_name(start, pid, nproc))
+  elif not on_disk:
     hidden = np.load(hpath)
-    if hidden.shape != (nb_local, bsz, t, cfg.hidden_size):
+    if hidden.shape != hidden_shape:
       raise ValueError(f"{hpath}: carried hidden states of shape {hidden.shape}, expected "
-                       f"{(nb_local, bsz, t, cfg.hidden_size)}")
+                       f"{hidden_shape}")
   phase_peak()
 
   # The block's own forward (models.llama.Block), with the model's RoPE tables and mask.
@@ -826,6 +923,8 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   cos, sin, mask = llama.block_inputs(cfg, positions, t, causal=True)
 
   def block_apply(p, x):
+    # BF16 / F16 weights are held as stored and cast up here, inside the computation.
+    p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
     return nnx.merge(graph, as_state(cfg, p))(x, cos, sin, mask)[0]
 
   carry = jax.jit(block_apply)
@@ -845,8 +944,9 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     layer: dict = {}
     for spec in specs:  # one tensor at a time: the stored copy is dropped once converted
       v = src.stored(spec)
-      _set(layer, spec.path[2:], jnp.asarray(np.asarray(v.T if spec.kind == "linear" else v,
-                                                        np.float32)))
+      if v.dtype not in (_FLOAT["bfloat16"], _FLOAT["float16"]):
+        v = np.asarray(v, np.float32)
+      _set(layer, spec.path[2:], jnp.asarray(v.T if spec.kind == "linear" else v))
       del v
     src.release()  # a GGUF source's pages of this layer leave the process
     params = {"layers": {i: layer}}
@@ -854,7 +954,9 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
     def fn(p, x, _i=i):
       return block_apply(p["layers"][_i], x)
 
-    if mesh is None:
+    if on_disk:  # read by the driver one batch at a time
+      batches_i = _Carried(os.path.join(work, _hidden_name(i, pid, nproc)), hidden_shape)
+    elif mesh is None:
       batches_i = [jnp.asarray(hidden[b]) for b in range(nb_local)]
     else:  # global batches: this process's rows, the other processes' rows
       batches_i = [jax.make_array_from_process_local_data(row_sharding, hidden[b])
@@ -865,7 +967,9 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       # donate: each projection's float32 array is freed once its result replaces it.
       res = capture_lib.calibrate(fn, params, batches_i, rules, method, mode="sequential",
                                   progress=False, segment_cache=segment_cache, mesh=mesh,
-                                  donate=True)
+                                  donate=True, activation_limit=activation_limit,
+                                  activation_dir=os.path.join(work, _ACTIVATIONS),
+                                  stand_in_dtype=jnp.float32)
     new_layer = res.params["layers"][i]
     # Encode exactly as export_hf does; float leaves (norms, skipped weights) as stored.
     entries, recs, schemes = {}, [], {}
@@ -879,7 +983,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                          "unfolded input scales)")
       changed = leaf is not _get(layer, spec.path[2:])
       if gg is not None:  # GGUF: the tensor's bytes in the file, as export_gguf encodes them
-        raw, rec = gg.encode(spec.path, leaf)
+        raw, rec = gg.encode(spec.path, leaf if changed else np.asarray(leaf, np.float32))
         entries[rec.name] = (raw.dtype, raw.shape, (raw,))
         recs.append(dataclasses.asdict(rec))
         if changed:
@@ -905,18 +1009,24 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       _write_shard(os.path.join(work, f"layer-{i:05d}.safetensors"), entries, meta)
     del entries
     # The next layer's inputs: this layer's output with its quantized (effective) weights.
-    hidden = np.stack([_local_rows(carry(eff, batches_i[b])) for b in range(nb_local)])
+    hname = _hidden_name(i + 1, pid, nproc)
+    if on_disk:
+      _write_carried(os.path.join(work, hname), hidden_shape,
+                     (np.asarray(carry(eff, jnp.asarray(batches_i[b]))) for b in range(nb_local)))
+    else:
+      hidden = np.stack([_local_rows(carry(eff, batches_i[b])) for b in range(nb_local)])
     timings = {"stats_seconds": float(res.info.get("stats_seconds", 0.0)),
                "quant_seconds": float(res.info.get("quant_seconds", 0.0)),
-               "compiles": int(res.info.get("compiles", 0))}
+               "compiles": int(res.info.get("compiles", 0)),
+               "spilled_bytes": int(res.info.get("spilled_bytes", 0))}
     layer_info = {k: {n: float(x) for n, x in v.items()} for k, v in res.info.items()
                   if isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())}
     for k, v in layer_info.items():
       info.setdefault(k, {}).update(v)
     del batches_i, eff, layer, params, res, new_layer
-    hname = _hidden_name(i + 1, pid, nproc)
-    with atomic.atomic_write(os.path.join(work, hname)) as f:
-      np.save(f, hidden)
+    if not on_disk:
+      with atomic.atomic_write(os.path.join(work, hname)) as f:
+        np.save(f, hidden)
     if nproc > 1:
       _barrier(f"quantjax-stream-layer-{i}")  # every process's hidden states are on disk
     peak = phase_peak()
@@ -929,8 +1039,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       _write_json(os.path.join(work, MANIFEST), manifest)
     if nproc > 1:
       _barrier(f"quantjax-stream-manifest-{i}")  # the manifest names layer i as done
-    if i > 0:
-      atomic._unlink(os.path.join(work, _hidden_name(i, pid, nproc)))
+    atomic._unlink(os.path.join(work, _hidden_name(i, pid, nproc)))  # (none at 0 in memory)
     layer_records.append(rec)
     if bar is not None:
       bar.update(1)

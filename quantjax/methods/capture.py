@@ -59,10 +59,13 @@ References:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import logging
 import math
+import os
 import re
+import tempfile
 import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -1251,12 +1254,14 @@ def _scan_over_batches(raw: Callable, n_env: int, n_static: int, n_acc: int, n_e
 
 
 def _run_segment(seg: _Segment, state: "_State", env: list[Any], env_vars: list[Any],
-                 accs: list[list[Any]], batch0: int, cap: Capture):
+                 accs: list[list[Any]], batch0: int, cap: Capture,
+                 weights: list[Any] | None = None):
   """Runs `seg` on the stacked environments `[n_batches, ...]`.
 
   Returns (new stacked environment, accumulators, samples per source).
   """
-  weights = [state.weight_input(li, reg) for li, reg in seg.weights_in]
+  if weights is None:
+    weights = [state.weight_input(li, reg) for li, reg in seg.weights_in]
   pos = {v: i for i, v in enumerate(env_vars)}
   flat_acc = [x for a in accs for x in a]
   env_out, flat_acc, rest = seg.fn([env[pos[v]] for v in seg.env_in],
@@ -1281,6 +1286,127 @@ def _run_segment(seg: _Segment, state: "_State", env: list[Any], env_vars: list[
           "batches affected); check the batch and the layers before it (token ids beyond the "
           "vocabulary, overflowing activations)")
   return list(env_out), accs, samples
+
+
+class _DiskStack:
+  """A stacked `[n, ...]` array held in a file, one record per calibration batch.
+
+  Records are read and written with positioned I/O, not memory-mapped: the data
+  lives in the page cache (reclaimable), never in this process's resident memory.
+  """
+
+  def __init__(self, spill: "_Spill", shape: Sequence[int], dtype: Any):
+    fd, self.path = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=spill.directory)
+    self.fd: int | None = fd
+    self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+    self.rec = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    spill.stacks.append(self)
+
+  def put(self, b: int, x: Any) -> None:
+    a = np.ascontiguousarray(np.asarray(x), self.dtype).reshape(-1).view(np.uint8)
+    view, off = memoryview(a), b * self.rec
+    try:
+      while view.nbytes:
+        n = os.pwrite(self.fd, view, off)
+        view, off = view[n:], off + n
+    except OSError as e:
+      raise OSError(e.errno, f"writing calibration activations (batch {b}) to {self.path}: "
+                    f"{e.strerror}") from None
+
+  def get(self, b: int) -> np.ndarray:
+    """Batch `b` as `[1, ...]`."""
+    out = np.empty((1,) + self.shape, self.dtype)
+    view, off = memoryview(out.reshape(-1).view(np.uint8)), b * self.rec
+    while view.nbytes:
+      n = os.preadv(self.fd, [view], off)
+      if n <= 0:
+        raise OSError(f"{self.path}: calibration activations of batch {b} are cut short")
+      view, off = view[n:], off + n
+    return out
+
+  def close(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None
+      try:
+        os.unlink(self.path)
+      except FileNotFoundError:
+        pass
+
+
+@dataclasses.dataclass
+class _Spill:
+  """Where `calibrate(activation_limit=...)` keeps activations above the limit."""
+  limit: int
+  directory: str
+  made_dir: bool
+  stacks: list = dataclasses.field(default_factory=list)
+  spilled_bytes: int = 0
+
+  @staticmethod
+  def open(limit: int | None, directory: Any) -> "_Spill | None":
+    if limit is None:
+      return None
+    if int(limit) < 0:
+      raise ValueError(f"activation_limit must be a number of bytes >= 0, got {limit!r}")
+    if directory is None:
+      return _Spill(int(limit), tempfile.mkdtemp(prefix="quantjax-activations-"), True)
+    directory = os.fspath(directory)
+    made = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    return _Spill(int(limit), directory, made)
+
+  def close(self) -> None:
+    """Deletes the files this spill made (nothing else), and its directory if it made it."""
+    for s in self.stacks:
+      s.close()
+    self.stacks.clear()
+    if self.made_dir:
+      try:
+        os.rmdir(self.directory)
+      except OSError:
+        pass
+
+
+def _env_bytes(n: int, avals: Sequence[Any]) -> int:
+  return n * sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+                 for a in avals)
+
+
+def _env_batch(x: Any, b: int) -> Any:
+  return x.get(b) if isinstance(x, _DiskStack) else x[b:b + 1]
+
+
+def _run_batched(seg: _Segment, state: "_State", envs: list[Any], env_vars: list[Any],
+                 accs: list[list[Any]], n: int, cap: Capture, spill: _Spill):
+  """`_run_segment` one batch at a time: inputs read per batch (from memory or disk),
+  outputs kept on disk when their stack exceeds the spill limit. Same equations, same
+  accumulation order as the stacked call."""
+  weights = [state.weight_input(li, reg) for li, reg in seg.weights_in]
+  avals = [v.aval for v in seg.env_out]
+  to_disk = _env_bytes(n, avals) > spill.limit
+  outs: list[Any] = ([_DiskStack(spill, a.shape, a.dtype) for a in avals] if to_disk
+                     else [[] for _ in avals])
+  samples: list[list[Any]] = [[] for _ in seg.sources]
+  for b in range(n):
+    env_b, accs, smp = _run_segment(seg, state, [_env_batch(x, b) for x in envs], env_vars,
+                                    accs, b, cap, weights)
+    for j, o in enumerate(env_b):
+      if to_disk:
+        outs[j].put(b, o[0])
+      else:
+        outs[j].append(o)
+    for j in range(len(seg.sources)):
+      samples[j].extend(smp[j])
+    del env_b
+  if to_disk:
+    spill.spilled_bytes += _env_bytes(n, avals)
+  else:
+    outs = [jnp.concatenate(o) for o in outs]
+  for x in envs:  # the inputs are done with (a value carried on was copied into outs)
+    if isinstance(x, _DiskStack):
+      x.close()
+  return outs, accs, samples
 
 
 def _from_process_0(tree: Any) -> Any:
@@ -1383,10 +1509,14 @@ class _State:
     return v if region is None else v[region]
 
   def set_part(self, leaf: int, region: tuple, result: Any, effective: jax.Array):
+    """Records `result` and puts `effective` (in the dtype the forward is to see) in place."""
     self.results[(leaf, region)] = result
-    cur = self.leaves[leaf]
-    eff = jnp.asarray(effective).astype(cur.dtype)
-    self.leaves[leaf] = eff if not region else jnp.asarray(cur).at[region].set(eff)
+    eff = jnp.asarray(effective)
+    if not region:
+      self.leaves[leaf] = eff
+      return
+    cur = jnp.asarray(self.leaves[leaf])
+    self.leaves[leaf] = cur.astype(eff.dtype).at[region].set(eff)
 
 
 def _donate(p_leaves: list[Any], leaf: int) -> None:
@@ -1423,7 +1553,9 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
               strict: bool = False, max_samples: int = 2048, mesh: Any = None,
               data_axis: str = "data", progress: bool = True,
               capture: Capture | None = None,
-              segment_cache: dict | None = None, donate: bool = False) -> CalibrationResult:
+              segment_cache: dict | None = None, donate: bool = False,
+              activation_limit: int | None = None, activation_dir: Any = None,
+              stand_in_dtype: Any = None) -> CalibrationResult:
   """Runs a calibrated `method` on the weights `rules` select, on any model.
 
   Args:
@@ -1465,6 +1597,23 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       both held (`quantjax.streaming` passes True; at the Llama-3-8B shape
       that is 0.6 GB of a layer). Those leaves of the `params` passed in are
       then unusable; the others are untouched.
+    activation_limit: bytes of calibration activations held in memory (None:
+      no limit). A stack of activations over all batches (the batches
+      themselves, or the values a segment hands to the next) larger than this
+      is kept in files in `activation_dir` (positioned reads and writes, not
+      memory maps, so it never counts as resident memory), and the segments
+      then run one batch at a time: memory holds one batch's activations, the
+      statistics and the weights. The equations and the order of accumulation
+      are the stacked call's. `batches` may then be a lazy `Sequence` (read
+      when indexed), so the caller holds none of them either. Not with `mesh`.
+    activation_dir: where those files go (default: a fresh temporary
+      directory). Only the files this call makes are deleted, when it returns.
+    stand_in_dtype: dtype of the float stand-ins that replace finished weights
+      in the later groups' forward (default: each leaf's own dtype). For a
+      forward that casts its weights up before use (BF16 leaves computed in
+      float32), float32 keeps the dequantized values exact, as a float32 copy
+      of the model would: `quantjax.streaming` holds a layer's BF16 weights
+      as BF16 this way and gets the float32 model's result bit for bit.
 
   Returns:
     `CalibrationResult(params, report, parts, info)`.
@@ -1477,9 +1626,13 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   """
   if mode not in ("sequential", "one_pass"):
     raise ValueError(f"mode must be 'sequential' or 'one_pass', got {mode!r}")
-  batches = list(batches)
-  if not batches:
+  if not isinstance(batches, collections.abc.Sequence):
+    batches = list(batches)
+  if not len(batches):
     raise ValueError("calibrate() got no calibration batches")
+  if activation_limit is not None and mesh is not None:
+    raise ValueError("activation_limit is not supported with a mesh (each device already "
+                     "holds only its rows of the batches); pass one or the other")
   rules = tuple(rules)
   rule_type = getattr(method, "rule_type", None)
   for r in rules:
@@ -1595,116 +1748,141 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     # Stacked batches [n_batches, rows, ...]: rows split over the data axis.
     sh = NamedSharding(mesh, PartitionSpec(None, data_axis))
     put = (lambda b: jax.device_put(b, sh) if getattr(b, "ndim", 0) >= 2 else b)
-  per_batch = [jax.tree_util.tree_leaves(b) for b in batches]
-  envs = [put(jnp.stack([jnp.asarray(leaves[j]) for leaves in per_batch]))
-          for j in range(len(cap.batch_vars))]
-  stats_of_source: dict[int, InputStats] = {}
-  transforms: dict[int, _Transform] = {}
-  record: dict[str, Any] = {}
-  timing = {"stats": 0.0, "quant": 0.0}
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(order), desc=f"{getattr(method, 'label', type(method).__name__)} "
-               f"({mode})", unit="group", leave=False)
+  n_batches = len(batches)
+  spill = _Spill.open(activation_limit, activation_dir)
+  try:
+    if spill is not None and _env_bytes(n_batches, cap.batch_avals) > spill.limit:
+      envs: list[Any] = [_DiskStack(spill, a.shape, a.dtype) for a in cap.batch_avals]
+      for b in range(n_batches):
+        for x, leaf in zip(envs, jax.tree_util.tree_leaves(batches[b])):
+          x.put(b, leaf)
+      spill.spilled_bytes += _env_bytes(n_batches, cap.batch_avals)
+    else:
+      per_batch = [jax.tree_util.tree_leaves(b) for b in batches]
+      envs = [put(jnp.stack([jnp.asarray(leaves[j]) for leaves in per_batch]))
+              for j in range(len(cap.batch_vars))]
+      del per_batch
+    stats_of_source: dict[int, InputStats] = {}
+    transforms: dict[int, _Transform] = {}
+    record: dict[str, Any] = {}
+    timing = {"stats": 0.0, "quant": 0.0}
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(order), desc=f"{getattr(method, 'label', type(method).__name__)} "
+                 f"({mode})", unit="group", leave=False)
 
-  def finish(keys):
-    t0 = time.perf_counter()
-    todo = []
-    for key in keys:
-      part = parts[key]
-      part.value = _region_get(state.leaves[part.leaf], part.region)
-      part.stats = (InputStats.merge([stats_of_source[cap.sites[si].source] for si in part.sites])
-                    if needs else None)
-      todo.append(part)
-    # Sources this call finishes are let go first: then the parts hold their statistics'
-    # only references, and a method may drop them (part.stats.xtx = None) when done.
-    in_call: dict[int, int] = {}
-    for part in todo:
-      for si in part.sites:
-        in_call[cap.sites[si].source] = in_call.get(cap.sites[si].source, 0) + 1
-    for src, n in in_call.items():
-      if pending_of_source[src] == n:
-        stats_of_source.pop(src, None)
-    results = method.apply(todo, record) if todo else {}
-    if multi_process:
-      results = _from_process_0(results)
-    for part in todo:
-      res = results.get(part.key)
-      if res is not None:
-        state.set_part(part.leaf, part.region, res, effective_weight(res, part.value.dtype))
-        if donate:
-          _donate(p_leaves, part.leaf)
-        for si in part.sites:
-          t = _site_transform(res, part.layout, cap.sites[si])
-          if t is not None:
-            transforms[si] = t
-      part.stats = None
-      for si in part.sites:
-        src = cap.sites[si].source
-        pending_of_source[src] -= 1
-        if pending_of_source[src] == 0:
-          stats_of_source.pop(src, None)
-    timing["quant"] += time.perf_counter() - t0
-
-  def init_accs(srcs):
-    out = []
-    for si in srcs:
-      a = _stat_init(cap.sources[si].k, needs)
-      out.append([a[n] for n in sorted(a)])
-    return out
-
-  if mode == "sequential":
-    lo, env_vars = 0, list(cap.batch_vars)
-    for n, g in enumerate(order):
+    def finish(keys):
       t0 = time.perf_counter()
-      srcs = sources_of_group.get(g, [])
-      seg = runner.build(lo, bounds[n], srcs, needs, n_sample, transforms)
-      envs, accs, samples = _run_segment(seg, state, envs, env_vars, init_accs(srcs), 0, cap)
-      env_vars, lo = seg.env_out, bounds[n]
-      for j, si in enumerate(srcs):
-        stats_of_source[si] = _finalize_stats(seg.acc_names[j], accs[j], samples[j],
-                                              max_samples)
-      accs = samples = None  # the statistics live in stats_of_source only
-      timing["stats"] += time.perf_counter() - t0
-      finish(ready.get(n, []))
-      if bar is not None:
-        bar.update(1)
-  else:
-    t0 = time.perf_counter()
-    segs = []
-    lo = 0
-    for n, g in enumerate(order):
-      srcs = sources_of_group.get(g, [])
-      segs.append(runner.build(lo, bounds[n], srcs, needs, n_sample, {}))
-      lo = bounds[n]
-    accs = [init_accs(seg.sources) for seg in segs]
-    samples = [[[] for _ in seg.sources] for seg in segs]
-    for b in range(len(batches)):
-      env, env_vars = [x[b:b + 1] for x in envs], list(cap.batch_vars)
+      todo = []
+      for key in keys:
+        part = parts[key]
+        # In the leaf's own dtype (a stacked leaf holds float32 stand-ins beside its
+        # unfinished slices with `stand_in_dtype`; those slices convert back exactly).
+        part.value = _region_get(state.leaves[part.leaf], part.region).astype(
+            cap.leaf_avals[part.leaf].dtype)
+        part.stats = (InputStats.merge([stats_of_source[cap.sites[si].source]
+                                        for si in part.sites]) if needs else None)
+        todo.append(part)
+      # Sources this call finishes are let go first: then the parts hold their statistics'
+      # only references, and a method may drop them (part.stats.xtx = None) when done.
+      in_call: dict[int, int] = {}
+      for part in todo:
+        for si in part.sites:
+          in_call[cap.sites[si].source] = in_call.get(cap.sites[si].source, 0) + 1
+      for src, n in in_call.items():
+        if pending_of_source[src] == n:
+          stats_of_source.pop(src, None)
+      results = method.apply(todo, record) if todo else {}
+      if multi_process:
+        results = _from_process_0(results)
+      for part in todo:
+        res = results.get(part.key)
+        if res is not None:
+          state.set_part(part.leaf, part.region, res,
+                         effective_weight(res, stand_in_dtype or part.value.dtype))
+          if donate:
+            _donate(p_leaves, part.leaf)
+          for si in part.sites:
+            t = _site_transform(res, part.layout, cap.sites[si])
+            if t is not None:
+              transforms[si] = t
+        part.stats = None
+        for si in part.sites:
+          src = cap.sites[si].source
+          pending_of_source[src] -= 1
+          if pending_of_source[src] == 0:
+            stats_of_source.pop(src, None)
+      timing["quant"] += time.perf_counter() - t0
+
+    def init_accs(srcs):
+      out = []
+      for si in srcs:
+        a = _stat_init(cap.sources[si].k, needs)
+        out.append([a[n] for n in sorted(a)])
+      return out
+
+    if mode == "sequential":
+      lo, env_vars = 0, list(cap.batch_vars)
+      for n, g in enumerate(order):
+        t0 = time.perf_counter()
+        srcs = sources_of_group.get(g, [])
+        seg = runner.build(lo, bounds[n], srcs, needs, n_sample, transforms)
+        if spill is None or (not any(isinstance(x, _DiskStack) for x in envs)
+                             and _env_bytes(n_batches, [v.aval for v in seg.env_out])
+                             <= spill.limit):
+          envs, accs, samples = _run_segment(seg, state, envs, env_vars, init_accs(srcs), 0, cap)
+        else:
+          envs, accs, samples = _run_batched(seg, state, envs, env_vars, init_accs(srcs),
+                                             n_batches, cap, spill)
+        env_vars, lo = seg.env_out, bounds[n]
+        for j, si in enumerate(srcs):
+          stats_of_source[si] = _finalize_stats(seg.acc_names[j], accs[j], samples[j],
+                                                max_samples)
+        accs = samples = None  # the statistics live in stats_of_source only
+        timing["stats"] += time.perf_counter() - t0
+        finish(ready.get(n, []))
+        if bar is not None:
+          bar.update(1)
+    else:
+      t0 = time.perf_counter()
+      segs = []
+      lo = 0
+      for n, g in enumerate(order):
+        srcs = sources_of_group.get(g, [])
+        segs.append(runner.build(lo, bounds[n], srcs, needs, n_sample, {}))
+        lo = bounds[n]
+      accs = [init_accs(seg.sources) for seg in segs]
+      samples = [[[] for _ in seg.sources] for seg in segs]
+      for b in range(n_batches):
+        env, env_vars = [_env_batch(x, b) for x in envs], list(cap.batch_vars)
+        for n, seg in enumerate(segs):
+          env, accs[n], smp = _run_segment(seg, state, env, env_vars, accs[n], b, cap)
+          env_vars = seg.env_out
+          for j in range(len(seg.sources)):
+            samples[n][j].extend(smp[j])
       for n, seg in enumerate(segs):
-        env, accs[n], smp = _run_segment(seg, state, env, env_vars, accs[n], b, cap)
-        env_vars = seg.env_out
-        for j in range(len(seg.sources)):
-          samples[n][j].extend(smp[j])
-    for n, seg in enumerate(segs):
-      for j, si in enumerate(seg.sources):
-        stats_of_source[si] = _finalize_stats(seg.acc_names[j], accs[n][j], samples[n][j],
-                                              max_samples)
-    timing["stats"] += time.perf_counter() - t0
-    for n in range(len(order)):
-      finish(ready.get(n, []))
-      if bar is not None:
-        bar.update(1)
-  if bar is not None:
-    bar.close()
-  new_params = _assemble(cap, params, state)
-  info = {"stats_seconds": timing["stats"], "quant_seconds": timing["quant"],
-          "compiles": runner.compiles, "groups": len(order), "mode": mode,
-          "seconds": time.perf_counter() - t_start}
-  info.update(record)
-  return CalibrationResult(params=new_params, report=report, parts=list(parts.values()),
-                           info=info)
+        for j, si in enumerate(seg.sources):
+          stats_of_source[si] = _finalize_stats(seg.acc_names[j], accs[n][j], samples[n][j],
+                                                max_samples)
+      timing["stats"] += time.perf_counter() - t0
+      for n in range(len(order)):
+        finish(ready.get(n, []))
+        if bar is not None:
+          bar.update(1)
+    if bar is not None:
+      bar.close()
+    new_params = _assemble(cap, params, state)
+    info = {"stats_seconds": timing["stats"], "quant_seconds": timing["quant"],
+            "compiles": runner.compiles, "groups": len(order), "mode": mode,
+            "seconds": time.perf_counter() - t_start,
+            "spilled_bytes": spill.spilled_bytes if spill is not None else 0}
+    info.update(record)
+    return CalibrationResult(params=new_params, report=report, parts=list(parts.values()),
+                             info=info)
+  finally:
+    if spill is not None:
+      spill.close()
 
 
 def _stack_regions(results: dict[tuple, Any], shape: tuple[int, ...], path: str) -> Any:

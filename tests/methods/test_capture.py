@@ -1,7 +1,10 @@
 """The model-agnostic capture and calibration driver on models written as users write them."""
 
+import errno
+import os
 import re
 import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -397,3 +400,99 @@ def test_donated_weights_are_freed_and_the_result_is_the_same(name):
     assert pa == pb
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       assert np.array_equal(np.asarray(x), np.asarray(y)), pa
+
+
+class _LazyBatches(Sequence):
+  """Calibration batches read when indexed (as a caller streaming from disk passes them)."""
+
+  def __init__(self, batches):
+    self._batches, self.reads = batches, 0
+
+  def __len__(self):
+    return len(self._batches)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return np.array(self._batches[i])
+
+
+@pytest.mark.parametrize("name,mode", [("gpt2", "sequential"), ("scan", "sequential"),
+                                       ("gpt2", "one_pass")])
+def test_spilled_activations_give_the_same_result(tmp_path, name, mode):
+  """`activation_limit=0`: every stack of activations goes to files, segments run batch by
+  batch, and the result is the in-memory call's bit for bit; the files are deleted and a file
+  that was in the directory before is kept."""
+  fn, params, _ = user_models.trained(name)
+  rules = (QuantRule(module_path=TARGETS[name], format="int4_g16"), SKIP)
+  ref = methods.calibrate(fn, params, user_models.calibration(), rules, methods.GPTQ(),
+                          progress=False, mode=mode)
+  (tmp_path / "theirs.txt").write_text("not ours")
+  lazy = _LazyBatches(user_models.calibration())
+  res = methods.calibrate(fn, params, lazy, rules, methods.GPTQ(), progress=False, mode=mode,
+                          activation_limit=0, activation_dir=tmp_path)
+  assert res.info["spilled_bytes"] > 0 and ref.info["spilled_bytes"] == 0
+  assert lazy.reads >= len(lazy)
+  assert sorted(os.listdir(tmp_path)) == ["theirs.txt"]
+  assert res.info["gptq_loss"] == ref.info["gptq_loss"]
+  for (pa, a), (pb, b) in zip(rules_lib.tree_leaves_with_paths(ref.params),
+                              rules_lib.tree_leaves_with_paths(res.params)):
+    assert pa == pb
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert np.array_equal(np.asarray(x), np.asarray(y)), pa
+
+
+def test_spill_limit_keeps_small_stacks_in_memory(tmp_path):
+  """Only stacks above the limit go to disk: a limit above every stack spills nothing."""
+  fn, params, _ = user_models.trained("gpt2")
+  rules = (QuantRule(module_path=TARGETS["gpt2"], format="int4_g16"), SKIP)
+  res = methods.calibrate(fn, params, user_models.calibration(), rules, methods.RTN(),
+                          progress=False, activation_limit=2**40, activation_dir=tmp_path)
+  assert res.info["spilled_bytes"] == 0 and os.listdir(tmp_path) == []
+
+
+def test_spill_disk_full_is_named_and_cleaned(tmp_path, monkeypatch):
+  """A full disk while spilling: an OSError naming the file, and no file of ours is left."""
+  fn, params, _ = user_models.trained("gpt2")
+  rules = (QuantRule(module_path=TARGETS["gpt2"], format="int4_g16"), SKIP)
+  real, calls = os.pwrite, []
+
+  def pwrite(fd, data, off):
+    calls.append(off)
+    if len(calls) > 6:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(fd, data, off)
+  monkeypatch.setattr(os, "pwrite", pwrite)
+  with pytest.raises(OSError, match=r"writing calibration activations .*activations-.*No space"):
+    methods.calibrate(fn, params, user_models.calibration(), rules, methods.GPTQ(),
+                      progress=False, activation_limit=0, activation_dir=tmp_path / "act")
+  assert not os.path.exists(tmp_path / "act")  # made by the call, removed with its files
+  with pytest.raises(ValueError, match="activation_limit must be"):
+    methods.calibrate(fn, params, user_models.calibration(), rules, methods.RTN(),
+                      progress=False, activation_limit=-1)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "scan"])
+def test_bf16_weights_with_float32_stand_ins_equal_the_float32_model(name):
+  """BF16 leaves cast up inside the forward, `stand_in_dtype=float32`: the result is the
+  float32 copy's bit for bit (the stand-ins hold the dequantized values exactly); with the
+  default BF16 stand-ins it is not."""
+  fn, params, _ = user_models.trained(name)
+  bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  f32 = jax.tree.map(lambda a: a.astype(jnp.float32), bf16)
+
+  def fn_up(p, x):
+    return fn(jax.tree.map(lambda a: a.astype(jnp.float32), p), x)
+  rules = (QuantRule(module_path=TARGETS[name], format="int4_g16"), SKIP)
+  ref = methods.calibrate(fn, f32, user_models.calibration(), rules, methods.GPTQ(),
+                          progress=False)
+  res = methods.calibrate(fn_up, bf16, user_models.calibration(), rules, methods.GPTQ(),
+                          progress=False, stand_in_dtype=jnp.float32)
+  assert res.info["gptq_loss"] == ref.info["gptq_loss"]
+  flat_ref = dict(rules_lib.tree_leaves_with_paths(ref.params))
+  for p, x in rules_lib.tree_leaves_with_paths(res.params):
+    if re.fullmatch(TARGETS[name], p):
+      for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(flat_ref[p])):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), p
+  plain = methods.calibrate(fn_up, bf16, user_models.calibration(), rules, methods.GPTQ(),
+                            progress=False)
+  assert plain.info["gptq_loss"] != ref.info["gptq_loss"]

@@ -151,6 +151,40 @@ def test_resume_after_interruption_is_identical(tmp_path, source, full):
   assert res.info["gptq_loss"] == full[1].info["gptq_loss"]
 
 
+def test_activations_on_disk_give_the_same_file(tmp_path, source, full):
+  """`activation_limit=0`: the carried hidden states stay in the work directory (read and
+  written one batch at a time) and the driver's stacks go to files too; the output is the
+  in-memory run's, bytes for bytes, also when a run interrupted in memory is resumed with
+  the limit. No activation file is left."""
+  spilled = []
+
+  def stop(i, rec):
+    work = tmp_path / ".out.stream-work"
+    spilled.append(sorted(os.listdir(work)))
+    if i == 0:
+      raise _Stop
+  with pytest.raises(_Stop):
+    streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                 progress=False, on_layer=stop)
+  res = streaming.compress_streaming(source, tmp_path / "out", _tokens(), RULES, methods.GPTQ(),
+                                     progress=False, activation_limit=0, on_layer=stop)
+  assert res.resumed_from == 1
+  assert all(r["spilled_bytes"] > 0 for r in res.layers[1:])
+  assert full[1].layers[0]["spilled_bytes"] == 0
+  assert _files(tmp_path / "out") == _files(full[0])
+  assert res.info["gptq_loss"] == full[1].info["gptq_loss"]
+  # Between layers: the next boundary's hidden states, no activation files.
+  assert all("activations" not in names for names in spilled)
+  assert "hidden-00002.npy" in spilled[1] and "hidden-00001.npy" not in spilled[1]
+  res = streaming.compress_streaming(source, tmp_path / "out2", _tokens(), RULES,
+                                     methods.GPTQ(), progress=False, activation_limit=0)
+  assert _files(tmp_path / "out2") == _files(full[0])
+  assert not os.path.exists(tmp_path / ".out2.stream-work")
+  with pytest.raises(ValueError, match="activation_limit must be"):
+    streaming.compress_streaming(source, tmp_path / "out3", _tokens(), RULES, methods.RTN(),
+                                 progress=False, activation_limit=-5)
+
+
 def test_resume_after_kill_is_identical(tmp_path, source, full):
   """A process killed (SIGKILL) after layer 1 is resumed by another process."""
   code = textwrap.dedent(f"""
