@@ -218,8 +218,9 @@ class _GGUFTensors:
     return {os.path.basename(self.path): self.path}
 
   def release(self) -> None:
-    """Unmaps the file (pages read so far leave this process); reopened on next use."""
-    if self._f is not None:
+    """The pages read so far leave this process (`GGUFFile.drop_pages`; where that is not
+    available the file is unmapped and parsed again on next use)."""
+    if self._f is not None and not self._f.drop_pages():
       self._f.close()
       self._f = None
 

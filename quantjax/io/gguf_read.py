@@ -268,6 +268,17 @@ class GGUFFile:
     f = self.fields.get(key)
     return default if f is None else f.contents()
 
+  def drop_pages(self) -> bool:
+    """Takes the pages read so far out of this process's resident memory (Linux
+    `madvise(MADV_DONTNEED)` on the read-only map: later reads fault them in again from
+    the page cache), keeping the parsed header. False where that is not available (the
+    caller may `close()` instead)."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or not isinstance(self._mm, mmap.mmap) or self._mm.closed:
+      return False
+    self._mm.madvise(advice)
+    return True
+
   def close(self) -> None:
     if isinstance(self._mm, mmap.mmap):
       try:

@@ -473,3 +473,36 @@ def test_damaged_gguf_source_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="GGUF source not found: .*missing.gguf"):
     streaming.compress_streaming(tmp_path / "missing.gguf", tmp_path / "out", _tokens(), RULES,
                                  methods.GPTQ(), progress=False)
+
+
+def _mapped_rss_kib(path):
+  """Resident KiB of this process's mappings of `path` (Linux /proc/self/smaps)."""
+  total, inside = 0, False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()
+      if len(head) >= 5 and "-" in head[0] and not line.startswith(("Rss", "Size")):
+        inside = line.rstrip("\n").endswith(str(path))
+      elif inside and line.startswith("Rss:"):
+        total += int(head[1])
+  return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc needed")
+def test_gguf_pages_dropped_without_reparsing(tmp_path):
+  """A GGUF source's release takes the pages read out of resident memory and keeps the
+  parsed file: later reads fault the same bytes in again."""
+  from quantjax.io import gguf
+  from quantjax.models import load as load_lib
+  cfg, pure = make_tiny(num_layers=1)
+  src = tmp_path / "tiny.gguf"
+  gguf.export_gguf(src, cfg, pure)
+  f = load_lib._open_gguf(str(src))
+  t = f.tensor("token_embd.weight")
+  before = load_lib.dequantize_gguf_tensor(t)
+  assert _mapped_rss_kib(src) >= before.nbytes // 1024  # 32 KiB of float32 embedding
+  assert f.drop_pages()
+  assert _mapped_rss_kib(src) == 0
+  assert f.tensor("token_embd.weight") is t  # the header was not parsed again
+  assert np.array_equal(load_lib.dequantize_gguf_tensor(t), before)
+  f.close()
