@@ -1493,6 +1493,30 @@ def _check_indices(cap: Capture, batches: list[Any]) -> None:
             "vocabulary")
 
 
+def _last_reads(cap: Capture) -> dict[int, int]:
+  """For each params leaf, the index of the last batch-dependent equation that reads a
+  value computed from it alone (the leaf, a view, a slice, a cast): after a segment ending
+  before that index no later segment needs the leaf."""
+  flat = cap.flat
+  leaves_of: dict[Any, frozenset] = {v: frozenset((i,)) for v, i in cap.leaf_of.items()}
+  last: dict[int, int] = {}
+  for i, e in enumerate(flat.eqns):
+    ins: frozenset = frozenset()
+    for a in e.invars:
+      if not _is_lit(a) and a in leaves_of:
+        ins = ins | leaves_of[a]
+    if not ins:
+      continue
+    if any(not _is_drop(o) and o in cap.bdep for o in e.outvars):
+      for li in ins:
+        last[li] = i
+    else:  # a params-only value: carries its leaves to whatever reads it
+      for o in e.outvars:
+        if not _is_drop(o):
+          leaves_of[o] = ins
+  return last
+
+
 def _region_get(value, region):
   return value[region] if region else value
 
@@ -1749,6 +1773,17 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     sh = NamedSharding(mesh, PartitionSpec(None, data_axis))
     put = (lambda b: jax.device_put(b, sh) if getattr(b, "ndim", 0) >= 2 else b)
   n_batches = len(batches)
+  last_read = _last_reads(cap)
+  unfinished: dict[int, int] = {}
+  for part in parts.values():
+    unfinished[part.leaf] = unfinished.get(part.leaf, 0) + 1
+
+  def release(next_lo: float) -> None:
+    """Drops the stand-ins of finished weights that no segment from `next_lo` on reads
+    (the largest solve of a layer then runs without the layer's other weights held)."""
+    for li, left in unfinished.items():
+      if left == 0 and last_read.get(li, -1) < next_lo and state.leaves[li] is not None:
+        state.leaves[li] = None
   spill = _Spill.open(activation_limit, activation_dir)
   try:
     if spill is not None and _env_bytes(n_batches, cap.batch_avals) > spill.limit:
@@ -1797,6 +1832,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       if multi_process:
         results = _from_process_0(results)
       for part in todo:
+        unfinished[part.leaf] -= 1
         res = results.get(part.key)
         if res is not None:
           state.set_part(part.leaf, part.region, res,
@@ -1841,6 +1877,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
                                                 max_samples)
         accs = samples = None  # the statistics live in stats_of_source only
         timing["stats"] += time.perf_counter() - t0
+        release(bounds[n])  # later segments run equations from bounds[n] on
         finish(ready.get(n, []))
         if bar is not None:
           bar.update(1)
@@ -1867,6 +1904,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
                                                 max_samples)
       timing["stats"] += time.perf_counter() - t0
       for n in range(len(order)):
+        release(math.inf)  # every segment has run
         finish(ready.get(n, []))
         if bar is not None:
           bar.update(1)

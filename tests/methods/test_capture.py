@@ -380,6 +380,15 @@ def test_weights_reached_through_layout_ops_and_nnx_apply():
                              atol=0.05)
 
 
+def _assert_same_params(a_params, b_params):
+  """Same paths, and every leaf (QArray codes, scales, ...) equal bit for bit."""
+  for (pa, a), (pb, b) in zip(rules_lib.tree_leaves_with_paths(a_params),
+                              rules_lib.tree_leaves_with_paths(b_params)):
+    assert pa == pb
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert np.array_equal(np.asarray(x), np.asarray(y)), pa
+
+
 @pytest.mark.parametrize("name", ["gpt2", "scan"])
 def test_donated_weights_are_freed_and_the_result_is_the_same(name):
   """`donate=True` deletes each selected weight's buffer once its result replaces it (the
@@ -395,11 +404,7 @@ def test_donated_weights_are_freed_and_the_result_is_the_same(name):
   selected = [p for p in flat if re.fullmatch(TARGETS[name], p)]
   assert selected and all(flat[p].is_deleted() for p in selected)
   assert not any(x.is_deleted() for p, x in flat.items() if p not in selected)
-  for (pa, a), (pb, b) in zip(rules_lib.tree_leaves_with_paths(ref.params),
-                              rules_lib.tree_leaves_with_paths(res.params)):
-    assert pa == pb
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      assert np.array_equal(np.asarray(x), np.asarray(y)), pa
+  _assert_same_params(ref.params, res.params)
 
 
 class _LazyBatches(Sequence):
@@ -434,11 +439,7 @@ def test_spilled_activations_give_the_same_result(tmp_path, name, mode):
   assert lazy.reads >= len(lazy)
   assert sorted(os.listdir(tmp_path)) == ["theirs.txt"]
   assert res.info["gptq_loss"] == ref.info["gptq_loss"]
-  for (pa, a), (pb, b) in zip(rules_lib.tree_leaves_with_paths(ref.params),
-                              rules_lib.tree_leaves_with_paths(res.params)):
-    assert pa == pb
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      assert np.array_equal(np.asarray(x), np.asarray(y)), pa
+  _assert_same_params(ref.params, res.params)
 
 
 def test_spill_limit_keeps_small_stacks_in_memory(tmp_path):
@@ -496,3 +497,40 @@ def test_bf16_weights_with_float32_stand_ins_equal_the_float32_model(name):
   plain = methods.calibrate(fn_up, bf16, user_models.calibration(), rules, methods.GPTQ(),
                             progress=False)
   assert plain.info["gptq_loss"] != ref.info["gptq_loss"]
+
+
+class _LiveWeights:
+  """Wraps a method; at every `apply` records how many float32 arrays of `shape` are alive."""
+
+  def __init__(self, inner, shape, ignore):
+    self.inner, self.shape, self.counts = inner, tuple(shape), []
+    self.ignore = {id(x) for x in jax.tree.leaves(ignore)}
+    self.needs, self.rule_type, self.label = inner.needs, inner.rule_type, "live"
+
+  def apply(self, parts, record):
+    self.counts.append((tuple(p.path for p in parts), sum(
+        1 for x in jax.live_arrays()
+        if not x.is_deleted() and x.dtype == jnp.float32 and tuple(x.shape) == self.shape
+        and id(x) not in self.ignore)))
+    return self.inner.apply(parts, record)
+
+
+def test_finished_weights_are_let_go_once_no_segment_reads_them():
+  """Sequential mode, donated weights: when the last block's `out` projection is solved, no
+  float stand-in of an earlier projection of that shape is alive any more (each is dropped
+  once the segments that read it have run); the result is unchanged."""
+  fn, params, _ = user_models.trained("gpt2")
+  rules = (QuantRule(module_path=TARGETS["gpt2"], format="int4_g16"), SKIP)
+  flat = dict(rules_lib.tree_leaves_with_paths(params))
+  qkv = [p for p in flat if re.fullmatch(r"params/h_\d+/qkv/kernel", p)]
+  assert len(qkv) >= 2
+  spy = _LiveWeights(methods.RTN(), np.shape(flat[qkv[0]]), params)  # the test's own copy
+  mine = jax.tree.map(jnp.array, params)
+  res = methods.calibrate(fn, mine, user_models.calibration(), rules, spy, progress=False,
+                          donate=True)
+  first, last = spy.counts[0], spy.counts[-1]
+  assert "qkv" in first[0][0] and first[1] >= 1  # the weights being solved are alive
+  assert "out" in last[0][0] and last[1] == 0, spy.counts
+  ref = methods.calibrate(fn, params, user_models.calibration(), rules, methods.RTN(),
+                          progress=False)
+  _assert_same_params(ref.params, res.params)
