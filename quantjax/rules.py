@@ -14,13 +14,15 @@ import re
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from quantjax.numerics.calibrate import Calibration, resolve_calibration
 from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 
 __all__ = ["QuantRule", "PruneRule", "RuleReport", "match_rules", "check_report", "path_str", "tree_leaves_with_paths",
-           "map_with_paths", "to_pure"]
+           "map_with_paths", "to_pure", "stack_axes_of", "map_slices"]
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:
@@ -47,6 +49,16 @@ class QuantRule:
     skip: leave matching leaves as they are (and stop searching rules).
     act_format: optional activation format applied at run time by
       `ops.qdot` (dynamic activation quantization, e.g. W8A8).
+    stack_axes: the leaf's stacking axes (layers of an `nn.scan` / `nnx.scan`
+      stack, experts, at any position, negative allowed): each slice along
+      them is its own weight, quantized with its own scales, and `format`'s
+      axes count within a slice. `()`: every axis is the weight's own (a
+      `DenseGeneral` kernel `[d, heads, head_dim]`, a conv kernel). None (the
+      default) is fine for leaves of 0-2 axes and for per-channel or
+      per-tensor formats; a group format on a leaf of 3 or more axes is
+      ambiguous to the plain transforms and refused, naming it (the
+      calibrated driver, `methods.calibrate`, reads the stacking and
+      contraction axes from the model's own matmuls instead).
   """
 
   module_path: str
@@ -54,9 +66,11 @@ class QuantRule:
   calibration: Calibration | str = "auto"
   skip: bool = False
   act_format: QuantFormat | str | None = None
+  stack_axes: tuple[int, ...] | None = None
 
   def __post_init__(self):
     _compile(self.module_path, "QuantRule")
+    _check_stack_axes(self)
     if self.skip:
       if self.format is not None:
         raise ValueError(f"QuantRule({self.module_path!r}) has skip=True and a format; pick one")
@@ -85,6 +99,8 @@ class PruneRule:
     sparsity: fraction of zeros for unstructured pruning.
     n, m: keep n of every m consecutive values along the input axis (N:M).
     skip: leave matching leaves dense.
+    stack_axes: stacking axes of the leaf, as in `QuantRule`: each slice is
+      pruned on its own (None: the whole leaf, N:M along its axis 0).
   """
 
   module_path: str
@@ -92,9 +108,11 @@ class PruneRule:
   n: int | None = None
   m: int | None = None
   skip: bool = False
+  stack_axes: tuple[int, ...] | None = None
 
   def __post_init__(self):
     _compile(self.module_path, "PruneRule")
+    _check_stack_axes(self)
     if self.skip:
       return
     if self.sparsity is None and (self.n is None or self.m is None):
@@ -106,6 +124,70 @@ class PruneRule:
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.module_path, path) is not None
+
+
+def _check_stack_axes(rule: Any) -> None:
+  axes = rule.stack_axes
+  if axes is None:
+    return
+  if isinstance(axes, (int, np.integer)):
+    axes = (int(axes),)
+  try:
+    axes = tuple(int(a) for a in axes)
+  except TypeError:
+    raise TypeError(f"{type(rule).__name__}({rule.module_path!r}).stack_axes must be a tuple "
+                    f"of ints, got {rule.stack_axes!r}") from None
+  object.__setattr__(rule, "stack_axes", axes)
+
+
+def stack_axes_of(rule: Any, path: str, shape: Sequence[int], what: str) -> tuple[int, ...]:
+  """`rule.stack_axes` for a leaf of `shape`, as ascending non-negative axes.
+
+  A group format on a leaf of 3 or more axes whose rule does not say
+  (`stack_axes=None`) is refused: `[L, in, out]` (a scanned stack) and
+  `[d, heads, head_dim]` (one weight) look alike, and guessing wrong puts the
+  values of different layers in one group. Per-channel and per-tensor scales
+  keep their meaning (every axis but the channel axis, or all of them).
+  """
+  nd = len(shape)
+  axes = rule.stack_axes
+  if axes is None:
+    fmt = getattr(rule, "format", None)
+    if nd >= 3 and fmt is not None and fmt.granularity == "group":
+      raise ValueError(
+          f"{what}: {path} has {nd} axes {tuple(shape)}: say which are stacking axes "
+          "(layers, experts), e.g. QuantRule(..., stack_axes=(0,)) for an nn.scan stack "
+          "[L, in, out], or stack_axes=() when every axis is the weight's own (a "
+          "DenseGeneral [d, heads, head_dim] or conv kernel); or calibrate it with "
+          "methods.calibrate(fn, params, batches, rules, methods.RTN()), which reads "
+          "the axes from the model's matmuls")
+    return ()
+  out = []
+  for a in axes:
+    if not -nd <= a < nd:
+      raise ValueError(f"{what}: stack_axes {axes} of the rule {rule.module_path!r} are out "
+                       f"of range for {path} of shape {tuple(shape)}")
+    out.append(a % nd)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{what}: stack_axes {axes} name one axis twice ({path})")
+  if len(out) >= nd:
+    raise ValueError(f"{what}: stack_axes {axes} leave {path} of shape {tuple(shape)} no "
+                     "axis of its own")
+  return tuple(sorted(out))
+
+
+def map_slices(fn: Callable[[Any], Any], x: Any, stack_axes: Sequence[int]) -> Any:
+  """`fn` applied to every slice of `x` along `stack_axes` (array -> array of the
+  same shape), under `vmap`; the results are put back where the slices were."""
+  if not stack_axes:
+    return fn(x)
+  x = jnp.asarray(x)
+  k = len(stack_axes)
+  front = jnp.moveaxis(x, tuple(stack_axes), tuple(range(k)))
+  lead = front.shape[:k]
+  flat = front.reshape((-1,) + front.shape[k:])
+  out = jax.vmap(fn)(flat).reshape(lead + front.shape[k:])
+  return jnp.moveaxis(out, tuple(range(k)), tuple(stack_axes))
 
 
 def _key_name(k: Any) -> str | None:

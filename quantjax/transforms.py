@@ -56,7 +56,8 @@ def quantize_params(params: Any, rules: Sequence[rules_lib.QuantRule], *, strict
 
   Raises:
     ValueError: NaN/Inf in a concrete leaf (the message names its path), a
-      group size that does not divide the leaf's axis, strict violations.
+      group size that does not divide the leaf's axis, a leaf of 3 or more
+      axes whose rule does not say its `stack_axes`, strict violations.
   """
   rules = tuple(rules)
   report = _report(params, rules, strict, "quantize_params")
@@ -74,8 +75,9 @@ def quantize_params(params: Any, rules: Sequence[rules_lib.QuantRule], *, strict
       leaf_key = jax.random.fold_in(key, counter[0])
       counter[0] += 1
     try:
-      q = qarray_lib.quantize(leaf, rule.format, calibration=rule.calibration, key=leaf_key,
-                              name=path)
+      stack = rules_lib.stack_axes_of(rule, path, leaf.shape, "quantize_params")
+      q = qarray_lib.quantize_stacked(leaf, rule.format, stack, calibration=rule.calibration,
+                                      key=leaf_key, name=path)
     except ValueError as e:
       if path in str(e):
         raise
@@ -110,7 +112,7 @@ def fake_quant_params(params: Any, rules: Sequence[rules_lib.QuantRule], *,
   """Quantize-dequantize the matched leaves with a straight-through gradient.
 
   The result has plain arrays (same dtype) that lie on the quantization
-  grid; differentiate through it for quantization-aware training. Converting
+  grid (per slice of a rule's `stack_axes`); differentiate through it for quantization-aware training. Converting
   the trained params with `quantize_params` and the same rules gives QArrays
   whose dequantized values equal these.
   """
@@ -121,7 +123,11 @@ def fake_quant_params(params: Any, rules: Sequence[rules_lib.QuantRule], *,
     idx = report.assignments.get(path)
     if idx is None or rules[idx].skip or isinstance(leaf, QArray) or leaf is None:
       return leaf
-    return fake_quant_lib.fake_quant(leaf, rules[idx].format, rules[idx].calibration)
+    rule = rules[idx]
+    stack = rules_lib.stack_axes_of(rule, path, leaf.shape, "fake_quant_params")
+    fmt = qarray_lib.slice_format(rule.format, leaf.ndim - len(stack)) if stack else rule.format
+    return rules_lib.map_slices(lambda w: fake_quant_lib.fake_quant(w, fmt, rule.calibration),
+                                leaf, stack)
 
   return rules_lib.map_with_paths(fn, params)
 

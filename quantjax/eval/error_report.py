@@ -20,6 +20,7 @@ import numpy as np
 
 from quantjax import rules as rules_lib
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
+from quantjax.optional import require
 
 _QUANT_TYPES = (QArray, ActQuantized, InputScaled)
 
@@ -102,7 +103,7 @@ def output_sqnr_table(fn: Callable[[Any, Any], Any], float_params: Any, quant_pa
     def apply(self, parts, record):
       for part in parts:
         q = capture.effective_weight(qp[part.path], jnp.float32)
-        q = q[part.region] if part.region else q
+        q = q[part.layout.index] if part.region else q
         w = part.matrix()
         e = w - part.layout.to_matrix(q)
         xtx = jnp.asarray(part.stats.xtx)
@@ -146,9 +147,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 def bar_chart(rows: Sequence[dict[str, Any]], path: str, *, keys: Sequence[str] = (
     "weight_sqnr_db", "output_sqnr_db"), title: str = "per-layer SQNR") -> str:
   """Writes a grouped bar chart (one bar group per row) to `path` (PNG)."""
-  import matplotlib
+  matplotlib = require("matplotlib", "plots", "plots")
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = require("matplotlib.pyplot", "plots", "plots")
   keys = [k for k in keys if any(k in r for r in rows)]
   if not rows or not keys:
     raise ValueError(f"nothing to plot: rows={len(rows)}, keys={keys}")

@@ -101,7 +101,7 @@ _CHEAP = {"broadcast_in_dim", "iota", "reshape", "convert_element_type", "squeez
 # Value-preserving unary ops walked back from a matmul input to its group's root value.
 _ROOT_OPS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision",
              "reshape", "squeeze", "expand_dims", "transpose", "pvary"}
-_MATMULS = {"dot_general", "conv_general_dilated"}
+_MATMULS = {"dot_general", "conv_general_dilated", "ragged_dot_general"}
 # Ops between a batch of ids and the gather that reads a params leaf with them
 # (jnp.take / x[ids] wrap negative ids with lt / add / select_n).
 _INDEX_OPS = {"convert_element_type", "copy", "broadcast_in_dim", "reshape", "expand_dims",
@@ -263,21 +263,32 @@ class Layout:
 
   Attributes:
     leaf_shape: the params leaf's shape.
-    region: leading indices of the slice the matmul reads (`()`: the whole
-      leaf; `(3,)`: layer 3 of a stacked `[L, ...]` leaf).
+    region: indices along `fixed` of the slice the matmul reads (`()`: the
+      whole leaf; `(3,)`: layer 3 of a stacked `[L, ...]` or `[..., L]` leaf).
     contract: the slice's contraction axes, ascending (its input axes).
     free: the slice's other axes, ascending (its output axes).
+    fixed: the leaf's stacking axes, ascending (any position; `()` for a
+      whole leaf): the axes the matmul holds at one index.
   """
 
   leaf_shape: tuple[int, ...]
   region: tuple[int, ...]
   contract: tuple[int, ...]
   free: tuple[int, ...]
+  fixed: tuple[int, ...] = ()
 
   @property
   def shape(self) -> tuple[int, ...]:
     """The slice's shape."""
-    return tuple(self.leaf_shape[len(self.region):])
+    return tuple(d for a, d in enumerate(self.leaf_shape) if a not in self.fixed)
+
+  @property
+  def index(self) -> tuple:
+    """Indexes the leaf to this slice (`leaf[layout.index]`, `.at[layout.index]`)."""
+    out: list[Any] = [slice(None)] * len(self.leaf_shape)
+    for a, i in zip(self.fixed, self.region):
+      out[a] = i
+    return tuple(out) if self.fixed else ()
 
   @property
   def k(self) -> int:
@@ -348,6 +359,13 @@ class Site:
   group: int = -1
   x_var: Any = None
   x_chain: tuple[int, ...] = ()
+  # Sliced sites (experts): the weight operand's batch / group dimensions, the input
+  # operand's batch dimensions, the group sizes of a ragged_dot, and the region of
+  # the leaf each slice reads (in the order of the batch dimensions).
+  w_batch: tuple[int, ...] = ()
+  x_batch: tuple[int, ...] = ()
+  gs_var: Any = None
+  regions: list[tuple[int, ...]] | None = None
 
 
 @dataclasses.dataclass
@@ -363,6 +381,13 @@ class _Source:
   kind: str
   conv: dict | None
   group: int
+  x_batch: tuple[int, ...] = ()
+  gs_var: Any = None
+  n_slices: int = 0  # > 0: statistics per slice (expert) with a leading axis
+
+  @property
+  def sliced(self) -> bool:
+    return self.n_slices > 0
 
 
 def _const_eval(flat: _Flat, prod: dict, var, cache: dict):
@@ -483,7 +508,7 @@ class Capture:
       for w_pos, w, x_batch in ((1, b, batch_a), (0, a, batch_b)):
         if not x_batch or _is_lit(w) or w in bdep:
           continue
-        if e.primitive.name == "conv_general_dilated" and w_pos != 1:
+        if e.primitive.name in ("conv_general_dilated", "ragged_dot_general") and w_pos != 1:
           continue
         if w in origin:
           sites.append(self._site(i, e, w_pos, *origin[w]))
@@ -550,11 +575,24 @@ class Capture:
       (lc, rc), (lb, rb) = e.params["dimension_numbers"]
       w_contract = tuple(rc if w_pos == 1 else lc)
       x_contract = tuple(lc if w_pos == 1 else rc)
-      w_batch = rb if w_pos == 1 else lb
       site = Site(i, kind, path, leaf, w_pos, w_contract, x_contract, chain)
-      if w_batch:
-        site.error = (f"{path} is a batch dimension of its dot_general (e.g. "
-                      "einsum('bhd,hde->bhe')): a per-slice contraction the capture cannot map")
+      # Batch dimensions shared with the input (experts of a dispatched MoE layer,
+      # einsum("ecd,edf->ecf")): each slice is its own weight with its own inputs.
+      site.w_batch = tuple(rb if w_pos == 1 else lb)
+      site.x_batch = tuple(lb if w_pos == 1 else rb)
+      return site
+    if kind == "ragged_dot_general":
+      rd = e.params["ragged_dot_dimension_numbers"]
+      (lc, rc), (lb, rb) = rd.dot_dimension_numbers
+      site = Site(i, kind, path, leaf, w_pos, tuple(rc), tuple(lc), chain)
+      site.w_batch = tuple(rd.rhs_group_dimensions)
+      site.gs_var = e.invars[2]
+      x_aval = e.invars[0].aval
+      if (lb or rb or len(x_aval.shape) != 2 or tuple(rd.lhs_ragged_dimensions) != (0,)
+          or len(site.w_batch) != 1 or e.params.get("group_offset") is not None):
+        site.error = (f"{path}: a ragged_dot_general other than jax.lax.ragged_dot's "
+                      "(rows [m, k] grouped along m, weight [groups, k, n], no batch "
+                      "dimensions, no group offset) is not supported")
       return site
     dn = e.params["dimension_numbers"]
     w_contract = (dn.rhs_spec[1],) + tuple(dn.rhs_spec[2:])
@@ -615,10 +653,46 @@ class Capture:
       rest = [_const_eval(flat, self.prod, a, self._const_cache) for a in e.invars[1:]]
       idx = e.primitive.bind(idx, *rest, **e.params)
     m_op = np.asarray(idx)
-    free_op = tuple(d for d in range(m_op.ndim) if d not in site.w_contract)
-    k_op = int(math.prod(m_op.shape[d] for d in site.w_contract))
+    if not site.w_batch:
+      return self._slice_layout(site, m_op, site.w_contract, shape)
+    # A sliced site (experts): analyse slice 0, then find the region of every slice.
+    nb = len(site.w_batch)
+    mb = np.moveaxis(m_op, site.w_batch, tuple(range(nb)))
+    rest = [d for d in range(m_op.ndim) if d not in site.w_batch]
+    lay = self._slice_layout(site, mb[(0,) * nb], tuple(rest.index(d) for d in site.w_contract),
+                             shape)
+    if lay is None:
+      return None
+    coords = np.unravel_index(mb.reshape(mb.shape[:nb] + (-1,)), shape)
+    regions = []
+    for b in np.ndindex(*mb.shape[:nb]):
+      ok = all((coords[a][b] == coords[a][(0,) * nb]).all() for a in range(len(shape))
+               if a not in lay.fixed)
+      ok = ok and all((coords[a][b] == coords[a][b][0]).all() for a in lay.fixed)
+      if not ok:
+        site.layout = None
+        site.error = (f"{site.path}: slice {b} of its batched matmul reads other elements "
+                      "than slice 0 does, shifted along a stacking axis; a contraction the "
+                      "capture cannot map")
+        return None
+      regions.append(tuple(int(coords[a][b][0]) for a in lay.fixed))
+    if len(set(regions)) != len(regions):
+      site.layout = None
+      site.error = (f"{site.path}: several slices of its batched matmul read the same weight "
+                    "slice (a weight broadcast over experts); a contraction the capture cannot "
+                    "map")
+      return None
+    site.regions = regions
+    return lay
+
+  def _slice_layout(self, site: Site, m_op: np.ndarray, w_contract: tuple[int, ...],
+                    shape: tuple[int, ...]) -> Layout | None:
+    """The layout of the weight operand `m_op` (leaf element indices), contracted
+    along its axes `w_contract`; sets `site.layout` and `site.k_src`, or `site.error`."""
+    free_op = tuple(d for d in range(m_op.ndim) if d not in w_contract)
+    k_op = int(math.prod(m_op.shape[d] for d in w_contract))
     n_op = int(math.prod(m_op.shape[d] for d in free_op))
-    mat = np.transpose(m_op, site.w_contract + free_op).reshape(k_op, n_op)
+    mat = np.transpose(m_op, w_contract + free_op).reshape(k_op, n_op)
     coords = np.unravel_index(mat, shape)
     contract, free, fixed = [], [], []
     for a in range(len(shape)):
@@ -635,15 +709,11 @@ class Capture:
         free.append(a)  # a size-1 axis is an output axis of size 1
       else:
         fixed.append(a)
-    nfix = len(fixed)
-    if fixed != list(range(nfix)):
-      site.error = (f"{site.path}: the matmul reads a slice of the leaf along axes {fixed}; "
-                    "only leading (stacked-layer) axes can be sliced")
-      return None
     region = tuple(int(coords[a][0, 0]) for a in fixed)
-    slice_shape = shape[nfix:]
-    lc = tuple(a - nfix for a in contract)
-    lf = tuple(a - nfix for a in free)
+    own = [a for a in range(len(shape)) if a not in fixed]  # slice axis -> leaf axis
+    slice_shape = tuple(shape[a] for a in own)
+    lc = tuple(own.index(a) for a in contract)
+    lf = tuple(own.index(a) for a in free)
     k = int(math.prod(slice_shape[a] for a in lc))
     n = int(math.prod(slice_shape[a] for a in lf))
     if k != k_op or n != n_op:
@@ -656,7 +726,7 @@ class Capture:
     if sorted(kleaf.tolist()) != list(range(k)):
       site.error = f"{site.path}: the contraction does not cover the weight's input axes once"
       return None
-    site.layout = Layout(shape, region, lc, lf)
+    site.layout = Layout(shape, region, lc, lf, tuple(fixed))
     if np.array_equal(kleaf, np.arange(k)):
       site.k_src = None
     else:
@@ -671,7 +741,8 @@ class Capture:
              f"({len(self.flat.eqns)} equations)"]
     for s in self.sites:
       lay = s.layout
-      desc = (f"K={lay.k} N={lay.n}" + (f" slice {lay.region}" if lay.region else "")
+      desc = (f"K={lay.k} N={lay.n}" + (f" slice {lay.region} of axes {lay.fixed}"
+                                          if lay.region else "")
               if lay is not None else (s.error or "not analysed"))
       lines.append(f"  group {s.group:3d}  {s.kind:20s} {s.path}  {desc}")
     return "\n".join(lines)
@@ -738,6 +809,13 @@ class InputStats:
     return act_lib.ActStat(lo=lo, hi=hi, absmean=am, count=jnp.asarray(self.count, jnp.float32),
                            sample=sample)
 
+  def take(self, slot: int) -> "InputStats":
+    """Slice `slot` of statistics collected per slice (experts; leading axis)."""
+    pick = lambda a: None if a is None else a[slot]  # noqa: E731
+    return InputStats(count=float(np.asarray(self.count)[slot]), xtx=pick(self.xtx),
+                      sum_abs=pick(self.sum_abs), sum_sq=pick(self.sum_sq), lo=pick(self.lo),
+                      hi=pick(self.hi))
+
   @staticmethod
   def merge(stats: Sequence["InputStats"]) -> "InputStats":
     """Statistics of several matmuls that read one weight (summed / min / max / joined)."""
@@ -756,7 +834,10 @@ class InputStats:
         sample=red("sample", lambda vs: jnp.concatenate(vs, 0)))
 
 
-def _stat_init(k: int, needs: frozenset) -> dict[str, jax.Array]:
+def _stat_init(k: int, needs: frozenset, n_slices: int = 0) -> dict[str, jax.Array]:
+  if n_slices:  # one set of statistics per slice (expert), stacked
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (n_slices,) + a.shape),
+                        _stat_init(k, needs))
   acc = {"count": jnp.zeros((), jnp.float32)}
   if "hessian" in needs:
     acc["xtx"] = jnp.zeros((k, k), jnp.float32)
@@ -792,9 +873,60 @@ def _stat_update(acc: dict, f: jax.Array, needs: frozenset, n_sample: int):
   return out, sample, bad
 
 
+def _stat_update_sliced(acc: dict, f: jax.Array, w: jax.Array, needs: frozenset):
+  """Adds the rows of each slice: `f` `[S, T, K]` (or `[T, K]` shared by every slice, a
+  ragged_dot's rows), `w` `[S, T]` 0/1: the rows each slice reads (the tokens routed to
+  an expert). Returns (acc, None, non-finite count)."""
+  f = f.astype(jnp.float32)
+  w = w.astype(jnp.float32)
+  shared = f.ndim == 2
+  out = dict(acc)
+  out["count"] = acc["count"] + jnp.sum(w, -1)
+  bad = jnp.sum(~jnp.isfinite(f)).astype(jnp.int32)
+  hi_p = jax.lax.Precision.HIGHEST
+  if "xtx" in acc:
+    out["xtx"] = acc["xtx"] + (
+        jnp.einsum("ti,st,tj->sij", f, w, f, precision=hi_p) if shared else
+        jnp.einsum("sti,st,stj->sij", f, w, f, precision=hi_p))
+  af = jnp.abs(f)
+  if "sum_abs" in acc:
+    out["sum_abs"] = acc["sum_abs"] + (jnp.einsum("ti,st->si", af, w) if shared else
+                                       jnp.einsum("sti,st->si", af, w))
+  if "sum_sq" in acc:
+    out["sum_sq"] = acc["sum_sq"] + (jnp.einsum("ti,st->si", f * f, w) if shared else
+                                     jnp.einsum("sti,st->si", f * f, w))
+  if "lo" in acc:
+    fb = jnp.broadcast_to(f, w.shape + f.shape[-1:])
+    on = (w > 0)[..., None]
+    out["lo"] = jnp.minimum(acc["lo"], jnp.min(jnp.where(on, fb, jnp.inf), 1))
+    out["hi"] = jnp.maximum(acc["hi"], jnp.max(jnp.where(on, fb, -jnp.inf), 1))
+  return out, None, bad
+
+
+def _slice_rows(f: jax.Array, gs: jax.Array | None) -> jax.Array:
+  """`[S, T]` 0/1: which rows of a sliced source's features each slice reads. A
+  ragged_dot's group g reads rows `[sum(gs[:g]), sum(gs[:g+1]))`; a batched matmul's
+  slice reads its own rows, of which all-zero ones (empty capacity slots of a
+  dispatch) are not counted."""
+  if gs is not None:
+    ends = jnp.cumsum(gs.astype(jnp.int32))
+    starts = ends - gs.astype(jnp.int32)
+    r = jnp.arange(f.shape[0])[None, :]
+    return ((r >= starts[:, None]) & (r < ends[:, None])).astype(jnp.float32)
+  return jnp.any(f != 0, axis=-1).astype(jnp.float32)
+
+
 def _features(x: jax.Array, src: _Source) -> jax.Array:
-  """The input operand `x` as `[T, K]` features in the weight's K order."""
-  if src.kind == "dot_general":
+  """The input operand `x` as `[T, K]` features in the weight's K order (`[S, T, K]`
+  for a batched source: one row set per slice)."""
+  if src.x_batch:
+    keep = [d for d in range(x.ndim) if d not in src.x_contract and d not in src.x_batch]
+    xt = jnp.transpose(x, list(src.x_batch) + keep + list(src.x_contract))
+    f = xt.reshape(src.n_slices, -1, src.k)
+    if src.k_src is not None:
+      f = jnp.take(f, jnp.asarray(src.k_src), axis=2)
+    return f
+  if src.kind in ("dot_general", "ragged_dot_general"):
     keep = [d for d in range(x.ndim) if d not in src.x_contract]
     f = jnp.transpose(x, keep + list(src.x_contract)).reshape(-1, src.k)
   else:
@@ -837,6 +969,8 @@ class Part:
   source: int = -1
   group: int = -1
   sites: list[int] = dataclasses.field(default_factory=list)
+  # site -> which slice of its batched matmul this part is (experts); absent: the whole site
+  slots: dict[int, int] = dataclasses.field(default_factory=dict)
 
   @property
   def key(self) -> tuple[str, tuple[int, ...]]:
@@ -1140,6 +1274,8 @@ class _Runner:
                        if v in bdep and u >= hi and (v in cap.batch_set or cap.prod[v] < hi)},
                       key=self._order)
     needed = set(live_out) | {cap.sources[si].root for si in sources}
+    needed |= {cap.sources[si].gs_var for si in sources
+               if cap.sources[si].gs_var is not None and cap.sources[si].gs_var in bdep}
     include = []
     for i in range(hi - 1, lo - 1, -1):
       outs = [o for o in eqns[i].outvars if not _is_drop(o)]
@@ -1157,6 +1293,10 @@ class _Runner:
       for a in (eqns[i].invars if i in include else eqns[i].invars[1:]):
         if not _is_lit(a) and a not in bdep:
           self._static(a, st_needed, weights, consts)
+    for si in sources:
+      gs = cap.sources[si].gs_var
+      if gs is not None and not _is_lit(gs) and gs not in bdep:
+        self._static(gs, st_needed, weights, consts)
     w_vars = sorted(weights, key=lambda v: (weights[v][0], weights[v][1] or ()))
     c_vars = sorted(consts, key=lambda v: (0, consts[v]) if isinstance(consts[v], int) else
                     (1, cap.prod[v]))
@@ -1190,7 +1330,7 @@ class _Runner:
     acc_in, acc_out, bad_out, sample_out, acc_names = [], [], [], [], []
     for si in sources:
       src = cap.sources[si]
-      acc0 = _stat_init(src.k, needs)
+      acc0 = _stat_init(src.k, needs, src.n_slices)
       names = sorted(acc0)
       acc_names.append(names)
       a_in = [jcore.Var(jax.typeof(acc0[n])) for n in names]
@@ -1202,11 +1342,18 @@ class _Runner:
         seg_eqns.append(ce.replace(invars=[x] + list(ce.invars[1:]), outvars=[nv]))
         x = nv
 
-      def upd(xv, *acc_vals, _src=src, _names=names):
-        new, sample, bad = _stat_update(dict(zip(_names, acc_vals)), _features(xv, _src),
-                                        needs, n_sample)
+      extra = [src.gs_var] if src.gs_var is not None else []
+
+      def upd(xv, *rest, _src=src, _names=names, _ng=len(extra)):
+        acc = dict(zip(_names, rest[_ng:]))
+        f = _features(xv, _src)
+        if _src.sliced:
+          gs = rest[0] if _ng else None
+          new, sample, bad = _stat_update_sliced(acc, f, _slice_rows(f, gs), needs)
+        else:
+          new, sample, bad = _stat_update(acc, f, needs, n_sample)
         return tuple([new[n] for n in _names] + [bad] + ([sample] if sample is not None else []))
-      outs = _splice(seg_eqns, upd, [x] + a_in, const_in, const_vals)
+      outs = _splice(seg_eqns, upd, [x] + extra + a_in, const_in, const_vals)
       acc_out.extend(outs[:len(names)])
       bad_out.append(outs[len(names)])
       if n_sample:
@@ -1431,7 +1578,9 @@ def _from_process_0(tree: Any) -> Any:
 
 def _finalize_stats(acc_names, acc, samples, max_samples) -> InputStats:
   a = dict(zip(acc_names, acc))
-  st = InputStats(count=float(a["count"]), xtx=a.get("xtx"), sum_abs=a.get("sum_abs"),
+  count = np.asarray(a["count"])
+  st = InputStats(count=float(count) if count.ndim == 0 else count, xtx=a.get("xtx"),
+                  sum_abs=a.get("sum_abs"),
                   sum_sq=a.get("sum_sq"), lo=a.get("lo"), hi=a.get("hi"))
   if samples:
     st.sample = jnp.concatenate(samples, 0)[:max_samples]
@@ -1517,8 +1666,48 @@ def _last_reads(cap: Capture) -> dict[int, int]:
   return last
 
 
-def _region_get(value, region):
-  return value[region] if region else value
+def _starved_parts(parts: Sequence[Part], min_tokens: int, starved: str, method: Any,
+                   record: dict) -> dict:
+  """Round-to-nearest results for the parts (slices of batched / ragged matmuls: experts)
+  that fewer than `min_tokens` calibration rows reached; see `calibrate`."""
+  few = [p for p in parts if p.slots and p.stats is not None and p.stats.count < min_tokens]
+  if not few:
+    return {}
+  names = ", ".join(f"{p.name} ({int(p.stats.count)} rows)" for p in few[:8])
+  more = f" and {len(few) - 8} more" if len(few) > 8 else ""
+  what = (f"{len(few)} expert slice(s) received fewer than {min_tokens} calibration rows: "
+          f"{names}{more}")
+  if starved == "error" or not isinstance(few[0].rule, rules_lib.QuantRule):
+    raise ValueError(what + (" (starved='error'; calibrate with more or other data, lower "
+                             "min_tokens, or pass starved='rtn')" if starved == "error" else
+                             f"; {type(method).__name__} prunes and has no data-free "
+                             "fallback: calibrate with more or other data or lower "
+                             "min_tokens"))
+  warnings.warn(what + "; they are quantized round-to-nearest from their own weights "
+                "(starved='rtn')", stacklevel=4)
+  from quantjax.numerics import qarray as qarray_lib
+  record.setdefault("starved", {}).update({p.name: float(p.stats.count) for p in few})
+  return {p.key: qarray_lib.quantize(p.value, p.leaf_format(p.rule.format),
+                                     calibration=p.rule.calibration, name=p.name) for p in few}
+
+
+def _site_slices(cap: Capture, sis: Sequence[int]):
+  """`(site, slot, layout)` for every slice the sites `sis` read: one per site, or one per
+  slice (expert) of a batched / ragged matmul, with its slot among the site's slices."""
+  for si in sis:
+    s = cap.sites[si]
+    lay = cap.layout_of(s)
+    if lay is None:
+      raise ValueError(f"cannot calibrate {s.path}: {s.error}")
+    if s.regions is None:
+      yield si, None, lay
+    else:
+      for slot, region in enumerate(s.regions):
+        yield si, slot, dataclasses.replace(lay, region=region)
+
+
+def _region_get(value, layout: Layout):
+  return value[layout.index] if layout.region else value
 
 
 class _State:
@@ -1527,20 +1716,22 @@ class _State:
   def __init__(self, p_leaves: list[Any]):
     self.leaves = list(p_leaves)
     self.results: dict[tuple[int, tuple], Any] = {}
+    self.stack_axes: dict[int, tuple[int, ...]] = {}  # leaf -> its slices' fixed axes
 
   def weight_input(self, leaf: int, region):
     v = self.leaves[leaf]
     return v if region is None else v[region]
 
-  def set_part(self, leaf: int, region: tuple, result: Any, effective: jax.Array):
+  def set_part(self, leaf: int, layout: Layout, result: Any, effective: jax.Array):
     """Records `result` and puts `effective` (in the dtype the forward is to see) in place."""
-    self.results[(leaf, region)] = result
+    self.results[(leaf, layout.region)] = result
+    self.stack_axes[leaf] = layout.fixed
     eff = jnp.asarray(effective)
-    if not region:
+    if not layout.region:
       self.leaves[leaf] = eff
       return
     cur = jnp.asarray(self.leaves[leaf])
-    self.leaves[leaf] = cur.astype(eff.dtype).at[region].set(eff)
+    self.leaves[leaf] = cur.astype(eff.dtype).at[layout.index].set(eff)
 
 
 def _donate(p_leaves: list[Any], leaf: int) -> None:
@@ -1579,7 +1770,8 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
               capture: Capture | None = None,
               segment_cache: dict | None = None, donate: bool = False,
               activation_limit: int | None = None, activation_dir: Any = None,
-              stand_in_dtype: Any = None) -> CalibrationResult:
+              stand_in_dtype: Any = None, min_tokens: int = 16,
+              starved: str = "rtn") -> CalibrationResult:
   """Runs a calibrated `method` on the weights `rules` select, on any model.
 
   Args:
@@ -1638,6 +1830,13 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       float32), float32 keeps the dequantized values exact, as a float32 copy
       of the model would: `quantjax.streaming` holds a layer's BF16 weights
       as BF16 this way and gets the float32 model's result bit for bit.
+    min_tokens, starved: a slice of a batched or ragged matmul (an expert of
+      a mixture-of-experts layer) that fewer than `min_tokens` calibration
+      rows reach is *starved*: its statistics say too little. It is named in
+      a warning and in `info["starved"]` (name -> rows), and `starved`
+      decides: "rtn" quantizes it round-to-nearest from its own weights (the
+      data-free fallback; pruning methods have none and raise), "error"
+      raises naming it. Weights every row reaches are never starved.
 
   Returns:
     `CalibrationResult(params, report, parts, info)`.
@@ -1650,6 +1849,8 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   """
   if mode not in ("sequential", "one_pass"):
     raise ValueError(f"mode must be 'sequential' or 'one_pass', got {mode!r}")
+  if starved not in ("rtn", "error"):
+    raise ValueError(f"starved must be 'rtn' or 'error', got {starved!r}")
   if not isinstance(batches, collections.abc.Sequence):
     batches = list(batches)
   if not len(batches):
@@ -1698,23 +1899,32 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     warnings.warn(msg, stacklevel=2)
   parts: dict[tuple[int, tuple], Part] = {}
   for li, sis in sites_of_leaf.items():
-    for si in sis:
+    other = None  # the leaf's first part: every slice of a leaf must share its layout
+    for si, slot, lay in _site_slices(cap, sis):
       s = cap.sites[si]
-      lay = cap.layout_of(s)
-      if lay is None:
-        raise ValueError(f"cannot calibrate {s.path}: {s.error}")
       key = (li, lay.region)
       part = parts.get(key)
       if part is None:
+        if other is not None and (other.layout.fixed, other.layout.contract,
+                                  other.layout.free) != (lay.fixed, lay.contract, lay.free):
+          o = other.layout
+          raise ValueError(
+              f"{s.path}: its slices are read with different layouts ({other.name}: stacking "
+              f"axes {o.fixed}, contraction {o.contract}; slice {lay.region}: stacking axes "
+              f"{lay.fixed}, contraction {lay.contract}); the slices of one stacked weight "
+              "must share one layout")
         part = Part(path=s.path, region=lay.region, rule=targets[li], layout=lay,
-                    value=_region_get(p_leaves[li], lay.region), leaf=li)
+                    value=_region_get(p_leaves[li], lay), leaf=li)
         parts[key] = part
+        other = other or part
       elif (part.layout.contract, part.layout.free) != (lay.contract, lay.free):
         raise ValueError(
             f"{part.name} is read by two matmuls with different layouts (contraction axes "
             f"{part.layout.contract} vs {lay.contract}); a weight used with two layouts "
             "cannot be calibrated as one matrix")
       part.sites.append(si)
+      if slot is not None:
+        part.slots[si] = slot
   # Input sources (shared statistics) and groups.
   src_ids: dict[tuple, int] = {}
   cap.sources = []
@@ -1723,12 +1933,16 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       s = cap.sites[si]
       conv = _conv_params(cap, s)
       skey = (id(s.x_var), s.x_contract, s.kind,
-              None if s.k_src is None else s.k_src.tobytes(), repr(conv))
+              None if s.k_src is None else s.k_src.tobytes(), repr(conv), s.x_batch,
+              None if s.gs_var is None else id(s.gs_var),
+              None if s.regions is None else len(s.regions))
       if skey not in src_ids:
         src_ids[skey] = len(cap.sources)
         cap.sources.append(_Source(root=cap.group_roots[s.group], chain=s.x_chain,
                                    x_var=s.x_var, x_contract=s.x_contract, k_src=s.k_src,
-                                   k=part.layout.k, kind=s.kind, conv=conv, group=s.group))
+                                   k=part.layout.k, kind=s.kind, conv=conv, group=s.group,
+                                   x_batch=s.x_batch, gs_var=s.gs_var,
+                                   n_slices=0 if s.regions is None else len(s.regions)))
       s.source = src_ids[skey]
     part.source = cap.sites[part.sites[0]].source
     part.group = cap.sites[part.sites[0]].group
@@ -1755,7 +1969,17 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   if bad_needs:
     raise ValueError(f"{type(method).__name__} asks for unknown statistics {sorted(bad_needs)}")
   n_sample = max(1, int(max_samples) // len(batches)) if "sample" in needs else 0
-  runner = _Runner(cap, {cap.group_roots[g]: first[g] - 1 for g in order}, segment_cache)
+  uses = {cap.group_roots[g]: first[g] - 1 for g in order}
+  for src in cap.sources:  # a ragged_dot's group sizes stay live until its statistics
+    if src.gs_var is not None and not _is_lit(src.gs_var):
+      uses[src.gs_var] = max(uses.get(src.gs_var, -1), first[src.group] - 1)
+  if "sample" in needs:
+    sliced = sorted({cap.sites[si].path for p in parts.values() for si in p.slots})
+    if sliced:
+      raise ValueError(f"{type(method).__name__} needs sampled input rows, which are not "
+                       f"collected per expert; {', '.join(sliced[:4])} are read per slice "
+                       "(a batched or ragged matmul): use GPTQ or RTN on them")
+  runner = _Runner(cap, uses, segment_cache)
   state = _State(p_leaves)
   put = (lambda b: b)
   # A mesh over the devices of several jax.distributed processes: each holds its rows of
@@ -1814,10 +2038,12 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
         part = parts[key]
         # In the leaf's own dtype (a stacked leaf holds float32 stand-ins beside its
         # unfinished slices with `stand_in_dtype`; those slices convert back exactly).
-        part.value = _region_get(state.leaves[part.leaf], part.region).astype(
+        part.value = _region_get(state.leaves[part.leaf], part.layout).astype(
             cap.leaf_avals[part.leaf].dtype)
-        part.stats = (InputStats.merge([stats_of_source[cap.sites[si].source]
-                                        for si in part.sites]) if needs else None)
+        part.stats = (InputStats.merge([
+            stats_of_source[cap.sites[si].source].take(part.slots[si]) if si in part.slots
+            else stats_of_source[cap.sites[si].source] for si in part.sites])
+                      if needs else None)
         todo.append(part)
       # Sources this call finishes are let go first: then the parts hold their statistics'
       # only references, and a method may drop them (part.stats.xtx = None) when done.
@@ -1828,20 +2054,28 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       for src, n in in_call.items():
         if pending_of_source[src] == n:
           stats_of_source.pop(src, None)
-      results = method.apply(todo, record) if todo else {}
+      fallback = _starved_parts(todo, min_tokens, starved, method, record)
+      results = method.apply([p for p in todo if p.key not in fallback], record) \
+          if len(fallback) < len(todo) else {}
+      results.update(fallback)
       if multi_process:
         results = _from_process_0(results)
       for part in todo:
         unfinished[part.leaf] -= 1
         res = results.get(part.key)
         if res is not None:
-          state.set_part(part.leaf, part.region, res,
+          state.set_part(part.leaf, part.layout, res,
                          effective_weight(res, stand_in_dtype or part.value.dtype))
           if donate:
             _donate(p_leaves, part.leaf)
           for si in part.sites:
             t = _site_transform(res, part.layout, cap.sites[si])
             if t is not None:
+              if si in part.slots:
+                raise ValueError(
+                    f"{part.name}: activation quantization or input scales on one slice of "
+                    "a batched or ragged matmul (an expert) are not supported; quantize "
+                    "the experts' weights only")
               transforms[si] = t
         part.stats = None
         for si in part.sites:
@@ -1854,7 +2088,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     def init_accs(srcs):
       out = []
       for si in srcs:
-        a = _stat_init(cap.sources[si].k, needs)
+        a = _stat_init(cap.sources[si].k, needs, cap.sources[si].n_slices)
         out.append([a[n] for n in sorted(a)])
       return out
 
@@ -1923,35 +2157,48 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       spill.close()
 
 
-def _stack_regions(results: dict[tuple, Any], shape: tuple[int, ...], path: str) -> Any:
-  depth = len(next(iter(results)))
-  n = shape[0]
-  if depth == 1:
-    missing = [i for i in range(n) if (i,) not in results]
-    if missing:
-      raise ValueError(f"{path}: slices {missing[:5]} of the stacked weight are read by no "
-                       "matmul; every layer of a stacked weight must be calibrated")
-    items = [results[(i,)] for i in range(n)]
-  else:
-    items = [_stack_regions({k[1:]: v for k, v in results.items() if k[0] == i}, shape[1:], path)
-             for i in range(n)]
+def _stack_regions(results: dict[tuple, Any], shape: tuple[int, ...], axes: tuple[int, ...],
+                   path: str) -> Any:
+  """The per-slice results of a stacked leaf as one value of the leaf's shape:
+  QArrays through `stack_qarrays`, arrays (masks) and other pytrees stacked."""
+  from quantjax.numerics import qarray as qarray_lib
+  first = next(iter(results.values()))
+  if isinstance(first, qarray_lib.QArray):
+    return qarray_lib.stack_qarrays(results, shape, axes, path)
+  counts = [shape[a] for a in axes]
+  missing = [i for i in np.ndindex(*counts) if tuple(i) not in results]
+  if missing:
+    raise ValueError(f"{path}: slices {missing[:5]} of the stacked weight are read by no "
+                     "matmul; every layer of a stacked weight must be calibrated")
+  items = [results[tuple(i)] for i in np.ndindex(*counts)]
+  if axes != tuple(range(len(axes))):
+    if not all(isinstance(x, (jax.Array, np.ndarray)) for x in items):
+      raise ValueError(f"{path}: {type(first).__name__} results of slices along axes {axes} "
+                       "cannot be stacked in place; only leading stacking axes can")
+    return jnp.moveaxis(jnp.stack(items).reshape(tuple(counts) + items[0].shape),
+                        tuple(range(len(axes))), axes)
   try:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+    out = jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+    return jax.tree.map(lambda x: x.reshape(tuple(counts) + x.shape[1:]), out)
   except ValueError as e:
     raise ValueError(f"{path}: the per-layer results differ in structure ({e})") from None
 
 
 def _assemble(cap: Capture, params: Any, state: _State) -> Any:
   values = {(cap.leaf_paths[li], region): v for (li, region), v in state.results.items()}
-  return tree_from_parts(params, values, fill=None, keep=True)
+  axes = {cap.leaf_paths[li]: a for li, a in state.stack_axes.items()}
+  return tree_from_parts(params, values, fill=None, keep=True, stack_axes=axes)
 
 
 def tree_from_parts(params: Any, values: Mapping[tuple[str, tuple], Any], *, fill: Any = None,
-                    keep: bool = False) -> Any:
+                    keep: bool = False,
+                    stack_axes: Mapping[str, tuple[int, ...]] | None = None) -> Any:
   """A tree shaped like `params` holding `values` (keyed by `Part.key`).
 
-  Slices of a stacked leaf are stacked back; other leaves are `fill` (or
-  their own value with `keep=True`).
+  Slices of a stacked leaf are stacked back along its stacking axes
+  (`stack_axes[path]`, e.g. `{p.path: p.layout.fixed for p in result.parts}`;
+  default: the leading axes); other leaves are `fill` (or their own value
+  with `keep=True`).
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   by_path: dict[str, dict[tuple, Any]] = {}
@@ -1966,7 +2213,9 @@ def tree_from_parts(params: Any, values: Mapping[tuple[str, tuple], Any], *, fil
     elif () in res:
       out.append(res[()])
     else:
-      out.append(_stack_regions(res, tuple(np.shape(leaf)), path))
+      depth = len(next(iter(res)))
+      axes = tuple((stack_axes or {}).get(path, range(depth)))
+      out.append(_stack_regions(res, tuple(np.shape(leaf)), axes, path))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -1996,5 +2245,5 @@ def collect_stats(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[
         out[p.name] = p.stats
       return {}
   calibrate(fn, params, batches, rules, _Collect(), mode="one_pass", max_samples=max_samples,
-            progress=progress)
+            progress=progress, min_tokens=0)
   return out

@@ -39,6 +39,7 @@ __all__ = [
     "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
     "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "scale_floor",
+    "slice_format", "stack_qarrays", "quantize_stacked",
 ]
 
 
@@ -761,6 +762,122 @@ def quantize_with_scale(x: jax.Array, fmt: QuantFormat, scale: jax.Array,
   codes = encode(xb, fmt, sb, zb, key=key).reshape(shape)
   return QArray(qvalue=pack_codes(codes, fmt), scale=scale, zero_point=zero_point, fmt=fmt,
                 shape=shape, dtype=jnp.dtype(x.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Stacks: one weight per slice along some axes (scanned layers, experts).
+# ----------------------------------------------------------------------------
+
+def slice_format(fmt: QuantFormat, ndim: int) -> QuantFormat:
+  """`fmt` with its group and channel axes counted from the end of an `ndim`-axis
+  slice, so every slice of a stack (and a stacked QArray) reads the same format."""
+  fmt = formats_lib.resolve_format(fmt)
+  if fmt.is_cast or ndim == 0:
+    return fmt
+  shape = ("?",) * ndim
+  return fmt.replace(group_axis=_norm_axis(fmt.group_axis, ndim, "group_axis", shape) - ndim,
+                     channel_axis=_norm_axis(fmt.channel_axis, ndim, "channel_axis", shape) - ndim)
+
+
+def _stack_index(idx: Sequence[int], stack_axes: Sequence[int], ndim: int) -> tuple:
+  out: list[Any] = [slice(None)] * ndim
+  for a, i in zip(stack_axes, idx):
+    out[a] = int(i)
+  return tuple(out)
+
+
+def stack_qarrays(items: Any, shape: Sequence[int], stack_axes: Sequence[int],
+                  name: str = "array") -> "QArray":
+  """One QArray of the leaf `shape` from per-slice QArrays.
+
+  Args:
+    items: `{index tuple along stack_axes: QArray of one slice}` for every slice.
+    shape: the whole leaf's shape.
+    stack_axes: ascending stacking axes of the leaf.
+    name: used in error messages.
+
+  Leading stacking axes give a stacked QArray (the children gain leading batch
+  axes; `scan` hands each layer its slice). Stacking axes elsewhere give one
+  QArray over the whole leaf whose groups run inside one slice: a group format
+  keeps its groups; per-channel scales of a 2-D slice become one group spanning
+  the slice's input axis (the same codes and scales). Per-tensor or
+  many-axis per-channel slices can only be stacked along leading axes.
+  """
+  shape, stack_axes = tuple(int(d) for d in shape), tuple(int(a) for a in stack_axes)
+  counts = [shape[a] for a in stack_axes]
+  missing = [i for i in np.ndindex(*counts) if tuple(i) not in items]
+  if missing:
+    raise ValueError(f"{name}: slices {missing[:5]} of the stacked weight (stacking axes "
+                     f"{stack_axes} of shape {shape}) have no result; every slice of a stacked "
+                     "weight must be quantized")
+  ordered = [items[tuple(i)] for i in np.ndindex(*counts)]
+  first = ordered[0]
+  for i, q in zip(np.ndindex(*counts), ordered):
+    if not isinstance(q, QArray) or (q.fmt, q.shape, q.dtype) != (first.fmt, first.shape,
+                                                                   first.dtype):
+      got = (q.fmt.name, q.shape) if isinstance(q, QArray) else type(q).__name__
+      raise ValueError(f"{name}: slice {tuple(i)} is {got}, slice {(0,) * len(counts)} is "
+                       f"{(first.fmt.name, first.shape)}: the slices of one stacked leaf must "
+                       "share one format and layout")
+  if stack_axes == tuple(range(len(stack_axes))):
+    def nest(qs, depth):
+      if depth == len(counts):
+        return qs[0]
+      step = len(qs) // counts[depth]
+      parts = [nest(qs[j * step:(j + 1) * step], depth + 1) for j in range(counts[depth])]
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+    return nest(ordered, 0)
+  f, sshape = first.fmt, first.shape
+  sn = len(sshape)
+  own = [a for a in range(len(shape)) if a not in stack_axes]  # leaf axis of each slice axis
+  if f.is_cast:
+    full_fmt = f
+  elif f.granularity == "group":
+    full_fmt = f.replace(group_axis=own[f.group_axis % sn] - len(shape))
+  elif f.granularity == "per_channel" and sn == 2:
+    other = 1 - f.channel_axis % sn
+    full_fmt = f.replace(granularity="group", group_size=sshape[other],
+                         group_axis=own[other] - len(shape), channel_axis=-1)
+  else:
+    raise ValueError(
+        f"{name}: {f.granularity} scales of slices of shape {sshape} cannot be held in one "
+        f"array with stacking axes {stack_axes} among its own axes (only leading stacking "
+        "axes keep them per slice); use a group format or put the stacking axes first")
+
+  def place(arrays):
+    arrays = [np.asarray(a) for a in arrays]
+    full_shape = list(arrays[0].shape)
+    for a, n in zip(stack_axes, counts):
+      full_shape.insert(a, n)
+    out = np.empty(full_shape, arrays[0].dtype)
+    for i, a in zip(np.ndindex(*counts), arrays):
+      out[_stack_index(i, stack_axes, len(full_shape))] = a
+    return jnp.asarray(out)
+
+  codes = place([q.codes() for q in ordered])
+  scale = None if first.scale is None else place([q.scale for q in ordered])
+  zp = None if first.zero_point is None else place([q.zero_point for q in ordered])
+  return QArray.from_codes(codes, full_fmt, scale, zp, dtype=first.dtype)
+
+
+def quantize_stacked(x: jax.Array, fmt: QuantFormat | str, stack_axes: Sequence[int], *,
+                     calibration: Any = "auto", key: jax.Array | None = None,
+                     name: str = "array") -> "QArray":
+  """Quantizes every slice of `x` along `stack_axes` (ascending) as its own weight,
+  with `fmt`'s axes counted within a slice, and stacks the results (`stack_qarrays`)."""
+  fmt = formats_lib.resolve_format(fmt)
+  x = jnp.asarray(x)
+  stack_axes = tuple(stack_axes)
+  if not stack_axes:
+    return quantize(x, fmt, calibration=calibration, key=key, name=name)
+  sf = slice_format(fmt, x.ndim - len(stack_axes))
+  items = {}
+  for n, i in enumerate(np.ndindex(*[x.shape[a] for a in stack_axes])):
+    k = None if key is None else jax.random.fold_in(key, n)
+    items[tuple(i)] = quantize(x[_stack_index(i, stack_axes, x.ndim)], sf,
+                               calibration=calibration, key=k,
+                               name=name + "".join(f"[{j}]" for j in i))
+  return stack_qarrays(items, x.shape, stack_axes, name)
 
 
 def dequantize(x: Any, dtype: Any = None) -> jax.Array:

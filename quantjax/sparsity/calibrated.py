@@ -118,5 +118,6 @@ def prune_calibrated(fn: Callable[[Any, Any], Any], params: Any, batches: Iterab
   from quantjax.methods import capture
   res = capture.calibrate(fn, params, batches, rules, method, mode=mode, strict=strict,
                           progress=progress, **kwargs)
-  masks = capture.tree_from_parts(params, res.info.get("masks", {}), fill=None)
+  masks = capture.tree_from_parts(params, res.info.get("masks", {}), fill=None,
+                                  stack_axes={p.path: p.layout.fixed for p in res.parts})
   return res.params, masks

@@ -118,10 +118,14 @@ def prune_params(params: Any, rules: Sequence[rules_lib.PruneRule], *,
     if idx is None or rules[idx].skip:
       return None
     r = rules[idx]
+    stack = rules_lib.stack_axes_of(r, path, w.shape, "prune_params")
     s = score_of(path, w)
     if r.n is not None and r.m is not None:
-      return nm_lib.nm_mask_from_scores(s, r.n, r.m, axis=0)
-    return mask_from_scores(s, r.sparsity, axis=None if w.ndim < 2 else 0)
+      return rules_lib.map_slices(lambda v: nm_lib.nm_mask_from_scores(v, r.n, r.m, axis=0), s,
+                                  stack)
+    own = w.ndim - len(stack)
+    return rules_lib.map_slices(
+        lambda v: mask_from_scores(v, r.sparsity, axis=None if own < 2 else 0), s, stack)
 
   masks = rules_lib.map_with_paths(mask_fn, params)
   return apply_masks(params, masks), masks

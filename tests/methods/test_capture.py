@@ -246,10 +246,11 @@ def test_no_matmul_on_params():
 
 
 def test_unmappable_contraction_names_the_weight():
-  p = {"w": jnp.ones((4, 8, 8))}
-  fn = lambda p, x: jnp.einsum("bhd,hde->bhe", x, p["w"])  # noqa: E731
-  with pytest.raises(ValueError, match="cannot calibrate w: .*batch dimension"):
-    methods.calibrate(fn, p, [jnp.ones((2, 4, 8))], [QuantRule(module_path="w", format="int8")],
+  # A reshape that splits axis 0 of the weight between the matmul's input and output.
+  p = {"w": jnp.ones((8, 8))}
+  fn = lambda p, x: x @ p["w"].reshape(4, 16)  # noqa: E731
+  with pytest.raises(ValueError, match="cannot calibrate w: .*axis 0 .* feeds both"):
+    methods.calibrate(fn, p, [jnp.ones((2, 4))], [QuantRule(module_path="w", format="int8")],
                       methods.GPTQ(), progress=False)
 
 
