@@ -26,3 +26,12 @@ settings.load_profile("quantjax")
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+def pytest_configure(config):
+  # Tests that need a package beyond the core and the gguf / plots extras (the torch
+  # world: transformers, torch; or llama.cpp). `make test` runs them; `make
+  # test-oldest` (the core at the oldest JAX stack) deselects them with -m.
+  config.addinivalue_line("markers", "requires_extra(name): needs quantjax[name] beyond the "
+                          "core, gguf and plots (deselected by make test-oldest)")
+

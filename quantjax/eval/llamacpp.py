@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from quantjax.optional import require
+
 __all__ = ["available", "open_model", "perplexity", "greedy", "prefill_decode", "quantize",
            "ggml_quantize_rows"]
 
@@ -35,7 +37,7 @@ def available() -> bool:
 @contextlib.contextmanager
 def open_model(path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | None = None):
   """A `llama_cpp.Llama` over `path` with logits for every position, closed on exit."""
-  from llama_cpp import Llama
+  Llama = require("llama_cpp", "llamacpp", "llama.cpp evaluation").Llama
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -139,7 +141,7 @@ def prefill_decode(path: str | os.PathLike, prompts: Sequence[np.ndarray], *,
   import ctypes
   import logging
 
-  import llama_cpp as lc
+  lc = require("llama_cpp", "llamacpp", "llama.cpp evaluation")
   import llama_cpp._logger  # noqa: F401 - installs the log callback that honours this logger
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -243,7 +245,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *,
   """
   import ctypes
 
-  import llama_cpp
+  llama_cpp = require("llama_cpp", "llamacpp", "llama.cpp")
   name = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}"
   if not hasattr(llama_cpp, name):
     known = sorted(k[len("LLAMA_FTYPE_MOSTLY_"):] for k in dir(llama_cpp)
@@ -273,8 +275,8 @@ def ggml_quantize_rows(x: np.ndarray, type_name: str,
   """
   import ctypes
 
-  import gguf
-  import llama_cpp
+  gguf = require("gguf", "gguf", "GGUF files")
+  llama_cpp = require("llama_cpp", "llamacpp", "llama.cpp")
   lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
   lib = ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"))
   qt = gguf.GGMLQuantizationType[type_name]

@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from quantjax.optional import require
+
 __all__ = [
     "Column",
     "COMPARISON_COLUMNS",
@@ -186,7 +188,7 @@ def family_styles(families: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 
 def _save_figure(fig, path: str | os.PathLike) -> None:
-  import matplotlib.pyplot as plt
+  plt = require("matplotlib.pyplot", "plots", "plots")
 
   from quantjax.io import atomic
   tmp = atomic.temp_path(path)
@@ -207,9 +209,9 @@ def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
   Saved atomically as PNG. Returns `{family: (marker, colour)}` for the
   families drawn (see `method_family`), in legend order.
   """
-  import matplotlib
+  matplotlib = require("matplotlib", "plots", "plots")
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = require("matplotlib.pyplot", "plots", "plots")
   recs = [r for r in records if r.get(x) is not None and r.get(y) is not None]
   fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
   xs = [r[x] / 1e6 for r in recs]
@@ -253,9 +255,9 @@ def loss_curves_plot(curves: Sequence[Mapping[str, Any]], path: str | os.PathLik
   Returns:
     The number of curves drawn (curves with an empty history are skipped).
   """
-  import matplotlib
+  matplotlib = require("matplotlib", "plots", "plots")
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = require("matplotlib.pyplot", "plots", "plots")
   fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
   drawn, lo, hi = 0, math.inf, 0.0
   for c in curves:

@@ -52,6 +52,7 @@ from quantjax.io import kquants
 from quantjax.io.gguf_read import GGUFError
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
+from quantjax.optional import require
 
 __all__ = [
     "BLOCK_TYPES",
@@ -383,7 +384,7 @@ def _match_type(types: Iterable[tuple[str, str]] | Mapping[str, str] | None, pat
 
 
 def _file_type(kinds: list[str]) -> int:
-  import gguf
+  gguf = require("gguf", "gguf", "GGUF export")
   ft = gguf.LlamaFileType
   table = {"F32": ft.ALL_F32, "F16": ft.MOSTLY_F16, "BF16": ft.MOSTLY_BF16,
            "Q8_0": ft.MOSTLY_Q8_0, "Q4_0": ft.MOSTLY_Q4_0, "Q4_1": ft.MOSTLY_Q4_1,
@@ -397,7 +398,7 @@ def _file_type(kinds: list[str]) -> int:
 
 def _copy_tokenizer_fields(writer, source: str) -> int:
   """Copies `tokenizer.*` keys; returns the number of tokens."""
-  import gguf
+  gguf = require("gguf", "gguf", "GGUF export")
   from quantjax.models import load as load_lib
   reader = load_lib._open_gguf(source)
   tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -417,7 +418,7 @@ def _hf_tokenizer_fields(writer, tokenizer) -> int:
   the number of tokens."""
   import json
   if isinstance(tokenizer, (str, os.PathLike)):
-    from transformers import AutoTokenizer
+    AutoTokenizer = require("transformers", "hf", "a Hugging Face tokenizer").AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
   backend = getattr(tokenizer, "backend_tokenizer", None)
   if backend is None:
@@ -542,7 +543,7 @@ def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str
   """Writes encoded tensors `(gguf name, raw array, GGUF type)` (in file order; arrays
   may be memory maps) with `config`'s metadata, atomically, and reads the file back
   with the checks any reader makes before it takes `path`'s name."""
-  import gguf
+  gguf = require("gguf", "gguf", "GGUF export")
 
   from quantjax.models import gemma3 as gemma3_lib
   path = os.fspath(path)

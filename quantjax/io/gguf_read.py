@@ -64,6 +64,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from quantjax.optional import require
+
 __all__ = [
     "GGUFError",
     "GGUFField",
@@ -129,7 +131,7 @@ _FLOAT_TENSORS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 
 def _quant_types():
   """`{id: (name, block size, type size)}` of the ggml types gguf-py knows."""
-  import gguf
+  gguf = require("gguf", "gguf", "GGUF files")
   return {int(t): (t.name, int(b), int(s)) for t, (b, s) in gguf.GGML_QUANT_SIZES.items()}
 
 
@@ -151,7 +153,7 @@ class GGUFField:
 
   @property
   def types(self) -> list[Any]:
-    import gguf
+    gguf = require("gguf", "gguf", "GGUF files")
     return [gguf.GGUFValueType(t) for t in self.type_ids]
 
   @property
@@ -213,7 +215,7 @@ class GGUFTensor:
 
   @property
   def tensor_type(self):
-    import gguf
+    gguf = require("gguf", "gguf", "GGUF files")
     return gguf.GGMLQuantizationType(self.type_id)
 
   @property
@@ -589,7 +591,7 @@ def check_raw_tensor(where: str, name: str, kind: str, raw: np.ndarray, row: int
   """
   layout = SCALE_LAYOUT.get(kind)
   if layout:
-    import gguf
+    gguf = require("gguf", "gguf", "GGUF files")
     block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
     b = np.asarray(raw).reshape(-1).view(np.uint8).reshape(-1, tsize)
     per_row = max(1, row // block)

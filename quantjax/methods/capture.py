@@ -54,7 +54,7 @@ References:
   Frantar et al. GPTQ, ICLR 2023, arXiv:2210.17323 (sequential quantization
   with inputs from the quantized prefix). llm-compressor's sequential
   pipeline and Qwix's interception-based calibration are the designs this
-  combines (see DESIGN.md).
+  combines (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+
+try:
+  from jax.extend.core import DebugInfo, DropVar
+except ImportError:  # jax < 0.10 exports neither from jax.extend.core (same classes)
+  from jax._src.core import DebugInfo, DropVar
 
 from quantjax import rules as rules_lib
 
@@ -115,7 +120,7 @@ def _is_lit(a) -> bool:
 
 
 def _is_drop(v) -> bool:
-  return isinstance(v, jcore.DropVar)
+  return isinstance(v, DropVar)
 
 
 # ----------------------------------------------------------------------------
@@ -169,7 +174,7 @@ class _Flat:
 
   @staticmethod
   def fresh(v):
-    return jcore.DropVar(v.aval) if _is_drop(v) else jcore.Var(v.aval)
+    return DropVar(v.aval) if _is_drop(v) else jcore.Var(v.aval)
 
   def is_pdep(self, a) -> bool:
     return (not _is_lit(a)) and a in self.pdep
@@ -1361,9 +1366,9 @@ class _Runner:
     invars = env_in + w_vars + const_in + data_in + acc_in
     outvars = live_out + acc_out + bad_out + sample_out
     effects = frozenset().union(*[e.effects for e in seg_eqns]) if seg_eqns else frozenset()
-    dbg = jcore.DebugInfo("quantjax calibration segment", f"equations {lo}:{hi}",
-                          tuple(f"in{i}" for i in range(len(invars))),
-                          tuple(f"out{i}" for i in range(len(outvars))))
+    dbg = DebugInfo("quantjax calibration segment", f"equations {lo}:{hi}",
+                    tuple(f"in{i}" for i in range(len(invars))),
+                    tuple(f"out{i}" for i in range(len(outvars))))
     jaxpr = jcore.Jaxpr([], invars, outvars, seg_eqns, effects, dbg)
     key = (str(jaxpr), _params_key(seg_eqns), tuple(tkeys))
     fn = self.compiled.get(key)

@@ -34,6 +34,7 @@ import numpy as np
 from quantjax.models import gemma3 as gemma3_lib
 from quantjax.io.gguf_read import GGUFError  # the reader's error, re-exported here
 from quantjax.models import llama as llama_lib
+from quantjax.optional import require
 
 __all__ = [
     "GEMMA3_GGUF_LAYER_NAMES",
@@ -130,7 +131,7 @@ def dequantize_gguf_rows(tensor: Any, rows: Any = slice(None)) -> np.ndarray:
   """Rows of a GGUF tensor as float32: `rows` (a slice, an index or an index array)
   selects along the first axis of `[ne_{n-1}, ..., ne_0]`; only those rows' bytes are
   read from the memory map and dequantized (ggml's blocks never cross a row)."""
-  import gguf
+  gguf = require("gguf", "gguf", "GGUF files")
   kind = tensor.tensor_type.name
   data = tensor.data[rows]
   if kind == "F32":
@@ -457,8 +458,8 @@ def load_tokenizer(path: str | os.PathLike):
   import shutil
   import tempfile
 
-  import transformers
-  from transformers import AutoTokenizer
+  transformers = require("transformers", "hf", "tokenizers of GGUF files and Hugging Face directories")
+  AutoTokenizer = transformers.AutoTokenizer
   path = os.fspath(path)
   if os.path.isdir(path):
     return AutoTokenizer.from_pretrained(path)
@@ -594,7 +595,7 @@ SMOLLM2_CAVEAT = (
 def _gguf_caveat(path: str) -> str:
   """What the dequantized baseline of a GGUF file already is."""
   try:
-    import gguf
+    gguf = require("gguf", "gguf", "GGUF files")
     reader = gguf.GGUFReader(path)
     types = sorted({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
                    - {"F32", "F16", "BF16"})

@@ -209,6 +209,7 @@ def test_signed_max_calibration_reproduces_llamacpp_q4_0():
     qj.quantize(jnp.asarray(x), "q4_1", calibration="signed_max")
 
 
+@pytest.mark.requires_extra("hf")
 def test_tokenizer_metadata_built_from_hugging_face_matches_the_gguf(tmp_path):
   src = load.smollm2_path()
   tok = load.load_tokenizer(src)  # a transformers fast tokenizer

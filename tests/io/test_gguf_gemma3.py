@@ -15,6 +15,9 @@ from quantjax.rules import QuantRule
 from quantjax.transforms import quantize_params
 from tests.models.conftest import make_tiny_gemma_hf
 
+# The tiny model is made by transformers (torch); llama.cpp runs one export.
+pytestmark = pytest.mark.requires_extra("hf")
+
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 24)).astype(np.int32)
 
 

@@ -46,6 +46,7 @@ def test_layout_round_trips_through_ggufs_decoder(t):
   assert _rel(y, x) < bound
 
 
+@pytest.mark.requires_extra("llamacpp")
 @pytest.mark.parametrize("kind", ["gaussian", "heavy"])
 @pytest.mark.parametrize("t", TYPES)
 def test_quality_matches_ggmls_quantizer(t, kind):
