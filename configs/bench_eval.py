@@ -11,7 +11,7 @@ on the same windows (`transformers` field). Fewer windows:
 `--config.eval.tokens=4096`.
 
 Expected result: JAX and transformers perplexities equal within 0.1%; every
-format's evaluation tokens/s close to FP32's (README, speed).
+format's evaluation tokens/s close to FP32's (docs/results.md, the default comparison's eval tok/s).
 """
 
 from configs.base import base_config, entry

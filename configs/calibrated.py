@@ -15,7 +15,7 @@ are restricted to what the model's fold table absorbs and then folded, so
 the results are plain QArrays. 32 calibration windows of 512 tokens from
 before the evaluation set.
 
-Expected result (perplexity, full protocol; README "Post-training methods"):
+Expected result (perplexity, full protocol; docs/results.md, "Post-training methods through the capture driver"):
 GPTQ act-order W4 g64 about 12.8, AWQ W4 g64 about 13.2-13.5, SparseGPT 2:4
 about 23.8-24.2, Wanda 2:4 about 57-59, SmoothQuant alpha 0.8 W8A8 about 12.0.
 """

@@ -8,7 +8,7 @@ Other models and texts: `--config.model.source=gemma3` (or `gguf` with
 `--config.model.path=m.gguf`), `--config.data.corpus=gutenberg_kjv_new_testament`
 (or a text file); `--config.data.calib_corpus=pydoc_topics` calibrates on
 another text than the one evaluated. `arg` is a comma list of entry names
-to run (default: all of `ENTRIES`). The README's table by text:
+to run (default: all of `ENTRIES`). The table by text in docs/results.md:
 
     python -m experiments.main --config=configs/default.py \
         --config.data.corpus=gutenberg_kjv_new_testament --workdir=runs/default_kjv
@@ -32,11 +32,11 @@ agreement against FP32, model bytes, bits per weight, quantize seconds,
 evaluation tokens/s. Calibrated methods use `CALIB_WINDOWS` = 8 windows of
 512 tokens (32 in `configs/calibrated.py`; 8 instead of
 16 keeps the run within 15 minutes on 2 cores, and costs GPTQ W4 nothing but
-GPTQ W3, AWQ and SparseGPT some quality: README, "Fewer calibration
+GPTQ W3, AWQ and SparseGPT some quality: docs/results.md, "Fewer calibration
 windows"), mixed precision's Fisher sensitivity all 8; the table says so. Signed symmetric integer formats
 use the default scale rule "auto" (llama.cpp's signed-max).
 
-Expected result: see README, "The default comparison" (its first table is
+Expected result: see README.md, "The default comparison" (its first table is
 this config's output, with the machine and timings).
 """
 

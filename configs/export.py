@@ -13,7 +13,7 @@ llama-quantize does for Q4_0). 32 calibration windows; GPTQ with act-order
 and llama.cpp's signed-max scale rule.
 
 Expected result (llama.cpp perplexity on the protocol): GPTQ-Q4_0 about 12.04,
-against llama.cpp's own Q4_0 at 13.84 (README, GGUF section).
+against llama.cpp's own Q4_0 at 13.84 (docs/formats-gguf.md).
 """
 
 from configs.base import base_config, entry

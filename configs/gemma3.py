@@ -29,7 +29,7 @@ Rows:
 Calibrated methods use `CALIB_WINDOWS` windows of 512 (with BOS), mixed
 precision's Fisher sensitivity 8 of them.
 
-Expected result: README, "Gemma 3 270M", "Every method on Gemma 3".
+Expected result: docs/models.md, "Every method on Gemma 3".
 """
 
 from configs.base import MIXED_CANDIDATES, base_config, entry, select

@@ -16,7 +16,7 @@ the k-quant fits and the Q4_0/Q5_0 scale search. Every file, and the F32
 source, is scored by llama.cpp on the protocol's windows (and by the JAX
 model, importing the file without dequantizing its block types).
 
-Expected result (README, GGUF section): quantjax's encoders with llama.cpp
+Expected result (docs/formats-gguf.md): quantjax's encoders with llama.cpp
 Q4_K_M's types about 11.93 (llama.cpp's own: 11.93); with the importance
 matrix about 11.54.
 """

@@ -13,7 +13,7 @@ uniform candidate of that size (the "best uniform format at the same size").
 A GGUF-only allocation at 4.5 bits (Q8_0/Q5_1/Q5_0/Q4_0, GPTQ) is also
 exported and scored by llama.cpp.
 
-Expected result (README, mixed precision): at 4.5 bpw RTN mixed 12.97
+Expected result (docs/formats-gguf.md, mixed precision): at 4.5 bpw RTN mixed 12.97
 (without q4_1; best uniform 14.61); GGUF mixed GPTQ at 4.53 bpw 11.82 by
 llama.cpp, below Q4_K_M's 11.93.
 """

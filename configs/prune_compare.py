@@ -12,7 +12,7 @@ and norms stay dense. Calibration (Wanda's input norms, SparseGPT's
 Hessians): 32 windows of 512 tokens drawn before the evaluation set.
 
 Expected result: Wanda and SparseGPT each at most half of magnitude pruning's
-perplexity increase over FP32, at both patterns (README: 50% magnitude
+perplexity increase over FP32, at both patterns (docs/results.md: 50% magnitude
 225.2 / Wanda 21.97 / SparseGPT 16.14; 2:4 2122 / 58.7 / 24.2).
 """
 

@@ -16,7 +16,7 @@ no group-64 type, so the kernels are re-quantized to Q4_0 and the export
 report says so) -> scored by llama.cpp.
 
 Expected result: distillation recovers part of the gap pruning opened
-(README: 2:4 24.23 -> 17.88 after 60 steps).
+(docs/results.md: 2:4 24.23 -> 17.88 after 60 steps).
 """
 
 from configs.base import base_config, entry

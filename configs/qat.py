@@ -16,7 +16,7 @@ AdamW 1e-4 with 6 warm-up steps and cosine decay, batch 4 x 256 tokens from
 tokens; converted to real QArrays at the end).
 
 Expected result: QAT closes at least 30% of RTN's perplexity gap to FP32
-(README: RTN 16.08 -> QAT 11.55, FP32 11.09).
+(docs/results.md: RTN 16.08 -> QAT 11.55, FP32 11.09).
 """
 
 from configs.base import base_config, entry

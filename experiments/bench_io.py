@@ -7,7 +7,7 @@ first), timing, after a warm-up call, on SmolLM2-135M's shipped Q4_1 GGUF:
 `load_gguf` (dequantizing), `import_gguf` (QArrays), and
 `save_params` / `restore_params` of the imported QArray tree (about 100 MB)
 and of the float32 tree (540 MB). Prints the median of each and the ratio
-this / baseline (README, "Reliability": the checks cost no measurable time).
+this / baseline (docs/reliability.md: the checks cost no measurable time).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Transforms are pure functions over params pytrees (NNX `State`, linen dicts,
 nested dicts) selected by path-regex rules; quantized leaves are `QArray`
-pytrees that really hold fewer bytes. See README.md.
+pytrees that really hold fewer bytes. See README.md and docs/.
 """
 
 from quantjax import ops

@@ -1,6 +1,6 @@
 """Corpora, tokenization and the calibration / evaluation split.
 
-The protocol (DESIGN.md, "The perplexity protocol"):
+The protocol (docs/protocol.md):
 
 1. Text: `"\\n\\n".join(topics[k] for k in sorted(topics))` from CPython's
    `pydoc_data.topics.topics` (the default corpus, `"pydoc_topics"`), or any
@@ -45,7 +45,7 @@ DEFAULT_CORPUS = "pydoc_topics"
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-  """Sizes of the evaluation and calibration sets (defaults: DESIGN.md)."""
+  """Sizes of the evaluation and calibration sets (defaults: docs/protocol.md)."""
 
   eval_tokens: int = 16384
   window: int = 512

@@ -1,4 +1,4 @@
-"""Calibration batches per the protocol (DESIGN.md, "The perplexity protocol").
+"""Calibration batches per the protocol (docs/protocol.md).
 
 Calibration windows come only from tokens *before* the evaluation set, at
 start offsets drawn with `numpy.random.default_rng(seed)`; this reuses

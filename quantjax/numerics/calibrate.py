@@ -31,7 +31,7 @@ class Calibration:
       group-wise signed symmetric integer formats, where it measured better
       for RTN, GPTQ and AWQ at 3 and 4 bits on SmolLM2; "minmax" for every
       other format, including per-channel int8, where signed-max measured
-      worse; see the README's default comparison),
+      worse; see README.md's default comparison),
       "minmax" (the full range), "percentile" (clip at the given
       percentile of |x|, or of x at both ends for asymmetric formats) or "mse"
       (search clip ratios in [min_ratio, 1] for the least `norm`-error), or
@@ -138,7 +138,7 @@ def auto_method(fmt: QuantFormat) -> str:
   """The scale rule "auto" stands for: "signed_max" for group-wise signed
   symmetric integers (llama.cpp's Q4_0 rule; one more code in use), else "minmax".
 
-  Measured on SmolLM2-135M (README, default comparison; min-max -> signed-max
+  Measured on SmolLM2-135M (README.md, the default comparison; min-max -> signed-max
   perplexity): RTN W4 g64 16.08 -> 14.07, GPTQ W4 g64 12.67 -> 12.50, GPTQ W3
   g64 25.69 -> 16.32, AWQ W4 g64 13.33 -> 12.66; RTN W8 per channel 11.094 ->
   11.132 (worse: in a block of ~1,000 weights the other sign's extreme is

@@ -31,7 +31,7 @@ def test_default_corpus_is_pydoc_topics():
 
 def test_protocol_token_counts_smollm2(smollm2_tokenizer):
   split = data.load_split(smollm2_tokenizer)
-  assert split.num_tokens == 113_108  # DESIGN.md, CPython 3.11
+  assert split.num_tokens == 113_108  # docs/protocol.md, CPython 3.11
   assert split.eval_windows.shape == (32, 512)
   assert split.calib_windows.shape == (128, 512)
   toks = data.tokenize(data.corpus_text(), smollm2_tokenizer)

@@ -3,7 +3,7 @@ BOS, quantized import, and exports that llama.cpp runs.
 
 CI scores `WINDOWS` of the protocol's 32 windows (each window is BOS + 512
 tokens); the full-protocol figures come from `experiments/gemma3_parity.py`
-(README, "Gemma 3 270M").
+(docs/models.md, "Gemma 3 270M").
 """
 
 import dataclasses

@@ -11,7 +11,7 @@ from quantjax.eval import perplexity
 from quantjax.models import llama
 from tests.integration.conftest import torch_nll_fn
 
-# DESIGN.md: transformers (PyTorch FP32, CPU) on the full protocol (32 x 512).
+# docs/protocol.md: transformers (PyTorch FP32, CPU) on the full protocol (32 x 512).
 TRANSFORMERS_FULL_PPL = 11.090
 
 

@@ -323,7 +323,7 @@ def test_unseen_weight_is_reported():
 
 
 def test_methods_know_no_models():
-  """Nothing under methods/, sparsity/ or the error report imports a model (DESIGN.md)."""
+  """Nothing under methods/, sparsity/ or the error report imports a model (docs/design.md)."""
   import ast
   import pathlib
   root = pathlib.Path(__file__).resolve().parents[2] / "quantjax"
