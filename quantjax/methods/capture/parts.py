@@ -1,0 +1,138 @@
+"""Parts: the units a method quantizes (a weight, or one slice of a stacked weight)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from quantjax.methods.capture.trace import Layout
+from quantjax.methods.capture.stats import InputStats
+
+
+# ----------------------------------------------------------------------------
+# Parts: the units a method quantizes.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Part:
+  """One weight (or one slice of a stacked weight) a method changes.
+
+  Attributes:
+    path: the leaf's path; `region`: the slice (`()` for the whole leaf).
+    rule: the `QuantRule` / `PruneRule` that selected it.
+    layout: how its matmuls contract it (`Layout`).
+    value: its current float value, shape `layout.shape`.
+    stats: `InputStats` of its matmul inputs (merged over its sites).
+    source: id of its input source (weights with the same id read the same input).
+    group: id of its input group.
+  """
+
+  path: str
+  region: tuple[int, ...]
+  rule: Any
+  layout: Layout
+  value: jax.Array
+  leaf: int = -1
+  stats: InputStats | None = None
+  source: int = -1
+  group: int = -1
+  sites: list[int] = dataclasses.field(default_factory=list)
+  # site -> which slice of its batched matmul this part is (experts); absent: the whole site
+  slots: dict[int, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def key(self) -> tuple[str, tuple[int, ...]]:
+    return (self.path, self.region)
+
+  @property
+  def name(self) -> str:
+    return self.path + "".join(f"[{i}]" for i in self.region)
+
+  def matrix(self) -> jax.Array:
+    """Current value as float32 `[K, N]`."""
+    return self.layout.to_matrix(jnp.asarray(self.value, jnp.float32))
+
+  def from_matrix(self, m: jax.Array) -> jax.Array:
+    """A `[K, N]` matrix back in the slice's layout and dtype."""
+    return self.layout.from_matrix(m).astype(self.value.dtype)
+
+  # --- formats oriented to the matmul -------------------------------------
+  def leaf_format(self, fmt: Any) -> Any:
+    """`fmt` placed on this weight's axes: groups along its (innermost)
+    contraction axis, per-channel scales per output, axes counted from the
+    end so slices of a stacked weight and the stacked QArray agree.
+
+    Calibrated methods orient every format this way, whatever `group_axis` /
+    `channel_axis` the spec says: a `[out, in]` weight is quantized like its
+    `[in, out]` transpose.
+    """
+    from quantjax.numerics.formats import resolve_format
+    fmt = resolve_format(fmt)
+    lay = self.layout
+    nd = len(lay.shape)
+    neg = lambda a: a - nd  # noqa: E731
+    if fmt.is_cast:
+      return fmt
+    inner = lay.contract[-1] if lay.contract else 0
+    if fmt.granularity == "per_tensor":
+      return fmt.replace(group_axis=neg(inner))
+    if fmt.granularity == "per_channel":
+      if len(lay.free) == 1:
+        return fmt.replace(channel_axis=neg(lay.free[0]), group_axis=neg(inner))
+      if len(lay.contract) == 1:
+        # One scale per output element: a single group spanning the input axis.
+        return fmt.replace(granularity="group", group_size=lay.shape[inner],
+                           group_axis=neg(inner))
+      raise ValueError(f"{self.name}: per-channel scales over {len(lay.free)} output axes and "
+                       f"{len(lay.contract)} input axes cannot be stored; use a group format")
+    g = fmt.group_size
+    if lay.shape[inner] % g:
+      raise ValueError(
+          f"{self.name}: group_size {g} does not divide its innermost input axis "
+          f"(axis {inner} of the weight slice {lay.shape}, length {lay.shape[inner]}); "
+          f"choose a divisor of {lay.shape[inner]} or per_channel")
+    return fmt.replace(group_axis=neg(inner))
+
+  def matrix_format(self, fmt: Any) -> Any:
+    """`fmt` for the `[K, N]` matrix view (groups along K, channels along N)."""
+    from quantjax.numerics.formats import resolve_format
+    fmt = resolve_format(fmt)
+    if fmt.is_cast:
+      return fmt
+    self.leaf_format(fmt)  # the same checks
+    return fmt.replace(channel_axis=-1, group_axis=0)
+
+  def qarray_from_matrix(self, qm: Any) -> Any:
+    """A QArray of the `[K, N]` matrix (in `matrix_format`) as one of this weight's
+    layout (in `leaf_format`), the same codes and scales."""
+    from quantjax.numerics.qarray import QArray
+    lay = self.layout
+    fmt = self.leaf_format(qm.fmt)
+    codes = lay.from_matrix(qm.codes())
+    perm = tuple(lay.contract) + tuple(lay.free)
+    inv = np.argsort(perm)
+    inner = lay.contract[-1] if lay.contract else 0
+
+    def place(a):
+      if a is None:
+        return None
+      a = jnp.asarray(a)
+      sizes = []
+      for ax in perm:
+        if ax in lay.contract:
+          if qm.fmt.granularity == "group" and ax == inner:
+            sizes.append(lay.shape[ax] // qm.fmt.group_size)
+          else:
+            sizes.append(lay.shape[ax] if (qm.fmt.granularity == "group") else 1)
+        else:
+          sizes.append(lay.shape[ax] if a.shape[-1] != 1 else 1)
+      return jnp.transpose(a.reshape(sizes), inv)
+    return QArray.from_codes(codes, fmt, place(qm.scale), place(qm.zero_point),
+                             dtype=self.value.dtype)
+
+  def k_to_leaf(self, v: jax.Array) -> jax.Array:
+    """A per-input-feature vector `[K]` shaped to broadcast against this weight."""
+    return self.layout.k_vector_to_leaf(v)
