@@ -456,8 +456,8 @@ def prune_stage(ctx: Context, params, block):
         raise ValueError(f"N:M pruning with M={pattern['m']} does not divide the input "
                          f"dimension {x.shape[0]} of {path} (shape {tuple(x.shape)})")
   rules = [PruneRule(module_path=ctx.targets, **pattern)]
-  method = {"magnitude": "magnitude", "wanda": sparsity.Wanda(),
-            "sparsegpt": sparsity.SparseGPT()}[str(block.method)]
+  from quantjax.methods import base as methods_base
+  method = "magnitude" if str(block.method) == "magnitude" else methods_base.make(str(block.method))
   out, masks = sparsity.prune_calibrated(ctx.forward(), params, ctx.calib_batches(), rules,
                                          method, progress=ctx.progress)
   ctx.masks = _mask_dict(masks)
@@ -580,15 +580,15 @@ def quantize_stage(ctx: Context, params, block):
     observer = methods.ActObserver(method=obs) if obs else None
     foldable = (fam.foldable(ctx.model.config)
                 if str(block.get("input_scales", "foldable")) == "foldable" else None)
-    meth = {"gptq": lambda: methods.GPTQ(act_order=bool(block.get("act_order", False)),
-                                          act_observer=observer),
-            "awq": lambda: methods.AWQ(scales_for=foldable, no_clip=fam.AWQ_NO_CLIP,
-                                       act_observer=observer),
-            "smoothquant": lambda: methods.SmoothQuant(alpha=float(block.get("alpha", 0.5)),
-                                                       scales_for=foldable,
-                                                       act_observer=observer),
-            "static": lambda: methods.RTN(act_observer=observer or
-                                          methods.ActObserver(method="minmax"))}[method]()
+    # Each calibrated method by its registered name (quantjax.methods.base), with the
+    # options this stage's block gives it; "static" is RTN with activation ranges.
+    options = {"gptq": dict(act_order=bool(block.get("act_order", False))),
+               "awq": dict(scales_for=foldable, no_clip=fam.AWQ_NO_CLIP),
+               "smoothquant": dict(alpha=float(block.get("alpha", 0.5)), scales_for=foldable),
+               "static": dict()}[method]
+    observer = observer or (methods.ActObserver(method="minmax") if method == "static" else None)
+    meth = methods.base.make("rtn" if method == "static" else method, act_observer=observer,
+                             **options)
     res = methods.calibrate(ctx.forward(), params, ctx.calib_batches(), rules, meth,
                             mode=str(block.get("mode", "sequential")), progress=ctx.progress)
     out, _ = methods.fold_input_scales(res.params, fam.fold_groups(ctx.model.config))

@@ -10,11 +10,12 @@ from quantjax.eval.memory import (bits_per_weight, estimate, memory_table, train
                                   tree_bytes)
 from quantjax.io.gguf import export_gguf, import_gguf
 from quantjax.io.hf import export_hf, import_hf
-from quantjax.numerics.calibrate import Calibration, calibrate
+from quantjax.numerics.calibrate import Calibration, choose_scales
 from quantjax.numerics.fake_quant import fake_quant, lsq_fake_quant, lsq_init_step, round_ste
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.inspect import describe as inspect_value
 from quantjax import methods, sparsity
+from quantjax.methods import CalibratedMethod, calibrate
 from quantjax.numerics.qarray import (ActQuantized, InputScaled, QArray, dequantize, quantize,
                                      quantize_with_scale)
 from quantjax.ops import qdot, qeinsum
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActQuantized",
+    "CalibratedMethod",
     "Calibration",
     "InputScaled",
     "NMSparse",
@@ -43,6 +45,7 @@ __all__ = [
     "apply_masks",
     "bits_per_weight",
     "calibrate",
+    "choose_scales",
     "methods",
     "chain",
     "compress_nm",

@@ -64,7 +64,7 @@ def lsq_init(params: Any, rules: Sequence[rules_lib.QuantRule], *, init: str = "
     fmt = formats_lib.resolve_format(r.format)
     if fmt.kind != "int" or not fmt.symmetric:
       raise ValueError(f"LSQ learns symmetric integer step sizes; {path} has format {fmt}")
-    scale, _ = calibrate_lib.calibrate(w, fmt, init)
+    scale, _ = calibrate_lib.choose_scales(w, fmt, init)
     return scale.astype(jnp.float32)
   return rules_lib.map_with_paths(fn, params)
 

@@ -11,6 +11,7 @@ measured like round-to-nearest's.
 
 from quantjax.methods.activations import (ActObserver, ActStat, StaticActQuantized,
                                           attach_act_quant, observe, static_qdot, wrap_weight)
+from quantjax.methods import base
 from quantjax.methods.awq import AWQ, awq_clip, awq_search_scales
 from quantjax.methods.calib_data import calibration_batches, calibration_windows
 from quantjax.methods.capture import (CalibrationResult, Capture, InputStats, Part, calibrate,
@@ -27,8 +28,14 @@ from quantjax.methods.smoothquant import SmoothQuant, smooth_scales
 from quantjax.methods.ternary import (binary_rules, format_rules, fp8_rules, nf4_rules,
                                       quantize_lowbit, ternary_rules)
 
+from quantjax.methods.base import CalibratedMethod
+
+for _name, _factory in (("rtn", RTN), ("gptq", GPTQ), ("awq", AWQ), ("smoothquant", SmoothQuant),
+                        ("importance", Importance)):
+  base.register(_name, _factory)
+
 __all__ = [
-    "AWQ", "ActObserver", "ActStat", "Allocation", "CalibrationResult", "Capture", "Choice",
+    "AWQ", "ActObserver", "CalibratedMethod", "base", "ActStat", "Allocation", "CalibrationResult", "Capture", "Choice",
     "FoldGroup", "GPTQ", "GPTQResult", "HessianStat", "Importance", "InputStats", "Part", "RTN",
     "SmoothQuant", "StaticActQuantized", "allocate", "assignment_rules", "attach_act_quant",
     "awq_clip", "awq_search_scales", "binary_rules", "calibrate", "calibration_batches",

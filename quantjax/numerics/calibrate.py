@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat
 
-__all__ = ["Calibration", "calibrate", "calibrate_blocks", "block_scales", "sign_scales",
+__all__ = ["Calibration", "choose_scales", "calibrate_blocks", "block_scales", "sign_scales",
            "resolve_calibration", "auto_method"]
 
 METHODS = ("auto", "minmax", "percentile", "mse", "signed_max")
@@ -217,8 +217,10 @@ def block_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
   return s, z, None
 
 
-def calibrate(x: jax.Array, fmt: QuantFormat, calibration: Any = "auto"):
-  """Stored-shape `(scale, zero_point)` for `x` (see `QArray` for the layout)."""
+def choose_scales(x: jax.Array, fmt: QuantFormat, calibration: Any = "auto"):
+  """The scale search: stored-shape `(scale, zero_point)` for `x` in `fmt` by the
+  `calibration` rule (see `QArray` for the layout). Not to be confused with
+  `quantjax.calibrate`, the calibrated-method driver."""
   from quantjax.numerics.formats import resolve_format
   fmt = resolve_format(fmt)
   xb, axes = qarray_lib.block_view(jnp.asarray(x), fmt)

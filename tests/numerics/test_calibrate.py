@@ -15,9 +15,9 @@ def _heavy_tailed(shape, seed=0):
 
 def test_minmax_scale_per_granularity():
   x = jax.random.normal(jax.random.key(0), (128, 6))
-  s_t, _ = cal.calibrate(x, "int8_t", "minmax")
-  s_c, _ = cal.calibrate(x, "int8", "minmax")
-  s_g, _ = cal.calibrate(x, "int8_g32", "minmax")
+  s_t, _ = cal.choose_scales(x, "int8_t", "minmax")
+  s_c, _ = cal.choose_scales(x, "int8", "minmax")
+  s_g, _ = cal.choose_scales(x, "int8_g32", "minmax")
   assert s_t.shape == (1, 1) and s_c.shape == (1, 6) and s_g.shape == (4, 6)
   np.testing.assert_allclose(float(s_t[0, 0]), float(jnp.max(jnp.abs(x))) / 127, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(s_c[0]), np.asarray(jnp.max(jnp.abs(x), 0)) / 127, rtol=1e-6)
@@ -27,18 +27,18 @@ def test_minmax_scale_per_granularity():
 
 def test_asymmetric_zero_point_and_float_offset():
   x = jax.random.uniform(jax.random.key(1), (64, 3), minval=-1.0, maxval=3.0)
-  s, z = cal.calibrate(x, "uint8_t".replace("uint8_t", "int8_t_asym"))
+  s, z = cal.choose_scales(x, "uint8_t".replace("uint8_t", "int8_t_asym"))
   lo, hi = float(jnp.min(x)), float(jnp.max(x))
   np.testing.assert_allclose(float(s[0, 0]), (hi - lo) / 255, rtol=1e-6)
   assert z.dtype == jnp.uint8 and int(z[0, 0]) == round(-lo / float(s[0, 0]))
-  s, m = cal.calibrate(x, "int4_g32_asymf")
+  s, m = cal.choose_scales(x, "int4_g32_asymf")
   np.testing.assert_allclose(np.asarray(m[0]), np.asarray(jnp.min(x[:32], 0)), rtol=1e-6)
 
 
 def test_percentile_clips_outliers():
   x = _heavy_tailed((256, 4))
-  s_mm, _ = cal.calibrate(x, "int4", "minmax")
-  s_p, _ = cal.calibrate(x, "int4", cal.Calibration(method="percentile", percentile=99.0))
+  s_mm, _ = cal.choose_scales(x, "int4", "minmax")
+  s_p, _ = cal.choose_scales(x, "int4", cal.Calibration(method="percentile", percentile=99.0))
   assert bool(jnp.all(s_p < s_mm))
 
 
@@ -58,8 +58,8 @@ def test_mse_never_worse_than_minmax(spec):
 def test_mse_recovers_known_optimum():
   """Many uniform values and one outlier: the least-squares clip ignores the outlier."""
   x = jnp.concatenate([jnp.linspace(-1, 1, 4095), jnp.array([5.0])])[:, None]
-  s_mm, _ = cal.calibrate(x, "int4", "minmax")
-  s_mse, _ = cal.calibrate(x, "int4", cal.Calibration(method="mse", grid=200, min_ratio=0.01))
+  s_mm, _ = cal.choose_scales(x, "int4", "minmax")
+  s_mse, _ = cal.choose_scales(x, "int4", cal.Calibration(method="mse", grid=200, min_ratio=0.01))
   assert float(s_mse[0, 0]) < 0.5 * float(s_mm[0, 0])
 
 
@@ -75,12 +75,12 @@ def test_bad_calibration_arguments():
 def test_auto_is_signed_max_for_signed_symmetric_ints_and_minmax_otherwise():
   x = jax.random.normal(jax.random.key(3), (128, 8))
   for spec in ("int4_g64", "int8_g32", "int3_g32", "q4_0", "q8_0"):
-    auto = cal.calibrate(x, spec)
-    np.testing.assert_array_equal(np.asarray(auto[0]), np.asarray(cal.calibrate(x, spec, "signed_max")[0]))
-    assert not np.array_equal(np.asarray(auto[0]), np.asarray(cal.calibrate(x, spec, "minmax")[0]))
+    auto = cal.choose_scales(x, spec)
+    np.testing.assert_array_equal(np.asarray(auto[0]), np.asarray(cal.choose_scales(x, spec, "signed_max")[0]))
+    assert not np.array_equal(np.asarray(auto[0]), np.asarray(cal.choose_scales(x, spec, "minmax")[0]))
   # Per-channel and per-tensor integers keep min-max (signed-max measured worse for W8).
   for spec in ("int8", "int4", "int8_t", "int4_g64_asym", "uint8", "nf4_g64", "fp8_e4m3", "q4_1"):
-    auto, minmax = cal.calibrate(x, spec), cal.calibrate(x, spec, "minmax")
+    auto, minmax = cal.choose_scales(x, spec), cal.choose_scales(x, spec, "minmax")
     for a, b in zip(auto, minmax):
       if a is not None:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
