@@ -198,7 +198,7 @@ class _GGUFTensors:
   def _tensor(self, spec: hf.TensorSpec) -> tuple[Any, int | None]:
     from quantjax.models import load as load_lib
     if self._f is None:
-      self._f = load_lib._open_gguf(self.path)
+      self._f = load_lib.open_gguf(self.path)
     g, heads = self.table[tuple(spec.path)]
     return self._f.tensor(g), heads
 
@@ -272,13 +272,13 @@ def _check_gguf_source(path: str) -> _Source:
   from quantjax.io import gguf as gguf_io
   from quantjax.models import llama
   from quantjax.models import load as load_lib
-  reader = load_lib._open_gguf(path)
+  reader = load_lib.open_gguf(path)
   try:
-    config = load_lib._config_from_reader(reader, path)
+    config = load_lib.config_from_reader(reader, path)
     if not isinstance(config, llama.LlamaConfig):
       raise load_lib.GGUFError(f"{path}: architecture {reader.get('general.architecture')!r}: "
                                "streaming compression covers the Llama family")
-    load_lib._check_gguf_names(config, reader, path)
+    load_lib.check_gguf_names(config, reader, path)
     gguf_io.check_tensor_shapes(config, reader, path)
   except BaseException:
     reader.close()
@@ -311,7 +311,7 @@ def check_source(directory: str | os.PathLike) -> _Source:
     return _check_gguf_source(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"not a directory: {directory}")
-  cfg_path, cfg_json = hf._read_config(directory)
+  cfg_path, cfg_json = hf.read_config(directory)
   model_type = str(cfg_json.get("model_type"))
   try:
     arch = hf.architecture_for(model_type)
@@ -414,10 +414,10 @@ def _write_shard(path: str, entries: dict, metadata: dict) -> None:
     st.write_safetensors_chunks(tmp, entries, metadata)
     atomic.commit_file(tmp, path)
   except OSError as e:
-    atomic._unlink(tmp)
-    raise atomic._os_error(e, f"cannot write {path}") from e
+    atomic.unlink_quiet(tmp)
+    raise atomic.named_os_error(e, f"cannot write {path}") from e
   except BaseException:
-    atomic._unlink(tmp)
+    atomic.unlink_quiet(tmp)
     raise
 
 
@@ -506,10 +506,11 @@ class _GGUFPlan:
   layers kept as raw tensors in the work directory, the file assembled at the end."""
 
   def __init__(self, gguf_lib, cfg, types, float_type: str):
+    from quantjax.models import load as load_lib
     self.lib, self.cfg, self.types, self.float_type = gguf_lib, cfg, types, float_type
-    self.table = {tuple(path): (g, heads, axis)
-                  for g, path, heads, axis in gguf_lib._name_table(cfg)}
-    self.want = gguf_lib._expected_shapes(cfg)
+    self.names = load_lib.gguf_tensor_table(cfg)  # the file's tensors, in its order
+    self.table = {tuple(path): (g, heads, axis) for g, path, heads, axis in self.names}
+    self.want = gguf_lib.expected_shapes(cfg)
 
   def encode(self, path, leaf):
     g, heads, axis = self.table[tuple(path)]
@@ -529,13 +530,13 @@ class _GGUFPlan:
       g, heads, axis = self.table[tuple(spec.path)]
       spath = "/".join(map(str, spec.path))
       a = src.mapped(spec)  # GGUF rows already (Q/K, the permuted ones, are layer tensors)
-      forced = self.lib._match_type(self.types, spath, g) if spec.path[-1] != "scale" else None
+      forced = self.lib.match_type(self.types, spath, g) if spec.path[-1] != "scale" else None
       t = "F32" if spec.path[-1] == "scale" else (forced or self.float_type)
       if t in self.lib.FLOAT_TYPES:
         dt = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
               "BF16": np.dtype(np.uint16)}[t]
         entries[g] = (dt, a.shape,
-                      _row_blocks(a, functools.partial(self.lib._float_tensor, t=t)))
+                      _row_blocks(a, functools.partial(self.lib.float_tensor, t=t)))
         nbytes = int(np.prod(a.shape)) * dt.itemsize
         recs.append(dataclasses.asdict(self.lib.TensorExport(
             g, spath, tuple(spec.shape), src.dtype.name, t, "float", nbytes)))
@@ -561,7 +562,7 @@ class _GGUFPlan:
         for i in range(n_layers)]
     where = {k: f for f in files for k in f.keys()}
     try:
-      tensors = [(g, where[g].get(g), t_of[g]) for g, _, _, _ in self.lib._name_table(self.cfg)]
+      tensors = [(g, where[g].get(g), t_of[g]) for g, _, _, _ in self.names]
       self.lib.write_gguf_file(output, self.cfg, tensors, tokenizer=tokenizer, name=name)
       del tensors
     finally:
@@ -781,7 +782,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   if to_gguf:
     _check_file_target(output, overwrite)
   else:
-    atomic._check_target(output, overwrite, None, kind)
+    atomic.check_dir_target(output, overwrite, None, kind)
   src = check_source(source)
   cfg = src.config
   out_dtype = dtype or src.dtype.name
@@ -993,11 +994,11 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
           _set(eff, spec.path[2:], _get(layer, spec.path[2:]))
         continue
       if changed:
-        out, scheme, rec = hf._encode_leaf(spec, leaf, fdt)
+        out, scheme, rec = hf.encode_leaf(spec, leaf, fdt)
         _set(eff, spec.path[2:], capture_lib.effective_weight(leaf, jnp.float32))
       else:  # as stored (norms, skipped weights): read again, not kept during the method
         v = src.stored(spec)
-        out, scheme, rec = hf._encode_leaf(spec, v.T if spec.kind == "linear" else v, fdt)
+        out, scheme, rec = hf.encode_leaf(spec, v.T if spec.kind == "linear" else v, fdt)
         del v
         _set(eff, spec.path[2:], _get(layer, spec.path[2:]))
       for name, arr in out.items():
@@ -1040,7 +1041,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       _write_json(os.path.join(work, MANIFEST), manifest)
     if nproc > 1:
       _barrier(f"quantjax-stream-manifest-{i}")  # the manifest names layer i as done
-    atomic._unlink(os.path.join(work, _hidden_name(i, pid, nproc)))  # (none at 0 in memory)
+    atomic.unlink_quiet(os.path.join(work, _hidden_name(i, pid, nproc)))  # (none at 0 in memory)
     layer_records.append(rec)
     if bar is not None:
       bar.update(1)
@@ -1088,8 +1089,8 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       weight_map[name] = names[k]
   specs = [s for ls in src.layer_specs for s in ls] + src.other_specs
   linear_modules = [s.module for s in specs if s.kind == "linear"]
-  qconfig = hf._group_config(schemes, linear_modules) if schemes else None
-  notes = hf._fused_notes(schemes, linear_modules)
+  qconfig = hf.quantization_config(schemes, linear_modules) if schemes else None
+  notes = hf.fused_notes(schemes, linear_modules)
   cfg_out = {"architectures": [src.arch.hf_class], "model_type": src.arch.model_types[0],
              "_name_or_path": getattr(cfg, "name", "") or base,
              **src.arch.to_hf_config(cfg), "dtype": out_dtype, "torch_dtype": out_dtype}

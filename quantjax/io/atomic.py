@@ -61,9 +61,12 @@ __all__ = [
     "CommitError",
     "atomic_dir",
     "atomic_write",
+    "check_dir_target",
     "file_sha256",
     "is_committed",
+    "named_os_error",
     "resolve",
+    "unlink_quiet",
     "verify_dir",
 ]
 
@@ -89,7 +92,7 @@ def _fault(step: str) -> None:
     _FAULT_HOOK(step)
 
 
-def _os_error(e: OSError, what: str) -> OSError:
+def named_os_error(e: OSError, what: str) -> OSError:
   """`e` with `what` (naming the path) in its message; errno kept."""
   err = OSError(e.errno, f"{what}: {e.strerror or e}") if e.errno else OSError(f"{what}: {e}")
   return err
@@ -148,10 +151,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
     os.replace(tmp, path)
     _fsync_dir(d)
   except OSError as e:
-    _unlink(tmp)
-    raise _os_error(e, f"cannot write {path}") from e
+    unlink_quiet(tmp)
+    raise named_os_error(e, f"cannot write {path}") from e
   except BaseException:
-    _unlink(tmp)
+    unlink_quiet(tmp)
     raise
 
 
@@ -175,7 +178,8 @@ def commit_file(tmp: str, path: str | os.PathLike) -> None:
   _fsync_dir(os.path.dirname(path))
 
 
-def _unlink(p: str) -> None:
+def unlink_quiet(p: str) -> None:
+  """Removes the file `p` if it can; never raises OSError."""
   try:
     os.unlink(p)
   except OSError:
@@ -480,7 +484,8 @@ def _exchange(a: str, b: str) -> bool:
   raise OSError(e, f"cannot exchange {a} and {b}: {os.strerror(e)}")
 
 
-def _check_target(path: str, overwrite: bool, legacy, what: str) -> None:
+def check_dir_target(path: str, overwrite: bool, legacy, what: str) -> None:
+  """Raises FileExistsError unless `atomic_dir` may write `path` (as `atomic_dir` checks it)."""
   if os.path.islink(path):
     raise FileExistsError(f"{path} is a symlink; refusing to replace it with a {what}")
   if not os.path.lexists(path):
@@ -529,9 +534,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, kind: str = "
   path = os.path.abspath(os.fspath(path))
   parent, base = _names(path)
   os.makedirs(parent, exist_ok=True)
-  _check_target(path, overwrite, legacy, kind)
+  check_dir_target(path, overwrite, legacy, kind)
   _recover(path, legacy)
-  _check_target(path, overwrite, legacy, kind)  # a recovered copy is checked like any other
+  check_dir_target(path, overwrite, legacy, kind)  # a recovered copy is checked like any other
   tmp = os.path.join(parent, f".{base}.tmp-{secrets.token_hex(6)}")
   os.mkdir(tmp)
   lock = None
@@ -568,11 +573,11 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, kind: str = "
       _fault("renamed_new_into_place")
       _fsync_dir(parent)
     _fault("old_removed")
-    _unlink(os.path.join(path, _WRITING))
+    unlink_quiet(os.path.join(path, _WRITING))
   except OSError as e:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-    raise _os_error(e, f"cannot write {kind} {path}") from e
+    raise named_os_error(e, f"cannot write {kind} {path}") from e
   except BaseException:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)

@@ -62,9 +62,12 @@ __all__ = [
     "block_format",
     "block_type_of",
     "blocks_to_qarray",
+    "expected_shapes",
     "export_gguf",
     "file_tensor_bytes",
+    "float_tensor",
     "import_gguf",
+    "match_type",
     "pack_blocks",
     "permute_qk",
     "qarray_to_blocks",
@@ -274,7 +277,7 @@ def _pure(params: Any) -> Any:
   return params
 
 
-def _expected_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
   """`{gguf name: (row-major shape in the file, params path)}` the config implies."""
   from flax import nnx
 
@@ -303,13 +306,13 @@ def check_tensor_shapes(config, reader, path: str) -> None:
       metadata (the message names the tensor and the metadata keys involved).
   """
   from quantjax.models import load as load_lib
-  want = _expected_shapes(config)
+  want = expected_shapes(config)
   have = {t.name: t for t in reader.tensors}
   missing = [n for n in want if n not in have]
   if missing:
     raise GGUFError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                     f"(the metadata implies {len(want)} tensors)")
-  unknown = sorted(set(have) - set(want) - set(load_lib._IGNORED))
+  unknown = sorted(set(have) - set(want) - set(load_lib.GGUF_IGNORED_NAMES))
   if unknown:
     raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
   arch = getattr(reader, "get", lambda *_: None)("general.architecture") or "llama"
@@ -358,7 +361,8 @@ def _default_type(leaf: Any, axis: int, n_in: int) -> tuple[str, str]:
   return "F32", "float"
 
 
-def _float_tensor(x: np.ndarray, t: str) -> np.ndarray:
+def float_tensor(x: np.ndarray, t: str) -> np.ndarray:
+  """`x` as the data of float GGUF type `t` (F32, F16, or BF16 as uint16 bits)."""
   if t == "F32":
     return np.asarray(x, np.float32)
   if t == "F16":
@@ -372,8 +376,10 @@ def _float_tensor(x: np.ndarray, t: str) -> np.ndarray:
   raise GGUFError(f"not a float GGUF type: {t}")
 
 
-def _match_type(types: Iterable[tuple[str, str]] | Mapping[str, str] | None, path: str,
-                name: str) -> str | None:
+def match_type(types: Iterable[tuple[str, str]] | Mapping[str, str] | None, path: str,
+               name: str) -> str | None:
+  """The type of the first `types` rule whose pattern is found in `path` or matches all of
+  `name` (upper case), else None."""
   if not types:
     return None
   items = types.items() if isinstance(types, Mapping) else types
@@ -400,7 +406,7 @@ def _copy_tokenizer_fields(writer, source: str) -> int:
   """Copies `tokenizer.*` keys; returns the number of tokens."""
   gguf = require("gguf", "gguf", "GGUF export")
   from quantjax.models import load as load_lib
-  reader = load_lib._open_gguf(source)
+  reader = load_lib.open_gguf(source)
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   for key, field in reader.fields.items():
     if not key.startswith("tokenizer."):
@@ -464,7 +470,7 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
                   want: Mapping[str, Any], types: Any, float_type: str,
                   importance: Mapping[str, Any] | None) -> tuple[np.ndarray, str, TensorExport]:
   """One tensor as GGUF bytes: `(raw array, GGUF type, report entry)` (`export_gguf`'s
-  rules; `want` is `_expected_shapes(config)`). Raises GGUFError naming the tensor."""
+  rules; `want` is `expected_shapes(config)`). Raises GGUFError naming the tensor."""
   from quantjax.numerics import qarray as qarray_lib
   spath = "/".join(map(str, ppath))
   if isinstance(leaf, InputScaled):
@@ -487,7 +493,7 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
   is_norm = ppath[-1] == "scale"
   n_in = shape[axis] if len(shape) == 2 else shape[-1]
   rows_fn = (lambda a, h=heads: permute_qk(a, h)) if heads else None
-  forced = None if is_norm else _match_type(types, spath, gname)
+  forced = None if is_norm else match_type(types, spath, gname)
   if is_norm:
     t, how = "F32", "float"
   elif forced is not None:
@@ -533,7 +539,7 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
       raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
                                importance=None if importance is None else importance.get(spath))
   else:
-    raw = _float_tensor(_float_rows(leaf, axis, rows_fn), t)
+    raw = float_tensor(_float_rows(leaf, axis, rows_fn), t)
   _check_encoded(gname, spath, t, raw, leaf, axis, n_in)
   return raw, t, TensorExport(gname, spath, shape, _source_name(leaf), t, how, int(raw.nbytes))
 
@@ -680,7 +686,7 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   # Encode every tensor first: a bad leaf fails before any file exists.
   tensors: list[tuple[str, np.ndarray, str]] = []
   report: list[TensorExport] = []
-  want = _expected_shapes(config)
+  want = expected_shapes(config)
   for gname, ppath, heads, axis in _name_table(config):
     raw, t, rec = encode_tensor(gname, ppath, heads, axis, _get(pure, ppath), want, types,
                                 float_type, importance)
@@ -808,14 +814,14 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
   from quantjax.models import load as load_lib
 
   path = os.fspath(path)
-  reader = load_lib._open_gguf(path, check_values=check_values)
-  config = load_lib._config_from_reader(reader, path)
+  reader = load_lib.open_gguf(path, check_values=check_values)
+  config = load_lib.config_from_reader(reader, path)
   check_tensor_shapes(config, reader, path)
   by_name = {t.name: t for t in reader.tensors}
   info: dict[str, tuple[str, str]] = {}
   pure: dict = {}
   table = _name_table(config)
-  known = {g for g, *_ in table} | set(load_lib._IGNORED)
+  known = {g for g, *_ in table} | set(load_lib.GGUF_IGNORED_NAMES)
   unknown = sorted(set(by_name) - known)
   if unknown:
     raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
@@ -856,7 +862,7 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
     for k in ppath[:-1]:
       node = node.setdefault(k, {})
     node[ppath[-1]] = leaf
-  load_lib._check_complete(config, pure, path)
+  load_lib.check_params_complete(config, pure, path)
   deq = collections.Counter(k for k, h in info.values() if h == "dequantized")
   if deq:
     _log.warning("%s: dequantized to float32 on import (no QArray equivalent): %s", path,
@@ -869,5 +875,5 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
 def file_tensor_bytes(path: str | os.PathLike) -> int:
   """Sum of the tensor data sizes in a GGUF file."""
   from quantjax.models import load as load_lib
-  reader = load_lib._open_gguf(os.fspath(path))
+  reader = load_lib.open_gguf(os.fspath(path))
   return sum(int(t.n_bytes) for t in reader.tensors)

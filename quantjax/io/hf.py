@@ -96,9 +96,13 @@ __all__ = [
     "TensorExport",
     "TensorSpec",
     "architecture_for",
+    "encode_leaf",
     "export_hf",
+    "fused_notes",
     "import_hf",
     "pack_int32",
+    "quantization_config",
+    "read_config",
     "register_architecture",
     "unpack_int32",
 ]
@@ -656,7 +660,7 @@ def _act_args(leaf: ActQuantized) -> QArgs:
                dynamic=True)
 
 
-def _encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
+def encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
   """(tensors {name: array}, scheme or None, TensorExport) for one params leaf."""
   from quantjax.methods.activations import StaticActQuantized
   spath = "/".join(map(str, spec.path))
@@ -806,7 +810,7 @@ def _save_tokenizer(tokenizer: Any, directory: str) -> list[str]:
   return sorted(set(os.listdir(directory)) - before)
 
 
-def _group_config(schemes: dict[str, Scheme], linear_modules: list[str]) -> dict:
+def quantization_config(schemes: dict[str, Scheme], linear_modules: list[str]) -> dict:
   """The `quantization_config` for modules -> scheme (quantized modules only)."""
   by_scheme: dict[Scheme, list[str]] = collections.OrderedDict()
   for m, s in schemes.items():
@@ -828,7 +832,7 @@ def _group_config(schemes: dict[str, Scheme], linear_modules: list[str]) -> dict
           "kv_cache_scheme": None, "global_compression_ratio": None}
 
 
-def _fused_notes(schemes: dict[str, Scheme], modules: list[str]) -> list[str]:
+def fused_notes(schemes: dict[str, Scheme], modules: list[str]) -> list[str]:
   """vLLM fuses q/k/v and gate/up into one layer: their schemes must agree."""
   notes = []
   fused = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -896,14 +900,14 @@ def export_hf(directory: str | os.PathLike, config: Any, params: Any, *, tokeniz
   schemes: dict[str, Scheme] = {}
   specs = arch.tensors(config)
   for spec in specs:
-    out, scheme, rec = _encode_leaf(spec, _get(pure, spec.path), fdt)
+    out, scheme, rec = encode_leaf(spec, _get(pure, spec.path), fdt)
     tensors.extend(out.items())
     records.append(rec)
     if scheme is not None:
       schemes[spec.module] = scheme
   linear_modules = [s.module for s in specs if s.kind == "linear"]
-  qconfig = _group_config(schemes, linear_modules) if schemes else None
-  notes = _fused_notes(schemes, linear_modules)
+  qconfig = quantization_config(schemes, linear_modules) if schemes else None
+  notes = fused_notes(schemes, linear_modules)
   if any(r.how == "re-quantized (lossy)" for r in records):
     notes.append("some tensors were re-quantized (lossy): see their records")
 
@@ -1160,7 +1164,8 @@ def _parse_quant_config(q: Any, source: str) -> _QuantConfig | None:
   return _QuantConfig(groups, list(q.get("ignore") or []), source)
 
 
-def _read_config(directory: str) -> tuple[str, dict]:
+def read_config(directory: str) -> tuple[str, dict]:
+  """`(path, parsed JSON)` of `directory`'s `config.json`."""
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no config.json in {directory}")
@@ -1375,7 +1380,7 @@ def import_hf(directory: str | os.PathLike, *, dtype: Any = jnp.float32, tokeniz
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"not a directory: {directory}")
-  cfg_path, cfg_json = _read_config(directory)
+  cfg_path, cfg_json = read_config(directory)
   model_type = cfg_json.get("model_type")
   try:
     arch = architecture_for(str(model_type))

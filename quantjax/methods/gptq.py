@@ -437,7 +437,7 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
   if h.shape != (k, k):
     raise ValueError(f"GPTQ: Hessian shape {h.shape} does not match the weight's input "
                      f"dimension {k} (weight shape {tuple(w.shape)})")
-  qarray_lib._check_finite(w, f"{name} (GPTQ weight)")
+  qarray_lib.check_finite(w, f"{name} (GPTQ weight)")
   qarray_lib.check_range_fits(w, fmt, f"{name} (GPTQ)")
   dead, perm = h.dead, h.perm
   hw = h.take()  # ours now: solved in place below
@@ -450,7 +450,7 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
   static = group is None or act_order
   ngroups = k // group if group else 1
   if static:
-    s_st, z_st = calibrate_lib.calibrate(jnp.asarray(wt.T), fmt, cal)  # stored layout
+    s_st, z_st = calibrate_lib.choose_scales(jnp.asarray(wt.T), fmt, cal)  # stored layout
     s_st = np.asarray(s_st, np.float32)
     z_st = np.zeros_like(s_st) if z_st is None else np.asarray(z_st, np.float32)
     # Each input row's scale row (the loop gathers; no [K, out] copy of the scales).

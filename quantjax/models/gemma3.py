@@ -626,8 +626,9 @@ class Gemma3(nnx.Module):
     return self.lm_head.kernel.get_value(), 0
 
   def logits(self, x):
+    from quantjax import ops  # lazily, as in quantjax.models.llama
     w, axis = self.head()
-    out = llama_lib._qdot(x, w, contract_axis=axis).astype(jnp.float32)
+    out = ops.qdot(x, w, contract_axis=axis).astype(jnp.float32)
     return functional.softcap(out, self.config.final_logit_softcapping)
 
   def __call__(self, tokens, cache: Gemma3Cache | None = None, index=None):
@@ -668,12 +669,13 @@ def _chunked_nll(model: Gemma3, x: jax.Array, targets: jax.Array, rows: int) -> 
   pad = (-n) % rows
   xs = jnp.pad(x.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, rows, d)
   ys = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, rows)
+  from quantjax import ops  # lazily, as in quantjax.models.llama
   w, axis = model.head()
   cap = model.config.final_logit_softcapping
 
   def one(args):
     xc, yc = args
-    logits = functional.softcap(llama_lib._qdot(xc, w, contract_axis=axis).astype(jnp.float32), cap)
+    logits = functional.softcap(ops.qdot(xc, w, contract_axis=axis).astype(jnp.float32), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return lse - jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
 

@@ -44,6 +44,7 @@ __all__ = [
     "SMOLLM2_CAVEAT",
     "SOURCES",
     "load_model",
+    "GGUF_IGNORED_NAMES",
     "GGUF_LAYER_NAMES",
     "GGUF_TOP_NAMES",
     "dequantize_gguf_rows",
@@ -52,6 +53,9 @@ __all__ = [
     "dequantize_q4_1",
     "dequantize_q8_0",
     "gemma3_path",
+    "check_gguf_names",
+    "check_params_complete",
+    "config_from_reader",
     "gguf_metadata",
     "gguf_tensor_table",
     "load_gemma3",
@@ -60,6 +64,7 @@ __all__ = [
     "load_smollm2",
     "load_tokenizer",
     "model_module",
+    "open_gguf",
     "smollm2_path",
     "unpermute_qk",
 ]
@@ -170,7 +175,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # GGUF files.
 
 
-def _open_gguf(path: str, *, check_values: bool = False):
+def open_gguf(path: str, *, check_values: bool = False):
   """The checked GGUF file at `path` (`quantjax.io.gguf_read.read_gguf`): structure,
   block scales and model metadata are validated before any tensor is read."""
   from quantjax.io import gguf_read
@@ -213,7 +218,8 @@ GGUF_TOP_NAMES = {
     "output_norm.weight": ("final_norm", "scale"),
     "output.weight": ("lm_head", "kernel"),
 }
-_IGNORED = ("rope_freqs.weight",)
+# Tensors a GGUF file may hold that quantjax neither loads nor rejects.
+GGUF_IGNORED_NAMES = ("rope_freqs.weight",)
 
 # Gemma 3 (llama.cpp's `gemma3`): no Q/K row permutation (NEOX-style RoPE), and
 # norm weights stored as the multiplier 1 + w, which is what quantjax keeps.
@@ -309,7 +315,9 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
-def _check_complete(config: Any, pure: Mapping, source: str) -> None:
+def check_params_complete(config: Any, pure: Mapping, source: str) -> None:
+  """`pure` holds exactly the parameters `config` implies, with their shapes (ValueError naming
+  `source` otherwise)."""
   import jax
   from quantjax.numerics.qarray import is_qarray
   abstract = model_module(config).abstract_state(config)
@@ -349,7 +357,7 @@ def _map_leaves(tree, fn):
 GGUF_ARCHITECTURES = ("llama", "gemma3")
 
 
-def _config_from_reader(reader: Any, path: str) -> Any:
+def config_from_reader(reader: Any, path: str) -> Any:
   """The model config of a GGUF file, by its `general.architecture`."""
   meta = gguf_metadata(reader)
   names = {t.name for t in reader.tensors}
@@ -374,7 +382,7 @@ def _config_from_reader(reader: Any, path: str) -> Any:
   return llama_lib.LlamaConfig.from_gguf_metadata(meta, vocab_size=vocab, tie_embeddings=tie)
 
 
-def _check_gguf_names(config: Any, reader: Any, path: str) -> None:
+def check_gguf_names(config: Any, reader: Any, path: str) -> None:
   """Every tensor the config needs is in the file, and nothing unknown is."""
   have = {t.name for t in reader.tensors}
   table = gguf_tensor_table(config)
@@ -384,7 +392,7 @@ def _check_gguf_names(config: Any, reader: Any, path: str) -> None:
                     f"{', '.join(repr(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}"
                     f" ({len(missing)} of {len(table)} that a {config.num_layers}-layer "
                     f"{type(config).__name__} needs)")
-  unknown = sorted(have - {g for g, *_ in table} - set(_IGNORED))
+  unknown = sorted(have - {g for g, *_ in table} - set(GGUF_IGNORED_NAMES))
   if unknown:
     raise GGUFError(f"{path}: unsupported tensor{'s' if len(unknown) > 1 else ''} "
                     f"{', '.join(repr(u) for u in unknown[:5])}")
@@ -428,9 +436,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
                                                  check_values=check_values)
     return config, params, tok
   from quantjax.io import gguf as gguf_io
-  reader = _open_gguf(path, check_values=check_values)
-  config = _config_from_reader(reader, path)
-  _check_gguf_names(config, reader, path)
+  reader = open_gguf(path, check_values=check_values)
+  config = config_from_reader(reader, path)
+  check_gguf_names(config, reader, path)
   gguf_io.check_tensor_shapes(config, reader, path)
   by_name = {t.name: t for t in reader.tensors}
   pure: dict = {}
@@ -441,7 +449,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
     if dest[-1] == "kernel":
       w = np.ascontiguousarray(w.T)
     _set(pure, dest, w)
-  _check_complete(config, pure, path)
+  check_params_complete(config, pure, path)
   tok = load_tokenizer(path) if tokenizer else None
   return config, _to_state(config, pure, dtype), tok
 

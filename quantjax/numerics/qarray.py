@@ -38,7 +38,8 @@ from quantjax.numerics.formats import QuantFormat
 __all__ = [
     "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
-    "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "scale_floor",
+    "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "check_finite",
+    "scale_floor",
     "slice_format", "stack_qarrays", "quantize_stacked",
 ]
 
@@ -529,7 +530,7 @@ def is_qarray(x: Any) -> bool:
   return isinstance(x, QArray)
 
 
-def _check_finite(x: jax.Array, name: str) -> np.ndarray | None:
+def check_finite(x: jax.Array, name: str) -> np.ndarray | None:
   """Raises on NaN/Inf (or no values) when `x` is concrete; returns it as numpy
   (None under tracing, where nothing can be checked on the host)."""
   if isinstance(x, jax.core.Tracer):
@@ -693,7 +694,7 @@ def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "auto",
     raise ValueError(f"cannot quantize {name}: dtype {x.dtype} is not floating point")
   if x.size == 0:
     raise ValueError(f"cannot quantize {name}: it is empty (shape {tuple(x.shape)})")
-  host = _check_finite(x, name)
+  host = check_finite(x, name)
   if not fmt.is_cast:
     jax.eval_shape(lambda a: block_view(a, fmt), x)  # shape errors, before compiling
   from quantjax.numerics import calibrate as calibrate_lib

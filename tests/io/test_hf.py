@@ -144,7 +144,7 @@ def test_tensors_equal_compressed_tensors_compressor(fmt, act, ct_format):
   q = qj.quantize(w, fmt)
   leaf = q if act is None else ActQuantized(weight=q, act_format=QuantFormat.parse(act))
   spec = hf.TensorSpec("m.weight", ("m", "kernel"), (64, 48), "linear")
-  ours, scheme, rec = hf._encode_leaf(spec, leaf, np.dtype(np.float32))
+  ours, scheme, rec = hf.encode_leaf(spec, leaf, np.dtype(np.float32))
   assert scheme.format == ct_format and rec.how == "lossless"
   # compressed-tensors' inputs: the represented float weight [out, in], our scale / zero point
   state = {"weight": torch.from_numpy(np.asarray(q.dequantize(jnp.float32)).T.copy()),

@@ -497,7 +497,7 @@ def test_gguf_pages_dropped_without_reparsing(tmp_path):
   cfg, pure = make_tiny(num_layers=1)
   src = tmp_path / "tiny.gguf"
   gguf.export_gguf(src, cfg, pure)
-  f = load_lib._open_gguf(str(src))
+  f = load_lib.open_gguf(str(src))
   t = f.tensor("token_embd.weight")
   before = load_lib.dequantize_gguf_tensor(t)
   assert _mapped_rss_kib(src) >= before.nbytes // 1024  # 32 KiB of float32 embedding
