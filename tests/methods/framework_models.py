@@ -144,7 +144,7 @@ def trained(name: str, steps: int = 300):
       return extra.stateless_call(tv, ntv, tokens)[0]
   else:
     raise ValueError(name)
-  params, loss = user_models._train(lambda p, b: user_models._xent(fn(p, b[:, :-1]), b), params,
+  params, loss = user_models.train(lambda p, b: user_models.xent(fn(p, b[:, :-1]), b), params,
                                     data, steps, seed=1)
   return fn, params, loss, extra
 

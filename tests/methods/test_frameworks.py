@@ -52,6 +52,18 @@ def _rtn_and_gptq(fn, params, target, fmt="int3_g16"):
   return rtn, gptq
 
 
+def _gptq_below_rtn_and_jits(run, params, rtn, gptq, x, name):
+  """GPTQ's held-out error below 0.8 x RTN's; the quantized params run under jit as they
+  do eagerly. Returns the jitted output."""
+  e_rtn, e_gptq = _err(run, params, rtn.params, x), _err(run, params, gptq.params, x)
+  print(f"{name}: rtn {e_rtn:.4g} gptq {e_gptq:.4g}")
+  assert e_gptq < 0.8 * e_rtn, (name, e_gptq, e_rtn)
+  out = jax.jit(run)(gptq.params, x)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(run(gptq.params, x)), rtol=1e-4,
+                             atol=1e-4)
+  return out
+
+
 def _layouts(fn, params):
   cap = capture.trace(fn, params, user_models.calibration()[0])
   return cap, {s.path: cap.layout_of(s) for s in cap.sites}
@@ -89,14 +101,9 @@ def test_gptq_beats_rtn_on_an_equinox_transformer(eqx_model):
   assert q.shape == (256, 64) and q.fmt.group_axis in (1, -1)  # [out, in]: groups along in
   x = user_models.held_out()
   run = _eqx_fn(static)
-  e_rtn, e_gptq = _err(run, params, rtn.params, x), _err(run, params, gptq.params, x)
-  print(f"eqx: rtn {e_rtn:.4g} gptq {e_gptq:.4g}")
-  assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
   # The quantized params run in the unmodified model under jit, and through
   # eqx.filter_jit on the recombined module.
-  out = jax.jit(run)(gptq.params, x)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(run(gptq.params, x)), rtol=1e-4,
-                             atol=1e-4)
+  out = _gptq_below_rtn_and_jits(run, params, rtn, gptq, x, "eqx")
   model = eqx.combine(static, gptq.params)
   out2 = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(model, x)
   np.testing.assert_allclose(np.asarray(out2), np.asarray(out), rtol=1e-4, atol=1e-4)
@@ -122,13 +129,8 @@ def test_gptq_beats_rtn_on_a_keras_model(keras_model):
   assert by_keras_path["attn_0/query/kernel"].shape == (64, 4, 16)  # EinsumDense [d, heads, hd]
   assert by_keras_path["attn_0/attention_output/kernel"].shape == (4, 16, 64)
   x = user_models.held_out()
-  e_rtn, e_gptq = _err(fn, params, rtn.params, x), _err(fn, params, gptq.params, x)
-  print(f"keras: rtn {e_rtn:.4g} gptq {e_gptq:.4g}")
-  assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
   # The QArray leaves stand in for the variables in stateless_call under jit (keras'
   # StatelessScope converts each value with convert_to_tensor, which dequantizes it inside
   # the traced computation; no dequantize_params needed).
-  out = jax.jit(fn)(gptq.params, x)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(fn(gptq.params, x)), rtol=1e-4,
-                             atol=1e-4)
+  _gptq_below_rtn_and_jits(fn, params, rtn, gptq, x, "keras")
 

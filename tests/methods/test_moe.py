@@ -22,7 +22,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from quantjax import methods
@@ -127,24 +126,9 @@ def trained(steps=300):
 
   def loss_of(p, batch):
     logits, aux = forward(p, batch[:, :-1], with_aux=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean() + \
-        0.01 * aux
+    return user_models.xent(logits, batch) + 0.01 * aux
 
-  opt = optax.adam(3e-3)
-  state = opt.init(params)
-
-  @jax.jit
-  def step(p, s, batch):
-    loss, grad = jax.value_and_grad(loss_of)(p, batch)
-    u, s = opt.update(grad, s, p)
-    return optax.apply_updates(p, u), s, loss
-
-  rng = np.random.default_rng(0)
-  for _ in range(steps):
-    starts = rng.integers(0, len(data) - T - 1, size=16)
-    batch = jnp.asarray(np.stack([data[s:s + T + 1] for s in starts]))
-    params, state, loss = step(params, state, batch)
-  return params, float(loss)
+  return user_models.train(loss_of, params, data, steps, seed=0)  # windows of T + 1 = 65
 
 
 def _fn(dispatch, router_bias=None):

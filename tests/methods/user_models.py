@@ -153,7 +153,7 @@ class ConvLM(nn.Module):
     return nn.Dense(VOCAB, name="head")(x)
 
 
-def _train(loss_of, params, data, steps: int, seed: int):
+def train(loss_of, params, data, steps: int, seed: int):
   opt = optax.adam(3e-3)
   state = opt.init(params)
 
@@ -171,7 +171,7 @@ def _train(loss_of, params, data, steps: int, seed: int):
   return params, float(loss)
 
 
-def _xent(logits, batch):
+def xent(logits, batch):
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
@@ -193,7 +193,7 @@ def trained(name: str, steps: int = 300):
 
     def fn(v, tokens):
       return module.apply(v, tokens)
-  params, loss = _train(lambda p, b: _xent(fn(p, b[:, :-1]), b), params, data, steps, seed=1)
+  params, loss = train(lambda p, b: xent(fn(p, b[:, :-1]), b), params, data, steps, seed=1)
   return fn, params, loss
 
 
