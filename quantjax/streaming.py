@@ -49,8 +49,8 @@ finished layer and gives the same bytes as an uninterrupted run.
 
 Memory: one layer's weights in their stored dtype (BF16 stays BF16; each
 projection's array is freed once its result replaces it, via
-`calibrate(donate=True)`) and the float32 effective (dequantized) weights of
-its finished parts (`calibrate(stand_in_dtype=float32)`: exactly the values a
+`MemoryOptions(donate=True)`) and the float32 effective (dequantized) weights of
+its finished parts (`MemoryOptions(stand_in_dtype=float32)`: exactly the values a
 float32 copy of the model would compute with), the method's statistics and
 working copies (for GPTQ the largest Hessian: its `K x K` float32 statistic,
 dropped once GPTQ has its own copy, and that copy, solved in place, which the
@@ -451,7 +451,7 @@ def _clean_work(work: str) -> None:
   _remove_activations(work)
 
 
-_ACTIVATIONS = "activations"  # the driver's spilled activations (calibrate(activation_dir=))
+_ACTIVATIONS = "activations"  # the driver's spilled activations (MemoryOptions.activation_dir)
 
 
 def _remove_activations(work: str) -> None:
@@ -969,9 +969,10 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
       # donate: each projection's float32 array is freed once its result replaces it.
       res = capture_lib.calibrate(fn, params, batches_i, rules, method, mode="sequential",
                                   progress=False, segment_cache=segment_cache, mesh=mesh,
-                                  donate=True, activation_limit=activation_limit,
-                                  activation_dir=os.path.join(work, _ACTIVATIONS),
-                                  stand_in_dtype=jnp.float32)
+                                  memory=capture_lib.MemoryOptions(
+                                      donate=True, activation_limit=activation_limit,
+                                      activation_dir=os.path.join(work, _ACTIVATIONS),
+                                      stand_in_dtype=jnp.float32))
     new_layer = res.params["layers"][i]
     # Encode exactly as export_hf does; float leaves (norms, skipped weights) as stored.
     entries, recs, schemes = {}, [], {}

@@ -14,7 +14,8 @@ from quantjax.methods.activations import (ActObserver, ActStat, StaticActQuantiz
 from quantjax.methods import base
 from quantjax.methods.awq import AWQ, awq_clip, awq_search_scales
 from quantjax.methods.calib_data import calibration_batches, calibration_windows
-from quantjax.methods.capture import (CalibrationResult, Capture, InputStats, Part, calibrate,
+from quantjax.methods.capture import (CalibrationResult, Capture, InputStats, MemoryOptions,
+                                      Part, calibrate,
                                       collect_stats, linen_apply, nnx_apply, trace,
                                       tree_from_parts)
 from quantjax.methods.fold import FoldGroup, fold_input_scales
@@ -35,8 +36,10 @@ for _name, _factory in (("rtn", RTN), ("gptq", GPTQ), ("awq", AWQ), ("smoothquan
   base.register(_name, _factory)
 
 __all__ = [
-    "AWQ", "ActObserver", "CalibratedMethod", "base", "ActStat", "Allocation", "CalibrationResult", "Capture", "Choice",
-    "FoldGroup", "GPTQ", "GPTQResult", "HessianStat", "Importance", "InputStats", "Part", "RTN",
+    "AWQ", "ActObserver", "CalibratedMethod", "base", "ActStat", "Allocation",
+    "CalibrationResult", "Capture", "Choice",
+    "FoldGroup", "GPTQ", "GPTQResult", "HessianStat", "Importance", "InputStats",
+    "MemoryOptions", "Part", "RTN",
     "SmoothQuant", "StaticActQuantized", "allocate", "assignment_rules", "attach_act_quant",
     "awq_clip", "awq_search_scales", "binary_rules", "calibrate", "calibration_batches",
     "calibration_windows", "candidate_costs", "collect_stats", "fisher_diagonal",

@@ -400,7 +400,7 @@ def test_donated_weights_are_freed_and_the_result_is_the_same(name):
                           progress=False)
   mine = jax.tree.map(jnp.array, params)  # a copy whose selected buffers may go
   res = methods.calibrate(fn, mine, user_models.calibration(), rules, methods.RTN(),
-                          progress=False, donate=True)
+                          progress=False, memory=capture.MemoryOptions(donate=True))
   flat = dict(rules_lib.tree_leaves_with_paths(mine))
   selected = [p for p in flat if re.fullmatch(TARGETS[name], p)]
   assert selected and all(flat[p].is_deleted() for p in selected)
@@ -435,7 +435,7 @@ def test_spilled_activations_give_the_same_result(tmp_path, name, mode):
   (tmp_path / "theirs.txt").write_text("not ours")
   lazy = _LazyBatches(user_models.calibration())
   res = methods.calibrate(fn, params, lazy, rules, methods.GPTQ(), progress=False, mode=mode,
-                          activation_limit=0, activation_dir=tmp_path)
+                          memory=capture.MemoryOptions(activation_limit=0, activation_dir=tmp_path))
   assert res.info["spilled_bytes"] > 0 and ref.info["spilled_bytes"] == 0
   assert lazy.reads >= len(lazy)
   assert sorted(os.listdir(tmp_path)) == ["theirs.txt"]
@@ -448,7 +448,9 @@ def test_spill_limit_keeps_small_stacks_in_memory(tmp_path):
   fn, params, _ = user_models.trained("gpt2")
   rules = (QuantRule(module_path=TARGETS["gpt2"], format="int4_g16"), SKIP)
   res = methods.calibrate(fn, params, user_models.calibration(), rules, methods.RTN(),
-                          progress=False, activation_limit=2**40, activation_dir=tmp_path)
+                          progress=False,
+                          memory=capture.MemoryOptions(activation_limit=2**40,
+                                                       activation_dir=tmp_path))
   assert res.info["spilled_bytes"] == 0 and os.listdir(tmp_path) == []
 
 
@@ -466,11 +468,13 @@ def test_spill_disk_full_is_named_and_cleaned(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "pwrite", pwrite)
   with pytest.raises(OSError, match=r"writing calibration activations .*activations-.*No space"):
     methods.calibrate(fn, params, user_models.calibration(), rules, methods.GPTQ(),
-                      progress=False, activation_limit=0, activation_dir=tmp_path / "act")
+                      progress=False,
+                      memory=capture.MemoryOptions(activation_limit=0,
+                                                   activation_dir=tmp_path / "act"))
   assert not os.path.exists(tmp_path / "act")  # made by the call, removed with its files
   with pytest.raises(ValueError, match="activation_limit must be"):
     methods.calibrate(fn, params, user_models.calibration(), rules, methods.RTN(),
-                      progress=False, activation_limit=-1)
+                      progress=False, memory=capture.MemoryOptions(activation_limit=-1))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "scan"])
@@ -488,7 +492,7 @@ def test_bf16_weights_with_float32_stand_ins_equal_the_float32_model(name):
   ref = methods.calibrate(fn, f32, user_models.calibration(), rules, methods.GPTQ(),
                           progress=False)
   res = methods.calibrate(fn_up, bf16, user_models.calibration(), rules, methods.GPTQ(),
-                          progress=False, stand_in_dtype=jnp.float32)
+                          progress=False, memory=capture.MemoryOptions(stand_in_dtype=jnp.float32))
   assert res.info["gptq_loss"] == ref.info["gptq_loss"]
   flat_ref = dict(rules_lib.tree_leaves_with_paths(ref.params))
   for p, x in rules_lib.tree_leaves_with_paths(res.params):
@@ -528,7 +532,7 @@ def test_finished_weights_are_let_go_once_no_segment_reads_them():
   spy = _LiveWeights(methods.RTN(), np.shape(flat[qkv[0]]), params)  # the test's own copy
   mine = jax.tree.map(jnp.array, params)
   res = methods.calibrate(fn, mine, user_models.calibration(), rules, spy, progress=False,
-                          donate=True)
+                          memory=capture.MemoryOptions(donate=True))
   first, last = spy.counts[0], spy.counts[-1]
   assert "qkv" in first[0][0] and first[1] >= 1  # the weights being solved are alive
   assert "out" in last[0][0] and last[1] == 0, spy.counts

@@ -64,12 +64,12 @@ References:
 """
 
 
-from quantjax.methods.capture.driver import (CalibrationResult, calibrate, collect_stats,
-                                             effective_weight, tree_from_parts)
+from quantjax.methods.capture.driver import (CalibrationResult, MemoryOptions, calibrate,
+                                             collect_stats, effective_weight, tree_from_parts)
 from quantjax.methods.capture.parts import Part
 from quantjax.methods.capture.stats import STAT_KINDS, InputStats
 from quantjax.methods.capture.trace import Capture, Layout, Site, linen_apply, nnx_apply, trace
 
 __all__ = ["Site", "Layout", "Capture", "InputStats", "Part", "trace", "calibrate",
            "collect_stats", "nnx_apply", "linen_apply", "CalibrationResult", "STAT_KINDS",
-           "tree_from_parts", "effective_weight"]
+           "tree_from_parts", "effective_weight", "MemoryOptions"]

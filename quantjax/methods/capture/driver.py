@@ -162,7 +162,7 @@ def _site_slices(cap: Capture, sis: Sequence[int]):
 
 
 def _donate(p_leaves: list[Any], leaf: int) -> None:
-  """Frees the caller's array of a replaced leaf (`calibrate(donate=True)`), unless the
+  """Frees the caller's array of a replaced leaf (`MemoryOptions(donate=True)`), unless the
   same array is another leaf too (tied weights) or was freed already."""
   x = p_leaves[leaf]
   if (isinstance(x, jax.Array) and not x.is_deleted()
@@ -190,15 +190,50 @@ def _conv_params(cap: Capture, s: Site) -> dict | None:
           "rhs_dilation": tuple(e.params["rhs_dilation"])}
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryOptions:
+  """How `calibrate` spends memory; the defaults hold everything and free nothing.
+  None of them changes a result bit.
+
+  Attributes:
+    donate: the caller gives up the selected weights: each one's buffer is
+      deleted (`jax.Array.delete`) as soon as its result replaces it, so a
+      weight and the float stand-in the later segments compute with are never
+      both held (`quantjax.streaming` passes True; at the Llama-3-8B shape
+      that is 0.6 GB of a layer). Those leaves of the `params` passed in are
+      then unusable; the others are untouched.
+    activation_limit: bytes of calibration activations held in memory (None:
+      no limit). A stack of activations over all batches (the batches
+      themselves, or the values a segment hands to the next) larger than this
+      is kept in files in `activation_dir` (positioned reads and writes, not
+      memory maps, so it never counts as resident memory), and the segments
+      then run one batch at a time: memory holds one batch's activations, the
+      statistics and the weights. The equations and the order of accumulation
+      are the stacked call's. `batches` may then be a lazy `Sequence` (read
+      when indexed), so the caller holds none of them either. Not with `mesh`.
+    activation_dir: where those files go (default: a fresh temporary
+      directory). Only the files this call makes are deleted, when it returns.
+    stand_in_dtype: dtype of the float stand-ins that replace finished weights
+      in the later groups' forward (default: each leaf's own dtype). For a
+      forward that casts its weights up before use (BF16 leaves computed in
+      float32), float32 keeps the dequantized values exact, as a float32 copy
+      of the model would: `quantjax.streaming` holds a layer's BF16 weights
+      as BF16 this way and gets the float32 model's result bit for bit.
+  """
+
+  donate: bool = False
+  activation_limit: int | None = None
+  activation_dir: Any = None
+  stand_in_dtype: Any = None
+
+
 def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any],
               rules: Sequence[Any], method: Any, *, mode: str = "sequential",
               strict: bool = False, max_samples: int = 2048, mesh: Any = None,
               data_axis: str = "data", progress: bool = True,
               capture: Capture | None = None,
-              segment_cache: dict | None = None, donate: bool = False,
-              activation_limit: int | None = None, activation_dir: Any = None,
-              stand_in_dtype: Any = None, min_tokens: int = 16,
-              starved: str = "rtn") -> CalibrationResult:
+              segment_cache: dict | None = None, memory: MemoryOptions | None = None,
+              min_tokens: int = 16, starved: str = "rtn") -> CalibrationResult:
   """Runs a calibrated `method` on the weights `rules` select, on any model.
 
   Args:
@@ -234,29 +269,9 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       are looked up and stored there by structure, so calling `calibrate` once
       per layer of identical layers compiles each segment once (used by
       `quantjax.streaming`). None: a cache for this call only.
-    donate: the caller gives up the selected weights: each one's buffer is
-      deleted (`jax.Array.delete`) as soon as its result replaces it, so a
-      weight and the float stand-in the later segments compute with are never
-      both held (`quantjax.streaming` passes True; at the Llama-3-8B shape
-      that is 0.6 GB of a layer). Those leaves of the `params` passed in are
-      then unusable; the others are untouched.
-    activation_limit: bytes of calibration activations held in memory (None:
-      no limit). A stack of activations over all batches (the batches
-      themselves, or the values a segment hands to the next) larger than this
-      is kept in files in `activation_dir` (positioned reads and writes, not
-      memory maps, so it never counts as resident memory), and the segments
-      then run one batch at a time: memory holds one batch's activations, the
-      statistics and the weights. The equations and the order of accumulation
-      are the stacked call's. `batches` may then be a lazy `Sequence` (read
-      when indexed), so the caller holds none of them either. Not with `mesh`.
-    activation_dir: where those files go (default: a fresh temporary
-      directory). Only the files this call makes are deleted, when it returns.
-    stand_in_dtype: dtype of the float stand-ins that replace finished weights
-      in the later groups' forward (default: each leaf's own dtype). For a
-      forward that casts its weights up before use (BF16 leaves computed in
-      float32), float32 keeps the dequantized values exact, as a float32 copy
-      of the model would: `quantjax.streaming` holds a layer's BF16 weights
-      as BF16 this way and gets the float32 model's result bit for bit.
+    memory: how memory is spent (`MemoryOptions`: donated weights, activations
+      on disk above a limit, the stand-ins' dtype); None: everything in memory,
+      nothing donated.
     min_tokens, starved: a slice of a batched or ragged matmul (an expert of
       a mixture-of-experts layer) that fewer than `min_tokens` calibration
       rows reach is *starved*: its statistics say too little. It is named in
@@ -282,7 +297,8 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     batches = list(batches)
   if not len(batches):
     raise ValueError("calibrate() got no calibration batches")
-  if activation_limit is not None and mesh is not None:
+  memory = memory or MemoryOptions()
+  if memory.activation_limit is not None and mesh is not None:
     raise ValueError("activation_limit is not supported with a mesh (each device already "
                      "holds only its rows of the batches); pass one or the other")
   rules = tuple(rules)
@@ -435,7 +451,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     for li, left in unfinished.items():
       if left == 0 and last_read.get(li, -1) < next_lo and state.leaves[li] is not None:
         state.leaves[li] = None
-  spill = Spill.open(activation_limit, activation_dir)
+  spill = Spill.open(memory.activation_limit, memory.activation_dir)
   try:
     if spill is not None and env_bytes(n_batches, cap.batch_avals) > spill.limit:
       envs: list[Any] = [DiskStack(spill, a.shape, a.dtype) for a in cap.batch_avals]
@@ -492,8 +508,8 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
         res = results.get(part.key)
         if res is not None:
           state.set_part(part.leaf, part.layout, res,
-                         effective_weight(res, stand_in_dtype or part.value.dtype))
-          if donate:
+                         effective_weight(res, memory.stand_in_dtype or part.value.dtype))
+          if memory.donate:
             _donate(p_leaves, part.leaf)
           for si in part.sites:
             t = site_transform(res, part.layout, cap.sites[si])
