@@ -56,8 +56,9 @@ def quantize_params(params: Any, rules: Sequence[rules_lib.QuantRule], *, strict
 
   Raises:
     ValueError: NaN/Inf in a concrete leaf (the message names its path), a
-      group size that does not divide the leaf's axis, a leaf of 3 or more
-      axes whose rule does not say its `stack_axes`, strict violations.
+      group size that does not divide the leaf's axis, a group format on a
+      leaf of 3 or more axes whose rule does not say its `stack_axes`, strict
+      violations.
   """
   rules = tuple(rules)
   report = _report(params, rules, strict, "quantize_params")
@@ -112,9 +113,10 @@ def fake_quant_params(params: Any, rules: Sequence[rules_lib.QuantRule], *,
   """Quantize-dequantize the matched leaves with a straight-through gradient.
 
   The result has plain arrays (same dtype) that lie on the quantization
-  grid (per slice of a rule's `stack_axes`); differentiate through it for quantization-aware training. Converting
-  the trained params with `quantize_params` and the same rules gives QArrays
-  whose dequantized values equal these.
+  grid (per slice of a rule's `stack_axes`); differentiate through it for
+  quantization-aware training. Converting the trained params with
+  `quantize_params` and the same rules gives QArrays whose dequantized values
+  equal these.
   """
   rules = tuple(rules)
   report = _report(params, rules, strict, "fake_quant_params")

@@ -39,8 +39,7 @@ __all__ = [
     "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
     "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "check_finite",
-    "scale_floor",
-    "slice_format", "stack_qarrays", "quantize_stacked",
+    "scale_floor", "slice_format", "stack_qarrays", "quantize_stacked",
 ]
 
 
