@@ -39,7 +39,7 @@ __all__ = [
     "QArray", "quantize", "dequantize", "encode", "decode", "scale_from_range",
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
     "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "check_finite",
-    "scale_floor", "slice_format", "stack_qarrays", "quantize_stacked",
+    "scale_floor", "slice_format", "stack_index", "stack_qarrays", "quantize_stacked",
 ]
 
 
@@ -779,7 +779,9 @@ def slice_format(fmt: QuantFormat, ndim: int) -> QuantFormat:
                      channel_axis=_norm_axis(fmt.channel_axis, ndim, "channel_axis", shape) - ndim)
 
 
-def _stack_index(idx: Sequence[int], stack_axes: Sequence[int], ndim: int) -> tuple:
+def stack_index(idx: Sequence[int], stack_axes: Sequence[int], ndim: int) -> tuple:
+  """The index of slice `idx` along `stack_axes` of an `ndim`-axis array
+  (`x[stack_index(...)]`, `.at[stack_index(...)]`)."""
   out: list[Any] = [slice(None)] * ndim
   for a, i in zip(stack_axes, idx):
     out[a] = int(i)
@@ -851,7 +853,7 @@ def stack_qarrays(items: Any, shape: Sequence[int], stack_axes: Sequence[int],
       full_shape.insert(a, n)
     out = np.empty(full_shape, arrays[0].dtype)
     for i, a in zip(np.ndindex(*counts), arrays):
-      out[_stack_index(i, stack_axes, len(full_shape))] = a
+      out[stack_index(i, stack_axes, len(full_shape))] = a
     return jnp.asarray(out)
 
   codes = place([q.codes() for q in ordered])
@@ -874,7 +876,7 @@ def quantize_stacked(x: jax.Array, fmt: QuantFormat | str, stack_axes: Sequence[
   items = {}
   for n, i in enumerate(np.ndindex(*[x.shape[a] for a in stack_axes])):
     k = None if key is None else jax.random.fold_in(key, n)
-    items[tuple(i)] = quantize(x[_stack_index(i, stack_axes, x.ndim)], sf,
+    items[tuple(i)] = quantize(x[stack_index(i, stack_axes, x.ndim)], sf,
                                calibration=calibration, key=k,
                                name=name + "".join(f"[{j}]" for j in i))
   return stack_qarrays(items, x.shape, stack_axes, name)

@@ -18,6 +18,7 @@ except ImportError:  # jax < 0.10 exports neither from jax.extend.core (same cla
   from jax._src.core import DebugInfo, DropVar
 
 from quantjax import rules as rules_lib
+from quantjax.numerics import qarray as qarray_lib
 
 
 # Call-like primitives whose body is inlined: name -> the param holding the jaxpr.
@@ -220,10 +221,9 @@ class Layout:
   @property
   def index(self) -> tuple:
     """Indexes the leaf to this slice (`leaf[layout.index]`, `.at[layout.index]`)."""
-    out: list[Any] = [slice(None)] * len(self.leaf_shape)
-    for a, i in zip(self.fixed, self.region):
-      out[a] = i
-    return tuple(out) if self.fixed else ()
+    if not self.fixed:
+      return ()
+    return qarray_lib.stack_index(self.region, self.fixed, len(self.leaf_shape))
 
   @property
   def k(self) -> int:
@@ -505,7 +505,6 @@ class Capture:
   def _site(self, i, e, w_pos, leaf, chain) -> Site:
     path = self.leaf_paths[leaf]
     kind = e.primitive.name
-    conv = None
     if kind == "dot_general":
       (lc, rc), (lb, rb) = e.params["dimension_numbers"]
       w_contract = tuple(rc if w_pos == 1 else lc)
@@ -541,7 +540,6 @@ class Capture:
   def _group_sites(self):
     eqns = self.flat.eqns
     groups: dict[Any, int] = {}
-    sources: dict[tuple, int] = {}
     self.sources: list[Source] = []
     self.group_roots: list[Any] = []
     self.group_sites: list[list[int]] = []
