@@ -67,8 +67,8 @@ def test_transformers_scores_our_export(smollm2, two_windows, tmp_path, monkeypa
                                nll_fn=torch_nll_fn(model))["perplexity"]
   print(f"{name}: perplexity (2 windows) JAX {ours:.5f}, transformers {theirs:.5f}")
   if name == "w8a8_dynamic":
-    # Same weights and the same activation rule: within 0.5%. With each runtime's own rule
-    # (127 here and in vLLM, 127.5 in transformers) the gap is the rule's, measured above.
+    # Same weights and the same activation rule: within 1%, and closer than with each
+    # runtime's own rule (127 here and in vLLM, 127.5 in transformers).
     import jax
     from quantjax import ops
     jax.clear_caches()
@@ -77,9 +77,11 @@ def test_transformers_scores_our_export(smollm2, two_windows, tmp_path, monkeypa
     monkeypatch.undo()
     jax.clear_caches()
     print(f"{name}: JAX with transformers' activation rule {same_rule:.5f}")
-    # measured: JAX 13.735 (own rule), 13.798 (transformers' rule), transformers 13.861; the
-    # rest is float summation order moving activations across rounding ties over 30 layers
-    assert abs(theirs / same_rule - 1) < 5e-3
+    # The rest is float summation order moving activations across int8 rounding ties over
+    # 30 layers, and it depends on the CPU. Measured (own rule / transformers' rule /
+    # transformers): on an Intel Sapphire Rapids 13.735 / 13.798 / 13.861 (0.46% apart); at
+    # the same code on an AMD EPYC 13.825 / 13.774 / 13.663 (0.81% apart).
+    assert abs(theirs / same_rule - 1) < 1e-2
     assert abs(theirs / same_rule - 1) < abs(theirs / ours - 1)
     assert abs(theirs / ours - 1) < 2e-2
   else:
