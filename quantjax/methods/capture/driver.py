@@ -140,10 +140,9 @@ def _starved_parts(parts: Sequence[Part], min_tokens: int, starved: str, method:
                              "min_tokens"))
   warnings.warn(what + "; they are quantized round-to-nearest from their own weights "
                 "(starved='rtn')", stacklevel=4)
-  from quantjax.numerics import qarray as qarray_lib
+  from quantjax.methods.rtn import RTN
   record.setdefault("starved", {}).update({p.name: float(p.stats.count) for p in few})
-  return {p.key: qarray_lib.quantize(p.value, p.leaf_format(p.rule.format),
-                                     calibration=p.rule.calibration, name=p.name) for p in few}
+  return RTN().apply(few, record)
 
 
 def _site_slices(cap: Capture, sis: Sequence[int]):
