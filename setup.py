@@ -39,9 +39,13 @@ EXTRAS["test"] = EXTRAS["all"] + [
     "keras>=3.0",
 ]
 
+_VERSION: dict = {}
+with open("quantjax/version.py", encoding="utf-8") as f:
+  exec(f.read(), _VERSION)  # the one place the version is written
+
 setup(
     name="quantjax",
-    version="0.1.0",
+    version=_VERSION["__version__"],
     description="Functional quantization, pruning and distillation for JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

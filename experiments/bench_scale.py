@@ -14,7 +14,7 @@ ratio to the model's BF16 size, seconds per layer (first layer, with its
 compiles, apart), the output's size, and checks that the output loads in the
 JAX model (`io.hf.import_hf`) and decodes a few tokens. Appends a row to
 `<out>/bench_scale.json` and rewrites `<out>/bench_scale.md` (atomically), with
-an estimate for Llama-3-70B from `quantjax.plan`'s shape.
+an estimate for Llama-3-70B from `quantjax.eval.plan`'s shape.
 
 Shapes: Llama-3.2-1B (16 layers, d 2048, FFN 8192, 32/8 heads, tied),
 Llama-3.2-3B (28 layers, d 3072, FFN 8192, 24/8 heads, tied), Llama-3-8B
@@ -47,7 +47,7 @@ SHAPES = {
 
 
 def _shape(key: str):
-  from quantjax import plan
+  from quantjax.eval import plan
   return plan.ModelShape(*SHAPES[key])
 
 
@@ -200,8 +200,8 @@ def _spill(r: dict) -> str:
 
 
 def _estimate_70b(rows: list[dict]) -> list[str]:
-  """Llama-3-70B from quantjax.plan's shape, scaled from the largest measured shape."""
-  from quantjax import plan
+  """Llama-3-70B from quantjax.eval.plan's shape, scaled from the largest measured shape."""
+  from quantjax.eval import plan
   m70 = plan.MODELS["llama3-70b"]
   # The largest layer measured with the default calibration set, in memory; the deepest run.
   default = [r for r in rows if r.get("activation_limit") is None] or rows
@@ -228,7 +228,7 @@ def _estimate_70b(rows: list[dict]) -> list[str]:
       f"70B estimate: scaled from the {big['model']} run ({big['layers']} layers): seconds per "
       f"layer x {ratio:.2f} (linear parameters per layer), the memory grown above the runtime "
       f"x {max(ratio, h_ratio):.2f} (the larger of the layer-size and Hessian-size ratios). "
-      f"`quantjax.plan` puts in-memory GPTQ of the same model at {_gib(p.gptq)} GiB "
+      f"`quantjax.eval.plan` puts in-memory GPTQ of the same model at {_gib(p.gptq)} GiB "
       f"(the quantized model {_gib(p.store)} GiB held, plus one FP32 layer, its Hessian and the "
       "calibration activations); streaming holds no model.",
   ]

@@ -21,7 +21,7 @@ next-token cross-entropy on pydoc calibration windows), and measures:
   the peak (a cache miss is reported). `fit` donates the params
   (`donate_params=True`): one copy of the weights.
 
-and prints them beside `quantjax.plan.train_regimes` (no rematerialisation:
+and prints them beside `quantjax.eval.plan.train_regimes` (no rematerialisation:
 quantjax's Llama does not rematerialise). On CPU there is no allocator
 statistic; where a GPU/TPU backend reports `memory_stats()`, its
 `peak_bytes_in_use` is recorded too.
@@ -151,7 +151,7 @@ def nnx_pure(params):
 
 
 def _estimates(model: str, batch: int, seq: int, fmt: str, rank: int, n_params: int):
-  from quantjax import plan as plan_lib
+  from quantjax.eval import plan as plan_lib
   if model == "smollm2":
     shape = plan_lib.MODELS["smollm2-135m"]
   else:

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from quantjax import rules as rules_lib
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
+from quantjax.transforms import quantize_params
 
 __all__ = [
     "AXES", "MeshConfig", "make_mesh", "PartitionRule", "LLAMA_PARTITION_RULES", "spec_for",
@@ -262,7 +263,6 @@ def quantize_params_sharded(params: Any, quant_rules: Sequence[Any], mesh: Mesh,
   the small reductions a per-channel scale over a sharded axis needs); the
   result's children carry the shardings from `qarray_sharding`.
   """
-  from quantjax.transforms import quantize_params
   quant_rules = tuple(quant_rules)
   fn = lambda p: quantize_params(p, quant_rules, **kwargs)  # noqa: E731
   in_sh = param_shardings(params, mesh, partition_rules)

@@ -6,7 +6,9 @@ used as a tied output head, or PyTorch's layout). The weight can be a plain
 array or a `QArray`. This module holds the XLA reference path: dequantize then
 `dot_general`, or for W8A8 an int8 x int8 -> int32 `dot_general` with the
 scales applied after. Pallas kernels plug in behind the same call
-(`quantjax.kernels`), so model code never changes.
+(`quantjax.kernels`), so model code never changes. The weight wrappers of
+`numerics.qarray` (`ActQuantized`, `StaticActQuantized`, `InputScaled`) are
+data; their matmuls are computed here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from quantjax.kernels import cpu_matmul, dispatch
 from quantjax.numerics import formats as formats_lib
 from quantjax.numerics import qarray as qarray_lib
-from quantjax.numerics.qarray import QArray
+from quantjax.numerics.qarray import InputScaled, QArray, StaticActQuantized
 
-__all__ = ["qdot", "qeinsum", "quantize_activation"]
+__all__ = ["qdot", "qeinsum", "quantize_activation", "static_qdot"]
 
 
 def _check_shapes(x: jax.Array, w_shape: tuple[int, ...], contract_axis: int) -> None:
@@ -71,7 +74,6 @@ def _w8a8_dot(x: jax.Array, w: QArray, act_fmt: formats_lib.QuantFormat,
   lead = x.shape[:-1]
   xq = quantize_activation(x, act_fmt)
   if contract_axis == 0:
-    from quantjax.kernels import dispatch  # local: kernels import ops' helpers
     out = dispatch.quantized_matmul_w8a8(xq, w, out_dtype=x.dtype)
     if out is not None:
       return out.reshape(*lead, -1)
@@ -94,7 +96,8 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
   Args:
     x: activations `[..., k]`.
     w: weight `[k, n]` (contract_axis=0) or `[n, k]` (contract_axis=1); a
-      `jax.Array` or a `QArray`.
+      `jax.Array`, a `QArray`, or one in a wrapper of `numerics.qarray`
+      (`ActQuantized`, `StaticActQuantized`, `InputScaled`).
     contract_axis: which weight axis is contracted with `x`'s last axis.
     act_format: a `QuantFormat` or spec; if given, activations are quantized dynamically
       with it (W8A8 when both are int8), else the weight is dequantized to `x.dtype`.
@@ -103,10 +106,10 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
   Returns:
     `[..., n]` in `x.dtype`.
   """
-  qdot_hook = getattr(type(w), "__qdot__", None)
-  if qdot_hook is not None and act_format is None:
-    # Leaves that carry their own matmul (methods.activations.StaticActQuantized).
-    return qdot_hook(w, x, contract_axis=contract_axis, precision=precision)
+  if act_format is None and isinstance(w, InputScaled):
+    return _input_scaled_dot(x, w, contract_axis=contract_axis, precision=precision)
+  if act_format is None and isinstance(w, StaticActQuantized):
+    return static_qdot(x, w, contract_axis=contract_axis, precision=precision)
   if isinstance(w, qarray_lib.ActQuantized):
     if act_format is None:
       act_format = w.act_format
@@ -124,11 +127,9 @@ def qdot(x: jax.Array, w: Any, *, contract_axis: int = 0,
       act_format = None
     if act_format is not None:
       return _w8a8_dot(x, w, act_format, contract_axis)
-    from quantjax.kernels import dispatch  # local: kernels import ops' helpers
     out = dispatch.quantized_matmul(x, w, contract_axis=contract_axis, precision=precision)
     if out is not None:
       return out
-    from quantjax.kernels import cpu_matmul
     w = cpu_matmul.dequantized_operand(w.dequantize(dtype=x.dtype))
   else:
     w = jnp.asarray(w)
@@ -149,3 +150,47 @@ def qeinsum(spec: str, x: jax.Array, w: Any, *, precision: Any = None) -> jax.Ar
   else:
     w = jnp.asarray(w).astype(x.dtype)
   return jnp.einsum(spec, x, w, precision=precision)
+
+
+def _input_scaled_dot(x: jax.Array, w: InputScaled, *, contract_axis: int,
+                      precision: Any) -> jax.Array:
+  """`qdot(x / s, w.weight)`: the input divided by the leaf's per-input-channel scales."""
+  if len(w.shape) != 2:
+    raise ValueError(f"qdot takes 2-D weights; this InputScaled weight has shape {w.shape}")
+  s = jnp.asarray(w.scale).reshape(-1)
+  xs = (x.astype(jnp.float32) / s.astype(jnp.float32)).astype(x.dtype)
+  return qdot(xs, w.weight, contract_axis=contract_axis, precision=precision)
+
+
+def _int8_weight_ok(w: Any, contract_axis: int) -> bool:
+  if not isinstance(w, QArray):
+    return False
+  f = w.fmt
+  return (f.kind == "int" and f.bits == 8 and f.symmetric and
+          (f.granularity == "per_tensor" or
+           (f.granularity == "per_channel" and f.channel_axis % 2 == 1 - contract_axis)))
+
+
+def static_qdot(x: jax.Array, w: StaticActQuantized, *, contract_axis: int = 0,
+                precision: Any = None) -> jax.Array:
+  """`x @ w.weight` with `x` quantized by the static scales of `w`.
+
+  int8 x int8 -> int32 `dot_general` when the activation scale is per tensor,
+  symmetric int8, and the weight an int8 QArray with per-tensor or
+  per-output-channel scales; otherwise quantize-dequantize `x` and call
+  `qdot` on the weight. `qdot(x, w)` calls this for a `StaticActQuantized` `w`.
+  """
+  lead = x.shape[:-1]
+  xq = w.quantize_input(x)
+  af = xq.fmt
+  if (af.kind == "int" and af.bits == 8 and af.symmetric and af.granularity == "per_tensor"
+      and _int8_weight_ok(w.weight, contract_axis)):
+    acc = jax.lax.dot_general(xq.codes(), w.weight.codes(),
+                              (((1,), (contract_axis,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    ws = w.weight.scale.reshape(1, -1) if w.weight.scale.size > 1 else w.weight.scale.reshape(())
+    out = (acc.astype(jnp.float32) * xq.scale.reshape(()).astype(jnp.float32)
+           * ws.astype(jnp.float32))
+    return out.astype(x.dtype).reshape(*lead, -1)
+  xd = xq.dequantize(jnp.float32).astype(x.dtype).reshape(x.shape)
+  return qdot(xd, w.weight, contract_axis=contract_axis, precision=precision)

@@ -90,11 +90,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from quantjax import methods
 from quantjax import rules as rules_lib
 from quantjax.eval import speed as speed_lib
 from quantjax.io import atomic
+from quantjax.io import gguf as gguf_io
 from quantjax.io import hf
 from quantjax.io import safetensors as st
+from quantjax.methods import capture as capture_lib
+from quantjax.models import llama
+from quantjax.models import load as load_lib
+from quantjax.numerics.qarray import ActQuantized, InputScaled
+from quantjax.version import __version__
 
 __all__ = ["StreamResult", "compress_streaming", "check_source"]
 
@@ -177,7 +184,6 @@ class _GGUFRows:
     self.nbytes = int(np.prod(self.shape)) * 4
 
   def __getitem__(self, rows: Any) -> np.ndarray:
-    from quantjax.models import load as load_lib
     return load_lib.dequantize_gguf_rows(self._t, rows)
 
   def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -190,20 +196,17 @@ class _GGUFTensors:
   Hugging Face's order), dequantized to float32 per tensor as `load_gguf` does."""
 
   def __init__(self, path: str, config: Any, reader: Any):
-    from quantjax.models import load as load_lib
     self.path, self._f = path, reader
     self.table = {tuple(dest): (g, heads) for g, dest, heads, _ in
                   load_lib.gguf_tensor_table(config)}
 
   def _tensor(self, spec: hf.TensorSpec) -> tuple[Any, int | None]:
-    from quantjax.models import load as load_lib
     if self._f is None:
       self._f = load_lib.open_gguf(self.path)
     g, heads = self.table[tuple(spec.path)]
     return self._f.tensor(g), heads
 
   def read(self, spec: hf.TensorSpec) -> np.ndarray:
-    from quantjax.models import load as load_lib
     t, heads = self._tensor(spec)
     w = load_lib.dequantize_gguf_tensor(t)
     return load_lib.unpermute_qk(w, heads) if heads else w
@@ -269,9 +272,6 @@ def _split_specs(specs: list[hf.TensorSpec], n_layers: int):
 def _check_gguf_source(path: str) -> _Source:
   """A Llama-family GGUF file: structure, metadata, tensor names and shapes checked
   (`quantjax.io.gguf_read`) before any tensor is read."""
-  from quantjax.io import gguf as gguf_io
-  from quantjax.models import llama
-  from quantjax.models import load as load_lib
   reader = load_lib.open_gguf(path)
   try:
     config = load_lib.config_from_reader(reader, path)
@@ -303,7 +303,6 @@ def check_source(directory: str | os.PathLike) -> _Source:
       `torch_dtype` / `dtype`, else the embedding's), a non-float tensor,
       tensors the architecture does not have. Each names the file and tensor.
   """
-  from quantjax.models import llama
   directory = os.path.abspath(os.fspath(directory))
   if directory.endswith(".gguf"):
     if not os.path.isfile(directory):
@@ -392,14 +391,13 @@ def _fingerprint(src: _Source, rules, method, tokens: np.ndarray, out_dtype: str
   for fname, fpath in src.tensors.files().items():
     stt = os.stat(fpath)
     files[fname] = [stt.st_size, stt.st_mtime_ns]
-  import quantjax
   config = atomic.file_sha256(src.cfg_path) if src.cfg_path else repr(src.config)
   return {"source": src.path, "files": files, "config": config,
           "rules": repr(tuple(rules)), "method": repr(method),
           "tokens": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest() +
           f" {list(tokens.shape)} {tokens.dtype}",
           "dtype": out_dtype, "processes": jax.process_count(),
-          "quantjax": quantjax.__version__, "jax": jax.__version__}
+          "quantjax": __version__, "jax": jax.__version__}
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -506,7 +504,6 @@ class _GGUFPlan:
   layers kept as raw tensors in the work directory, the file assembled at the end."""
 
   def __init__(self, gguf_lib, cfg, types, float_type: str):
-    from quantjax.models import load as load_lib
     self.lib, self.cfg, self.types, self.float_type = gguf_lib, cfg, types, float_type
     self.names = load_lib.gguf_tensor_table(cfg)  # the file's tensors, in its order
     self.table = {tuple(path): (g, heads, axis) for g, path, heads, axis in self.names}
@@ -752,11 +749,6 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   """
   from flax import nnx
 
-  from quantjax import methods
-  from quantjax.methods import capture as capture_lib
-  from quantjax.models import llama
-  from quantjax.numerics.qarray import ActQuantized, InputScaled
-
   t_start = time.perf_counter()
   nproc, pid = jax.process_count(), jax.process_index()
   lead = pid == 0  # the process that writes shards, manifest and output
@@ -845,8 +837,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
   fp = _fingerprint(src, rules, method, tokens_all, out_dtype)
   gg = None
   if to_gguf:
-    from quantjax.io import gguf as gguf_lib
-    gg = _GGUFPlan(gguf_lib, cfg, gguf_types, _GGUF_FLOAT[out_dtype])
+    gg = _GGUFPlan(gguf_io, cfg, gguf_types, _GGUF_FLOAT[out_dtype])
     fp["output"] = f"gguf {gguf_types!r}"
   key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
   manifest = None

@@ -31,6 +31,8 @@ import jax
 from quantjax import rules as rules_lib
 from quantjax.distill import adapters as adapters_lib
 from quantjax.distill import qat
+from quantjax.numerics.qarray import QArray
+from quantjax.transforms import quantize_params
 
 __all__ = ["REGIMES", "Regime", "training_regime"]
 
@@ -95,9 +97,7 @@ def training_regime(name: str, params: Any, loss_of_params: Callable[[Any, Any],
       return loss_of_params(qat.lsq_apply(p["params"], p["steps"], rules), b)
     return Regime(name, start, None, qat_loss, precision,
                   lambda p: qat.lsq_convert(p["params"], p["steps"], rules))
-  from quantjax.transforms import quantize_params
   base = quantize_params(params, rules)
-  from quantjax.numerics.qarray import QArray
   quantized = [p for p, x in rules_lib.tree_leaves_with_paths(base) if isinstance(x, QArray)]
   if not quantized:
     raise ValueError("the adapters regime's rules quantize no leaf")

@@ -28,14 +28,19 @@ from typing import Any
 
 import numpy as np
 
+from quantjax.eval import corpora
+from quantjax.methods import calib_data
+
 __all__ = [
     "DEFAULT_CORPUS",
     "Protocol",
     "Split",
     "corpus_text",
+    "load_calibration",
     "make_split",
     "load_split",
     "sha256",
+    "split_with_calibration",
     "tokenize",
     "tokenizer_bos",
 ]
@@ -140,7 +145,6 @@ def corpus_text(corpus: str = DEFAULT_CORPUS) -> str:
   if corpus == DEFAULT_CORPUS:
     from pydoc_data.topics import topics
     return "\n\n".join(topics[k] for k in sorted(topics))
-  from quantjax.eval import corpora
   if corpus in corpora.NAMED_CORPORA:
     return corpora.named_corpus_text(corpus)
   path = os.fspath(corpus)
@@ -203,8 +207,7 @@ def make_split(tokens: np.ndarray, protocol: Protocol = Protocol(), *,
   eval_windows = tokens[n - p.eval_tokens:].reshape(p.eval_windows, p.window)
   pre = n - p.eval_tokens
   if p.calib_windows:
-    rng = np.random.default_rng(p.seed)
-    starts = np.sort(rng.integers(0, pre - p.window + 1, size=p.calib_windows))
+    starts = calib_data.calibration_starts(pre, p.calib_windows, p.window, p.seed)
     calib = np.stack([tokens[s:s + p.window] for s in starts])
   else:
     starts = np.zeros((0,), np.int64)
@@ -230,3 +233,27 @@ def load_split(tokenizer: Any, corpus: str = DEFAULT_CORPUS,
                        "bos_token_id")
   return make_split(tokenize(text, tokenizer), protocol, corpus=corpus,
                     corpus_sha256=sha256(text), bos_token_id=bos_id)
+
+
+def split_with_calibration(tokens: np.ndarray, *, n_samples: int = 128, length: int = 512,
+                           seed: int = 0, eval_tokens: int = 16384,
+                           eval_window: int = 512) -> Split:
+  """A protocol `Split` of `tokens` whose calibration windows are `n_samples`
+  windows of `length` tokens (evaluation windows keep `eval_window`)."""
+  base = make_split(tokens, Protocol(eval_tokens=eval_tokens, window=eval_window,
+                                     calib_windows=0, seed=seed))
+  pre = len(tokens) - eval_tokens
+  calib = calib_data.calibration_windows(tokens, n_samples=n_samples, length=length, seed=seed,
+                                         eval_tokens=eval_tokens)
+  starts = calib_data.calibration_starts(pre, n_samples, length, seed)
+  return Split(eval_windows=base.eval_windows, calib_windows=calib, calib_starts=starts,
+               num_tokens=base.num_tokens, corpus=base.corpus,
+               corpus_sha256=base.corpus_sha256, protocol=base.protocol)
+
+
+def load_calibration(tokenizer: Any, *, n_samples: int = 128, length: int = 512, seed: int = 0,
+                     corpus: str = DEFAULT_CORPUS) -> np.ndarray:
+  """Calibration windows (`methods.calib_data.calibration_windows`) of `corpus` for a
+  tokenizer."""
+  return calib_data.calibration_windows(tokenize(corpus_text(corpus), tokenizer),
+                                        n_samples=n_samples, length=length, seed=seed)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.methods import capture
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 from quantjax.optional import require
 
@@ -83,7 +84,6 @@ def output_sqnr_table(fn: Callable[[Any, Any], Any], float_params: Any, quant_pa
   leaf's effective float weight (input scales included; activation
   quantization not). Stacked weights get one row per layer slice.
   """
-  from quantjax.methods import capture
   fp = dict(rules_lib.tree_leaves_with_paths(float_params))
   qp = dict(rules_lib.tree_leaves_with_paths(quant_params))
   paths = [p for p, leaf in qp.items() if isinstance(leaf, _QUANT_TYPES)]
@@ -91,14 +91,13 @@ def output_sqnr_table(fn: Callable[[Any, Any], Any], float_params: Any, quant_pa
     raise ValueError("output_sqnr_table: quant_params holds no quantized leaf")
   rows = weight_sqnr_table(float_params, quant_params) if rows is None else rows
   by_path = {r["path"]: r for r in rows}
-  from quantjax.rules import QuantRule
-  rules = [QuantRule(module_path=re.escape(p), format="int8") for p in paths]
+  rules = [rules_lib.QuantRule(module_path=re.escape(p), format="int8") for p in paths]
   acc: dict[str, tuple[float, float]] = {}
 
   class _OutputError:
     label = "output SQNR"
     needs = frozenset({"hessian"})
-    rule_type = QuantRule
+    rule_type = rules_lib.QuantRule
 
     def apply(self, parts, record):
       for part in parts:

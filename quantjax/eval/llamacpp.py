@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from quantjax.eval import perplexity as ppl_lib
 from quantjax.optional import require
 
 __all__ = ["available", "open_model", "perplexity", "greedy", "prefill_decode", "quantize",
@@ -76,7 +77,6 @@ def perplexity(path: str | os.PathLike, windows: np.ndarray, *, progress: bool =
   if baseline is not None and baseline.top_idx.shape[0] < n:
     raise ValueError(f"the reference distribution covers {baseline.top_idx.shape[0]} windows, "
                      f"not {n}")
-  from quantjax.eval import perplexity as ppl_lib
   total, count = 0.0, 0
   per_window, kls, top1s, rests = [], [], [], []
   t0 = time.perf_counter()

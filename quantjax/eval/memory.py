@@ -6,13 +6,13 @@ logical weight, `memory_table(tree)` lists leaves. `estimate(n_params, fmt)`
 is the planning formula: storing costs the format's bits plus scales; training
 with Adam in FP32 costs 4 B weights + 4 B gradients + 8 B moments, plus
 activations (commonly estimated so the total is about 24 B per parameter).
-`python -m quantjax.memory 1e9` prints the estimate for common formats.
+`python -m quantjax.cli.memory 1e9` prints the estimate for common formats.
 
 `train_regime_estimate(n_params, regime, ...)` breaks training memory down
 per regime (`TRAIN_REGIMES`): FP32 with Adam; mixed precision (BF16 weights
 and gradients, FP32 master weights and moments); pure BF16; QAT with fake
 quantization; a frozen quantized base with trainable low-rank adapters. The
-activation term is passed in (`quantjax.plan.activation_bytes` models it for
+activation term is passed in (`quantjax.eval.plan.activation_bytes` models it for
 a Llama-shaped model).
 
 References:
@@ -257,7 +257,7 @@ class TrainEstimate:
     optimizer: Adam's two moments.
     extra: per-regime working copies kept for the backward pass (QAT's
       fake-quantized weights, the adapters' merged weights) and LSQ step sizes.
-    activations: what the caller passed (see `quantjax.plan.activation_bytes`).
+    activations: what the caller passed (see `quantjax.eval.plan.activation_bytes`).
   """
 
   regime: str

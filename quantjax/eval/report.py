@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from quantjax.eval import memory as memory_lib
+from quantjax.io import atomic
 from quantjax.optional import require
 
 __all__ = [
@@ -31,7 +33,6 @@ __all__ = [
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to a temp file in the same directory, then `os.replace`s it
   (`quantjax.io.atomic.atomic_write`: the umask applies; errors name `path`)."""
-  from quantjax.io import atomic
   with atomic.atomic_write(path, "w", encoding="utf-8") as f:
     f.write(text)
 
@@ -190,7 +191,6 @@ def family_styles(families: Sequence[str]) -> dict[str, tuple[str, str]]:
 def _save_figure(fig, path: str | os.PathLike) -> None:
   plt = require("matplotlib.pyplot", "plots", "plots")
 
-  from quantjax.io import atomic
   tmp = atomic.temp_path(path)
   try:
     fig.savefig(tmp, format="png")
@@ -330,7 +330,6 @@ def build_record(evaluation: Mapping[str, Any], *, entry: str, stages: Sequence[
     runtime: who computed the scores ("jax", "llama.cpp", "transformers").
     extra: more fields (format, file, ...).
   """
-  from quantjax.eval import memory as memory_lib
   rec = dict(evaluation)
   rec.pop("baseline", None)
   if "per_window_nll" in rec:

@@ -29,7 +29,7 @@ from flax import nnx
 from quantjax.io import atomic
 from quantjax.io.atomic import atomic_dir  # noqa: F401  (re-exported for stage outputs)
 from quantjax.numerics.formats import QuantFormat
-from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray, StaticActQuantized
 
 __all__ = ["save_params", "restore_params", "find_checkpoint", "exists", "atomic_dir",
            "format_to_dict", "format_from_dict"]
@@ -61,7 +61,6 @@ def _to_plain(tree: Any) -> Any:
 
 def _describe(node: Any, arrays: dict[str, Any], prefix: str) -> Any:
   """JSON description of `node`; its arrays go into `arrays` under path keys."""
-  from quantjax.methods.activations import StaticActQuantized
   if isinstance(node, InputScaled):
     arrays[f"{prefix}.s"] = node.scale
     return {"__input_scaled__": f"{prefix}.s",
@@ -111,7 +110,6 @@ def _rebuild(desc: Any, arrays: dict[str, Any]) -> Any:
     return InputScaled(weight=_rebuild(desc["weight"], arrays),
                        scale=arrays[desc["__input_scaled__"]])
   if "__static_act__" in desc:
-    from quantjax.methods.activations import StaticActQuantized
     get = lambda n: arrays[desc[n]] if n in desc else None  # noqa: E731
     return StaticActQuantized(weight=_rebuild(desc["weight"], arrays),
                               act_format=format_from_dict(desc["__static_act__"]),

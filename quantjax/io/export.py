@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+
+from quantjax.io import gguf as gguf_io
+from quantjax.io import hf as hf_io
 
 __all__ = ["EXPORT_FORMATS", "export_model"]
 
@@ -31,16 +35,13 @@ def export_model(path: str, model_config, params, *, fmt: str = "gguf", tokenize
     "notes"}`; every tensor says whether it went in code for code ("lossless"),
     as float, or was re-quantized.
   """
-  import dataclasses
   path = os.fspath(path)
   if fmt == "gguf":
-    from quantjax.io import gguf as gguf_io
     report = gguf_io.export_gguf(path, model_config, params, tokenizer=tokenizer, **options)
     return {"format": "gguf", "path": path, "bytes": os.path.getsize(path),
             "tensors": [dataclasses.asdict(r) for r in report],
             "summary": gguf_io.export_summary(report), "notes": []}
   if fmt == "hf":
-    from quantjax.io import hf as hf_io
     report = hf_io.export_hf(path, model_config, params, tokenizer=tokenizer, **options)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     return {"format": "hf", "path": path, "bytes": size,

@@ -84,8 +84,12 @@ import numpy as np
 
 from quantjax import rules as rules_lib
 from quantjax.io import safetensors as st
+from quantjax.io.tokenizer import load_tokenizer
+from quantjax.models import gemma3 as gemma3_lib
+from quantjax.models import llama as llama_lib
+from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat
-from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray, StaticActQuantized
 
 __all__ = [
     "CT_VERSION",
@@ -262,7 +266,6 @@ def _llama_tensors(cfg) -> list[TensorSpec]:
 
 
 def _llama_architecture() -> HFArchitecture:
-  from quantjax.models import llama as llama_lib
   return HFArchitecture(
       model_types=("llama", "mistral", "smollm", "smollm2"), hf_class="LlamaForCausalLM",
       config_type=llama_lib.LlamaConfig, to_hf_config=_llama_to_hf,
@@ -272,7 +275,6 @@ def _llama_architecture() -> HFArchitecture:
 
 
 def _gemma3_to_hf(cfg) -> dict:
-  from quantjax.models import gemma3 as g
   full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling_factor != 1.0:
     full = {"rope_type": "linear", "rope_theta": cfg.rope_theta,
@@ -284,8 +286,9 @@ def _gemma3_to_hf(cfg) -> dict:
       "head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
       "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
       "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
-      "rope_parameters": {g.GLOBAL: full,
-                          g.SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+      "rope_parameters": {gemma3_lib.GLOBAL: full,
+                          gemma3_lib.SLIDING: {"rope_type": "default",
+                                               "rope_theta": cfg.rope_local_theta}},
       # transformers' config class types it int; keep a fractional value as it is
       "query_pre_attn_scalar": (int(cfg.query_pre_attn_scalar)
                                 if float(cfg.query_pre_attn_scalar).is_integer()
@@ -341,7 +344,6 @@ def _gemma3_tensors(cfg) -> list[TensorSpec]:
 
 
 def _gemma3_architecture() -> HFArchitecture:
-  from quantjax.models import gemma3 as gemma3_lib
   return HFArchitecture(
       model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
       config_type=gemma3_lib.Gemma3Config, to_hf_config=_gemma3_to_hf,
@@ -530,7 +532,6 @@ def _get(tree: Any, path: tuple) -> Any:
 
 
 def _source_name(leaf: Any) -> str:
-  from quantjax.methods.activations import StaticActQuantized
   if isinstance(leaf, StaticActQuantized):
     return f"{_source_name(leaf.weight)} + static act {leaf.act_format.name}"
   if isinstance(leaf, ActQuantized):
@@ -634,7 +635,6 @@ def _cast_scale(s: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, bool]:
 
 
 def _act_args(leaf: ActQuantized) -> QArgs:
-  from quantjax.methods.activations import StaticActQuantized
   f = leaf.act_format
   if f.kind == "int":
     if f.bits != 8:
@@ -662,7 +662,6 @@ def _act_args(leaf: ActQuantized) -> QArgs:
 
 def encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
   """(tensors {name: array}, scheme or None, TensorExport) for one params leaf."""
-  from quantjax.methods.activations import StaticActQuantized
   spath = "/".join(map(str, spec.path))
   if isinstance(leaf, InputScaled):
     raise HFFormatError(
@@ -722,7 +721,6 @@ def encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
   how, note = "lossless", ""
   if wargs is None:
     target = _requant_format(q, ax, shape[0])
-    from quantjax.numerics import qarray as qarray_lib
     q = qarray_lib.quantize(jnp.asarray(_float_values(q)), target)
     wargs = _weight_args(q, ax)
     how = "re-quantized (lossy)"
@@ -801,8 +799,7 @@ def _save_tokenizer(tokenizer: Any, directory: str) -> list[str]:
   before = set(os.listdir(directory))
   tok = tokenizer
   if isinstance(tokenizer, (str, os.PathLike)):
-    from quantjax.models import load as load_lib
-    tok = load_lib.load_tokenizer(os.fspath(tokenizer))
+    tok = load_tokenizer(os.fspath(tokenizer))
   if not hasattr(tok, "save_pretrained"):
     raise HFFormatError(f"tokenizer must be a transformers tokenizer, a Hugging Face directory "
                         f"or a GGUF file, got {type(tokenizer).__name__}")
@@ -1220,7 +1217,6 @@ def _scale_shape(args: QArgs, rows: int, cols: int) -> tuple[int, ...]:
 
 def _read_quantized(r: _Reader, spec: TensorSpec, scheme: Scheme, dtype: Any):
   """A QArray (maybe wrapped with its activation scheme) from a module's compressed tensors."""
-  from quantjax.methods.activations import StaticActQuantized
   m = spec.module
   w = scheme.weights
   rows, cols = spec.hf_shape  # [out, in] for Linear, [vocab, d] for Embedding
@@ -1432,6 +1428,5 @@ def import_hf(directory: str | os.PathLike, *, dtype: Any = jnp.float32, tokeniz
   tok = None
   if tokenizer and any(os.path.exists(os.path.join(directory, f)) for f in
                        ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-    from quantjax.models import load as load_lib
-    tok = load_lib.load_tokenizer(directory)
+    tok = load_tokenizer(directory)
   return config, params, tok, info

@@ -88,6 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quantjax.kernels import cpu_build
 from quantjax.numerics import formats as formats_lib
 from quantjax.numerics.qarray import QArray
 
@@ -141,7 +142,6 @@ def available() -> bool:
     if _loaded is not None:
       return _loaded
     try:
-      from quantjax.kernels import cpu_build
       path = cpu_build.library_path()
       if not path.exists():
         _log.info("building the quantjax CPU kernel (once): %s", path)

@@ -30,6 +30,8 @@ import os
 import threading
 from typing import Any, Callable, Iterator
 
+from quantjax.kernels import cpu_matmul, int4_matmul, int8_matmul, w8a8_matmul
+
 __all__ = ["matmul_path", "current_path", "register_kernel", "quantized_matmul",
            "quantized_matmul_w8a8", "set_auto_kernels", "auto_uses_kernels", "route", "routed", "routed_jit"]
 
@@ -150,7 +152,6 @@ def _cpu_backend() -> bool:
 
 def _cpu_kernel(x, w, contract_axis: int, forced: bool):
   """The CPU kernel's result, or None (XLA path) with a debug log saying why."""
-  from quantjax.kernels import cpu_matmul
   p, reason = cpu_matmul.plan(x, w, contract_axis, max_rows=None if forced else
                               cpu_matmul.MAX_ROWS)
   if p is not None and not forced and not cpu_matmul.enabled():
@@ -195,11 +196,9 @@ def quantized_matmul_w8a8(xq, w, *, out_dtype):
   activations times their per-token scales are exact float inputs to its
   float32 accumulation over the int8 weight codes.
   """
-  from quantjax.kernels import w8a8_matmul
   path = current_path()
   if path == "cpu" or (path == "auto" and _cpu_backend() and not auto_uses_kernels()):
     import jax.numpy as jnp
-    from quantjax.kernels import cpu_matmul
     p, reason = cpu_matmul.plan(xq, w, 0)
     if p is None and path == "auto":
       _log.debug("qdot: CPU kernel declines W8A8 %s: %s; XLA int8 x int8 dot", _describe(xq, w),
@@ -221,8 +220,6 @@ def quantized_matmul_w8a8(xq, w, *, out_dtype):
 
 
 def _register_builtin() -> None:
-  from quantjax.kernels import int4_matmul, int8_matmul
-
   register_kernel("int4_matmul", int4_matmul.can_use_int4_matmul,
                   lambda x, w, axis, interpret: int4_matmul.int4_matmul(x, w, interpret=interpret))
   register_kernel("int8_matmul", int8_matmul.can_use_int8_matmul,

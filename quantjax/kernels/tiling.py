@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from quantjax.numerics.qarray import QArray
+
 __all__ = ["BlockSizes", "TARGETS", "default_target", "chunked_matmul", "chunk_rows",
            "chunk_cols", "pick_chunk", "weight_layout", "plan_weight_only", "accepts_weight_only",
            "weight_only_reference", "weight_only_matmul", "scale_cols",
@@ -111,7 +113,6 @@ def weight_layout(w, bits: int, name: str) -> tuple[int | None, str]:
 
   Raises ValueError naming the format or shape a weight-only kernel cannot take.
   """
-  from quantjax.numerics.qarray import QArray
   if not isinstance(w, QArray):
     raise ValueError(f"{name} needs a QArray weight, got {type(w).__name__}")
   f = w.fmt
@@ -158,7 +159,6 @@ def plan_weight_only(x_shape, x_dtype, w, bits: int, target: str, name: str):
 
 def accepts_weight_only(x, w, bits: int, contract_axis: int, target: str | None, name: str) -> bool:
   """True when `plan_weight_only` accepts the pair (the kernels' `can_use_*`)."""
-  from quantjax.numerics.qarray import QArray
   if not isinstance(w, QArray) or contract_axis != 0:
     return False
   try:

@@ -6,16 +6,14 @@ The activation spec travels in the params tree beside the weight it feeds:
   quantizes the input of the matmul at run time, per token when the format is
   per-channel, per tensor when it is per-tensor. W8A8 (int8 weight per output
   channel, int8 activations) runs as an int8 x int8 -> int32 `dot_general`.
-* static: `StaticActQuantized(weight, act_scale, act_zero_point, act_format)`,
-  a subclass whose scales were fixed from calibration batches by an
-  `ActObserver` (min-max, percentile or MSE; per tensor or per input
-  channel). `static_qdot` computes its matmul: int8 x int8 -> int32 for a
-  per-tensor symmetric int8 activation scale and an int8 weight, else the
-  input is quantized-dequantized with the fixed scales (per-channel input
-  scales sit on the contraction axis and cannot be factored out of an integer
-  dot). `ops.qdot` calls it through the `__qdot__` hook (see
-  `StaticActQuantized.__qdot__`); an `ops.qdot` without that hook treats the
-  leaf as an `ActQuantized` and quantizes dynamically.
+* static: `StaticActQuantized(weight, act_scale, act_zero_point, act_format)`
+  (`numerics.qarray`), a subclass whose scales were fixed from calibration
+  batches by an `ActObserver` here (min-max, percentile or MSE; per tensor or
+  per input channel). `ops.static_qdot` computes its matmul (`ops.qdot` calls
+  it): int8 x int8 -> int32 for a per-tensor symmetric int8 activation scale
+  and an int8 weight, else the input is quantized-dequantized with the fixed
+  scales (per-channel input scales sit on the contraction axis and cannot be
+  factored out of an integer dot). Both names are re-exported here.
 
 The observers are pure: `init(k) -> stat`, `update(stat, x) -> stat`,
 `finalize(stat, fmt) -> (scale, zero_point)`; the sequential driver
@@ -42,7 +40,8 @@ import numpy as np
 from quantjax import rules as rules_lib
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
-from quantjax.numerics.qarray import ActQuantized, QArray
+from quantjax.numerics.qarray import ActQuantized, InputScaled, StaticActQuantized
+from quantjax.ops import static_qdot
 
 __all__ = ["ActObserver", "ActStat", "StaticActQuantized", "static_qdot", "attach_act_quant",
            "observe", "OBSERVER_METHODS", "observer_needs", "wrap_weight"]
@@ -180,70 +179,6 @@ def observe(observer: ActObserver, batches: Sequence[jax.Array]) -> ActStat:
   return stat
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StaticActQuantized(ActQuantized):
-  """A weight plus fixed (calibrated) scales for its matmul's input.
-
-  Children: `weight` (array or QArray), `act_scale` (`[1, 1]` or `[1, k]`),
-  `act_zero_point` (or None). Static: `act_format`.
-  """
-
-  act_scale: Any = None
-  act_zero_point: Any = None
-
-  def quantize_input(self, x: jax.Array) -> QArray:
-    """The input `[..., k]` as a `[t, k]` QArray with the static scales."""
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    fmt = self.input_format
-    return qarray_lib.quantize_with_scale(x2, fmt, self.act_scale, self.act_zero_point)
-
-  @property
-  def input_format(self) -> QuantFormat:
-    per_tensor = self.act_scale is None or int(np.prod(self.act_scale.shape)) == 1
-    if per_tensor:
-      return self.act_format.replace(granularity="per_tensor")
-    return self.act_format.replace(granularity="per_channel", channel_axis=-1)
-
-  def __qdot__(self, x: jax.Array, *, contract_axis: int = 0, precision: Any = None):
-    return static_qdot(x, self, contract_axis=contract_axis, precision=precision)
-
-
-def _int8_weight_ok(w: Any, contract_axis: int) -> bool:
-  if not isinstance(w, QArray):
-    return False
-  f = w.fmt
-  return (f.kind == "int" and f.bits == 8 and f.symmetric and
-          (f.granularity == "per_tensor" or
-           (f.granularity == "per_channel" and f.channel_axis % 2 == 1 - contract_axis)))
-
-
-def static_qdot(x: jax.Array, w: StaticActQuantized, *, contract_axis: int = 0,
-                precision: Any = None) -> jax.Array:
-  """`x @ w.weight` with `x` quantized by the static scales of `w`.
-
-  int8 x int8 -> int32 `dot_general` when the activation scale is per tensor,
-  symmetric int8, and the weight an int8 QArray with per-tensor or
-  per-output-channel scales; otherwise quantize-dequantize `x` and call
-  `ops.qdot` on the weight.
-  """
-  from quantjax import ops
-  lead = x.shape[:-1]
-  xq = w.quantize_input(x)
-  af = xq.fmt
-  if (af.kind == "int" and af.bits == 8 and af.symmetric and af.granularity == "per_tensor"
-      and _int8_weight_ok(w.weight, contract_axis)):
-    acc = jax.lax.dot_general(xq.codes(), w.weight.codes(),
-                              (((1,), (contract_axis,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    ws = w.weight.scale.reshape(1, -1) if w.weight.scale.size > 1 else w.weight.scale.reshape(())
-    out = (acc.astype(jnp.float32) * xq.scale.reshape(()).astype(jnp.float32)
-           * ws.astype(jnp.float32))
-    return out.astype(x.dtype).reshape(*lead, -1)
-  xd = xq.dequantize(jnp.float32).astype(x.dtype).reshape(x.shape)
-  return ops.qdot(xd, w.weight, contract_axis=contract_axis, precision=precision)
-
-
 def attach_act_quant(params: Any, rules: Sequence[rules_lib.QuantRule], *,
                      act_stats: Mapping[str, ActStat] | None = None,
                      observer: ActObserver | None = None, strict: bool = False) -> Any:
@@ -313,7 +248,6 @@ def wrap_weight(part: Any, weight: Any, *, observer: ActObserver | None = None,
   With `input_scale` (`[K]`, AWQ / SmoothQuant), the input is divided by it
   (`InputScaled`); static ranges are then those of the scaled input.
   """
-  from quantjax.numerics.qarray import InputScaled
   act_fmt = getattr(part.rule, "act_format", None)
   w = weight
   if act_fmt is not None:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.methods import activations as act_lib
 from quantjax.numerics import calibrate as calibrate_lib
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
@@ -216,11 +217,9 @@ class AWQ:
 
   @property
   def needs(self) -> frozenset:
-    from quantjax.methods import activations as act_lib
     return frozenset({"absmean", "sample"}) | act_lib.observer_needs(self.act_observer)
 
   def apply(self, parts, record) -> dict:
-    from quantjax.methods import activations as act_lib
     errors = record.setdefault("awq_errors", {})
     by_source: dict[int, list] = {}
     for p in parts:

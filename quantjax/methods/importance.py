@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.methods import capture
 
 __all__ = ["Importance", "input_importance"]
 
@@ -43,7 +44,6 @@ def input_importance(fn: Callable[[Any, Any], Any], params: Any, batches: Iterab
                      ) -> dict[str, np.ndarray]:
   """`{weight path: mean x² per input feature}` over `batches`, for every weight whose
   path fully matches `targets` (a regex, or `QuantRule`s)."""
-  from quantjax.methods import capture
   rules = ([rules_lib.QuantRule(module_path=targets, format="int8")]
            if isinstance(targets, str) else list(targets))
   res = capture.calibrate(fn, params, batches, rules, Importance(), mode="one_pass",

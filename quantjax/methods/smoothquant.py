@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.methods import activations as act_lib
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import resolve_format
 
@@ -87,11 +88,9 @@ class SmoothQuant:
 
   @property
   def needs(self) -> frozenset:
-    from quantjax.methods import activations as act_lib
     return frozenset({"range"}) | act_lib.observer_needs(self.act_observer)
 
   def apply(self, parts, record) -> dict:
-    from quantjax.methods import activations as act_lib
     by_source: dict[int, list] = {}
     for p in parts:
       by_source.setdefault(p.source, []).append(p)

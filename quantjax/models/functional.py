@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from quantjax.kernels import dispatch
+from quantjax.methods.fold import FoldGroup
 
 __all__ = ["model_api", "intify", "sample", "generate_loop", "decode_tokens", "Decoder",
            "BoundStep", "make_decoder", "Causal", "attend", "softcap"]
@@ -258,7 +259,6 @@ def decoder_fold_groups(config: Any, *, mlp_norm: str, prefix: str = "layers",
   the scales); v_proj -> o_proj only without grouped-query attention (with it,
   one v head feeds several o inputs and per-input scales cannot fold).
   """
-  from quantjax.methods.fold import FoldGroup
   out = []
   for i in range(config.num_layers):
     p = f"{prefix}/{i}"

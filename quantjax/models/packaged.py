@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 
+from quantjax import cache as cache_lib
 from quantjax.io import atomic
 
 __all__ = ["GEMMA3", "PackagedFile", "PackageError", "assemble", "cache_dir", "gemma3_path"]
@@ -84,8 +85,7 @@ def cache_dir(path: str | os.PathLike | None = None) -> str:
   """Where assembled files go (see the module docstring for the order)."""
   if path is not None:
     return os.fspath(path)
-  from quantjax import cache
-  return cache.cache_dir()
+  return cache_lib.cache_dir()
 
 
 def _part_path(spec: PackagedFile, part: Part) -> str:

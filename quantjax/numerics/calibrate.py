@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from quantjax.numerics import qarray as qarray_lib
-from quantjax.numerics.formats import QuantFormat
+from quantjax.numerics.formats import QuantFormat, resolve_format
 
 __all__ = ["Calibration", "choose_scales", "calibrate_blocks", "block_scales", "sign_scales",
            "resolve_calibration", "auto_method"]
@@ -221,7 +221,6 @@ def choose_scales(x: jax.Array, fmt: QuantFormat, calibration: Any = "auto"):
   """The scale search: stored-shape `(scale, zero_point)` for `x` in `fmt` by the
   `calibration` rule (see `QArray` for the layout). Not to be confused with
   `quantjax.calibrate`, the calibrated-method driver."""
-  from quantjax.numerics.formats import resolve_format
   fmt = resolve_format(fmt)
   xb, axes = qarray_lib.block_view(jnp.asarray(x), fmt)
   s, z, _ = block_scales(xb, axes, fmt, calibration)

@@ -2,7 +2,7 @@
 
 `describe(3.14159)` returns, per format, the sign / exponent / mantissa bits
 (or the integer code and scale for INT8), the value actually stored and its
-rounding error. `python -m quantjax.inspect 3.14159` prints the table.
+rounding error. `python -m quantjax.cli.inspect 3.14159` prints the table.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ __all__ = [
     "block_view", "unblock", "pack_codes", "unpack_codes", "is_qarray", "ActQuantized",
     "InputScaled", "quantize_with_scale", "check_quantized", "check_range_fits", "check_finite",
     "scale_floor", "slice_format", "stack_index", "stack_qarrays", "quantize_stacked",
+    "StaticActQuantized",
 ]
 
 
@@ -926,6 +927,32 @@ class ActQuantized:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class StaticActQuantized(ActQuantized):
+  """A weight plus fixed (calibrated) scales for its matmul's input.
+
+  Children: `weight` (array or QArray), `act_scale` (`[1, 1]` or `[1, k]`),
+  `act_zero_point` (or None). Static: `act_format`. `ops.qdot` computes its
+  matmul (`ops.static_qdot`); `quantjax.methods.activations` chooses the scales.
+  """
+
+  act_scale: Any = None
+  act_zero_point: Any = None
+
+  def quantize_input(self, x: jax.Array) -> QArray:
+    """The input `[..., k]` as a `[t, k]` QArray with the static scales."""
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return quantize_with_scale(x2, self.input_format, self.act_scale, self.act_zero_point)
+
+  @property
+  def input_format(self) -> QuantFormat:
+    per_tensor = self.act_scale is None or int(np.prod(self.act_scale.shape)) == 1
+    if per_tensor:
+      return self.act_format.replace(granularity="per_tensor")
+    return self.act_format.replace(granularity="per_channel", channel_axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class InputScaled(_Box):
   """A weight that expects its matmul's input divided by per-input-channel scales.
 
@@ -995,11 +1022,3 @@ class InputScaled(_Box):
   def __array__(self, dtype=None, copy=None):
     out = np.asarray(self.effective())
     return out.astype(dtype) if dtype is not None else out
-
-  def __qdot__(self, x: jax.Array, *, contract_axis: int = 0, precision: Any = None):
-    from quantjax import ops  # local: ops imports this module
-    if len(self.shape) != 2:
-      raise ValueError(f"qdot takes 2-D weights; this InputScaled weight has shape {self.shape}")
-    s = jnp.asarray(self.scale).reshape(-1)
-    xs = (x.astype(jnp.float32) / s.astype(jnp.float32)).astype(x.dtype)
-    return ops.qdot(xs, self.weight, contract_axis=contract_axis, precision=precision)

@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import jax.numpy as jnp
 
 from quantjax import rules as rules_lib
+from quantjax.methods import capture
 from quantjax.sparsity import magnitude as magnitude_lib
 from quantjax.sparsity import sparsegpt as sparsegpt_lib
 from quantjax.sparsity import wanda as wanda_lib
@@ -115,7 +116,6 @@ def prune_calibrated(fn: Callable[[Any, Any], Any], params: Any, batches: Iterab
       return magnitude_lib.prune_params(params, rules)
     raise ValueError(f"unknown pruning method {method!r}; pass 'magnitude', Wanda() or "
                      "SparseGPT()")
-  from quantjax.methods import capture
   res = capture.calibrate(fn, params, batches, rules, method, mode=mode, strict=strict,
                           progress=progress, **kwargs)
   masks = capture.tree_from_parts(params, res.info.get("masks", {}), fill=None,

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quantjax.methods.gptq import inverse_cholesky_upper
 from quantjax.sparsity import _select as select_lib
 
 __all__ = ["SparseGPTResult", "InverseFactor", "inverse_factor", "sparsegpt_prune"]
@@ -73,7 +74,6 @@ def inverse_factor(h: jax.Array, percdamp: float = 0.01) -> InverseFactor:
     ValueError: `h` is not square, holds NaN/Inf, or stays indefinite after
       dampening.
   """
-  from quantjax.methods.gptq import inverse_cholesky_upper
   h = np.array(h, np.float64)
   if h.ndim != 2 or h.shape[0] != h.shape[1]:
     raise ValueError(f"SparseGPT needs a square Hessian [in, in]; got shape {h.shape}")

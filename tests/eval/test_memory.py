@@ -35,22 +35,23 @@ def test_estimate_store_vs_train():
 
 
 def test_cli_memory_and_inspect():
-  out = subprocess.run([sys.executable, "-m", "quantjax.memory", "1e9"], capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "quantjax.cli.memory", "1e9"], capture_output=True,
                        text=True, check=True).stdout
   assert "| fp32 | 32.000 | 4.00 GB" in out
   rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in out.splitlines()
           if line.startswith("| ") and line.count("|") == 10}
   assert rows["fp32_adam"] == "16.0" and rows["mixed_bf16"] == "16.0"
   assert rows["pure_bf16"] == "8.0" and rows["qat_fake_quant"] == "20.0"
-  out = subprocess.run([sys.executable, "-m", "quantjax.inspect", "3.14159"], capture_output=True,
-                       text=True, check=True).stdout
+  out = subprocess.run([sys.executable, "-m", "quantjax.cli.inspect", "3.14159"],
+                       capture_output=True, text=True, check=True).stdout
   assert "| bf16 | `0 10000000 1001001` | 3.140625" in out
-  bad = subprocess.run([sys.executable, "-m", "quantjax.memory", "-5"], capture_output=True, text=True)
+  bad = subprocess.run([sys.executable, "-m", "quantjax.cli.memory", "-5"], capture_output=True,
+                       text=True)
   assert bad.returncode != 0 and "positive" in bad.stderr
 
 
 def test_cli_mlp_prints_real_bytes():
-  out = subprocess.run([sys.executable, "-m", "quantjax.memory", "--mlp", "1024", "--formats",
+  out = subprocess.run([sys.executable, "-m", "quantjax.cli.memory", "--mlp", "1024", "--formats",
                         "int8,int4_g64"], capture_output=True, text=True, check=True).stdout
   ratios = [float(line.split(" bytes = ")[1].split("%")[0]) for line in out.splitlines()
             if "% of the reference" in line]

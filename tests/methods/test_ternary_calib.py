@@ -47,7 +47,7 @@ def test_calibration_windows_follow_the_protocol():
   short = calib_data.calibration_windows(tokens, n_samples=5, length=64, seed=0)
   assert short.shape == (5, 64) and short.max() < 40000 - 16384
   np.testing.assert_array_equal(short[:, 1:] - short[:, :-1], 1)
-  s = calib_data.split_with_calibration(tokens, n_samples=4, length=128)
+  s = data_lib.split_with_calibration(tokens, n_samples=4, length=128)
   assert s.calib_windows.shape == (4, 128) and s.eval_windows.shape == (32, 512)
   assert [b.shape[0] for b in calib_data.calibration_batches(w, 6)] == [6, 6, 4]
   with pytest.raises(ValueError, match="precede the evaluation set"):

@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax import transforms
+from quantjax.methods.rtn import RTN
+from quantjax.numerics import qarray as qarray_lib
 from quantjax.methods.capture.trace import Capture, Site, Source, is_drop, is_lit, trace
 from quantjax.methods.capture.stats import InputStats, STAT_KINDS, finalize_stats, stat_init
 from quantjax.methods.capture.parts import Part
@@ -140,7 +143,6 @@ def _starved_parts(parts: Sequence[Part], min_tokens: int, starved: str, method:
                              "min_tokens"))
   warnings.warn(what + "; they are quantized round-to-nearest from their own weights "
                 "(starved='rtn')", stacklevel=4)
-  from quantjax.methods.rtn import RTN
   record.setdefault("starved", {}).update({p.name: float(p.stats.count) for p in few})
   return RTN().apply(few, record)
 
@@ -171,7 +173,6 @@ def _donate(p_leaves: list[Any], leaf: int) -> None:
 
 def effective_weight(result: Any, dtype: Any) -> jax.Array:
   """The float weight a method's result stands for (what a stock model computes with)."""
-  from quantjax import transforms
   return jnp.asarray(transforms.dequantize_leaf(result, dtype)).astype(dtype)
 
 
@@ -603,7 +604,6 @@ def _stack_regions(results: dict[tuple, Any], shape: tuple[int, ...], axes: tupl
                    path: str) -> Any:
   """The per-slice results of a stacked leaf as one value of the leaf's shape:
   QArrays through `stack_qarrays`, arrays (masks) and other pytrees stacked."""
-  from quantjax.numerics import qarray as qarray_lib
   first = next(iter(results.values()))
   if isinstance(first, qarray_lib.QArray):
     return qarray_lib.stack_qarrays(results, shape, axes, path)

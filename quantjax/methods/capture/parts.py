@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from quantjax.methods.capture.trace import Layout
 from quantjax.methods.capture.stats import InputStats
+from quantjax.numerics.formats import resolve_format
+from quantjax.numerics.qarray import QArray
 
 
 # ----------------------------------------------------------------------------
@@ -69,7 +71,6 @@ class Part:
     `channel_axis` the spec says: a `[out, in]` weight is quantized like its
     `[in, out]` transpose.
     """
-    from quantjax.numerics.formats import resolve_format
     fmt = resolve_format(fmt)
     lay = self.layout
     nd = len(lay.shape)
@@ -98,7 +99,6 @@ class Part:
 
   def matrix_format(self, fmt: Any) -> Any:
     """`fmt` for the `[K, N]` matrix view (groups along K, channels along N)."""
-    from quantjax.numerics.formats import resolve_format
     fmt = resolve_format(fmt)
     if fmt.is_cast:
       return fmt
@@ -108,7 +108,6 @@ class Part:
   def qarray_from_matrix(self, qm: Any) -> Any:
     """A QArray of the `[K, N]` matrix (in `matrix_format`) as one of this weight's
     layout (in `leaf_format`), the same codes and scales."""
-    from quantjax.numerics.qarray import QArray
     lay = self.layout
     fmt = self.leaf_format(qm.fmt)
     codes = lay.from_matrix(qm.codes())

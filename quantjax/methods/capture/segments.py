@@ -11,11 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+
+from quantjax import ops
+from quantjax.methods import activations as act_lib
 from quantjax.methods.capture.trace import (CHEAP, Capture, DebugInfo, Flat, Layout, Site,
                                             const_eval, is_drop, is_lit)
 from quantjax.methods.capture.stats import (features, slice_rows, stat_init, stat_update,
                                             stat_update_sliced)
 from quantjax.methods.capture.spill import DiskStack, Spill
+from quantjax.numerics import qarray as qarray_lib
+from quantjax.numerics.formats import resolve_format
+from quantjax.numerics.qarray import ActQuantized, InputScaled
 
 
 # ----------------------------------------------------------------------------
@@ -71,8 +77,6 @@ class SiteTransform:
 
   def apply(self, x2: jax.Array, data: list[jax.Array]) -> jax.Array:
     """`x2` `[T, K]` (operand order)."""
-    from quantjax import ops
-    from quantjax.numerics import qarray as qarray_lib
     it = iter(data)
     s = next(it) if self.s_k is not None else None
     xf = x2.astype(jnp.float32)
@@ -92,8 +96,6 @@ class SiteTransform:
 
 def site_transform(leaf_value: Any, layout: Layout, site: Site) -> SiteTransform | None:
   """The input transform a quantized leaf part implies at one of its sites (or None)."""
-  from quantjax.methods import activations as act_lib
-  from quantjax.numerics.qarray import ActQuantized, InputScaled
   s_k = None
   w = leaf_value
   if isinstance(w, InputScaled):
@@ -118,7 +120,6 @@ def site_transform(leaf_value: Any, layout: Layout, site: Site) -> SiteTransform
         scale = jnp.take(scale.reshape(-1), inv).reshape(scale.shape)
         zp = None if zp is None else jnp.take(zp.reshape(-1), inv).reshape(zp.shape)
     return SiteTransform("static", fmt, None if s_k is None else s_k.astype(jnp.float32), scale, zp)
-  from quantjax.numerics.formats import resolve_format
   return SiteTransform("dynamic", resolve_format(w.act_format),
                     None if s_k is None else s_k.astype(jnp.float32), None, None)
 

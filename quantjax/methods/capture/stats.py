@@ -8,6 +8,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from quantjax.methods import activations as act_lib
 from quantjax.methods.capture.trace import Source
 
 
@@ -56,7 +58,6 @@ class InputStats:
 
   def act_stat(self, scale: jax.Array | None = None):
     """As an `activations.ActStat` (optionally of the input divided by `scale`)."""
-    from quantjax.methods import activations as act_lib
     if self.lo is None:
       raise ValueError("activation ranges were not collected (the method did not ask for 'range')")
     lo, hi = jnp.asarray(self.lo), jnp.asarray(self.hi)

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from quantjax import plan as plan_lib
+from quantjax.eval import plan as plan_lib
 from quantjax.eval import memory
 
 
@@ -39,12 +39,12 @@ def test_fits_and_errors():
 
 
 def test_cli():
-  out = subprocess.run([sys.executable, "-m", "quantjax.plan", "--model", "all", "--format",
+  out = subprocess.run([sys.executable, "-m", "quantjax.cli.plan", "--model", "all", "--format",
                         "bf16,int4_g64_asym", "--mesh", "fsdp=8", "--device", "h100-80gb"],
                        capture_output=True, text=True, check=True).stdout
   assert out.count("| Llama-3-70B |") == 2 and "SmolLM2-135M" in out
-  bad = subprocess.run([sys.executable, "-m", "quantjax.plan", "--mesh", "x=2"], capture_output=True,
-                       text=True)
+  bad = subprocess.run([sys.executable, "-m", "quantjax.cli.plan", "--mesh", "x=2"],
+                       capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown mesh axis" in bad.stderr
 
 
@@ -77,7 +77,7 @@ def test_train_regimes_order_and_sharding():
 
 
 def test_cli_regimes():
-  out = subprocess.run([sys.executable, "-m", "quantjax.plan", "--model", "smollm2-135m",
+  out = subprocess.run([sys.executable, "-m", "quantjax.cli.plan", "--model", "smollm2-135m",
                         "--mesh", "fsdp=1", "--device", "cpu-24gb", "--regimes"],
                        capture_output=True, text=True, check=True).stdout
   for r in memory.TRAIN_REGIMES:

@@ -1,9 +1,10 @@
-"""`python -m quantjax.memory N_PARAMS [--formats ...]`: store memory per format, train per regime.
+"""`python -m quantjax.cli.memory N_PARAMS [--formats ...]`: store memory per format, train
+per regime.
 
 Training rows (one per regime of `eval/memory.TRAIN_REGIMES`) give the states
 (weights, gradients, Adam moments, working copies) of N parameters; with
-`--model NAME --batch B --seq S` they use the model's shape (`quantjax.plan`)
-and add its activations (the model in `quantjax/plan.py`'s docstring).
+`--model NAME --batch B --seq S` they use the model's shape (`quantjax.eval.plan`)
+and add its activations (the model in `quantjax/eval/plan.py`'s docstring).
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quantjax.eval.memory import DEFAULT_FORMATS, estimate_table
+from quantjax.eval import plan as plan_lib
+from quantjax.eval.memory import (DEFAULT_FORMATS, TRAIN_REGIMES, estimate_table,
+                                  markdown_memory_table, train_regime_estimate,
+                                  train_regime_table, tree_bytes)
+from quantjax.rules import QuantRule
+from quantjax.transforms import quantize_params
 
 
 def _formats(spec: str | None):
@@ -25,10 +31,6 @@ def _mlp_demo(width: int, formats) -> str:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-
-  from quantjax.eval.memory import markdown_memory_table, tree_bytes
-  from quantjax.rules import QuantRule
-  from quantjax.transforms import quantize_params
 
   class MLP(nn.Module):
     @nn.compact
@@ -52,7 +54,7 @@ def _mlp_demo(width: int, formats) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m quantjax.memory",
+      prog="python -m quantjax.cli.memory",
       description="Bytes to store and to train N parameters, per quantization format.")
   parser.add_argument("n_params", type=float, nargs="?", default=None,
                       help="number of parameters, e.g. 1e9 or 134515008")
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--row-length", type=int, default=4096,
                       help="values per per-channel scale (the input width)")
   parser.add_argument("--model", default=None,
-                      help="training rows for a known model shape (see quantjax.plan), with activations")
+                      help="training rows for a known model shape (see quantjax.eval.plan), with "
+                           "activations")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--remat", action="store_true",
@@ -77,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     print(_mlp_demo(args.mlp, _formats(args.formats or "int8,int4_g64,int4_g64_asym")))
     return 0
   if args.model is not None:
-    from quantjax import plan as plan_lib
     if args.model not in plan_lib.MODELS:
       parser.error(f"unknown model {args.model!r}; known: {sorted(plan_lib.MODELS)}")
     if args.n_params is None:
@@ -96,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_rows(args) -> str:
-  from quantjax.eval.memory import TRAIN_REGIMES, train_regime_estimate, train_regime_table
   if args.model is not None:
-    from quantjax import plan as plan_lib
     rows = plan_lib.train_regimes(args.model, batch=args.batch, seq=args.seq, remat=args.remat,
                                   fmt=args.qat_format)
     m = plan_lib.MODELS[args.model]

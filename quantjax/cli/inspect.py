@@ -1,4 +1,4 @@
-"""`python -m quantjax.inspect VALUE [--int8-range R]`: how VALUE is stored per format."""
+"""`python -m quantjax.cli.inspect VALUE [--int8-range R]`: how VALUE is stored per format."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from quantjax.numerics.inspect import describe, format_table
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m quantjax.inspect",
+      prog="python -m quantjax.cli.inspect",
       description="Show the bits of a value in FP32, FP16, BF16, FP8 (e4m3, e5m2) and INT8.")
   parser.add_argument("value", type=float, help="the number to inspect, e.g. 3.14159")
   parser.add_argument("--int8-range", type=float, default=None,
