@@ -15,7 +15,7 @@ from quantjax.numerics.fake_quant import fake_quant, lsq_fake_quant, lsq_init_st
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.inspect import describe as inspect_value
 from quantjax import methods, sparsity
-from quantjax.methods import CalibratedMethod, calibrate
+from quantjax.methods import CalibratedMethod, SignRound, calibrate
 from quantjax.numerics.qarray import (ActQuantized, InputScaled, QArray, dequantize, quantize,
                                      quantize_with_scale)
 from quantjax.ops import qdot, qeinsum
@@ -27,7 +27,7 @@ from quantjax.transforms import (Transform, chain, dequantization, dequantize_pa
                                  fake_quant_params, fake_quantization, quantization,
                                  quantize_params)
 
-__version__ = "0.1.0"
+from quantjax.version import __version__
 
 __all__ = [
     "ActQuantized",
@@ -40,6 +40,7 @@ __all__ = [
     "QuantFormat",
     "QuantRule",
     "RuleReport",
+    "SignRound",
     "StreamResult",
     "Transform",
     "apply_masks",

@@ -24,6 +24,7 @@ from quantjax.methods.gptq import (GPTQ, GPTQResult, HessianStat, gptq_quantize,
 from quantjax.methods.importance import Importance, input_importance
 from quantjax.methods.mixed import (Allocation, Choice, allocate, assignment_rules,
                                     candidate_costs, fisher_diagonal)
+from quantjax.methods.rounding import SignRound, SignRoundResult, signround_quantize
 from quantjax.methods.rtn import RTN, rtn_params, rtn_quantize, rtn_transform
 from quantjax.methods.smoothquant import SmoothQuant, smooth_scales
 from quantjax.methods.ternary import (binary_rules, format_rules, fp8_rules, nf4_rules,
@@ -32,19 +33,19 @@ from quantjax.methods.ternary import (binary_rules, format_rules, fp8_rules, nf4
 from quantjax.methods.base import CalibratedMethod
 
 for _name, _factory in (("rtn", RTN), ("gptq", GPTQ), ("awq", AWQ), ("smoothquant", SmoothQuant),
-                        ("importance", Importance)):
+                        ("importance", Importance), ("signround", SignRound)):
   base.register(_name, _factory)
 
 __all__ = [
     "AWQ", "ActObserver", "CalibratedMethod", "base", "ActStat", "Allocation",
     "CalibrationResult", "Capture", "Choice",
     "FoldGroup", "GPTQ", "GPTQResult", "HessianStat", "Importance", "InputStats",
-    "MemoryOptions", "Part", "RTN",
+    "MemoryOptions", "Part", "RTN", "SignRound", "SignRoundResult",
     "SmoothQuant", "StaticActQuantized", "allocate", "assignment_rules", "attach_act_quant",
     "awq_clip", "awq_search_scales", "binary_rules", "calibrate", "calibration_batches",
     "calibration_windows", "candidate_costs", "collect_stats", "fisher_diagonal",
     "fold_input_scales", "format_rules", "fp8_rules", "gptq_quantize", "hessian", "hessian_init",
     "hessian_update", "input_importance", "linen_apply", "nf4_rules", "nnx_apply", "observe",
-    "quantize_lowbit", "rtn_params", "rtn_quantize", "rtn_transform", "smooth_scales",
-    "static_qdot", "ternary_rules", "trace", "tree_from_parts", "wrap_weight",
+    "quantize_lowbit", "rtn_params", "rtn_quantize", "rtn_transform", "signround_quantize",
+    "smooth_scales", "static_qdot", "ternary_rules", "trace", "tree_from_parts", "wrap_weight",
 ]
