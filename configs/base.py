@@ -75,6 +75,14 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
   c.targets = ""  # regex of the leaves to compress; "" = the model's own projections
 
   c.stages = stages
+  # Function-preserving rotations before quantizing (stage "rotate", first): r1 the residual
+  # stream, r2 the value heads; hadamard | auto (Hadamard, else random orthogonal x
+  # Walsh-Hadamard) | random | "" (none). The model's rotation table says what it allows.
+  # learn_steps > 0: SpinQuant, the rotations trained (Cayley, Adam) on the calibration
+  # windows (learn_batch per step) against the loss of the model fake-quantized in
+  # learn_format.
+  c.rotate = ml_collections.ConfigDict(dict(r1="hadamard", r2="hadamard", seed=0, learn_steps=0,
+                                            learn_format="", learning_rate=2e-3, learn_batch=2))
   c.prune = ml_collections.ConfigDict(dict(method="sparsegpt", pattern="2:4"))
   c.distill = _train_block()
   # init "minmax": LSQ starts from the RTN scales (the RTN model), not LSQ's 2 mean|w| / sqrt(Qp).
@@ -84,11 +92,12 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
   # act_format: activations quantized at run time (int8: per token, int8_t: per tensor);
   # act_observer: "" = dynamic, minmax / percentile / mse = static ranges from calibration;
   # calibration: the weights' scale rule; embedding_format: also quantize the embedding;
-  # mode: sequential | one_pass; input_scales: foldable | all (AWQ / SmoothQuant).
+  # mode: sequential | one_pass; input_scales: foldable | all (AWQ / SmoothQuant);
+  # head_format: also quantize an untied head (lm_head/kernel; a rotated model's).
   c.quantize = ml_collections.ConfigDict(dict(
       method="rtn", format="int4_g64", calibration="auto", act_format="", act_observer="",
       act_order=False, alpha=0.5, mode="sequential", input_scales="foldable",
-      embedding_format=""))
+      embedding_format="", head_format=""))
   # One format per tensor under a budget (bits per weight of the targets, scales included).
   c.mixed = ml_collections.ConfigDict(dict(
       budget_bpw=4.5, candidates=list(GGUF_CANDIDATES), sensitivity_windows=16, method="rtn",

@@ -93,10 +93,11 @@ def _stage(name: str, block: str | None, kind: str, compresses: bool = False):
   return register
 
 
-QUANT_METHODS = ("rtn", "cast", "gptq", "awq", "smoothquant", "static")
+ROTATION_KINDS = ("hadamard", "auto", "random")
+QUANT_METHODS = ("rtn", "cast", "gptq", "awq", "smoothquant", "static", "signround")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 EXPORT_FORMATS = ("gguf", "hf")
-_CALIBRATED = ("gptq", "awq", "smoothquant", "static")
+_CALIBRATED = ("gptq", "awq", "smoothquant", "static", "signround")
 
 
 @dataclasses.dataclass
@@ -215,6 +216,14 @@ def validate(config, entry: str = "") -> list[str]:
     pruned = compressed = exported = None
     for s in stages:
       st = STAGES[s]
+      if s == "rotate":
+        if stages.index(s) != 0:
+          raise ValueError("stage 'rotate' must come first: it rotates the float model "
+                           "(function-preserving), before any other transform")
+        for k in ("r1", "r2"):
+          v = config.rotate.get(k, "")
+          if v:
+            _choice(v, ROTATION_KINDS, f"rotate.{k}")
       if s in ("prune", "distill", "qat", "quantize", "mixed") and compressed:
         raise ValueError(
             f"stage {s!r} after {compressed!r}: the weights are already quantized "
@@ -233,9 +242,10 @@ def validate(config, entry: str = "") -> list[str]:
                            f"got {q.format!r}")
         if q.get("act_format"):
           QuantFormat.parse(str(q.act_format))
-        if q.get("embedding_format"):
-          QuantFormat.parse(str(q.embedding_format))
-        if pruned and method in ("gptq", "awq", "smoothquant"):
+        for k in ("embedding_format", "head_format"):
+          if q.get(k):
+            QuantFormat.parse(str(q[k]))
+        if pruned and method in ("gptq", "awq", "smoothquant", "signround"):
           raise ValueError(
               f"quantize method {method!r} after pruning: it moves pruned weights off zero "
               f"(GPTQ's error feedback updates every remaining column, AWQ/SmoothQuant "
@@ -444,6 +454,63 @@ def load_stage(ctx: Context, params, block):
   return ctx.model.params, {"label": ctx.model.name}
 
 
+@_stage("rotate", "rotate", "params")
+def rotate_stage(ctx: Context, params, block):
+  """Function-preserving rotations of the float model (R1 residual, R2 per value head)
+  from the model's own rotation table; the model was untied for it (`rotation_model`)."""
+  from quantjax.methods import rotation
+  table = ctx.model.family.rotation_table(ctx.model.config)
+  r1 = str(block.get("r1", "") or "") or None
+  r2 = str(block.get("r2", "") or "") or None
+  if table.residual is None and r1 is not None:
+    print(f"[quantjax]   rotate: no R1 for {ctx.model.name}: {table.why_not}", flush=True)
+    r1 = None
+  seed = int(block.get("seed", 0))
+  steps = int(block.get("learn_steps", 0) or 0)
+  extra = {}
+  if steps:
+    # SpinQuant: R1 / R2 trained on the calibration windows against the loss of the model
+    # fake-quantized in `learn_format` (the format the quantize stage then uses).
+    from quantjax.rules import QuantRule
+    fmt = str(block.get("learn_format", "") or "")
+    if not fmt:
+      raise ValueError("rotate.learn_steps > 0 needs rotate.learn_format (e.g. int4_g64)")
+    windows = np.concatenate(ctx.calib_batches())
+    per = max(1, int(block.get("learn_batch", 2)))
+    batches = [windows[i:i + per] for i in range(0, windows.shape[0] - per + 1, per)]
+    learned = rotation.learn_rotation(
+        ctx.model.family.loss_fn(ctx.model.config), params, table,
+        batches, [QuantRule(module_path=ctx.targets, format=fmt)], r1=r1, r2=r2,
+        steps=steps, learning_rate=float(block.get("learning_rate", 2e-3)), seed=seed,
+        progress=ctx.progress)
+    r1 = learned.r1 if r1 is not None else None
+    r2 = learned.r2 if r2 is not None else None
+    extra = {"learn_loss_first": learned.history[0], "learn_loss_last": learned.history[-1]}
+  res = rotation.rotate(params, table, r1=r1, r2=r2, seed=seed)
+  if res.untied:
+    raise ValueError("rotate: the model is still tied; the runner unties it first")
+  kinds = "+".join(f"{k.upper()} {v['kind']}" for k, v in res.info.items())
+  if steps:
+    kinds += f" learned {steps} steps ({block.learn_format})"
+  return res.params, {"label": f"rotate {kinds}", "rotation": res.info, **extra}
+
+
+def rotation_model(model):
+  """`model` with an untied head (the tied embedding copied into `lm_head/kernel`): the
+  same function, and the structure a residual rotation needs (the head stops being the
+  embedding's transpose once the final norm folds into it)."""
+  from quantjax.methods import rotation
+  cfg = model.config
+  if not getattr(cfg, "tie_embeddings", False):
+    return model
+  table = model.family.rotation_table(cfg)
+  if table.residual is None or table.residual.untie is None:
+    return model
+  emb, head = table.residual.untie
+  params = rotation.untie(model.params, emb, head)
+  return dataclasses.replace(model, config=cfg.replace(tie_embeddings=False), params=params)
+
+
 @_stage("prune", "prune", "params")
 def prune_stage(ctx: Context, params, block):
   """Magnitude, Wanda or SparseGPT (unstructured or N:M) on the target leaves."""
@@ -561,6 +628,12 @@ def _quant_rules(ctx: Context, block) -> list:
         f = fmt if fmt.is_cast or path == "lm_head/kernel" else fmt.replace(channel_axis=0,
                                                                               group_axis=1)
         rules.append(QuantRule(module_path=re.escape(path), format=f))
+  head = str(block.get("head_format", "") or "")
+  if head and not emb:
+    if "lm_head/kernel" not in _leaves(ctx.model.params):
+      raise ValueError(f"entry {ctx.entry!r}: quantize.head_format={head!r} but the model has "
+                       "no untied head (lm_head/kernel); a rotated model has one")
+    rules.append(QuantRule(module_path="lm_head/kernel", format=head))
   return rules
 
 
@@ -585,6 +658,11 @@ def quantize_stage(ctx: Context, params, block):
     options = {"gptq": dict(act_order=bool(block.get("act_order", False))),
                "awq": dict(scales_for=foldable, no_clip=fam.AWQ_NO_CLIP),
                "smoothquant": dict(alpha=float(block.get("alpha", 0.5)), scales_for=foldable),
+               "signround": dict(iters=int(block.get("iters", 200)),
+                                 lr=float(block.get("lr", 0.0)) or None,
+                                 min_clip=float(block.get("min_clip", 0.5)),
+                                 seed=None if int(block.get("seed", -1)) < 0
+                                 else int(block.seed)),
                "static": dict()}[method]
     observer = observer or (methods.ActObserver(method="minmax") if method == "static" else None)
     meth = methods.base.make("rtn" if method == "static" else method, act_observer=observer,
@@ -596,6 +674,8 @@ def quantize_stage(ctx: Context, params, block):
   label = f"{method} {block.format}" + (f" a{act}" if act else "")
   if block.get("embedding_format"):
     label += f" emb {block.embedding_format}"
+  elif block.get("head_format"):
+    label += f" head {block.head_format}"
   return out, {"label": label, "format": str(block.format), "method": method}
 
 
@@ -859,6 +939,8 @@ def _saves(stage: str, config) -> bool:
   """Whether a finished stage keeps its params on disk (expensive to recompute)."""
   if stage in ("prune", "distill", "qat", "mixed"):
     return True
+  if stage == "rotate":
+    return int(config.rotate.get("learn_steps", 0) or 0) > 0
   if stage == "quantize":
     return str(config.quantize.method) in _CALIBRATED
   return False
@@ -922,9 +1004,14 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   records: list[dict] = []
   reference = None
   memo: dict[str, tuple] = {}  # key -> (params, masks): the last computed params, shared
+  untied = None
   for i, (name, c, stages) in enumerate(plans):
     print(f"[quantjax] entry {i + 1}/{len(plans)}: {name} ({' → '.join(stages)})", flush=True)
-    ctx = Context(config=c, model=model, split=split, workdir=workdir, entry=name,
+    entry_model = model
+    if "rotate" in stages:
+      untied = untied or rotation_model(model)
+      entry_model = untied
+    ctx = Context(config=c, model=entry_model, split=split, workdir=workdir, entry=name,
                   reference=reference)
     records += _run_entry(ctx, stages, memo)
     reference = ctx.reference

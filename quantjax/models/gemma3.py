@@ -64,10 +64,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quantjax import ops
 from quantjax.kernels import dispatch
+from quantjax.methods.rotation import HeadRotation, RotationTable
 from quantjax.models import llama as llama_lib
 from quantjax.models import functional
 from quantjax.models.llama import Linear, apply_rope
+from quantjax.numerics.qarray import QArray
 
 __all__ = [
     "AWQ_NO_CLIP",
@@ -84,6 +87,7 @@ __all__ = [
     "fold_groups",
     "foldable",
     "forward",
+    "rotation_table",
     "generate",
     "graphdef",
     "init_cache",
@@ -426,7 +430,6 @@ class Embed(llama_lib.Embed):
   """Token embedding scaled by `sqrt(d)` (rounded to the table's dtype first)."""
 
   def __call__(self, ids: jax.Array, dtype) -> jax.Array:
-    from quantjax.numerics.qarray import QArray
     table = self.embedding.get_value()
     if isinstance(table, QArray):
       rows = jnp.asarray(table[ids])  # dequantizes the gathered rows only
@@ -626,7 +629,6 @@ class Gemma3(nnx.Module):
     return self.lm_head.kernel.get_value(), 0
 
   def logits(self, x):
-    from quantjax import ops  # lazily, as in quantjax.models.llama
     w, axis = self.head()
     out = ops.qdot(x, w, contract_axis=axis).astype(jnp.float32)
     return functional.softcap(out, self.config.final_logit_softcapping)
@@ -669,7 +671,6 @@ def _chunked_nll(model: Gemma3, x: jax.Array, targets: jax.Array, rows: int) -> 
   pad = (-n) % rows
   xs = jnp.pad(x.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, rows, d)
   ys = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, rows)
-  from quantjax import ops  # lazily, as in quantjax.models.llama
   w, axis = model.head()
   cap = model.config.final_logit_softcapping
 
@@ -809,3 +810,23 @@ def fold_groups(config: Gemma3Config, *, prefix: str = "layers", up_to_down: boo
 def foldable(config: Gemma3Config, **kw) -> str:
   """Regex of the projections whose input scales `fold_groups` can absorb."""
   return functional.consumers_regex(fold_groups(config, **kw))
+
+
+GEMMA3_NO_R1 = (
+    "Gemma 3 normalizes what each sublayer adds to the residual stream (post_attn_norm, "
+    "post_mlp_norm: x + normalize(y) * (1 + s)). A residual rotation R would have to pass "
+    "through that elementwise scale, and diag(1 + s) R != R diag(1 + s) unless s is uniform; "
+    "the scale cannot fold into o_proj / down_proj either, because the norm's division by "
+    "the RMS of y sits between them. So R1 is not function-preserving for Gemma 3 (q/k "
+    "rotations are blocked the same way by the QK-norms); R2 (values / attention output "
+    "per head) is, since v has no norm.")
+
+
+def rotation_table(config: Gemma3Config, *, prefix: str = "layers"):
+  """The rotations Gemma 3 allows, for `methods.rotation.rotate`: R2 only
+  (`GEMMA3_NO_R1` says why not R1)."""
+  heads = HeadRotation(
+      pairs=tuple((f"{prefix}/{i}/attn/v_proj/kernel", f"{prefix}/{i}/attn/o_proj/kernel")
+                  for i in range(config.num_layers)),
+      head_dim=config.head_dim, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads)
+  return RotationTable(None, heads, why_not=GEMMA3_NO_R1)

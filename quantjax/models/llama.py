@@ -40,8 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quantjax import ops
 from quantjax.kernels import dispatch
+from quantjax.methods.fold import FoldGroup
+from quantjax.methods.rotation import HeadRotation, ResidualRotation, RotationTable
 from quantjax.models import functional
+from quantjax.numerics.qarray import QArray
 
 __all__ = [
     "PROJ_KERNELS",
@@ -63,6 +67,7 @@ __all__ = [
     "loss_fn",
     "fold_groups",
     "foldable",
+    "rotation_table",
 ]
 
 # Every projection kernel of a block: the weights methods compare on (the
@@ -73,9 +78,7 @@ AWQ_NO_CLIP = r"layers/\d+/attn/(q|k)_proj/kernel"
 
 
 def _qdot(x, w, contract_axis: int = 0):
-  # Imported lazily so that this module imports even while the numerics
-  # package is being built; every matmul goes through quantjax.ops.qdot.
-  from quantjax import ops
+  # Every matmul goes through quantjax.ops.qdot.
   return ops.qdot(x, w, contract_axis=contract_axis)
 
 
@@ -236,7 +239,6 @@ class Embed(nnx.Module):
     self.embedding = nnx.Param(_normal(rngs, (vocab, d)))
 
   def __call__(self, ids: jax.Array, dtype) -> jax.Array:
-    from quantjax.numerics.qarray import QArray
     table = self.embedding.get_value()
     if isinstance(table, QArray):
       rows = table[ids]  # QArray indexing dequantizes the gathered rows only.
@@ -547,3 +549,34 @@ def fold_groups(config: LlamaConfig, *, prefix: str = "layers", up_to_down: bool
 def foldable(config: LlamaConfig, **kw) -> str:
   """Regex of the projections whose input scales `fold_groups` can absorb."""
   return functional.consumers_regex(fold_groups(config, **kw))
+
+
+def rotation_table(config: LlamaConfig, *, prefix: str = "layers"):
+  """Where the residual stream is read and written, for `methods.rotation.rotate`.
+
+  R1: `input_norm` feeds q/k/v, `post_attn_norm` (the norm before the MLP)
+  feeds gate/up, `final_norm` feeds the head; the embedding, `o_proj` and
+  `down_proj` write the stream. A tied head is untied into `lm_head/kernel`
+  (use `config.replace(tie_embeddings=False)` for the result). R2: each
+  layer's `v_proj` columns and `o_proj` rows, per head of `head_dim`.
+  """
+  n = config.num_layers
+  lay = [f"{prefix}/{i}" for i in range(n)]
+  head = "lm_head/kernel"
+  norms, readers, writers = [], [], []
+  for p in lay:
+    qkv = tuple(f"{p}/attn/{x}_proj/kernel" for x in ("q", "k", "v"))
+    gu = tuple(f"{p}/mlp/{x}_proj/kernel" for x in ("gate", "up"))
+    norms += [FoldGroup(f"{p}/input_norm/scale", qkv), FoldGroup(f"{p}/post_attn_norm/scale", gu)]
+    readers += [*qkv, *gu]
+    writers += [f"{p}/attn/o_proj/kernel", f"{p}/mlp/down_proj/kernel"]
+  norms.append(FoldGroup("final_norm/scale", (head,)))
+  readers.append(head)
+  residual = ResidualRotation(
+      width=config.hidden_size, norms=tuple(norms), embeddings=("embed/embedding",),
+      readers=tuple(readers), writers=tuple(writers),
+      untie=("embed/embedding", head) if config.tie_embeddings else None)
+  heads = HeadRotation(
+      pairs=tuple((f"{p}/attn/v_proj/kernel", f"{p}/attn/o_proj/kernel") for p in lay),
+      head_dim=config.head_dim, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads)
+  return RotationTable(residual, heads)

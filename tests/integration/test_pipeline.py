@@ -192,6 +192,36 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_rotated_entries_keep_the_function_and_export(tmp_path):
+  """`rotate` first: the FP32 rotated model scores the FP32 numbers; rotated RTN (head
+  quantized), a learned rotation (2 steps) and a rotated GGUF that llama.cpp runs."""
+  work = str(tmp_path / "rot")
+  recs = pipeline.run(tiny(
+      entry("fp32", "evaluate"), entry("rot", "rotate,evaluate"),
+      entry("rot_rtn", "rotate,quantize,evaluate", quantize__head_format="q8_0"),
+      entry("spin", "rotate,quantize,evaluate", rotate__learn_steps=2,
+            rotate__learn_format="int4_g64", rotate__r2="", quantize__head_format="q8_0"),
+      entry("rot_q4_0", "rotate,quantize,export,llamacpp", quantize__format="q4_0",
+            quantize__head_format="q8_0", rotate__r1="auto")), work)
+  by = {r["entry"]: r for r in recs}
+  fp32, rot = by["fp32"], by["rot"]
+  assert rot["perplexity"] == pytest.approx(fp32["perplexity"], rel=1e-4)
+  assert rot["kl_mean"] < 1e-6 and rot["method"] == "rotate R1 hadamard+R2 hadamard"
+  assert by["rot_rtn"]["method"].endswith("rtn int4_g64 head q8_0")
+  assert "learned 2 steps (int4_g64)" in by["spin"]["method"]
+  assert any(os.path.exists(os.path.join(work, "stages", d, "params"))
+             for d in _stage_dirs(work, "rotate"))  # the learned rotation is kept
+  cpp = by["rot_q4_0"]
+  assert cpp["runtime"] == "llama.cpp" and np.isfinite(cpp["perplexity"])
+  assert cpp["tensor_types"] == {"Q4_0": 14, "Q8_0": 2}  # the embedding and the untied head
+  refused = tiny(entry("a", "quantize,rotate"))
+  with pytest.raises(ValueError, match="stage 'rotate' must come first"):
+    pipeline.run(refused, str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match="head_format='q8_0' but the model has no untied head"):
+    pipeline.run(tiny(entry("h", "quantize,evaluate", quantize__head_format="q8_0")),
+                 str(tmp_path / "bad2"))
+
+
 def test_bad_input_is_refused_before_work_and_overwrites_nothing(tmp_path):
   def refused(config, match, work=None):
     with pytest.raises(ValueError, match=match):
@@ -272,7 +302,7 @@ def test_command_line_overrides_and_unknown_keys(tmp_path):
 
 CONFIGS = ("default", "calibrated", "ptq", "ablation_gptq", "prune_compare", "qat",
            "prune_distill_quantize", "export", "gguf_compare", "mixed_precision", "bench_eval",
-           "gemma3")
+           "gemma3", "rotation", "rounding")
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -1,0 +1,58 @@
+"""Rotations (QuaRot-style randomized Hadamard R1 + R2) before RTN, GPTQ and AWQ on SmolLM2.
+
+Launch (from the repository root):
+
+    python -m experiments.main --config=configs/rotation.py --workdir=runs/rotation
+
+`arg` is a comma list of entry names (default: all of `ENTRIES`). Every rotated
+entry starts with the stage `rotate` (the model's own rotation table:
+`quantjax.models.llama.rotation_table`); the rotation unties SmolLM2's head, so the
+rotated rows also quantize `lm_head/kernel` (`quantize.head_format`, Q8_0 here) and
+its bytes count in every size. Calibration: the default comparison's 8 windows.
+
+Expected result: docs/methods.md, "Rotations" (the table measured with this config).
+"""
+
+from configs.base import base_config, entry, select
+from configs.default import CALIB_WINDOWS
+
+HEAD = "q8_0"
+LEARN_STEPS = 30  # SpinQuant's Adam steps on the Cayley parameters, 2 windows per step
+
+ENTRIES = (
+    entry("fp32", "evaluate"),
+    entry("rot_fp32", "rotate,evaluate"),
+    entry("rtn_w4_g64", "quantize,evaluate", quantize__format="int4_g64"),
+    entry("rot_rtn_w4_g64", "rotate,quantize,evaluate", quantize__format="int4_g64",
+          quantize__head_format=HEAD),
+    entry("gptq_w4_g64", "quantize,evaluate", quantize__method="gptq",
+          quantize__format="int4_g64", quantize__act_order=True),
+    entry("rot_gptq_w4_g64", "rotate,quantize,evaluate", quantize__method="gptq",
+          quantize__format="int4_g64", quantize__act_order=True, quantize__head_format=HEAD),
+    entry("rot_awq_w4_g64", "rotate,quantize,evaluate", quantize__method="awq",
+          quantize__format="int4_g64", quantize__head_format=HEAD),
+    entry("rot_rtn_w3_g64", "rotate,quantize,evaluate", quantize__format="int3_g64",
+          quantize__head_format=HEAD),
+    entry("rot_gptq_w3_g64", "rotate,quantize,evaluate", quantize__method="gptq",
+          quantize__format="int3_g64", quantize__act_order=True, quantize__head_format=HEAD),
+    entry("spin_rtn_w4_g64", "rotate,quantize,evaluate", rotate__learn_steps=LEARN_STEPS,
+          rotate__learn_format="int4_g64", quantize__format="int4_g64",
+          quantize__head_format=HEAD),
+    entry("spin_gptq_w4_g64", "rotate,quantize,evaluate", rotate__learn_steps=LEARN_STEPS,
+          rotate__learn_format="int4_g64", quantize__method="gptq", quantize__format="int4_g64",
+          quantize__act_order=True, quantize__head_format=HEAD),
+    entry("rot_gptq_q4_0", "rotate,quantize,export,llamacpp", quantize__method="gptq",
+          quantize__format="q4_0", quantize__act_order=True, quantize__head_format=HEAD),
+    # The same function in llama.cpp: F32 files of the model and of its rotation.
+    entry("f32_gguf", "export,llamacpp", export__types=[]),
+    entry("rot_f32_gguf", "rotate,export,llamacpp", export__types=[]),
+)
+
+
+def get_config(arg=None):
+  """Rotation recipes; `arg` (optional) is a comma list of entry names."""
+  c = base_config()
+  c.name = "rotations"
+  c.calib.windows = CALIB_WINDOWS
+  c.sweep = select(ENTRIES, arg, "configs/rotation.py")
+  return c
