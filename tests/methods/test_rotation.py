@@ -155,11 +155,12 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_orthogonal():
   cfg, params = make_tiny()
   cfg2 = cfg.replace(tie_embeddings=False)
   table = llama.rotation_table(cfg)
-  batches = [np.random.default_rng(s).integers(0, cfg.vocab_size, size=(2, 32)).astype(np.int32)
-             for s in range(2)]
+  # One batch: a fixed objective, so the steps are comparable (with batches that alternate,
+  # the last step's rotation need not beat the start on their mean).
+  batches = [np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 32)).astype(np.int32)]
   rules = (qj.QuantRule(module_path=llama.PROJ_KERNELS, format="int3_g16"),)
   learned = rotation.learn_rotation(llama.loss_fn(cfg2), params, table, batches, rules,
-                                    steps=40, learning_rate=1e-2, progress=False)
+                                    steps=40, learning_rate=3e-3, progress=False)
   for r in (learned.r1, learned.r2):
     np.testing.assert_allclose(r @ r.T, np.eye(r.shape[0]), atol=1e-10)
   assert np.mean(learned.history[-4:]) < np.mean(learned.history[:4])
