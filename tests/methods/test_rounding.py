@@ -21,6 +21,7 @@ from quantjax.numerics.qarray import QArray
 from quantjax.rules import QuantRule
 from tests.methods import user_models
 from tests.methods.test_capture import SKIP, TARGETS, _err
+from tests.methods.test_capture import _two_block_fn
 
 # The formats SignRound learns: group-wise sym / asym, per channel, GGUF blocks.
 FORMATS = ("int4_g32", "int3_g64_asym", "int8", "q4_0", "q4_1", "q5_0", "q8_0")
@@ -93,11 +94,8 @@ def test_gguf_blocks_export_code_for_code(spec):
   np.testing.assert_array_equal(np.asarray(back.codes()), np.asarray(q.codes()))
 
 
-def _mlp(p, x):
-  for blk in ("b0", "b1"):
-    h = jax.nn.gelu(x @ p[blk]["a"]) * (x @ p[blk]["b"])
-    x = x + h @ p[blk]["c"]
-  return x
+# The two-block user MLP of the capture tests (`a` and `b` read one input).
+_mlp = _two_block_fn
 
 
 def _mlp_params_and_batches(seed=0, d=32, f=64):
