@@ -275,11 +275,10 @@ def rotate(params: Any, table: RotationTable, *, r1: Any = "hadamard", r2: Any =
     if untied:
       emb, head = table.residual.untie
       dtypes[head] = dtypes[emb]
-  what = {"r1": "R1 (residual stream)", "r2": "R2 (value heads)"}
+  what = "R1 (residual stream)" if "r1" in mats else "R2 (value heads)"
 
   def get(path):
-    return new[path] if path in new else _float_leaf(leaves, path, what["r2" if "r1" not in
-                                                                         mats else "r1"])
+    return new[path] if path in new else _float_leaf(leaves, path, what)
   new.update(_apply(get, table, mats.get("r1"), mats.get("r2"), np))
   info: dict[str, Any] = {}
   if "r1" in mats:
