@@ -53,6 +53,7 @@ import numpy as np
 
 from quantjax.eval import data as data_lib
 from quantjax.eval import report as report_lib
+from quantjax.io import gguf_read
 
 __all__ = ["STAGES", "Stage", "Context", "run", "entries", "exported_file", "parse_pattern",
            "validate"]
@@ -762,8 +763,7 @@ def gguf_file_stats(path: str) -> dict:
   """Size, tensor types and bits per weight (matrices other than the token embedding)."""
   import collections
 
-  import gguf
-  r = gguf.GGUFReader(path)
+  r = gguf_read.read_gguf(path)  # our reader: it knows types newer than gguf-py (Q2_0)
   n = b = 0
   types: collections.Counter = collections.Counter()
   for t in r.tensors:

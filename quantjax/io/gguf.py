@@ -18,6 +18,11 @@ Nibble order inside a block: value `j < 16` is the low nibble of byte `j`,
 value `j + 16` its high nibble; Q5's fifth bits are bit `j` of a
 little-endian uint32.
 
+llama.cpp's newer types IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0 and TQ2_0 are formats
+of their own (`quantjax.numerics.llamacpp_types`; QuantFormat specs `iq4_nl`,
+`mxfp4`, `nvfp4`, `q2_0`, `q1_0`, `tq2_0`) and go in and out code for code likewise
+(`quantjax.io.gguf_codebook` has their block layouts).
+
 * `export_gguf` writes a params tree (arrays and QArrays) with the model's
   config and tokenizer metadata. A QArray whose format *is* one of these block
   types (group 32 along the contraction axis, fp16 scales, the right
@@ -27,7 +32,7 @@ little-endian uint32.
   picks, and the returned report says so per tensor. llama.cpp's Q/K row
   permutation is re-applied. The file is written to a temporary name and
   renamed, so a failed export leaves nothing behind.
-* `import_gguf` reads the block types above into QArrays without
+* `import_gguf` reads the block types above (and the newer ones) into QArrays without
   dequantizing (the same bits, the same bytes), F16/BF16 into cast QArrays,
   and dequantizes the k-quants (Q4_K, Q6_K, ...) to float32, recording which.
   Import then export of those tensor types is byte-identical.
@@ -47,19 +52,24 @@ import numpy as np
 
 from quantjax import rules as rules_lib
 from quantjax.io import atomic
+from quantjax.io import gguf_codebook
 from quantjax.io import gguf_read
 from quantjax.io import kquants
 from quantjax.io.gguf_read import GGUFError
+from quantjax.numerics import llamacpp_types
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 from quantjax.optional import require
 
 __all__ = [
     "BLOCK_TYPES",
+    "CODEBOOK_TYPES",
     "K_TYPES",
     "type_rules",
     "GGUFError",
     "block_format",
+    "check_row_length",
+    "fitting_types",
     "block_type_of",
     "blocks_to_qarray",
     "expected_shapes",
@@ -100,7 +110,9 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # fallback type llama.cpp's quantizer gives it.
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_ALL_TYPES = tuple(BLOCK_TYPES) + K_TYPES + FLOAT_TYPES
+# llama.cpp's newer block types (`gguf_codebook`): IQ4_NL, MXFP4, NVFP4, Q1_0, Q2_0, TQ2_0.
+CODEBOOK_TYPES = tuple(gguf_codebook.TYPES)
+_ALL_TYPES = tuple(BLOCK_TYPES) + CODEBOOK_TYPES + K_TYPES + FLOAT_TYPES
 
 
 def _block_type(name: str) -> BlockType:
@@ -114,8 +126,11 @@ def block_format(name: str, axis: int = 0) -> QuantFormat:
   """The `QuantFormat` that is GGUF type `name` with blocks along `axis`.
 
   `axis` is the contraction axis: 0 for `[in, out]` kernels, 1 for `[vocab, d]`
-  embedding tables. `QuantFormat.parse("q4_0")` is the axis-0 format.
+  embedding tables. `QuantFormat.parse("q4_0")` is the axis-0 format. The newer
+  types (IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0, TQ2_0) are accepted too.
   """
+  if name in gguf_codebook.TYPES:
+    return gguf_codebook.TYPES[name].format(axis)
   _block_type(name)
   return QuantFormat.parse(name.lower(), group_axis=axis, channel_axis=1 - axis)
 
@@ -228,6 +243,12 @@ def qarray_to_blocks(q: QArray, name: str, axis: int, *, rows_fn=None) -> np.nda
                     f"{jnp.dtype(q.fmt.scale_dtype).name}) is not GGUF {name} along axis {axis}")
   codes = np.asarray(q.codes())
   d = np.asarray(q.scale)
+  if name in gguf_codebook.TYPES:
+    if axis == 0:
+      codes, d = codes.T, d.T
+    if rows_fn is not None:
+      codes, d = rows_fn(codes), rows_fn(d)
+    return gguf_codebook.pack(codes, d, name)
   m = None if q.zero_point is None else np.asarray(q.zero_point)
   if axis == 0:
     codes, d = codes.T, d.T
@@ -241,6 +262,14 @@ def qarray_to_blocks(q: QArray, name: str, axis: int, *, rows_fn=None) -> np.nda
 def blocks_to_qarray(raw: np.ndarray, name: str, axis: int, *, rows_fn=None,
                      dtype: Any = jnp.float32) -> QArray:
   """uint8 rows of blocks `[rows, bytes]` -> QArray (blocks along `axis`), no dequantization."""
+  if name in gguf_codebook.TYPES:
+    codes, d = gguf_codebook.unpack(raw, name)
+    if rows_fn is not None:
+      codes, d = rows_fn(codes), rows_fn(d)
+    if axis == 0:
+      codes, d = codes.T, d.T
+    return QArray.from_codes(jnp.asarray(np.ascontiguousarray(codes)), block_format(name, axis),
+                             jnp.asarray(np.ascontiguousarray(d)), dtype=dtype)
   codes, d, m = unpack_blocks(raw, name)
   if rows_fn is not None:
     codes, d = rows_fn(codes), rows_fn(d)
@@ -349,6 +378,9 @@ def _default_type(leaf: Any, axis: int, n_in: int) -> tuple[str, str]:
       return exact, "lossless"
     if fmt.is_cast:
       return ("F16" if fmt.kind == "fp16" else "BF16"), "lossless"
+    own = {"iq4_nl": "IQ4_NL", "mxfp4": "MXFP4", "nvfp4": "NVFP4", "q2_0": "Q2_0"}.get(fmt.kind)
+    if own is not None and n_in % gguf_codebook.TYPES[own].block == 0:
+      return own, "re-quantized (lossy)"
     if fmt.kind == "int" and n_in % QK == 0:
       if fmt.bits >= 6:
         return "Q8_0", "re-quantized (lossy)"
@@ -395,7 +427,9 @@ def _file_type(kinds: list[str]) -> int:
   table = {"F32": ft.ALL_F32, "F16": ft.MOSTLY_F16, "BF16": ft.MOSTLY_BF16,
            "Q8_0": ft.MOSTLY_Q8_0, "Q4_0": ft.MOSTLY_Q4_0, "Q4_1": ft.MOSTLY_Q4_1,
            "Q5_0": ft.MOSTLY_Q5_0, "Q5_1": ft.MOSTLY_Q5_1, "Q4_K": ft.MOSTLY_Q4_K_M,
-           "Q5_K": ft.MOSTLY_Q5_K_M, "Q6_K": ft.MOSTLY_Q6_K}
+           "Q5_K": ft.MOSTLY_Q5_K_M, "Q6_K": ft.MOSTLY_Q6_K,
+           # llama.h's LLAMA_FTYPE_MOSTLY_*: IQ4_NL 25, MXFP4_MOE 38, NVFP4 39, Q1_0 40, Q2_0 41
+           "IQ4_NL": 25, "MXFP4": 38, "NVFP4": 39, "Q1_0": 40, "Q2_0": 41, "TQ2_0": 37}
   if not kinds:
     return int(ft.ALL_F32)
   most = max(set(kinds), key=kinds.count)
@@ -510,7 +544,7 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
               (leaf.fmt.is_cast and {"fp16": "F16", "bf16": "BF16"}[leaf.fmt.kind] == t))
       how = "lossless" if same else "re-quantized (lossy)"
     else:
-      how = "quantized" if (t in BLOCK_TYPES or t in K_TYPES) else "float"
+      how = "quantized" if (t in BLOCK_TYPES or t in K_TYPES or t in CODEBOOK_TYPES) else "float"
   else:
     t, how = _default_type(leaf, axis, n_in)
     if t == "F32" and not isinstance(leaf, QArray) and len(shape) == 2:
@@ -534,6 +568,16 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
       q = qarray_lib.quantize(x, block_format(t, axis), calibration=cal,
                               name=f"{spath} (tensor {gname}, {t})")
       raw = qarray_to_blocks(q, t, axis, rows_fn=rows_fn)
+  elif t in CODEBOOK_TYPES:
+    if len(shape) != 2:
+      raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: {t} is written for matrices")
+    check_row_length(n_in, t, f"tensor {gname} ({spath}, shape {shape}) as {t}")
+    if isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t:
+      raw = qarray_to_blocks(leaf, t, axis, rows_fn=rows_fn)  # code for code
+    else:
+      imp = None if importance is None else importance.get(spath)
+      raw = _codebook_from_floats(_float_rows(leaf, axis, rows_fn), t, imp,
+                                  f"{spath} (tensor {gname}, {t})")
   elif t in K_TYPES:
     with np.errstate(over="ignore", invalid="ignore"):  # overflowing scales: checked below
       raw = kquants.quantize_k(_float_rows(leaf, axis, rows_fn), t,
@@ -542,6 +586,50 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
     raw = float_tensor(_float_rows(leaf, axis, rows_fn), t)
   _check_encoded(gname, spath, t, raw, leaf, axis, n_in)
   return raw, t, TensorExport(gname, spath, shape, _source_name(leaf), t, how, int(raw.nbytes))
+
+
+def fitting_types(n: int) -> list[str]:
+  """The GGUF block types (legacy, llama.cpp's newer ones, k-quants) whose block divides
+  a row of `n` values."""
+  blocks = {**{t: QK for t in BLOCK_TYPES},
+            **{t: ct.block for t, ct in gguf_codebook.TYPES.items()},
+            **{t: kquants.QK_K for t in K_TYPES}}
+  return [t for t, b in blocks.items() if n % b == 0]
+
+
+def check_row_length(n: int, t: str, what: str) -> None:
+  """Raises a GGUFError naming `what` (the tensor), its row length and the types that fit
+  when rows of `n` values do not fill block type `t`'s blocks."""
+  block = gguf_codebook.TYPES[t].block if t in gguf_codebook.TYPES else (
+      kquants.QK_K if t in K_TYPES else QK)
+  if n % block:
+    fit = fitting_types(n)
+    raise GGUFError(f"{what}: its rows hold {n} values (the contraction axis), not a multiple "
+                    f"of {t}'s blocks of {block}; types that fit rows of {n}: "
+                    f"{', '.join(fit) if fit else 'none of the block types (use F16/BF16/F32)'}")
+
+
+def _codebook_from_floats(x: np.ndarray, t: str, importance: Any, name: str) -> np.ndarray:
+  """Float GGUF rows `[out, in]` as blocks of codebook type `t`: `quantize`'s scales
+  (IQ4_NL / Q2_0: the least-squares search), weighting each value's error by the
+  per-input-column `importance` when given (IQ4_NL, Q2_0; ggml's imatrix weights)."""
+  from quantjax.numerics import qarray as qarray_lib
+  fmt = block_format(t, 1)
+  xj = jnp.asarray(x, jnp.float32)
+  if importance is None or fmt.kind not in llamacpp_types.SEARCH_KINDS:
+    q = qarray_lib.quantize(xj, fmt, name=name)
+  else:
+    imp = jnp.asarray(np.asarray(importance, np.float32).reshape(1, -1))
+    if imp.shape[1] != x.shape[1]:
+      raise GGUFError(f"{name}: importance has {imp.shape[1]} values for rows of {x.shape[1]}")
+    qarray_lib.check_range_fits(x, fmt, name)
+    xb, axes = qarray_lib.block_view(xj, fmt)
+    ib, _ = qarray_lib.block_view(jnp.broadcast_to(imp, xj.shape), fmt)
+    w = llamacpp_types.importance_weights(xb, axes, ib)
+    s = qarray_lib.stored_scale(llamacpp_types.search_scales(xb, axes, fmt, w), xj.shape, fmt)
+    q = qarray_lib.quantize_with_scale(xj, fmt, s)
+    qarray_lib.check_quantized(q, name, x)
+  return qarray_to_blocks(q, t, 1)
 
 
 def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str, Any, str]], *,
@@ -596,7 +684,14 @@ def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str
                           f"(config.vocab_size, the embedding's rows) is {config.vocab_size}; "
                           "llama.cpp refuses such a file, so nothing was written")
       for gname, raw, t in tensors:
-        if t in BLOCK_TYPES or t in K_TYPES:
+        if t in CODEBOOK_TYPES and t not in gguf.GGMLQuantizationType.__members__:
+          # newer than gguf-py (Q2_0): its ggml id, and the shape in values
+          ct = gguf_codebook.TYPES[t]
+          rows = np.asarray(raw).reshape(np.asarray(raw).shape[0], -1)
+          w.add_tensor(gname, rows.view(np.int8),
+                       raw_shape=(rows.shape[0], rows.shape[1] // ct.type_size * ct.block),
+                       raw_dtype=ct.ggml_id)
+        elif t in BLOCK_TYPES or t in K_TYPES or t in CODEBOOK_TYPES:
           w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[t])
         elif t == "BF16":
           w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
@@ -644,14 +739,16 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
     types: rules `{regex: GGUF type}` matched (first wins) against each leaf's
       path (`layers/3/mlp/down_proj/kernel`) or GGUF name (`blk.3.ffn_down.weight`).
       A rule forces the type; a QArray already of that type stays lossless.
-      Block types Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, k-quants Q4_K/Q5_K/Q6_K (rows not a
+      Block types Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, llama.cpp's IQ4_NL/MXFP4/NVFP4/Q2_0/
+      Q1_0/TQ2_0 (a row length their block does not divide is an error naming the
+      tensor and the types that fit), k-quants Q4_K/Q5_K/Q6_K (rows not a
       multiple of 256 fall back as in llama.cpp: Q5_0/Q5_1/Q8_0), F32/F16/BF16.
     float_type: type for float matrices with no rule ("F32", "F16", "BF16").
       Norm weights are always F32, as llama.cpp requires.
     name: `general.name` (default: the config's name).
     importance: optional `{leaf path: per-input-column weights}` (e.g. mean
       squared activations, llama.cpp's imatrix): the k-quant encoders and the
-      Q4_0/Q5_0 scale search weight each value's error by it (tensors written
+      Q4_0/Q5_0/IQ4_NL/Q2_0/TQ2_0 scale searches weight each value's error by it (tensors written
       from floats only; QArrays already in their type stay lossless).
 
   Returns:
@@ -832,9 +929,12 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
     kind = t.tensor_type.name
     rows_fn = (lambda a, h=heads: load_lib.unpermute_qk(a, h)) if heads else None
     shape = tuple(int(s) for s in reversed(list(t.shape)))  # row-major [out, in]
-    if kind in BLOCK_TYPES:
+    if kind in BLOCK_TYPES or kind in CODEBOOK_TYPES:
       raw = np.asarray(t.data).reshape(shape[0], -1)
-      leaf = blocks_to_qarray(raw, kind, axis, rows_fn=rows_fn, dtype=dtype)
+      try:
+        leaf = blocks_to_qarray(raw, kind, axis, rows_fn=rows_fn, dtype=dtype)
+      except GGUFError as e:
+        raise GGUFError(f"{path}: tensor {gname!r}: {e}") from None
       how = "qarray"
     elif kind in ("F16", "BF16") and len(shape) == 2:
       x = np.asarray(t.data)

@@ -76,6 +76,8 @@ __all__ = [
     "SCALE_LAYOUT",
     "check_raw_tensor",
     "check_tensor_values",
+    "EXTRA_GGML_TYPES",
+    "ggml_type",
     "read_gguf",
     "validate_metadata",
 ]
@@ -103,7 +105,7 @@ _TYPE_NAMES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32",
                "STRING", "ARRAY", "UINT64", "INT64", "FLOAT64")
 
 # Where each block type keeps its scales: (byte offset in the block, numpy dtype, name).
-# From ggml-common.h (block_q4_0 ... block_iq4_xs, block_tq2_0).
+# From ggml-common.h (block_q4_0 ... block_iq4_xs, block_tq2_0, block_q1_0, block_q2_0).
 SCALE_LAYOUT: dict[str, tuple[tuple[int, str, str], ...]] = {
     "Q4_0": ((0, "<f2", "d"),),
     "Q4_1": ((0, "<f2", "d"), (2, "<f2", "m")),
@@ -125,14 +127,49 @@ SCALE_LAYOUT: dict[str, tuple[tuple[int, str, str], ...]] = {
     "IQ4_NL": ((0, "<f2", "d"),),
     "IQ4_XS": ((0, "<f2", "d"),),
     "TQ2_0": ((64, "<f2", "d"),),
+    "Q1_0": ((0, "<f2", "d"),),
+    "Q2_0": ((0, "<f2", "d"),),
 }
 _FLOAT_TENSORS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 
 
-def _quant_types():
-  """`{id: (name, block size, type size)}` of the ggml types gguf-py knows."""
+# ggml types newer than gguf-py 0.19's table: {id: (name, block size, type size)}
+# (ggml.h / ggml-common.h: GGML_TYPE_Q2_0 = 42, block_q2_0 = fp16 d + 64 2-bit codes).
+EXTRA_GGML_TYPES = {42: ("Q2_0", 64, 2 + 16)}
+
+
+class ExtraGGMLType(int):
+  """A ggml type id gguf-py's `GGMLQuantizationType` lacks, with its `name`."""
+
+  def __new__(cls, value: int, name: str):
+    obj = super().__new__(cls, value)
+    obj.name = name
+    return obj
+
+  def __repr__(self) -> str:
+    return f"<GGMLQuantizationType.{self.name}: {int(self)}>"
+
+
+def ggml_type(type_id: int):
+  """gguf-py's `GGMLQuantizationType` for `type_id`, or an `ExtraGGMLType` for the ids in
+  `EXTRA_GGML_TYPES`."""
   gguf = require("gguf", "gguf", "GGUF files")
-  return {int(t): (t.name, int(b), int(s)) for t, (b, s) in gguf.GGML_QUANT_SIZES.items()}
+  try:
+    return gguf.GGMLQuantizationType(type_id)
+  except ValueError:
+    if type_id in EXTRA_GGML_TYPES:
+      return ExtraGGMLType(type_id, EXTRA_GGML_TYPES[type_id][0])
+    raise
+
+
+def _quant_types():
+  """`{id: (name, block size, type size)}` of the ggml types gguf-py knows, and
+  `EXTRA_GGML_TYPES`."""
+  gguf = require("gguf", "gguf", "GGUF files")
+  out = {int(t): (t.name, int(b), int(s)) for t, (b, s) in gguf.GGML_QUANT_SIZES.items()}
+  for tid, v in EXTRA_GGML_TYPES.items():
+    out.setdefault(tid, v)
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -215,8 +252,7 @@ class GGUFTensor:
 
   @property
   def tensor_type(self):
-    gguf = require("gguf", "gguf", "GGUF files")
-    return gguf.GGMLQuantizationType(self.type_id)
+    return ggml_type(self.type_id)
 
   @property
   def type_name(self) -> str:
@@ -591,8 +627,7 @@ def check_raw_tensor(where: str, name: str, kind: str, raw: np.ndarray, row: int
   """
   layout = SCALE_LAYOUT.get(kind)
   if layout:
-    gguf = require("gguf", "gguf", "GGUF files")
-    block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    _, block, tsize = next(v for v in _quant_types().values() if v[0] == kind)
     b = np.asarray(raw).reshape(-1).view(np.uint8).reshape(-1, tsize)
     per_row = max(1, row // block)
     for off, dt, label in layout:

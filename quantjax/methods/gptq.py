@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax.numerics import calibrate as calibrate_lib
+from quantjax.numerics import llamacpp_types
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import QArray
@@ -45,7 +46,9 @@ __all__ = ["HessianStat", "hessian_init", "hessian_update", "hessian", "gptq_qua
            "PreparedHessian", "prepare_hessian",
            "GPTQResult", "SUPPORTED_KINDS", "GPTQ"]
 
-SUPPORTED_KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2")
+# Codebook kinds (llama.cpp's IQ4_NL, MXFP4, NVFP4, Q2_0) round each column to the nearest
+# level for its group's scale; binary (Q1_0) takes the sign, with mean-|w| group scales.
+SUPPORTED_KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2", "binary") + llamacpp_types.CODEBOOK_KINDS
 
 
 # ----------------------------------------------------------------------------
@@ -90,10 +93,29 @@ class GPTQResult(NamedTuple):
   perm: np.ndarray | None
 
 
+def _group_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat, cal: Any):
+  """Block-shaped `(scale, zero_point)`: `calibrate_blocks`, except binary's mean |w|
+  (Q1_0's scale) and the llama.cpp scale search for IQ4_NL / Q2_0 under "auto"."""
+  if fmt.kind == "binary":
+    return calibrate_lib.sign_scales(xb, axes, fmt)[0], None
+  if llamacpp_types.searches(fmt, cal):
+    return llamacpp_types.search_scales(xb, axes, fmt), None
+  return calibrate_lib.calibrate_blocks(xb, axes, fmt, cal)
+
+
+def _choose_scales(x: jax.Array, fmt: QuantFormat, cal: Any):
+  """`calibrate.choose_scales` with `_group_scales`' rules: stored-shape scales."""
+  xb, axes = qarray_lib.block_view(x, fmt)
+  s, z = _group_scales(xb, axes, fmt, cal)
+  shape = tuple(x.shape)
+  return (qarray_lib.stored_scale(s, shape, fmt),
+          None if z is None else qarray_lib.stored_scale(z, shape, fmt))
+
+
 def _check_format(fmt: QuantFormat, w_shape) -> None:
   if fmt.kind not in SUPPORTED_KINDS:
     raise ValueError(f"GPTQ supports formats of kind {SUPPORTED_KINDS}, not {fmt.kind!r} "
-                     f"({fmt}); binary/ternary use quantjax.methods.ternary")
+                     f"({fmt}); ternary uses quantjax.methods.ternary")
   if len(w_shape) != 2:
     raise ValueError(f"GPTQ quantizes 2-D weights [in, out], got shape {tuple(w_shape)}")
   if fmt.granularity == "group":
@@ -104,6 +126,7 @@ def _check_format(fmt: QuantFormat, w_shape) -> None:
       raise ValueError(
           f"group_size {fmt.group_size} does not divide the input dimension {w_shape[0]} of "
           f"the weight (shape {tuple(w_shape)}); pick a divisor or per_channel")
+  llamacpp_types.check_blocks(tuple(w_shape), fmt, "the GPTQ weight")
   if fmt.granularity == "per_channel" and fmt.channel_axis % 2 != 1:
     raise ValueError(f"GPTQ needs per-output-channel scales (channel_axis=-1) on a [in, out] "
                      f"weight; got channel_axis={fmt.channel_axis}")
@@ -250,7 +273,7 @@ def _gptq_loop(wt, hinv, scale_tab, zp_tab, col_group, *, fmt, cal, block, group
       j0 = gi * group
       if dynamic:
         wg = jax.lax.dynamic_slice(w1, (0, j0), (out, group))
-        s, z = calibrate_lib.calibrate_blocks(wg, (1,), fmt, cal)
+        s, z = _group_scales(wg, (1,), fmt, cal)
         s = s[:, 0].astype(jnp.float32)
         z = jnp.zeros((out,), jnp.float32) if z is None else z[:, 0].astype(jnp.float32)
         gidx = (i1 + j0) // group
@@ -450,7 +473,7 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
   static = group is None or act_order
   ngroups = k // group if group else 1
   if static:
-    s_st, z_st = calibrate_lib.choose_scales(jnp.asarray(wt.T), fmt, cal)  # stored layout
+    s_st, z_st = _choose_scales(jnp.asarray(wt.T), fmt, cal)  # stored layout
     s_st = np.asarray(s_st, np.float32)
     z_st = np.zeros_like(s_st) if z_st is None else np.asarray(z_st, np.float32)
     # Each input row's scale row (the loop gathers; no [K, out] copy of the scales).

@@ -5,7 +5,8 @@ The architecture is read from the file (`general.architecture` of a GGUF,
 (`gemma3_text`) a `Gemma3Config`; each has its own table of tensor names.
 
 * `load_gguf(path)`: llama.cpp's GGUF. Tensors are dequantized to float32 with
-  numpy (F32, F16, BF16, Q8_0, Q4_0 and Q4_1 by our own code; Q4_K, Q5_K, Q6_K
+  numpy (F32, F16, BF16, Q8_0, Q4_0 and Q4_1 by our own code, IQ4_NL, MXFP4,
+  NVFP4, Q1_0, Q2_0 and TQ2_0 by `quantjax.io.gguf_codebook`; Q4_K, Q5_K, Q6_K
   and the rest of the k-quants through `gguf.quants.dequantize`), llama.cpp's
   Q/K row permutation is undone, and matrices are transposed to `[in, out]`.
 * `load_hf(directory)`: a Hugging Face directory with `config.json` and
@@ -30,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from quantjax.io import gguf_read
+from quantjax.io import gguf_codebook, gguf_read
 from quantjax.io.gguf_read import GGUFError  # the reader's error, re-exported here
 from quantjax.io.tokenizer import load_tokenizer  # re-exported here
 from quantjax.models import gemma3 as gemma3_lib
@@ -152,11 +153,16 @@ def dequantize_gguf_rows(tensor: Any, rows: Any = slice(None)) -> np.ndarray:
     out = u.view(np.float32)
   elif kind in _OWN:
     out = _OWN[kind](data)
+  elif kind in gguf_codebook.TYPES:
+    raw = np.asarray(data)
+    flat = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw
+    out = gguf_codebook.dequantize(flat, kind).reshape(*raw.shape[:-1], -1)
   elif kind in _VIA_GGUF_PY:
     out = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type).astype(np.float32)
   else:
     raise GGUFError(f"unsupported GGUF tensor type {kind} (tensor {tensor.name!r}); "
-                    f"supported: F32, F16, BF16, {', '.join(_OWN)}, {', '.join(_VIA_GGUF_PY)}")
+                    f"supported: F32, F16, BF16, {', '.join(_OWN)}, "
+                    f"{', '.join(gguf_codebook.TYPES)}, {', '.join(_VIA_GGUF_PY)}")
   return np.asarray(out, np.float32)
 
 

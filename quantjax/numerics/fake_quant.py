@@ -19,10 +19,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quantjax.numerics import calibrate as calibrate_lib
 from quantjax.numerics import qarray as qarray_lib
-from quantjax.numerics.formats import QuantFormat, resolve_format
+from quantjax.numerics.formats import CODEBOOK_KINDS, QuantFormat, resolve_format
 
 __all__ = ["round_ste", "fake_quant", "lsq_fake_quant", "lsq_init_step"]
 
@@ -61,7 +62,12 @@ def _qdq(x: jax.Array, fmt: QuantFormat, calibration: Any) -> tuple[jax.Array, j
     half = 0.5 * jnp.abs(s)  # signed-max scales carry the sign of the extreme value
     inside = (xb32 >= jnp.minimum(a, b) - half) & (xb32 <= jnp.maximum(a, b) + half)
   elif lo_code is not None:
-    inside = jnp.abs(xb32) <= 1.5 * s.astype(jnp.float32)
+    inside = jnp.abs(xb32) <= 1.5 * jnp.abs(s.astype(jnp.float32))
+  elif fmt.kind in CODEBOOK_KINDS:
+    # Levels times a scale that may be negative (IQ4_NL, Q2_0: signed scales).
+    lv = np.asarray(fmt.levels, np.float32)
+    a, b = lv.min() * s.astype(jnp.float32), lv.max() * s.astype(jnp.float32)
+    inside = (xb32 >= jnp.minimum(a, b)) & (xb32 <= jnp.maximum(a, b))
   else:
     m = fmt.max_representable if fmt.kind != "nf4" else 1.0
     inside = jnp.abs(xb32) <= m * s.astype(jnp.float32)

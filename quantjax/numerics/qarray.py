@@ -33,6 +33,7 @@ import numpy as np
 from flax.core import meta as flax_meta
 
 from quantjax.numerics import formats as formats_lib
+from quantjax.numerics import llamacpp_types
 from quantjax.numerics.formats import QuantFormat
 
 __all__ = [
@@ -147,6 +148,8 @@ def scale_from_range(fmt: QuantFormat, lo: jax.Array, hi: jax.Array):
   hi = jnp.asarray(hi, jnp.float32)
   if fmt.is_cast:
     return None, None
+  if fmt.kind in formats_lib.CODEBOOK_KINDS:  # llama.cpp's rules (IQ4_NL, MXFP4, ...)
+    return llamacpp_types.scale_from_range(fmt, lo, hi), None
   if fmt.kind == "int" and not fmt.symmetric:
     n = float(fmt.qmax - fmt.qmin)
     if fmt.zero_point == "float":
@@ -199,6 +202,8 @@ def encode(xb: jax.Array, fmt: QuantFormat, scale_b: jax.Array | None,
   x = xb.astype(jnp.float32)
   if fmt.is_cast:
     return xb.astype(fmt.code_dtype)
+  if fmt.kind in formats_lib.CODEBOOK_KINDS:
+    return llamacpp_types.encode(xb, fmt, scale_b)
   s = scale_b.astype(jnp.float32)
   if fmt.kind in ("fp8_e4m3", "fp8_e5m2"):
     m = fmt.max_representable
@@ -232,6 +237,8 @@ def decode(codes_b: jax.Array, fmt: QuantFormat, scale_b: jax.Array | None,
   """Float32 values of block-shaped codes (exact math, no rounding)."""
   if fmt.is_cast:
     return codes_b.astype(jnp.float32)
+  if fmt.kind in formats_lib.CODEBOOK_KINDS:
+    return llamacpp_types.decode(codes_b, fmt, scale_b)
   s = scale_b.astype(jnp.float32)
   if fmt.kind in ("fp8_e4m3", "fp8_e5m2"):
     return codes_b.astype(jnp.float32) * s
@@ -696,6 +703,7 @@ def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "auto",
     raise ValueError(f"cannot quantize {name}: it is empty (shape {tuple(x.shape)})")
   host = check_finite(x, name)
   if not fmt.is_cast:
+    llamacpp_types.check_blocks(x.shape, fmt, name)  # rows that fill llama.cpp's blocks
     jax.eval_shape(lambda a: block_view(a, fmt), x)  # shape errors, before compiling
   from quantjax.numerics import calibrate as calibrate_lib
   calibration = calibrate_lib.resolve_calibration(calibration)
@@ -742,7 +750,10 @@ def _quantize_jit(x: jax.Array, key, *, fmt: QuantFormat, calibration: Any) -> Q
     return QArray(qvalue=x.astype(fmt.code_dtype), scale=None, zero_point=None, fmt=fmt,
                   shape=shape, dtype=jnp.dtype(x.dtype))
   xb, axes = block_view(x, fmt)
-  scale_b, zp_b, threshold = calibrate_lib.block_scales(xb, axes, fmt, calibration)
+  if llamacpp_types.searches(fmt, calibration):  # IQ4_NL / Q2_0: llama.cpp-style scale search
+    scale_b, zp_b, threshold = llamacpp_types.search_scales(xb, axes, fmt), None, None
+  else:
+    scale_b, zp_b, threshold = calibrate_lib.block_scales(xb, axes, fmt, calibration)
   codes_b = encode(xb, fmt, scale_b, zp_b, key=key, threshold_b=threshold)
   codes = codes_b.reshape(shape)
   scale = stored_scale(scale_b, shape, fmt)
