@@ -4,7 +4,7 @@
 Hugging Face directory (`config.json` and F32 / BF16 / F16 safetensors, one
 file or shards with `model.safetensors.index.json`) or a Llama-family GGUF file
 (memory-mapped; each tensor dequantized to float32 when its layer is read, as
-`models.load.load_gguf` dequantizes it, Q/K rows back in Hugging Face's order;
+`models.load.load_gguf` dequantizes it (`io.gguf_dequant`), Q/K rows back in Hugging Face's order;
 the embedding's calibration rows and the copies of the embedding, norm and head
 read by rows, so a quantized vocabulary is never dequantized whole) and writes the quantized
 model as a Hugging Face compressed-tensors directory (the layout `io.hf.export_hf`
@@ -95,11 +95,12 @@ from quantjax import rules as rules_lib
 from quantjax.eval import speed as speed_lib
 from quantjax.io import atomic
 from quantjax.io import gguf as gguf_io
+from quantjax.io import gguf_dequant
+from quantjax.io import gguf_read
 from quantjax.io import hf
 from quantjax.io import safetensors as st
 from quantjax.methods import capture as capture_lib
 from quantjax.models import llama
-from quantjax.models import load as load_lib
 from quantjax.numerics.qarray import ActQuantized, InputScaled
 from quantjax.version import __version__
 
@@ -184,7 +185,7 @@ class _GGUFRows:
     self.nbytes = int(np.prod(self.shape)) * 4
 
   def __getitem__(self, rows: Any) -> np.ndarray:
-    return load_lib.dequantize_gguf_rows(self._t, rows)
+    return gguf_dequant.dequantize_gguf_rows(self._t, rows)
 
   def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
     a = self[:].reshape(self.shape)
@@ -198,18 +199,18 @@ class _GGUFTensors:
   def __init__(self, path: str, config: Any, reader: Any):
     self.path, self._f = path, reader
     self.table = {tuple(dest): (g, heads) for g, dest, heads, _ in
-                  load_lib.gguf_tensor_table(config)}
+                  gguf_io.tensor_table(config)}
 
   def _tensor(self, spec: hf.TensorSpec) -> tuple[Any, int | None]:
     if self._f is None:
-      self._f = load_lib.open_gguf(self.path)
+      self._f = gguf_read.open_gguf(self.path)
     g, heads = self.table[tuple(spec.path)]
     return self._f.tensor(g), heads
 
   def read(self, spec: hf.TensorSpec) -> np.ndarray:
     t, heads = self._tensor(spec)
-    w = load_lib.dequantize_gguf_tensor(t)
-    return load_lib.unpermute_qk(w, heads) if heads else w
+    w = gguf_dequant.dequantize_gguf_tensor(t)
+    return gguf_dequant.unpermute_qk(w, heads) if heads else w
 
   def mapped(self, spec: hf.TensorSpec) -> _GGUFRows:
     t, heads = self._tensor(spec)
@@ -272,13 +273,13 @@ def _split_specs(specs: list[hf.TensorSpec], n_layers: int):
 def _check_gguf_source(path: str) -> _Source:
   """A Llama-family GGUF file: structure, metadata, tensor names and shapes checked
   (`quantjax.io.gguf_read`) before any tensor is read."""
-  reader = load_lib.open_gguf(path)
+  reader = gguf_read.open_gguf(path)
   try:
-    config = load_lib.config_from_reader(reader, path)
+    config = gguf_io.config_from_reader(reader, path)
     if not isinstance(config, llama.LlamaConfig):
-      raise load_lib.GGUFError(f"{path}: architecture {reader.get('general.architecture')!r}: "
-                               "streaming compression covers the Llama family")
-    load_lib.check_gguf_names(config, reader, path)
+      raise gguf_read.GGUFError(f"{path}: architecture {reader.get('general.architecture')!r}: "
+                                "streaming compression covers the Llama family")
+    gguf_io.check_gguf_names(config, reader, path)
     gguf_io.check_tensor_shapes(config, reader, path)
   except BaseException:
     reader.close()
@@ -505,7 +506,7 @@ class _GGUFPlan:
 
   def __init__(self, gguf_lib, cfg, types, float_type: str):
     self.lib, self.cfg, self.types, self.float_type = gguf_lib, cfg, types, float_type
-    self.names = load_lib.gguf_tensor_table(cfg)  # the file's tensors, in its order
+    self.names = gguf_io.tensor_table(cfg)  # the file's tensors, in its order
     self.table = {tuple(path): (g, heads, axis) for g, path, heads, axis in self.names}
     self.want = gguf_lib.expected_shapes(cfg)
 

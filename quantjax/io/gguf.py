@@ -36,6 +36,14 @@ of their own (`quantjax.numerics.llamacpp_types`; QuantFormat specs `iq4_nl`,
   dequantizing (the same bits, the same bytes), F16/BF16 into cast QArrays,
   and dequantizes the k-quants (Q4_K, Q6_K, ...) to float32, recording which.
   Import then export of those tensor types is byte-identical.
+
+This module knows the format, not the models: which tensors a model has, their
+names and which carry llama.cpp's Q/K permutation come from the family's
+architecture record (`quantjax.io.architecture`, registered by the model
+modules), looked up by config class or `general.architecture`
+(`architecture_of`, `tensor_table`, `expected_shapes`, `config_from_reader`,
+`check_gguf_names`, `check_tensor_shapes`). Dequantizing to float32 is
+`quantjax.io.gguf_dequant`'s.
 """
 
 from __future__ import annotations
@@ -51,12 +59,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.io import architecture as architecture_lib
 from quantjax.io import atomic
 from quantjax.io import gguf_codebook
+from quantjax.io import gguf_dequant
 from quantjax.io import gguf_read
 from quantjax.io import kquants
 from quantjax.io.gguf_read import GGUFError
+from quantjax.io.tokenizer import load_tokenizer
 from quantjax.numerics import llamacpp_types
+from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 from quantjax.optional import require
@@ -70,8 +82,12 @@ __all__ = [
     "block_format",
     "check_row_length",
     "fitting_types",
+    "architecture_of",
     "block_type_of",
     "blocks_to_qarray",
+    "check_gguf_names",
+    "check_tensor_shapes",
+    "config_from_reader",
     "expected_shapes",
     "export_gguf",
     "file_tensor_bytes",
@@ -81,6 +97,7 @@ __all__ = [
     "pack_blocks",
     "permute_qk",
     "qarray_to_blocks",
+    "tensor_table",
     "unpack_blocks",
 ]
 
@@ -225,7 +242,7 @@ def unpack_blocks(raw: np.ndarray, name: str):
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   """llama.cpp's convert-time Q/K row permutation (rows of `[out, ...]`).
 
-  Inverse of `quantjax.models.load.unpermute_qk`; applies to codes, scales and
+  Inverse of `quantjax.io.gguf_dequant.unpermute_qk`; applies to codes, scales and
   minima alike since it only moves whole rows.
   """
   head = w.shape[0] // n_head
@@ -288,11 +305,27 @@ def blocks_to_qarray(raw: np.ndarray, name: str, axis: int, *, rows_fn=None,
 # Tensor names <-> parameter paths.
 
 
-def _name_table(config) -> list[tuple[str, tuple, int | None, int]]:
-  """`(gguf name, params path, Q/K heads or None, contraction axis)` for every tensor
-  (the architecture's table, `quantjax.models.load.gguf_tensor_table`)."""
-  from quantjax.models import load as load_lib
-  return load_lib.gguf_tensor_table(config)
+def architecture_of(config) -> architecture_lib.Architecture:
+  """The registered architecture (`quantjax.io.architecture`) of `config`, with its GGUF
+  names; GGUFError naming the config's type when there is none."""
+  try:
+    arch = architecture_lib.for_config(config)
+  except architecture_lib.UnknownArchitecture:
+    arch = None
+  if arch is None or arch.gguf is None:
+    known = [f"{a.config_type.__module__}.{a.config_type.__name__}"
+             for a in architecture_lib.registered() if a.gguf is not None]
+    raise GGUFError(f"GGUF supports the configs of the registered architectures "
+                    f"({', '.join(known)}), got {type(config).__name__}")
+  return arch
+
+
+def tensor_table(config, arch: architecture_lib.Architecture | None = None,
+                 ) -> list[tuple[str, tuple, int | None, int]]:
+  """`(gguf name, params path, Q/K heads or None, contraction axis)` for every tensor of a
+  model of `config`, in file order (`arch.gguf.table`; `arch` defaults to `config`'s
+  registered architecture)."""
+  return (arch or architecture_of(config)).gguf.table(config)
 
 
 def _get(tree: Any, path: tuple) -> Any:
@@ -306,20 +339,59 @@ def _pure(params: Any) -> Any:
   return params
 
 
-def expected_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_shapes(config, arch: architecture_lib.Architecture | None = None,
+                    ) -> dict[str, tuple[tuple[int, ...], str]]:
   """`{gguf name: (row-major shape in the file, params path)}` the config implies."""
   from flax import nnx
-
-  from quantjax.models import load as load_lib
-  pure = nnx.to_pure_dict(load_lib.model_module(config).abstract_state(config))
+  arch = arch or architecture_of(config)
+  pure = nnx.to_pure_dict(arch.abstract_state(config))
   out = {}
-  for gname, ppath, _, _ in _name_table(config):
+  for gname, ppath, _, _ in tensor_table(config, arch):
     node = pure
     for k in ppath:
       node = node[k]
     shape = tuple(int(s) for s in node.shape)
     out[gname] = (shape[::-1] if ppath[-1] == "kernel" else shape, "/".join(map(str, ppath)))
   return out
+
+
+def config_from_reader(reader: Any, path: str) -> Any:
+  """The model config of a GGUF file, by its `general.architecture` (the registered
+  architectures, `quantjax.io.architecture.for_gguf`), with the architecture's own
+  shape checks (`GGUFNames.check_shapes`)."""
+  meta = gguf_read.gguf_metadata(reader)
+  names = {t.name for t in reader.tensors}
+  try:
+    arch = architecture_lib.for_gguf(meta.get("general.architecture"))
+  except architecture_lib.UnknownArchitecture as e:
+    raise GGUFError(f"{path}: {e}") from None
+  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if emb is None:
+    raise GGUFError(f"{path}: no token_embd.weight tensor")
+  vocab = int(list(emb.shape)[-1])
+  tie = "output.weight" not in names
+  config = arch.gguf.config_from_metadata(meta, vocab, tie, path)
+  if arch.gguf.check_shapes is not None:
+    shapes = {t.name: tuple(int(s) for s in reversed(list(t.shape))) for t in reader.tensors}
+    arch.gguf.check_shapes(config, shapes, path)
+  return config
+
+
+def check_gguf_names(config, reader, path: str) -> None:
+  """Every tensor the config needs is in the file, and nothing unknown is."""
+  arch = architecture_of(config)
+  have = {t.name for t in reader.tensors}
+  table = tensor_table(config, arch)
+  missing = [g for g, *_ in table if g not in have]
+  if missing:
+    raise GGUFError(f"{path}: missing tensor{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(repr(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}"
+                    f" ({len(missing)} of {len(table)} that a {config.num_layers}-layer "
+                    f"{type(config).__name__} needs)")
+  unknown = sorted(have - {g for g, *_ in table} - set(arch.gguf.ignored))
+  if unknown:
+    raise GGUFError(f"{path}: unsupported tensor{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(repr(u) for u in unknown[:5])}")
 
 
 _SHAPE_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count",
@@ -334,14 +406,14 @@ def check_tensor_shapes(config, reader, path: str) -> None:
     GGUFError: a missing or unexpected tensor, or a shape that contradicts the
       metadata (the message names the tensor and the metadata keys involved).
   """
-  from quantjax.models import load as load_lib
-  want = expected_shapes(config)
+  arch = architecture_of(config)
+  want = expected_shapes(config, arch)
   have = {t.name: t for t in reader.tensors}
   missing = [n for n in want if n not in have]
   if missing:
     raise GGUFError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                     f"(the metadata implies {len(want)} tensors)")
-  unknown = sorted(set(have) - set(want) - set(load_lib.GGUF_IGNORED_NAMES))
+  unknown = sorted(set(have) - set(want) - set(arch.gguf.ignored))
   if unknown:
     raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
   arch = getattr(reader, "get", lambda *_: None)("general.architecture") or "llama"
@@ -439,8 +511,7 @@ def _file_type(kinds: list[str]) -> int:
 def _copy_tokenizer_fields(writer, source: str) -> int:
   """Copies `tokenizer.*` keys; returns the number of tokens."""
   gguf = require("gguf", "gguf", "GGUF export")
-  from quantjax.models import load as load_lib
-  reader = load_lib.open_gguf(source)
+  reader = gguf_read.open_gguf(source)
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   for key, field in reader.fields.items():
     if not key.startswith("tokenizer."):
@@ -505,7 +576,6 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
                   importance: Mapping[str, Any] | None) -> tuple[np.ndarray, str, TensorExport]:
   """One tensor as GGUF bytes: `(raw array, GGUF type, report entry)` (`export_gguf`'s
   rules; `want` is `expected_shapes(config)`). Raises GGUFError naming the tensor."""
-  from quantjax.numerics import qarray as qarray_lib
   spath = "/".join(map(str, ppath))
   if isinstance(leaf, InputScaled):
     raise GGUFError(
@@ -613,7 +683,6 @@ def _codebook_from_floats(x: np.ndarray, t: str, importance: Any, name: str) -> 
   """Float GGUF rows `[out, in]` as blocks of codebook type `t`: `quantize`'s scales
   (IQ4_NL / Q2_0: the least-squares search), weighting each value's error by the
   per-input-column `importance` when given (IQ4_NL, Q2_0; ggml's imatrix weights)."""
-  from quantjax.numerics import qarray as qarray_lib
   fmt = block_format(t, 1)
   xj = jnp.asarray(x, jnp.float32)
   if importance is None or fmt.kind not in llamacpp_types.SEARCH_KINDS:
@@ -639,14 +708,14 @@ def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str
   with the checks any reader makes before it takes `path`'s name."""
   gguf = require("gguf", "gguf", "GGUF export")
 
-  from quantjax.models import gemma3 as gemma3_lib
+  arch_name = architecture_of(config).gguf.arch
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = atomic.temp_path(path)  # mode 0666 less the umask, like any new file
   try:
     try:
-      gemma = isinstance(config, gemma3_lib.Gemma3Config)
-      w = gguf.GGUFWriter(tmp, "gemma3" if gemma else "llama")
+      gemma = arch_name == "gemma3"  # llama.cpp's gemma3 keys; "llama" otherwise
+      w = gguf.GGUFWriter(tmp, arch_name)
       w.add_name(name or config.name)
       w.add_context_length(int(config.max_position_embeddings))
       w.add_embedding_length(int(config.hidden_size))
@@ -767,14 +836,9 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   block scales and float values), and the written file is read back with
   `quantjax.io.gguf_read` before it is renamed into place.
   """
-  from quantjax.models import gemma3 as gemma3_lib
-  from quantjax.models import llama as llama_lib
-
-  if isinstance(config, gemma3_lib.Gemma3Config):
-    _check_gemma3_exportable(config)
-  elif not isinstance(config, llama_lib.LlamaConfig):
-    raise GGUFError(f"export supports quantjax.models.llama.LlamaConfig and "
-                    f"quantjax.models.gemma3.Gemma3Config models, got {type(config).__name__}")
+  arch = architecture_of(config)
+  if arch.gguf.check_exportable is not None:
+    arch.gguf.check_exportable(config)
   if float_type.upper() not in FLOAT_TYPES:
     raise GGUFError(f"float_type must be one of {FLOAT_TYPES}, got {float_type!r}")
   float_type = float_type.upper()
@@ -783,8 +847,8 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   # Encode every tensor first: a bad leaf fails before any file exists.
   tensors: list[tuple[str, np.ndarray, str]] = []
   report: list[TensorExport] = []
-  want = expected_shapes(config)
-  for gname, ppath, heads, axis in _name_table(config):
+  want = expected_shapes(config, arch)
+  for gname, ppath, heads, axis in tensor_table(config, arch):
     raw, t, rec = encode_tensor(gname, ppath, heads, axis, _get(pure, ppath), want, types,
                                 float_type, importance)
     tensors.append((gname, raw, t))
@@ -792,28 +856,6 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
 
   write_gguf_file(path, config, tensors, tokenizer=tokenizer, name=name)
   return report
-
-
-def _check_gemma3_exportable(config) -> None:
-  """llama.cpp's `gemma3` hard-codes some settings; refuse configs it would misread."""
-  from quantjax.models import gemma3 as gemma3_lib
-  problems = []
-  if config.sliding_window is not None and config.layer_types != gemma3_lib.default_layer_types(
-      config.num_layers):
-    problems.append(f"layer_types {config.layer_types} (llama.cpp makes every sixth layer "
-                    "global)")
-  if config.rope_local_theta != 10_000.0:
-    problems.append(f"rope_local_theta={config.rope_local_theta} (llama.cpp uses 10000)")
-  want = (config.hidden_size // config.num_heads if config.num_layers == 62 else
-          config.head_dim)
-  if float(config.query_pre_attn_scalar) != float(want):
-    problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp uses "
-                    f"{want} for a {config.num_layers}-layer model)")
-  if config.attn_logit_softcapping is not None:
-    problems.append(f"attn_logit_softcapping={config.attn_logit_softcapping} (llama.cpp's gemma3 "
-                    "has none)")
-  if problems:
-    raise GGUFError("this Gemma3Config cannot be exported for llama.cpp: " + "; ".join(problems))
 
 
 def _check_finite_leaf(leaf: Any, spath: str, gname: str) -> None:
@@ -908,17 +950,16 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
   structure, offsets, block scales, metadata, tensor shapes against the
   metadata); `check_values=True` also checks every float tensor value.
   """
-  from quantjax.models import load as load_lib
-
   path = os.fspath(path)
-  reader = load_lib.open_gguf(path, check_values=check_values)
-  config = load_lib.config_from_reader(reader, path)
+  reader = gguf_read.open_gguf(path, check_values=check_values)
+  config = config_from_reader(reader, path)
+  arch = architecture_of(config)
   check_tensor_shapes(config, reader, path)
   by_name = {t.name: t for t in reader.tensors}
   info: dict[str, tuple[str, str]] = {}
   pure: dict = {}
-  table = _name_table(config)
-  known = {g for g, *_ in table} | set(load_lib.GGUF_IGNORED_NAMES)
+  table = tensor_table(config, arch)
+  known = {g for g, *_ in table} | set(arch.gguf.ignored)
   unknown = sorted(set(by_name) - known)
   if unknown:
     raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
@@ -927,7 +968,7 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
     if t is None:
       raise GGUFError(f"{path}: missing tensor {gname!r}")
     kind = t.tensor_type.name
-    rows_fn = (lambda a, h=heads: load_lib.unpermute_qk(a, h)) if heads else None
+    rows_fn = (lambda a, h=heads: gguf_dequant.unpermute_qk(a, h)) if heads else None
     shape = tuple(int(s) for s in reversed(list(t.shape)))  # row-major [out, in]
     if kind in BLOCK_TYPES or kind in CODEBOOK_TYPES:
       raw = np.asarray(t.data).reshape(shape[0], -1)
@@ -950,7 +991,7 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
                                None, dtype=dtype)
       how = "qarray"
     else:
-      x = load_lib.dequantize_gguf_tensor(t)
+      x = gguf_dequant.dequantize_gguf_tensor(t)
       if rows_fn is not None:
         x = rows_fn(x)
       if len(shape) == 2 and axis == 0:
@@ -962,18 +1003,17 @@ def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any =
     for k in ppath[:-1]:
       node = node.setdefault(k, {})
     node[ppath[-1]] = leaf
-  load_lib.check_params_complete(config, pure, path)
+  architecture_lib.check_params_complete(arch, config, pure, path)
   deq = collections.Counter(k for k, h in info.values() if h == "dequantized")
   if deq:
     _log.warning("%s: dequantized to float32 on import (no QArray equivalent): %s", path,
                  ", ".join(f"{k} x{n}" for k, n in sorted(deq.items())))
-  params = load_lib.model_module(config).as_state(config, pure)
-  tok = load_lib.load_tokenizer(path) if tokenizer else None
+  params = arch.as_state(config, pure)
+  tok = load_tokenizer(path) if tokenizer else None
   return config, params, tok, info
 
 
 def file_tensor_bytes(path: str | os.PathLike) -> int:
   """Sum of the tensor data sizes in a GGUF file."""
-  from quantjax.models import load as load_lib
-  reader = load_lib.open_gguf(os.fspath(path))
+  reader = gguf_read.open_gguf(os.fspath(path))
   return sum(int(t.n_bytes) for t in reader.tensors)

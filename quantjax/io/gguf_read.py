@@ -31,7 +31,8 @@ Values:
   * with `check_values=True` (llama.cpp's `check_tensors`): every value of
     the F32 / F16 / BF16 / F64 tensors is finite too.
 
-Metadata (`validate_metadata`, called by the model loaders): the
+Metadata (`validate_metadata`, called by the model loaders through
+`open_gguf`, which reads and validates): the
 architecture's hyper-parameters have integer types and positive values
 (`llama.attention.head_count_kv = 0` is named as such), head counts divide,
 epsilons and RoPE bases are finite, the tokenizer's arrays agree in length,
@@ -78,6 +79,8 @@ __all__ = [
     "check_tensor_values",
     "EXTRA_GGML_TYPES",
     "ggml_type",
+    "gguf_metadata",
+    "open_gguf",
     "read_gguf",
     "validate_metadata",
 ]
@@ -830,3 +833,31 @@ def validate_metadata(f: GGUFFile) -> None:
 def iter_fields(f: GGUFFile) -> Iterator[GGUFField]:
   """The file's key/value pairs in file order (pseudo-fields `GGUF.*` first)."""
   return iter(f.fields.values())
+
+
+def open_gguf(path: str, *, check_values: bool = False) -> GGUFFile:
+  """The checked GGUF file at `path` (`read_gguf`): structure, block scales and model
+  metadata (`validate_metadata`) are validated before any tensor is read."""
+  f = read_gguf(path, check_values=check_values)
+  validate_metadata(f)
+  return f
+
+
+# The tokenizer's small fields; its vocabulary arrays are large and read by the tokenizer.
+_TOKENIZER_SCALARS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+                      "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
+                      "tokenizer.ggml.unknown_token_id")
+
+
+def gguf_metadata(reader: Any) -> dict[str, Any]:
+  """Key/value metadata of a `GGUFFile` (or gguf-py's `GGUFReader`) as Python values,
+  without the tokenizer's vocabulary arrays."""
+  meta = {}
+  for key, field in reader.fields.items():
+    if key.startswith("tokenizer.ggml.") and key not in _TOKENIZER_SCALARS:
+      continue  # vocabularies are large; the tokenizer reads them itself
+    try:
+      meta[key] = field.contents()
+    except Exception:  # pragma: no cover - unusual field types
+      continue
+  return meta

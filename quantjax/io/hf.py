@@ -54,9 +54,10 @@ scheme, a missing shard or tensor, shapes that disagree with `config.json`,
 a truncated safetensors file: each is an `HFFormatError` naming the file and
 tensor.
 
-Architectures plug in through `register_architecture(HFArchitecture(...))`:
-the mapping between a model's params paths and the checkpoint's tensor names
-(and the config translation) is data; the Llama family is registered here.
+Architectures are data: each model module's `quantjax.io.architecture.Architecture`
+record carries an `HFArchitecture` (the mapping between its params paths and the
+checkpoint's tensor names, and the config translation), registered with
+`quantjax.io.architecture.register`; `architecture_for` looks it up.
 
 References:
   compressed-tensors (vLLM project), `compressors/pack_quantized`,
@@ -83,10 +84,9 @@ import ml_dtypes
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.io import architecture as architecture_lib
 from quantjax.io import safetensors as st
 from quantjax.io.tokenizer import load_tokenizer
-from quantjax.models import gemma3 as gemma3_lib
-from quantjax.models import llama as llama_lib
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray, StaticActQuantized
@@ -107,7 +107,6 @@ __all__ = [
     "pack_int32",
     "quantization_config",
     "read_config",
-    "register_architecture",
     "unpack_int32",
 ]
 
@@ -197,171 +196,19 @@ class HFArchitecture:
   ignorable: tuple[str, ...] = ()
 
 
-_ARCHITECTURES: list[HFArchitecture] = []
-
-
-def register_architecture(arch: HFArchitecture) -> None:
-  """Makes `arch` available to `export_hf` and `import_hf` (a later one wins)."""
-  _ARCHITECTURES.insert(0, arch)
-
-
 def architecture_for(config_or_model_type: Any) -> HFArchitecture:
-  """The registered architecture of a config object or a `model_type` string."""
-  _ensure_builtin()
-  if isinstance(config_or_model_type, str):
-    for a in _ARCHITECTURES:
-      if config_or_model_type in a.model_types:
-        return a
-    known = sorted({t for a in _ARCHITECTURES for t in a.model_types})
-    raise HFFormatError(f"unsupported model_type {config_or_model_type!r}; registered: {known}")
-  for a in _ARCHITECTURES:
-    if isinstance(config_or_model_type, a.config_type):
-      return a
-  raise HFFormatError(f"no Hugging Face architecture registered for "
-                      f"{type(config_or_model_type).__name__} (register_architecture)")
-
-
-def _llama_to_hf(cfg) -> dict:
-  d = {
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim, "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-      "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-      "pretraining_tp": 1,
-  }
-  if cfg.bos_token_id is not None:
-    d["bos_token_id"] = int(cfg.bos_token_id)
-  if cfg.eos_token_id is not None:
-    d["eos_token_id"] = int(cfg.eos_token_id)
-  return d
-
-
-def _llama_tensors(cfg) -> list[TensorSpec]:
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d),
-                    "embedding")]
-  layer = [("input_layernorm.weight", ("input_norm", "scale"), (d,), "vector"),
-           ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q), "linear"),
-           ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d), "linear"),
-           ("post_attention_layernorm.weight", ("post_attn_norm", "scale"), (d,), "vector"),
-           ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f), "linear"),
-           ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f), "linear"),
-           ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d), "linear")]
-  for i in range(cfg.num_layers):
-    for name, path, shape, kind in layer:
-      out.append(TensorSpec(f"model.layers.{i}.{name}", ("layers", i) + path, shape, kind))
-  out.append(TensorSpec("model.norm.weight", ("final_norm", "scale"), (d,), "vector"))
-  if not cfg.tie_embeddings:
-    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, cfg.vocab_size),
-                          "linear"))
-  return out
-
-
-def _llama_architecture() -> HFArchitecture:
-  return HFArchitecture(
-      model_types=("llama", "mistral", "smollm", "smollm2"), hf_class="LlamaForCausalLM",
-      config_type=llama_lib.LlamaConfig, to_hf_config=_llama_to_hf,
-      from_hf_config=lambda d, name, source: llama_lib.LlamaConfig.from_hf(d, name=name),
-      tensors=_llama_tensors, to_params=llama_lib.as_state,
-      ignorable=(r".*rotary_emb\.inv_freq", r"lm_head\.weight"))
-
-
-def _gemma3_to_hf(cfg) -> dict:
-  full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling_factor != 1.0:
-    full = {"rope_type": "linear", "rope_theta": cfg.rope_theta,
-            "factor": cfg.rope_scaling_factor}
-  d = {
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
-      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-      "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
-      "rope_parameters": {gemma3_lib.GLOBAL: full,
-                          gemma3_lib.SLIDING: {"rope_type": "default",
-                                               "rope_theta": cfg.rope_local_theta}},
-      # transformers' config class types it int; keep a fractional value as it is
-      "query_pre_attn_scalar": (int(cfg.query_pre_attn_scalar)
-                                if float(cfg.query_pre_attn_scalar).is_integer()
-                                else cfg.query_pre_attn_scalar),
-      "final_logit_softcapping": cfg.final_logit_softcapping,
-      "attn_logit_softcapping": cfg.attn_logit_softcapping,
-      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-      "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-  }
-  for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-    if getattr(cfg, k) is not None:
-      d[k] = int(getattr(cfg, k))
-  return d
-
-
-def _gemma3_tensors(cfg) -> list[TensorSpec]:
-  """Gemma 3's checkpoint names. quantjax keeps each RMSNorm weight as the multiplier
-  `1 + w` (`quantjax.models.gemma3`); checkpoints store `w`."""
-  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-
-  def norm(name, path, n):
-    return (name, path, (n,), "vector")
-  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d),
-                    "embedding")]
-  layer = [norm("input_layernorm.weight", ("input_norm", "scale"), d),
-           ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q), "linear"),
-           ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d), "linear"),
-           norm("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), hd),
-           norm("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), hd),
-           norm("post_attention_layernorm.weight", ("post_attn_norm", "scale"), d),
-           norm("pre_feedforward_layernorm.weight", ("pre_mlp_norm", "scale"), d),
-           ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f), "linear"),
-           ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f), "linear"),
-           ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d), "linear"),
-           norm("post_feedforward_layernorm.weight", ("post_mlp_norm", "scale"), d)]
-
-  def spec(name, path, shape, kind):
-    if kind != "vector":
-      return TensorSpec(name, path, shape, kind)
-    return TensorSpec(name, path, shape, kind, to_hf=lambda w: w - np.float32(1.0),
-                      from_hf=lambda w: (np.float32(1.0) + w).astype(np.float32))
-  for i in range(cfg.num_layers):
-    for name, path, shape, kind in layer:
-      out.append(spec(f"model.layers.{i}.{name}", ("layers", i) + path, shape, kind))
-  out.append(spec("model.norm.weight", ("final_norm", "scale"), (d,), "vector"))
-  if not cfg.tie_embeddings:
-    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, cfg.vocab_size),
-                          "linear"))
-  return out
-
-
-def _gemma3_architecture() -> HFArchitecture:
-  return HFArchitecture(
-      model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
-      config_type=gemma3_lib.Gemma3Config, to_hf_config=_gemma3_to_hf,
-      from_hf_config=lambda d, name, source: gemma3_lib.Gemma3Config.from_hf(
-          d, name=name, source=source),
-      tensors=_gemma3_tensors, to_params=gemma3_lib.as_state,
-      ignorable=(r".*rotary_emb.*inv_freq", r"lm_head\.weight"))
-
-
-_BUILTIN_DONE = False
-
-
-def _ensure_builtin() -> None:
-  global _BUILTIN_DONE
-  if not _BUILTIN_DONE:
-    _BUILTIN_DONE = True
-    _ARCHITECTURES.append(_llama_architecture())
-    _ARCHITECTURES.append(_gemma3_architecture())
+  """The `HFArchitecture` of the registered architecture (`quantjax.io.architecture`) of a
+  config object or a `model_type` string."""
+  try:
+    if isinstance(config_or_model_type, str):
+      arch = architecture_lib.for_model_type(config_or_model_type)
+    else:
+      arch = architecture_lib.for_config(config_or_model_type)
+  except architecture_lib.UnknownArchitecture as e:
+    raise HFFormatError(str(e)) from None
+  if arch.hf is None:
+    raise HFFormatError(f"architecture {arch.name!r} has no Hugging Face names")
+  return arch.hf
 
 
 # ----------------------------------------------------------------------------
@@ -852,7 +699,7 @@ def export_hf(directory: str | os.PathLike, config: Any, params: Any, *, tokeniz
   Args:
     directory: the output directory; must not exist (or `overwrite=True` and
       it is an earlier `export_hf` output, recognised by its report file).
-    config: the model config (e.g. `LlamaConfig`; see `register_architecture`).
+    config: the model config (e.g. `LlamaConfig`; see `quantjax.io.architecture`).
     params: the params tree (`nnx.State` or nested dict): float arrays,
       `QArray`, `ActQuantized` (dynamic activations), `StaticActQuantized`
       (static per-tensor activations), `NMSparse`.

@@ -45,6 +45,13 @@ The functional surface is the Llama's (`forward(config, params, tokens)`,
 the generic calibration (`quantjax.methods.calibrate`) and the partition
 rules of `quantjax.distributed` take either model.
 
+`ARCHITECTURE` is the family as the file formats see it (data, registered with
+`quantjax.io.architecture`): the Hugging Face names and `config.json` map
+(`Gemma3ForCausalLM`, `model_type` gemma3_text; norms stored as `w`), llama.cpp's
+`gemma3` tensor names (no Q/K permutation), the head-dimension checks of a GGUF
+file (`check_gguf_shapes`) and the settings llama.cpp cannot represent
+(`check_gguf_exportable`).
+
 References:
   Gemma Team, "Gemma 3 Technical Report", arXiv:2503.19786 (2025).
   Hugging Face transformers `Gemma3ForCausalLM` (the parity oracle) and
@@ -65,6 +72,9 @@ import numpy as np
 from flax import nnx
 
 from quantjax import ops
+from quantjax.io import architecture as architecture_lib
+from quantjax.io.gguf_read import GGUFError
+from quantjax.io.hf import HFArchitecture, TensorSpec
 from quantjax.kernels import dispatch
 from quantjax.methods.rotation import HeadRotation, RotationTable
 from quantjax.models import llama as llama_lib
@@ -73,7 +83,10 @@ from quantjax.models.llama import Linear, apply_rope
 from quantjax.numerics.qarray import QArray
 
 __all__ = [
+    "ARCHITECTURE",
     "AWQ_NO_CLIP",
+    "GGUF_LAYER_NAMES",
+    "GGUF_TOP_NAMES",
     "GLOBAL",
     "Gemma3",
     "Gemma3Cache",
@@ -82,6 +95,8 @@ __all__ = [
     "SLIDING",
     "abstract_state",
     "as_state",
+    "check_gguf_exportable",
+    "check_gguf_shapes",
     "decoder",
     "forward_fn",
     "fold_groups",
@@ -830,3 +845,168 @@ def rotation_table(config: Gemma3Config, *, prefix: str = "layers"):
                   for i in range(config.num_layers)),
       head_dim=config.head_dim, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads)
   return RotationTable(None, heads, why_not=GEMMA3_NO_R1)
+
+
+# ----------------------------------------------------------------------------
+# The architecture record: what the file formats (`quantjax.io`) know of the family.
+
+
+def _hf_config(cfg: Gemma3Config) -> dict:
+  """`config.json` of a `Gemma3ForCausalLM` (`gemma3_text`; no quantization_config)."""
+  full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling_factor != 1.0:
+    full = {"rope_type": "linear", "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_scaling_factor}
+  d = {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+      "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
+      "rope_parameters": {GLOBAL: full,
+                          SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+      # transformers' config class types it int; keep a fractional value as it is
+      "query_pre_attn_scalar": (int(cfg.query_pre_attn_scalar)
+                                if float(cfg.query_pre_attn_scalar).is_integer()
+                                else cfg.query_pre_attn_scalar),
+      "final_logit_softcapping": cfg.final_logit_softcapping,
+      "attn_logit_softcapping": cfg.attn_logit_softcapping,
+      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+      "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+  }
+  for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    if getattr(cfg, k) is not None:
+      d[k] = int(getattr(cfg, k))
+  return d
+
+
+def _hf_tensors(cfg: Gemma3Config) -> list[TensorSpec]:
+  """Gemma 3's checkpoint names. quantjax keeps each RMSNorm weight as the multiplier
+  `1 + w`; checkpoints store `w`."""
+  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+
+  def norm(name, path, n):
+    return (name, path, (n,), "vector")
+  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d),
+                    "embedding")]
+  layer = [norm("input_layernorm.weight", ("input_norm", "scale"), d),
+           ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q), "linear"),
+           ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv), "linear"),
+           ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv), "linear"),
+           ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d), "linear"),
+           norm("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), hd),
+           norm("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), hd),
+           norm("post_attention_layernorm.weight", ("post_attn_norm", "scale"), d),
+           norm("pre_feedforward_layernorm.weight", ("pre_mlp_norm", "scale"), d),
+           ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f), "linear"),
+           ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f), "linear"),
+           ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d), "linear"),
+           norm("post_feedforward_layernorm.weight", ("post_mlp_norm", "scale"), d)]
+
+  def spec(name, path, shape, kind):
+    if kind != "vector":
+      return TensorSpec(name, path, shape, kind)
+    return TensorSpec(name, path, shape, kind, to_hf=lambda w: w - np.float32(1.0),
+                      from_hf=lambda w: (np.float32(1.0) + w).astype(np.float32))
+  for i in range(cfg.num_layers):
+    for name, path, shape, kind in layer:
+      out.append(spec(f"model.layers.{i}.{name}", ("layers", i) + path, shape, kind))
+  out.append(spec("model.norm.weight", ("final_norm", "scale"), (d,), "vector"))
+  if not cfg.tie_embeddings:
+    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, cfg.vocab_size),
+                          "linear"))
+  return out
+
+
+# llama.cpp's `gemma3` tensor names -> params paths: no Q/K row permutation (NEOX-style
+# RoPE), and norm weights stored as the multiplier 1 + w, which is what quantjax keeps.
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": ("input_norm", "scale"),
+    "attn_q.weight": ("attn", "q_proj", "kernel"),
+    "attn_k.weight": ("attn", "k_proj", "kernel"),
+    "attn_v.weight": ("attn", "v_proj", "kernel"),
+    "attn_output.weight": ("attn", "o_proj", "kernel"),
+    "attn_q_norm.weight": ("attn", "q_norm", "scale"),
+    "attn_k_norm.weight": ("attn", "k_norm", "scale"),
+    "post_attention_norm.weight": ("post_attn_norm", "scale"),
+    "ffn_norm.weight": ("pre_mlp_norm", "scale"),
+    "ffn_gate.weight": ("mlp", "gate_proj", "kernel"),
+    "ffn_up.weight": ("mlp", "up_proj", "kernel"),
+    "ffn_down.weight": ("mlp", "down_proj", "kernel"),
+    "post_ffw_norm.weight": ("post_mlp_norm", "scale"),
+}
+GGUF_TOP_NAMES = llama_lib.GGUF_TOP_NAMES
+
+
+def _config_from_gguf(meta: Mapping[str, Any], vocab_size: int, tie_embeddings: bool,
+                      source: str) -> Gemma3Config:
+  try:
+    return Gemma3Config.from_gguf_metadata(meta, vocab_size=vocab_size,
+                                           tie_embeddings=tie_embeddings, source=source)
+  except ValueError as e:
+    raise GGUFError(str(e) if source in str(e) else f"{source}: {e}") from None
+
+
+def check_gguf_shapes(config: Gemma3Config, shapes: Mapping[str, tuple], source: str) -> None:
+  """Head-dimension checks of a GGUF file's tensors that name the tensor and the metadata
+  keys involved (`shapes`: tensor name -> row-major shape, `[out, in]`)."""
+  h, hk, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  fields = ("gemma3.attention.head_count", "gemma3.attention.head_count_kv",
+            "gemma3.attention.key_length")
+  names = {"q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight",
+           "v": "blk.{i}.attn_v.weight", "o": "blk.{i}.attn_output.weight",
+           "qn": "blk.{i}.attn_q_norm.weight", "kn": "blk.{i}.attn_k_norm.weight"}
+  want = {"q": (0, h, fields[0]), "k": (0, hk, fields[1]), "v": (0, hk, fields[1]),
+          "o": (1, h, fields[0]), "qn": (0, 1, None), "kn": (0, 1, None)}
+  for i in range(config.num_layers):
+    for key, (axis, n, field) in want.items():
+      name = names[key].format(i=i)
+      if name not in shapes:
+        continue  # reported as missing by the caller
+      got = int(shapes[name][axis])
+      if got != n * hd:
+        how = (f"{field} ({n}) x {fields[2]} ({hd}) = {n * hd}" if field else
+               f"{fields[2]} = {hd}")
+        raise GGUFError(f"{source}: inconsistent head dimension: tensor {name!r} has shape "
+                        f"{tuple(shapes[name])} (size {got} on axis {axis}) but {how}")
+
+
+def check_gguf_exportable(config: Gemma3Config) -> None:
+  """llama.cpp's `gemma3` hard-codes some settings; refuse (GGUFError) configs it would
+  misread."""
+  problems = []
+  if config.sliding_window is not None and config.layer_types != default_layer_types(
+      config.num_layers):
+    problems.append(f"layer_types {config.layer_types} (llama.cpp makes every sixth layer "
+                    "global)")
+  if config.rope_local_theta != 10_000.0:
+    problems.append(f"rope_local_theta={config.rope_local_theta} (llama.cpp uses 10000)")
+  want = (config.hidden_size // config.num_heads if config.num_layers == 62 else
+          config.head_dim)
+  if float(config.query_pre_attn_scalar) != float(want):
+    problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp uses "
+                    f"{want} for a {config.num_layers}-layer model)")
+  if config.attn_logit_softcapping is not None:
+    problems.append(f"attn_logit_softcapping={config.attn_logit_softcapping} (llama.cpp's gemma3 "
+                    "has none)")
+  if problems:
+    raise GGUFError("this Gemma3Config cannot be exported for llama.cpp: " + "; ".join(problems))
+
+
+ARCHITECTURE = architecture_lib.Architecture(
+    name="gemma3", config_type=Gemma3Config, model=Gemma3, abstract_state=abstract_state,
+    as_state=as_state,
+    hf=HFArchitecture(
+        model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
+        config_type=Gemma3Config, to_hf_config=_hf_config,
+        from_hf_config=lambda d, name, source: Gemma3Config.from_hf(d, name=name, source=source),
+        tensors=_hf_tensors, to_params=as_state,
+        ignorable=(r".*rotary_emb.*inv_freq", r"lm_head\.weight")),
+    gguf=architecture_lib.GGUFNames(
+        arch="gemma3", layer=GGUF_LAYER_NAMES, top=GGUF_TOP_NAMES,
+        config_from_metadata=_config_from_gguf, ignored=llama_lib.GGUF_IGNORED_NAMES,
+        check_shapes=check_gguf_shapes, check_exportable=check_gguf_exportable),
+    fold_groups=fold_groups, rotation_table=rotation_table)
+architecture_lib.register(ARCHITECTURE)

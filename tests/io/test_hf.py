@@ -616,21 +616,23 @@ def test_registered_architecture_plugs_in(tiny_tied, tmp_path, monkeypatch):
   class ShiftedConfig(llama.LlamaConfig):
     pass
 
+  from quantjax.io import architecture
   cfg, params = tiny_tied
-  base = hf.architecture_for(cfg)
+  base = architecture.for_config(cfg)
 
   def tensors(c):
     return [dataclasses.replace(t, to_hf=lambda a: a - 1.0, from_hf=lambda a: a + 1.0)
-            if t.kind == "vector" else t for t in base.tensors(c)]
+            if t.kind == "vector" else t for t in base.hf.tensors(c)]
 
   def from_hf(d, name, source):
     c = llama.LlamaConfig.from_hf({**d, "model_type": "llama"}, name=name)
     return ShiftedConfig(**dataclasses.asdict(c))
 
-  monkeypatch.setattr(hf, "_ARCHITECTURES", list(hf._ARCHITECTURES))
-  hf.register_architecture(dataclasses.replace(
-      base, model_types=("llama_shifted",), config_type=ShiftedConfig, tensors=tensors,
-      from_hf_config=from_hf))
+  monkeypatch.setattr(architecture, "_REGISTRY", list(architecture.registered()))
+  architecture.register(dataclasses.replace(
+      base, name="llama_shifted", config_type=ShiftedConfig, gguf=None,
+      hf=dataclasses.replace(base.hf, model_types=("llama_shifted",), config_type=ShiftedConfig,
+                             tensors=tensors, from_hf_config=from_hf)))
   scfg = ShiftedConfig(**dataclasses.asdict(cfg))
   q = _quantize(params, [qj.QuantRule(module_path=PROJ, format="int4_g32")])
   hf.export_hf(tmp_path / "m", scfg, q)

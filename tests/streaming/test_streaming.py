@@ -493,16 +493,16 @@ def test_gguf_pages_dropped_without_reparsing(tmp_path):
   """A GGUF source's release takes the pages read out of resident memory and keeps the
   parsed file: later reads fault the same bytes in again."""
   from quantjax.io import gguf
-  from quantjax.models import load as load_lib
+  from quantjax.io import gguf_dequant, gguf_read
   cfg, pure = make_tiny(num_layers=1)
   src = tmp_path / "tiny.gguf"
   gguf.export_gguf(src, cfg, pure)
-  f = load_lib.open_gguf(str(src))
+  f = gguf_read.open_gguf(str(src))
   t = f.tensor("token_embd.weight")
-  before = load_lib.dequantize_gguf_tensor(t)
+  before = gguf_dequant.dequantize_gguf_tensor(t)
   assert _mapped_rss_kib(src) >= before.nbytes // 1024  # 32 KiB of float32 embedding
   assert f.drop_pages()
   assert _mapped_rss_kib(src) == 0
   assert f.tensor("token_embd.weight") is t  # the header was not parsed again
-  assert np.array_equal(load_lib.dequantize_gguf_tensor(t), before)
+  assert np.array_equal(gguf_dequant.dequantize_gguf_tensor(t), before)
   f.close()
