@@ -28,6 +28,14 @@ int-quantized      `m.weight` int8 codes `[out, in]`, `m.weight_scale`,
 float-quantized    `m.weight` float8_e4m3fn `[out, in]`, `m.weight_scale`;
 (W8A8 FP8)         activations as for int-quantized, in FP8 E4M3.
 naive-quantized    weight-only codes stored unpacked (FP8 W8A16 here).
+mxfp4-pack-        `m.weight_packed` uint8 `[out, in/2]`: FP4 E2M1 nibbles
+quantized          (sign bit 3, magnitude 0, .5, 1, 1.5, 2, 3, 4, 6), element
+                   2j low; `m.weight_scale` uint8 `[out, in/32]`: E8M0
+                   exponents, scale 2^(e-127). x = fp4 * s.
+nvfp4-pack-        `m.weight_packed` as MXFP4; `m.weight_scale` float8_e4m3fn
+quantized          `[out, in/16]`; `m.weight_global_scale` float32 `[1]`.
+                   x = fp4 * s / global (ours write global = 1: our NVFP4
+                   scales are final, as in llama.cpp's NVFP4).
 dense              `m.weight` in the model dtype.
 =================  ============================================================
 
@@ -119,6 +127,7 @@ REPORT_FILE = "quantjax_export.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized",
+                      "mxfp4-pack-quantized", "nvfp4-pack-quantized",
                       "dense")
 _FLOAT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                  "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -264,19 +273,28 @@ class QArgs:
   num_bits: int
   type: str            # "int" | "float"
   symmetric: bool
-  strategy: str        # "tensor" | "channel" | "group" | "token"
+  strategy: str        # "tensor" | "channel" | "group" | "tensor_group" | "token"
   group_size: int | None = None
   dynamic: bool = False
+  scale_dtype: str | None = None  # e.g. "torch.uint8" (MXFP4's E8M0 bytes)
+
+  @property
+  def is_fp4(self) -> bool:
+    """FP4 E2M1 weights: MXFP4 (group 32, E8M0 scales) or NVFP4 (group 16, E4M3 scales
+    over a per-tensor global scale)."""
+    return self.type == "float" and self.num_bits == 4
 
   def to_json(self) -> dict:
     return {"num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
             "group_size": self.group_size, "strategy": self.strategy, "block_structure": None,
-            "dynamic": self.dynamic, "actorder": None, "scale_dtype": None,
+            "dynamic": self.dynamic, "actorder": None, "scale_dtype": self.scale_dtype,
             "zp_dtype": None if self.symmetric else "torch.int8",
             "observer": None if self.dynamic else "minmax", "observer_kwargs": {}}
 
   def describe(self) -> str:
     s = f"{self.type}{self.num_bits}"
+    if self.is_fp4:
+      return ("nvfp4" if self.strategy == "tensor_group" else "mxfp4") + f" g{self.group_size}"
     s += f" g{self.group_size}" if self.strategy == "group" else f" per-{self.strategy}"
     s += " sym" if self.symmetric else " asym"
     return s + (" dynamic" if self.dynamic else "")
@@ -304,6 +322,11 @@ class Scheme:
 
 
 def _scheme_format(w: QArgs, a: QArgs | None) -> str:
+  if w.is_fp4:
+    if a is not None:
+      raise HFFormatError(f"FP4 weights with {a.type}{a.num_bits} activations are not exported "
+                          "(compressed-tensors' MXFP4 / NVFP4 activations are FP4 themselves)")
+    return "nvfp4-pack-quantized" if w.strategy == "tensor_group" else "mxfp4-pack-quantized"
   if a is None:
     return "pack-quantized" if w.type == "int" else "naive-quantized"
   if w.type == "int" and a.type == "int":
@@ -414,6 +437,14 @@ def _weight_args(q: QArray, ax: int) -> QArgs | None:
     typ, bits = "int", 2
   elif f.kind == "fp8_e4m3":
     typ, bits = "float", 8
+  elif f.kind in _FP4:
+    # compressed-tensors' FP4 schemes: groups of exactly 16 (NVFP4, E4M3 scales) or 32
+    # (MXFP4, E8M0 scales) along the contraction axis.
+    gs, sdt, strategy, name = _FP4[f.kind]
+    if (f.granularity != "group" or f.group_axis % 2 != ax or int(f.group_size) != gs
+        or jnp.dtype(f.scale_dtype) != jnp.dtype(sdt)):
+      return None
+    return QArgs(4, "float", True, strategy, gs, scale_dtype=name)
   else:
     return None
   if f.granularity == "group":
@@ -425,6 +456,28 @@ def _weight_args(q: QArray, ax: int) -> QArgs | None:
       return None
     return QArgs(bits, typ, f.symmetric, "channel")
   return QArgs(bits, typ, f.symmetric, "tensor")
+
+
+# kind -> (group size, our scale dtype, compressed-tensors strategy, its scale_dtype name)
+_FP4 = {"mxfp4": (32, jnp.float8_e8m0fnu, "group", "torch.uint8"),
+        "nvfp4": (16, jnp.float8_e4m3fn, "tensor_group", "torch.float8_e4m3fn")}
+
+
+def pack_fp4(codes: np.ndarray) -> np.ndarray:
+  """FP4 E2M1 codes `[rows, cols]` (nibbles: sign bit 3, magnitude index 0-7, quantjax's
+  and compressed-tensors' order alike) -> uint8 `[rows, cols / 2]`, element 2j in the low
+  nibble of byte j (compressed-tensors' `pack_fp4_to_uint8`)."""
+  c = np.asarray(codes).astype(np.uint8)
+  if c.ndim != 2 or c.shape[1] % 2 or np.any(c > 15):
+    raise HFFormatError(f"FP4 codes of shape {list(c.shape)}: need 2-D, an even row length and "
+                        "codes 0-15")
+  return np.ascontiguousarray(c[:, 0::2] | (c[:, 1::2] << 4))
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+  """Inverse of `pack_fp4`: uint8 `[rows, n]` -> codes uint8 `[rows, 2 n]`."""
+  p = np.asarray(packed, np.uint8)
+  return np.ascontiguousarray(np.stack([p & 0x0F, p >> 4], axis=-1).reshape(p.shape[0], -1))
 
 
 def _requant_format(q: QArray, ax: int, n_in: int) -> QuantFormat:
@@ -576,6 +629,8 @@ def encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
   fmt = _scheme_format(wargs, aargs)
   if fmt == "int-quantized" and wargs.num_bits != 8:
     note = (note + "; " if note else "") + "vLLM's W8A8 kernels take 8-bit weights"
+  if wargs.is_fp4:
+    return _encode_fp4(spec, q, wargs, source, how, note)
   codes, zp = _ct_codes(q, wargs, ax)
   scale, rounded = _cast_scale(_ct_scale(q.scale, wargs, ax), dtype)
   if rounded and how == "lossless":
@@ -614,6 +669,27 @@ def encode_leaf(spec: TensorSpec, leaf: Any, dtype: np.dtype):
     note = (note + "; " if note else "") + (f"vLLM's WNA16 kernels take 4 or 8 bits, not "
                                             f"{wargs.num_bits}")
   rec = TensorExport(spec.hf_name, spath, shape, source, scheme.describe(), how, nbytes, note)
+  return out, scheme, rec
+
+
+def _encode_fp4(spec: TensorSpec, q: QArray, wargs: QArgs, source: str, how: str, note: str):
+  """MXFP4 / NVFP4 tensors of one Linear, code for code: packed nibbles `[out, in / 2]`, the
+  block scales' own bytes (E8M0 as uint8, E4M3 as float8_e4m3fn) and, for NVFP4, a global
+  scale of exactly 1 (compressed-tensors divides the block scales by it; ours are the final
+  scales already, as in llama.cpp's NVFP4)."""
+  m = spec.module
+  codes = np.asarray(q.codes()).T  # [out, in]
+  scale = np.ascontiguousarray(np.asarray(q.scale).T)  # [out, in / group]
+  out = {f"{m}.weight_packed": pack_fp4(codes)}
+  if wargs.strategy == "tensor_group":
+    out[f"{m}.weight_scale"] = scale.astype(ml_dtypes.float8_e4m3fn)
+    out[f"{m}.weight_global_scale"] = np.ones((1,), np.float32)
+  else:
+    out[f"{m}.weight_scale"] = scale.view(np.uint8)
+  scheme = Scheme(_scheme_format(wargs, None), wargs, None)
+  nbytes = sum(int(a.nbytes) for a in out.values())
+  rec = TensorExport(spec.hf_name, "/".join(map(str, spec.path)), tuple(int(s) for s in q.shape),
+                     source, scheme.describe(), how, nbytes, note)
   return out, scheme, rec
 
 
@@ -939,12 +1015,24 @@ def _parse_args(d: Any, where: str) -> QArgs | None:
     raise HFFormatError(f"{where}: dynamic={dyn!r} (NVFP4-style local scales) is not supported")
   if typ not in ("int", "float"):
     raise HFFormatError(f"{where}: quantization type {typ!r} is not supported")
+  fp4 = {("group", 32): "torch.uint8", ("tensor_group", 16): "torch.float8_e4m3fn"}
+  if typ == "float" and bits == 4:
+    want = fp4.get((strategy, group_size))
+    if want is None:
+      raise HFFormatError(f"{where}: float4 with strategy {strategy!r} and group_size "
+                          f"{group_size!r} is not supported (MXFP4: 'group' of 32; NVFP4: "
+                          "'tensor_group' of 16)")
+    sdt = d.get("scale_dtype")
+    if sdt not in (None, want):
+      raise HFFormatError(f"{where}: float4 scales of dtype {sdt!r}; this scheme stores {want}")
+    if not d.get("symmetric", True):
+      raise HFFormatError(f"{where}: asymmetric float4 weights are not supported")
+    return QArgs(4, "float", True, strategy, int(group_size), bool(dyn), scale_dtype=want)
   if typ == "float" and bits != 8:
-    raise HFFormatError(f"{where}: float{bits} (e.g. NVFP4 / MXFP4) is not supported; "
-                        "FP8 E4M3 is")
+    raise HFFormatError(f"{where}: float{bits} is not supported; FP8 E4M3, MXFP4 and NVFP4 are")
   if strategy not in ("tensor", "channel", "group", "token"):
     raise HFFormatError(f"{where}: strategy {strategy!r} is not supported (tensor, channel, "
-                        "group, token)")
+                        "group, token; tensor_group for NVFP4)")
   if strategy == "group" and not (isinstance(group_size, int) and group_size > 0):
     raise HFFormatError(f"{where}: strategy 'group' needs a positive group_size, got "
                         f"{group_size!r}")
@@ -1001,7 +1089,14 @@ def _parse_quant_config(q: Any, source: str) -> _QuantConfig | None:
         raise HFFormatError(f"{where}: static per-token activations do not exist")
     if w is not None and fmt == "pack-quantized" and w.type != "int":
       raise HFFormatError(f"{where}: pack-quantized holds integer weights, not {w.type}")
-    if w is not None and w.type == "float" and w.strategy == "group":
+    if w is not None and (fmt in ("mxfp4-pack-quantized", "nvfp4-pack-quantized")) != w.is_fp4:
+      raise HFFormatError(f"{where}: format {fmt!r} with weights {w.describe()}")
+    if w is not None and w.is_fp4 and fmt != _scheme_format(w, None):
+      raise HFFormatError(f"{where}: format {fmt!r} with weights {w.describe()} (expected "
+                          f"{_scheme_format(w, None)!r})")
+    if w is not None and w.is_fp4 and a is not None:
+      raise HFFormatError(f"{where}: FP4 input activations ({a.describe()}) are not supported")
+    if w is not None and w.type == "float" and w.strategy == "group" and not w.is_fp4:
       raise HFFormatError(f"{where}: group-wise FP8 weights are not supported")
     targets = list(g.get("targets") or [])
     groups.append((gname, Scheme(fmt, w, a), targets))
@@ -1072,6 +1167,8 @@ def _read_quantized(r: _Reader, spec: TensorSpec, scheme: Scheme, dtype: Any):
   if w.strategy == "group" and cols % w.group_size:
     raise HFFormatError(f"{r.ckpt.directory}: {m} has {cols} input features, which group size "
                         f"{w.group_size} does not divide (a QArray needs whole groups){what}")
+  if w.is_fp4:
+    return _read_fp4(r, spec, w, what, dtype)
   if scheme.format == "pack-quantized":
     if w.type != "int":
       raise HFFormatError(f"{r.ckpt.directory}: {m}: pack-quantized float weights{what}")
@@ -1176,6 +1273,46 @@ def _read_quantized(r: _Reader, spec: TensorSpec, scheme: Scheme, dtype: Any):
   return StaticActQuantized(weight=q, act_format=act_fmt,
                             act_scale=jnp.asarray(np.asarray(s, np.float32).reshape(1, 1)),
                             act_zero_point=z)
+
+
+def _read_fp4(r: _Reader, spec: TensorSpec, w: QArgs, what: str, dtype: Any) -> QArray:
+  """An MXFP4 / NVFP4 QArray from `weight_packed` / `weight_scale` (/ `weight_global_scale`),
+  code for code. NVFP4 with a global scale of 1 keeps its E4M3 scales (the file's size, and
+  llama.cpp's NVFP4); any other global scale `g` gives float32 scales `s / g` (the values
+  compressed-tensors decodes, before its bfloat16 cast)."""
+  m = spec.module
+  if spec.kind != "linear":
+    raise HFFormatError(f"{r.ckpt.directory}: {m}: FP4 weights on a {spec.kind}{what}")
+  rows, cols = spec.hf_shape
+  gs = int(w.group_size)
+  packed = r.get(f"{m}.weight_packed", module=m, shape=(rows, cols // 2), dtypes=(np.uint8,),
+                 what=what)
+  codes = unpack_fp4(packed)
+  kind = "nvfp4" if w.strategy == "tensor_group" else "mxfp4"
+  sname = f"{m}.weight_scale"
+  if kind == "mxfp4":
+    raw = r.get(sname, module=m, shape=(rows, cols // gs), dtypes=(np.uint8,), what=what)
+    if np.any(raw == 255):
+      raise HFFormatError(f"{r.ckpt.file_of(sname)}: {sname} holds E8M0 byte 255 (NaN){what}")
+    scale, sdt = raw.view(ml_dtypes.float8_e8m0fnu), jnp.float8_e8m0fnu
+  else:
+    scale = r.get(sname, module=m, shape=(rows, cols // gs), dtypes=(ml_dtypes.float8_e4m3fn,),
+                  what=what)
+    sdt = jnp.float8_e4m3fn
+    if np.any(~np.isfinite(scale.astype(np.float32))):
+      raise HFFormatError(f"{r.ckpt.file_of(sname)}: {sname} holds a NaN scale{what}")
+    gname = f"{m}.weight_global_scale"
+    g = r.get(gname, module=m, dtypes=_SCALE_DTYPES, what=what)
+    if g.size != 1 or not np.isfinite(g).all() or float(g.reshape(())) <= 0:
+      raise HFFormatError(f"{r.ckpt.file_of(gname)}: {gname} must be one positive finite value, "
+                          f"got {np.asarray(g).ravel()[:4].tolist()} of shape {list(g.shape)}{what}")
+    gv = np.float32(g.reshape(()))
+    if gv != 1:
+      scale, sdt = scale.astype(np.float32) / gv, jnp.float32
+  fmt = QuantFormat(kind=kind, bits=4, granularity="group", group_size=gs, group_axis=0,
+                    channel_axis=-1, scale_dtype=sdt)
+  return QArray.from_codes(jnp.asarray(np.ascontiguousarray(codes.T)), fmt,
+                           jnp.asarray(np.ascontiguousarray(scale.T)), None, dtype=dtype)
 
 
 def _act_format(a: QArgs) -> QuantFormat:

@@ -170,6 +170,45 @@ def test_tensors_equal_compressed_tensors_compressor(fmt, act, ct_format):
     np.testing.assert_array_equal(a, b, err_msg=k)
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_tensors_equal_compressed_tensors_both_ways(fmt):
+  """MXFP4 / NVFP4: compressed-tensors' compressor, given our dequantized weight and scales,
+  writes our bytes; its decompression of our bytes gives our dequantized weight exactly."""
+  from compressed_tensors.compressors import BaseCompressor
+  from compressed_tensors.quantization import QuantizationScheme
+  from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+  w = jax.random.normal(jax.random.key(1), (128, 48)) * jnp.exp(
+      jax.random.normal(jax.random.key(2), (128, 1)))  # [in, out], rows of mixed magnitude
+  q = qj.quantize(w * 0.02, fmt)
+  spec = hf.TensorSpec("m.weight", ("m", "kernel"), (128, 48), "linear")
+  ours, scheme, rec = hf.encode_leaf(spec, q, np.dtype(np.float32))
+  ct_format = f"{fmt}-pack-quantized"
+  assert scheme.format == ct_format and rec.how == "lossless"
+  assert rec.nbytes == q.nbytes + (4 if fmt == "nvfp4" else 0)  # + the global scale
+  comp = BaseCompressor.get_value_from_registry(ct_format)
+  sch = QuantizationScheme(targets=["Linear"], weights=PRESET_SCHEMES[fmt.upper()]["weights"])
+
+  def torch_of(a):
+    a = np.asarray(a)
+    if a.dtype.name == "float8_e4m3fn":
+      return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    return torch.from_numpy(a.copy())
+  want = np.asarray(q.dequantize(jnp.float32)).T  # [out, in]
+  scale = np.asarray(q.scale, np.float32).T
+  state = {"weight": torch.from_numpy(want.copy()), "weight_scale": torch.from_numpy(scale.copy())}
+  if fmt == "nvfp4":
+    state["weight_global_scale"] = torch.ones(1)
+  theirs = comp.compress(state, sch)
+  for k, v in theirs.items():
+    a = ours[f"m.{k}"]
+    b = v.view(torch.uint8).numpy() if v.dtype == torch.float8_e4m3fn else v.numpy()
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8) if a.dtype.name ==
+                                  "float8_e4m3fn" else a, b, err_msg=k)
+  assert sorted(f"m.{k}" for k in theirs) == sorted(ours)
+  dec = comp.decompress({k[2:]: torch_of(v) for k, v in ours.items()}, sch)["weight"]
+  np.testing.assert_array_equal(dec.float().numpy(), want)
+
+
 # ----------------------------------------------------------------------------
 # Export -> import: the same bytes; export -> transformers: the same logits.
 
@@ -183,6 +222,9 @@ ROUNDTRIP = {
     "w8a8_tensor_dyn": [qj.QuantRule(module_path=PROJ, format="int8", act_format="int8_t")],
     "fp8_w8a8": [qj.QuantRule(module_path=PROJ, format="fp8_e4m3", act_format="fp8_e4m3")],
     "fp8_weight_only": [qj.QuantRule(module_path=PROJ, format="fp8_e4m3_t")],
+    "mxfp4": [qj.QuantRule(module_path=PROJ, format="mxfp4")],
+    # NVFP4 is llama.cpp's type too: its GGUF blocks of 64 do not fit down_proj's 96 inputs
+    "nvfp4": [qj.QuantRule(module_path=r".*(attn|gate|up).*_proj/kernel", format="nvfp4")],
 }
 
 
@@ -251,6 +293,10 @@ def test_static_activations_roundtrip(tiny_tied, tmp_path):
     ("fp8_w8a8", {}, 2e-4),
     ("fp8_weight_only", {}, 2e-4),
     ("ternary", {}, 2e-4),
+    # Compressed FP4 modules decompress to bfloat16 at each call, which a float32 model's
+    # matmul refuses; run_compressed=False decompresses them once, into the model's float32.
+    ("mxfp4", {"run_compressed": False}, 2e-4),
+    ("nvfp4", {"run_compressed": False}, 2e-4),
 ])
 def test_transformers_loads_export(tiny, tmp_path, name, ct_kwargs, atol):
   cfg, params = tiny
@@ -454,7 +500,10 @@ def test_unsupported_schemes_are_named(tiny_tied, tmp_path):
       (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(
           format="nvfp4-pack-quantized"), "nvfp4-pack-quantized"),
       (lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
-          type="float", num_bits=4), "float4"),
+          type="float", num_bits=4), "pack-quantized holds integer weights, not float"),
+      (lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+          type="float", num_bits=4, group_size=64), "float4 with strategy 'group' and group_size "
+       "64 is not supported"),
       (lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
           strategy="block", block_structure=[64, 64], group_size=None), "'block'"),
       (lambda c: c["quantization_config"].update(kv_cache_scheme={"num_bits": 8}), "kv_cache"),
@@ -506,6 +555,35 @@ def test_shape_mismatch_names_file_and_tensor(tiny_tied, tmp_path):
   with pytest.raises(hf.HFFormatError, match=r"model\.safetensors: tensor "
                                              r"'model\.embed_tokens\.weight' has shape \[256, 64\]"):
     hf.import_hf(d2)
+
+
+def test_nvfp4_global_scale_other_than_one_and_bad_fp4_tensors(tiny_tied, tmp_path):
+  """An NVFP4 checkpoint whose global scale is not 1 (llm-compressor's) imports with float32
+  scales s / g, the values compressed-tensors decodes; bad FP4 tensors are named."""
+  cfg, params = tiny_tied
+  q = _quantize(params, ROUNDTRIP["nvfp4"])
+  d = tmp_path / "m"
+  hf.export_hf(d, cfg, q)
+  t = _read_all(d / "model.safetensors")
+  g = "model.layers.0.self_attn.q_proj.weight_global_scale"
+  assert np.asarray(t[g]).tolist() == [1.0]
+  t[g] = np.asarray([4.0], np.float32)
+  st.write_safetensors(d / "model.safetensors", t, {"format": "pt"})
+  _, p2, _, _ = hf.import_hf(d, tokenizer=False)
+  a, b = _leaves(q)["layers/0/attn/q_proj/kernel"], _leaves(p2)["layers/0/attn/q_proj/kernel"]
+  assert b.fmt.kind == "nvfp4" and np.dtype(b.scale.dtype) == np.float32
+  np.testing.assert_array_equal(np.asarray(b.dequantize()), np.asarray(a.dequantize()) / 4)
+  k = _leaves(p2)["layers/0/attn/k_proj/kernel"]  # global scale 1: E4M3 scales, the file's size
+  assert np.dtype(k.scale.dtype).name == "float8_e4m3fn"
+  t[g] = np.asarray([-1.0], np.float32)
+  st.write_safetensors(d / "model.safetensors", t, {"format": "pt"})
+  with pytest.raises(hf.HFFormatError, match=r"q_proj\.weight_global_scale must be one positive"):
+    hf.import_hf(d, tokenizer=False)
+  _edit_config(d, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"]
+               .update(group_size=32))
+  with pytest.raises(hf.HFFormatError, match=r"float4 with strategy 'tensor_group' and "
+                     r"group_size 32 is not supported"):
+    hf.import_hf(d, tokenizer=False)
 
 
 def test_truncated_safetensors_is_named(tiny_tied, tmp_path):
