@@ -87,17 +87,19 @@ def base_config(stages: str = "evaluate") -> ml_collections.ConfigDict:
   c.distill = _train_block()
   # init "minmax": LSQ starts from the RTN scales (the RTN model), not LSQ's 2 mean|w| / sqrt(Qp).
   c.qat = _train_block(format="int4_g64", lsq=True, init="minmax")
-  # method: rtn | cast | gptq | awq | smoothquant | static; format: any QuantFormat spec
-  # (int4_g64, int3_g64_asym, nf4_g64, fp8_e4m3, ternary, binary, q4_0, bf16 for cast...);
+  # method: rtn | cast | gptq | awq | smoothquant | static | signround | llamacpp;
+  # format: any QuantFormat spec (int4_g64, int3_g64_asym, nf4_g64, fp8_e4m3, ternary, binary,
+  # q4_0, iq4_nl, mxfp4, nvfp4, q2_0, bf16 for cast...);
   # act_format: activations quantized at run time (int8: per token, int8_t: per tensor);
   # act_observer: "" = dynamic, minmax / percentile / mse = static ranges from calibration;
   # calibration: the weights' scale rule; embedding_format: also quantize the embedding;
   # mode: sequential | one_pass; input_scales: foldable | all (AWQ / SmoothQuant);
-  # head_format: also quantize an untied head (lm_head/kernel; a rotated model's).
+  # head_format: also quantize an untied head (lm_head/kernel; a rotated model's);
+  # importance_windows: method "llamacpp" (ggml's own quantizer) with an importance matrix.
   c.quantize = ml_collections.ConfigDict(dict(
       method="rtn", format="int4_g64", calibration="auto", act_format="", act_observer="",
       act_order=False, alpha=0.5, mode="sequential", input_scales="foldable",
-      embedding_format="", head_format=""))
+      embedding_format="", head_format="", importance_windows=0))
   # One format per tensor under a budget (bits per weight of the targets, scales included).
   c.mixed = ml_collections.ConfigDict(dict(
       budget_bpw=4.5, candidates=list(GGUF_CANDIDATES), sensitivity_windows=16, method="rtn",

@@ -95,7 +95,9 @@ def _stage(name: str, block: str | None, kind: str, compresses: bool = False):
 
 
 ROTATION_KINDS = ("hadamard", "auto", "random")
-QUANT_METHODS = ("rtn", "cast", "gptq", "awq", "smoothquant", "static", "signround")
+# "llamacpp": llama.cpp's own row quantizer (ggml) into the GGUF type `format`, with an
+# importance matrix over `importance_windows` calibration windows (0: none): the peer.
+QUANT_METHODS = ("rtn", "cast", "gptq", "awq", "smoothquant", "static", "signround", "llamacpp")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 EXPORT_FORMATS = ("gguf", "hf")
 _CALIBRATED = ("gptq", "awq", "smoothquant", "static", "signround")
@@ -648,6 +650,18 @@ def quantize_stage(ctx: Context, params, block):
   rules = _quant_rules(ctx, block)
   if method in ("rtn", "cast"):
     out = quantize_params(params, rules)
+  elif method == "llamacpp":
+    from quantjax.eval import llamacpp
+    from quantjax.methods import importance as importance_lib
+    n = int(block.get("importance_windows", 0) or 0)
+    imp = None if not n else importance_lib.input_importance(
+        ctx.forward(), params, ctx.calib_batches(n), ctx.targets, progress=ctx.progress)
+    out = llamacpp.ggml_quantize_params(params, ctx.targets, str(block.format).upper(),
+                                        importance=imp, progress=ctx.progress)
+    out = quantize_params(out, rules[1:]) if len(rules) > 1 else out
+    return out, {"label": f"llama.cpp {str(block.format).upper()}"
+                          + (f" + imatrix ({n} windows)" if n else ""),
+                 "format": str(block.format), "method": method}
   else:
     fam = ctx.model.family
     obs = str(block.get("act_observer", "") or "")
@@ -942,7 +956,7 @@ def _saves(stage: str, config) -> bool:
   if stage == "rotate":
     return int(config.rotate.get("learn_steps", 0) or 0) > 0
   if stage == "quantize":
-    return str(config.quantize.method) in _CALIBRATED
+    return str(config.quantize.method) in _CALIBRATED + ("llamacpp",)
   return False
 
 

@@ -19,11 +19,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from quantjax import rules as rules_lib
 from quantjax.eval import perplexity as ppl_lib
+from quantjax.io import gguf as gguf_io
+from quantjax.io.gguf_read import EXTRA_GGML_TYPES
 from quantjax.optional import require
 
 __all__ = ["available", "open_model", "perplexity", "greedy", "prefill_decode", "quantize",
-           "ggml_quantize_rows"]
+           "ggml_quantize_rows", "ggml_quantize_params"]
 
 
 def available() -> bool:
@@ -275,12 +278,10 @@ def ggml_quantize_rows(x: np.ndarray, type_name: str,
   """
   import ctypes
 
-  gguf = require("gguf", "gguf", "GGUF files")
   llama_cpp = require("llama_cpp", "llamacpp", "llama.cpp")
   lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
   lib = ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"))
-  qt = gguf.GGMLQuantizationType[type_name]
-  block, type_bytes = gguf.GGML_QUANT_SIZES[qt]
+  qt, block, type_bytes = _ggml_type(type_name)
   x = np.ascontiguousarray(x, np.float32)
   rows, n = x.shape
   if n % block:
@@ -300,3 +301,52 @@ def ggml_quantize_rows(x: np.ndarray, type_name: str,
   if written != out.nbytes:
     raise RuntimeError(f"ggml wrote {written} bytes for {type_name}, expected {out.nbytes}")
   return out
+
+
+def _ggml_type(type_name: str) -> tuple[int, int, int]:
+  """(ggml id, values per block, bytes per block) of a ggml type name, including the types
+  newer than gguf-py (`EXTRA_GGML_TYPES`: Q2_0)."""
+  gguf = require("gguf", "gguf", "GGUF files")
+  if type_name in gguf.GGMLQuantizationType.__members__:
+    qt = gguf.GGMLQuantizationType[type_name]
+    block, type_bytes = gguf.GGML_QUANT_SIZES[qt]
+    return int(qt), int(block), int(type_bytes)
+  for tid, (name, block, type_bytes) in EXTRA_GGML_TYPES.items():
+    if name == type_name:
+      return int(tid), int(block), int(type_bytes)
+  raise ValueError(f"unknown ggml type {type_name!r}")
+
+
+def ggml_quantize_params(params: Any, targets: str, type_name: str, *,
+                         importance: dict[str, np.ndarray] | None = None,
+                         progress: bool = False) -> Any:
+  """llama.cpp's own quantizer as a params transform: every 2-D `[in, out]` kernel whose
+  path fully matches the regex `targets` is quantized row by row (rows: the output
+  channels) by ggml's `ggml_quantize_chunk` into GGUF type `type_name`, with
+  `importance[path]` (mean x² per input feature, `methods.importance.input_importance`)
+  as its importance vector where given, as `llama-quantize --imatrix` hands it over. The
+  leaves come back as QArrays of `io.gguf.block_format(type_name)` holding ggml's codes and
+  scales, so a GGUF export writes llama.cpp's bytes unchanged, beside any other tensor
+  quantized our way: llama.cpp's quantizer and ours at the same per-tensor types and size.
+  """
+  import re
+
+  pat = re.compile(targets)
+  flat = dict(rules_lib.tree_leaves_with_paths(params))
+  done = {}
+  paths = [p for p, leaf in flat.items()
+           if pat.fullmatch(p) and getattr(leaf, "ndim", 0) == 2]
+  if not paths:
+    raise ValueError(f"ggml_quantize_params: no 2-D leaf matches {targets!r}")
+  it = paths
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(paths, desc=f"llama.cpp {type_name}", unit="tensor")
+  for p in it:
+    rows = np.ascontiguousarray(np.asarray(flat[p], np.float32).T)  # GGUF's [out, in]
+    imp = None if importance is None else importance.get(p)
+    if importance is not None and imp is None:
+      raise ValueError(f"ggml_quantize_params: no importance vector for {p}")
+    raw = ggml_quantize_rows(rows, type_name, imp)
+    done[p] = gguf_io.blocks_to_qarray(raw, type_name, 0)
+  return rules_lib.map_with_paths(lambda p, leaf: done.get(p, leaf), rules_lib.to_pure(params))

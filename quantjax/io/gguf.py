@@ -123,10 +123,9 @@ BLOCK_TYPES: dict[str, BlockType] = {
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # k-quants (super-blocks of 256; `quantjax.io.kquants`): written from float
-# weights. A tensor whose rows are not a multiple of 256 gets the same
-# fallback type llama.cpp's quantizer gives it.
+# weights, on rows that are multiples of 256 (other rows: an error naming the
+# tensor and the types that fit).
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
-K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # llama.cpp's newer block types (`gguf_codebook`): IQ4_NL, MXFP4, NVFP4, Q1_0, Q2_0, TQ2_0.
 CODEBOOK_TYPES = tuple(gguf_codebook.TYPES)
 _ALL_TYPES = tuple(BLOCK_TYPES) + CODEBOOK_TYPES + K_TYPES + FLOAT_TYPES
@@ -605,10 +604,13 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
     if t not in _ALL_TYPES:
       raise GGUFError(f"rule for {spath}: unknown GGUF type {t!r}; supported: "
                       f"{', '.join(_ALL_TYPES)}")
-    if t in K_TYPES and (len(shape) != 2 or n_in % kquants.QK_K):
-      _log.info("%s: %d values per row do not fill %s's super-blocks of %d; using %s",
-                gname, n_in, t, kquants.QK_K, K_FALLBACK[t])
-      t = K_FALLBACK[t]
+    if t not in FLOAT_TYPES:
+      # A type the rows do not fill is an error naming the tensor and the types that fit,
+      # never a silent fallback (llama-quantize swaps k-quants for Q5_0 / Q5_1 / Q8_0).
+      if len(shape) != 2:
+        raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: {t} is written for "
+                        "matrices")
+      check_row_length(n_in, t, f"tensor {gname} ({spath}, shape {shape}) as {t}")
     if isinstance(leaf, QArray):
       same = (block_type_of(leaf.fmt, axis) == t or
               (leaf.fmt.is_cast and {"fp16": "F16", "bf16": "BF16"}[leaf.fmt.kind] == t))
@@ -620,9 +622,9 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
     if t == "F32" and not isinstance(leaf, QArray) and len(shape) == 2:
       t = float_type
   if t in BLOCK_TYPES:
-    if len(shape) != 2 or n_in % QK:
-      raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: its contraction axis "
-                      f"({n_in}) does not fit {t}'s blocks of {QK}")
+    if len(shape) != 2:
+      raise GGUFError(f"tensor {gname} ({spath}) of shape {shape}: {t} is written for matrices")
+    check_row_length(n_in, t, f"tensor {gname} ({spath}, shape {shape}) as {t}")
     imp = None if importance is None else importance.get(spath)
     if isinstance(leaf, QArray) and block_type_of(leaf.fmt, axis) == t:
       raw = qarray_to_blocks(leaf, t, axis, rows_fn=rows_fn)  # code for code
@@ -809,9 +811,10 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
       path (`layers/3/mlp/down_proj/kernel`) or GGUF name (`blk.3.ffn_down.weight`).
       A rule forces the type; a QArray already of that type stays lossless.
       Block types Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, llama.cpp's IQ4_NL/MXFP4/NVFP4/Q2_0/
-      Q1_0/TQ2_0 (a row length their block does not divide is an error naming the
-      tensor and the types that fit), k-quants Q4_K/Q5_K/Q6_K (rows not a
-      multiple of 256 fall back as in llama.cpp: Q5_0/Q5_1/Q8_0), F32/F16/BF16.
+      Q1_0/TQ2_0, k-quants Q4_K/Q5_K/Q6_K (rows of 256), F32/F16/BF16. A type
+      whose block does not divide a tensor's rows is an error naming the tensor,
+      its row length and the types that fit: never a silent fallback (llama.cpp's
+      own quantizer swaps k-quants for Q5_0 / Q5_1 / Q8_0 there).
     float_type: type for float matrices with no rule ("F32", "F16", "BF16").
       Norm weights are always F32, as llama.cpp requires.
     name: `general.name` (default: the config's name).

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.numerics import llamacpp_types
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 
@@ -127,13 +128,23 @@ def calibration_for(fmt: QuantFormat | str, calibration: str = "auto") -> str:
 def candidate_costs(params: Any, fisher: Mapping[str, np.ndarray],
                     candidates: Sequence[str], *, calibration: str = "auto",
                     ) -> dict[str, list[Choice]]:
-  """Per tensor, every candidate format's bytes and `½ Σ F ⊙ (W − Q(W))²`."""
+  """Per tensor, every candidate format's bytes and `½ Σ F ⊙ (W − Q(W))²`.
+
+  Only the candidates that fit a tensor are offered to it (whole groups along its rows,
+  and whole GGUF blocks for llama.cpp's types: Q1_0 needs rows of 128, NVFP4 of 64,
+  ...); a tensor that no candidate fits is an error naming it, its rows and the
+  candidates, never a silent fallback."""
   flat = dict(rules_lib.tree_leaves_with_paths(params))
   out: dict[str, list[Choice]] = {}
   for path, f in fisher.items():
     w = jnp.asarray(flat[path], jnp.float32)
     choices = []
-    for spec in candidates:
+    fitting = [c for c in candidates if llamacpp_types.fits(w.shape, resolve_format(c))]
+    if not fitting:
+      raise ValueError(f"mixed precision: no candidate format fits tensor {path} of shape "
+                       f"{tuple(w.shape)} (candidates: {', '.join(map(str, candidates))}); "
+                       "add one whose groups and blocks divide its rows")
+    for spec in fitting:
       fmt = resolve_format(spec)
       if fmt.is_cast:
         err = w - w.astype(fmt.code_dtype).astype(jnp.float32)

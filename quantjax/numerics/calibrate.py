@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from quantjax.numerics import llamacpp_types
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 
@@ -208,8 +209,13 @@ def block_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
   """Block-shaped `(scale, zero_point, threshold)` for any non-cast format.
 
   Binary and ternary use their closed-form scales (`sign_scales`; `threshold`
-  is TWN's Delta for ternary), every other kind `calibrate_blocks`.
+  is TWN's Delta for ternary); IQ4_NL and Q2_0 / TQ2_0 under "auto" llama.cpp's
+  scale search (`llamacpp_types.search_scales`); every other kind
+  `calibrate_blocks`. `qarray.quantize`, `choose_scales` and `fake_quant` all
+  take their scales from here.
   """
+  if llamacpp_types.searches(fmt, calibration):
+    return llamacpp_types.search_scales(xb, axes, fmt), None, None
   if fmt.kind in ("binary", "ternary"):
     s, threshold = sign_scales(xb, axes, fmt)
     return s, None, threshold

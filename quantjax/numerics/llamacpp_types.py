@@ -70,7 +70,7 @@ from quantjax.numerics.formats import CODEBOOK_KINDS, QuantFormat
 
 __all__ = ["CODEBOOK_KINDS", "SEARCH_KINDS", "encode", "decode", "scale_from_range",
            "search_scales", "searches", "importance_weights", "e8m0_scale", "ue4m3_scale",
-           "check_blocks", "nearest_level"]
+           "check_blocks", "fits", "nearest_level"]
 
 # Kinds whose default ("auto") scales come from a least-squares search.
 SEARCH_KINDS = ("iq4_nl", "q2_0")
@@ -265,6 +265,17 @@ def searches(fmt: QuantFormat, calibration: Any) -> bool:
   `scale_from_range`)."""
   method = getattr(calibration, "method", calibration)
   return fmt.kind in SEARCH_KINDS and method in ("auto", None)
+
+
+def fits(shape, fmt: QuantFormat) -> bool:
+  """True when an array of `shape` can be stored in `fmt` without padding: whole groups
+  along the group axis, and whole GGUF blocks for llama.cpp's block types (NVFP4: 64)."""
+  if not shape or fmt.granularity != "group":
+    return True
+  n = int(shape[fmt.group_axis % len(shape)])
+  t = fmt.llamacpp_type
+  block = formats_lib.LLAMACPP_BLOCKS[t.lower()] if t is not None else int(fmt.group_size)
+  return n % int(fmt.group_size) == 0 and n % block == 0
 
 
 def check_blocks(shape, fmt: QuantFormat, name: str = "array") -> None:

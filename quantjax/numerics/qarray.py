@@ -750,10 +750,7 @@ def _quantize_jit(x: jax.Array, key, *, fmt: QuantFormat, calibration: Any) -> Q
     return QArray(qvalue=x.astype(fmt.code_dtype), scale=None, zero_point=None, fmt=fmt,
                   shape=shape, dtype=jnp.dtype(x.dtype))
   xb, axes = block_view(x, fmt)
-  if llamacpp_types.searches(fmt, calibration):  # IQ4_NL / Q2_0: llama.cpp-style scale search
-    scale_b, zp_b, threshold = llamacpp_types.search_scales(xb, axes, fmt), None, None
-  else:
-    scale_b, zp_b, threshold = calibrate_lib.block_scales(xb, axes, fmt, calibration)
+  scale_b, zp_b, threshold = calibrate_lib.block_scales(xb, axes, fmt, calibration)
   codes_b = encode(xb, fmt, scale_b, zp_b, key=key, threshold_b=threshold)
   codes = codes_b.reshape(shape)
   scale = stored_scale(scale_b, shape, fmt)

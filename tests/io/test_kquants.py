@@ -79,20 +79,27 @@ def test_bad_inputs():
     kq.quantize_k(np.ones((2, 256), np.float32), "Q3_K")
 
 
-def test_export_k_types_with_llamacpps_fallback(tmp_path, caplog):
+def test_export_k_types_and_no_silent_fallback(tmp_path):
   cfg = llama.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=288, num_layers=1,
                           num_heads=4, num_kv_heads=2, head_dim=64)
   params = nnx.to_pure_dict(nnx.state(llama.Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
   path = tmp_path / "k.gguf"
-  with caplog.at_level("INFO", logger="quantjax.gguf"):
-    report = gio.export_gguf(path, cfg, params,
-                             types={r".*mlp/down.*": "Q6_K", r".*_proj.*": "Q4_K", "embed": "Q5_K"})
+  # down_proj reads 288 values per row: not a multiple of 256. Asking Q6_K of it is an error
+  # naming the tensor, the row length and the types that fit (llama-quantize would silently
+  # write Q8_0 instead), and nothing is written.
+  with pytest.raises(gio.GGUFError, match=r"tensor blk\.0\.ffn_down\.weight \(layers/0/mlp/"
+                     r"down_proj/kernel, shape \(288, 256\)\) as Q6_K: its rows hold 288 "
+                     r"values .* types that fit rows of 288: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+                     r"IQ4_NL, MXFP4"):
+    gio.export_gguf(path, cfg, params,
+                    types={r".*mlp/down.*": "Q6_K", r".*_proj.*": "Q4_K", "embed": "Q5_K"})
+  assert not path.exists() and not list(tmp_path.iterdir())
+  report = gio.export_gguf(path, cfg, params,
+                           types={r".*mlp/down.*": "Q8_0", r".*_proj.*": "Q4_K", "embed": "Q5_K"})
   by = {r.path: r for r in report}
   assert by["layers/0/attn/q_proj/kernel"].gguf_type == "Q4_K"
   assert by["embed/embedding"].gguf_type == "Q5_K"
-  # down_proj reads 288 values per row: not a multiple of 256 -> Q6_K falls back to Q8_0
   assert by["layers/0/mlp/down_proj/kernel"].gguf_type == "Q8_0"
-  assert "ffn_down.weight: 288 values per row do not fill Q6_K" in caplog.text
   cfg2, imported, _, info = gio.import_gguf(path, tokenizer=False)
   assert info["blk.0.attn_v.weight"] == ("Q4_K", "dequantized")
   # what the file holds is exactly what the encoder produced for the [out, in] rows
@@ -100,7 +107,8 @@ def test_export_k_types_with_llamacpps_fallback(tmp_path, caplog):
   np.testing.assert_array_equal(np.asarray(imported["layers"][0]["attn"]["v_proj"]["kernel"]).T,
                                 _decode(kq.quantize_q4_k(w), "Q4_K"))
   imp = {"layers/0/attn/v_proj/kernel": np.linspace(1, 10, 256)}
-  report2 = gio.export_gguf(tmp_path / "imp.gguf", cfg, params, types={r".*_proj.*": "Q4_K"},
+  report2 = gio.export_gguf(tmp_path / "imp.gguf", cfg, params,
+                            types={r".*mlp/down.*": "Q8_0", r".*_proj.*": "Q4_K"},
                             importance=imp)
   assert len(report2) == len(report)
 

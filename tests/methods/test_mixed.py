@@ -80,3 +80,24 @@ def test_fisher_costs_and_rules_on_a_tiny_llama():
     return float(jnp.mean(ppl.token_nll(llama.forward(cfg, p, toks), toks)))
   u3 = qj.quantize_params(params, [qj.QuantRule(module_path=targets, format="int3_g32_fp16s")])
   assert abs(nll(q) - nll(params)) <= abs(nll(u3) - nll(params)) + 1e-6
+
+
+def test_candidates_that_do_not_fit_a_tensor_are_not_offered_and_none_fitting_is_named():
+  # Rows of 64 (q/k/v/o, gate/up inputs) and 128 (down): Q1_0 needs 128, NVFP4 64, TQ2_0 256.
+  cfg = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                          num_heads=4, num_kv_heads=2, head_dim=16, name="tiny")
+  params = nnx.to_pure_dict(nnx.state(llama.Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  flat = dict(rules_lib.tree_leaves_with_paths(params))
+  paths = [p for p in flat if p.endswith("_proj/kernel")]
+  fisher = {p: np.ones(flat[p].shape, np.float32) for p in paths}
+  costs = mixed.candidate_costs(params, fisher, ["q2_0", "q1_0", "iq4_nl", "tq2_0"])
+  for p, choices in costs.items():
+    want = {"q2_0", "iq4_nl"} | ({"q1_0"} if "down_proj" in p else set())
+    assert {c.fmt for c in choices} == want, p
+  a = mixed.allocate(costs, int(2.0 * sum(flat[p].size for p in paths) / 8))
+  q = qj.quantize_params(params, mixed.assignment_rules(a))  # every choice quantizes
+  assert {leaf.fmt.name for p, leaf in rules_lib.tree_leaves_with_paths(q) if p in a.formats} \
+      <= {"q2_0", "q1_0", "iq4_nl"}
+  with pytest.raises(ValueError, match=r"no candidate format fits tensor layers/0/attn/"
+                     r"\w_proj/kernel of shape \(64, \d+\) \(candidates: q1_0, tq2_0\)"):
+    mixed.candidate_costs(params, fisher, ["q1_0", "tq2_0"])

@@ -250,6 +250,40 @@ def test_quantize_params_qdot_and_gptq(spec):
   assert out_err(res.qarray.dequantize()) < 0.97 * out_err(q.dequantize())
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_fake_quant_is_the_real_grid_with_a_clipped_straight_through_gradient(spec):
+  """QAT on the real grid: fake_quant's values are quantize -> dequantize; its gradient is
+  the upstream gradient inside the codes' range (signed scales included: IQ4_NL, Q2_0) and
+  zero outside it."""
+  n = WIDTH.get(spec, 640)
+  w = jax.random.normal(jax.random.key(3), (n, 16)) * 0.05
+  f = QuantFormat.parse(spec)
+  np.testing.assert_array_equal(np.asarray(qj.fake_quant(w, f)),
+                                np.asarray(qj.quantize(w, f).dequantize()))
+  g = np.asarray(jax.grad(lambda x: jnp.sum(qj.fake_quant(x, f) * 3.0))(w))
+  # The share inside the range: Q2_0's least-squares scale search clips its blocks' tails
+  # (about 16% of Gaussian values); binary's straight-through range is |x| <= 1.5 mean|x|
+  # (about 77%); the other scale rules keep almost everything.
+  least = {"q2_0": 0.75, "tq2_0": 0.75, "q1_0": 0.7}.get(spec, 0.9)
+  assert set(np.unique(g)) <= {0.0, 3.0} and np.mean(g == 3.0) > least
+  # Blocks whose extreme is negative have negative scales (IQ4_NL, Q2_0): still a gradient.
+  assert np.mean(g[:, ::2] == 3.0) > least and np.mean(g[:, 1::2] == 3.0) > least
+
+
+def test_fake_quant_gives_clipped_values_no_gradient():
+  """MXFP4's block maximum lands in [4, 8) times its power-of-two scale and saturates at 6:
+  that value passes no gradient, the rest of its block does. (NVFP4 never clips: a block
+  whose E4M3 scale would overflow is refused, naming the range.)"""
+  f = QuantFormat.parse("mxfp4")
+  w = jnp.full((32, 1), 0.3).at[0, 0].set(7.9)
+  d = np.asarray(qj.quantize(w, f).dequantize())
+  assert d[0, 0] == 6.0 and abs(d[1, 0] - 0.3) < 0.3
+  g = np.asarray(jax.grad(lambda x: jnp.sum(qj.fake_quant(x, f)))(w))
+  assert g[0, 0] == 0.0 and np.all(g[1:, 0] == 1.0)
+  with pytest.raises(ValueError, match=r"scales overflow float8_e4m3fn .* \|x\| <= 2688"):
+    qj.quantize(jnp.full((64, 1), 0.3).at[0, 0].set(1e4), "nvfp4")
+
+
 def test_bad_row_length_and_nan_are_named():
   with pytest.raises(ValueError, match=r"layers/0/q_proj/kernel \(shape \(576, 8\)\) to Q1_0: its "
                      r"rows along axis 0 hold 576 values.*fit rows of 576: IQ4_NL, MXFP4, NVFP4, "
