@@ -103,9 +103,18 @@ def _group_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat, cal: A
   return calibrate_lib.calibrate_blocks(xb, axes, fmt, cal)
 
 
-def _choose_scales(x: jax.Array, fmt: QuantFormat, cal: Any):
-  """`calibrate.choose_scales` with `_group_scales`' rules: stored-shape scales."""
+def _choose_scales(x: jax.Array, fmt: QuantFormat, cal: Any, importance: Any = None):
+  """`calibrate.choose_scales` with `_group_scales`' rules: stored-shape scales. With
+  `importance` (per input row of `x` `[in, out]`: the Hessian's diagonal) the IQ4_NL / Q2_0
+  search weighs each weight's error by it, as llama.cpp's quantizer weighs an importance
+  matrix (`llamacpp_types.importance_weights`)."""
   xb, axes = qarray_lib.block_view(x, fmt)
+  if importance is not None and llamacpp_types.searches(fmt, cal):
+    ib, _ = qarray_lib.block_view(
+        jnp.broadcast_to(jnp.asarray(importance, jnp.float32)[:, None], x.shape), fmt)
+    s = llamacpp_types.search_scales(xb, axes, fmt,
+                                     llamacpp_types.importance_weights(xb, axes, ib))
+    return qarray_lib.stored_scale(s, tuple(x.shape), fmt), None
   s, z = _group_scales(xb, axes, fmt, cal)
   shape = tuple(x.shape)
   return (qarray_lib.stored_scale(s, shape, fmt),
@@ -464,6 +473,8 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
   qarray_lib.check_range_fits(w, fmt, f"{name} (GPTQ)")
   dead, perm = h.dead, h.perm
   hw = h.take()  # ours now: solved in place below
+  hdiag = np.empty(k, np.float64)  # the Hessian's diagonal in the weight's own row order
+  hdiag[np.arange(k) if perm is None else perm] = np.diagonal(hw)
   wt = np.asarray(w, np.float32).T.copy()  # [out, in], the paper's layout
   wt[:, dead] = 0.0
 
@@ -473,7 +484,7 @@ def gptq_quantize(w: jax.Array, h: Any, fmt: QuantFormat | str, *,
   static = group is None or act_order
   ngroups = k // group if group else 1
   if static:
-    s_st, z_st = _choose_scales(jnp.asarray(wt.T), fmt, cal)  # stored layout
+    s_st, z_st = _choose_scales(jnp.asarray(wt.T), fmt, cal, importance=hdiag)  # stored
     s_st = np.asarray(s_st, np.float32)
     z_st = np.zeros_like(s_st) if z_st is None else np.asarray(z_st, np.float32)
     # Each input row's scale row (the loop gathers; no [K, out] copy of the scales).
