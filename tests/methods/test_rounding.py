@@ -1,6 +1,8 @@
-"""SignRound (learned rounding and clipping, `methods.SignRound`): it lowers each layer's
-output error from round-to-nearest's, its results are ordinary QArrays of the rule's
-format (GGUF blocks included), and bad input is named before anything is returned."""
+"""SignRound (learned rounding and clipping, `methods.SignRound`): fitted block by block
+through the capture driver it beats GPTQ on user-written models, the one-matrix function
+lowers a layer's output error from round-to-nearest's, its results are ordinary QArrays of
+the rule's format (GGUF blocks included), and bad input is named before anything is
+returned."""
 
 import re
 
@@ -13,8 +15,8 @@ import quantjax
 from quantjax import methods
 from quantjax import rules as rules_lib
 from quantjax.io import gguf as gguf_io
+from quantjax.io import gguf_dequant
 from quantjax.methods import rounding
-from quantjax.models import load as load_lib
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import QArray
@@ -88,7 +90,7 @@ def test_gguf_blocks_export_code_for_code(spec):
   q = rounding.signround_quantize(w, h, spec, iters=40).qarray
   assert q.fmt.gguf_type == spec.upper()
   raw = gguf_io.qarray_to_blocks(q, spec.upper(), axis=0)  # [out, in/32 * block bytes]
-  ggml = {"q4_0": load_lib.dequantize_q4_0, "q4_1": load_lib.dequantize_q4_1}[spec](raw)
+  ggml = {"q4_0": gguf_dequant.dequantize_q4_0, "q4_1": gguf_dequant.dequantize_q4_1}[spec](raw)
   np.testing.assert_array_equal(ggml.T, np.asarray(q.dequantize()))
   back = gguf_io.blocks_to_qarray(raw, spec.upper(), axis=0)
   np.testing.assert_array_equal(np.asarray(back.codes()), np.asarray(q.codes()))
@@ -107,26 +109,47 @@ def _mlp_params_and_batches(seed=0, d=32, f=64):
   return params, batches
 
 
-def test_gguf_format_through_the_driver_and_a_mistyped_rule():
-  spec = "q4_1"  # asymmetric, float minimum (q4_0's blocks: test_gguf_blocks_export_code_for_code)
-  params, batches = _mlp_params_and_batches()
+@pytest.mark.parametrize("spec", FORMATS)
+def test_every_format_through_the_driver_is_a_plain_qarray(spec):
+  params, batches = _mlp_params_and_batches(d=64, f=128)  # int3_g64_asym: K a multiple of 64
   rules = (QuantRule(module_path=r"b\d/[abc]", format=spec),)
-  before = rounding._optimize._cache_size()
-  res = methods.calibrate(_mlp, params, batches, rules, methods.SignRound(iters=30),
+  res = methods.calibrate(_mlp, params, batches, rules, methods.SignRound(iters=20),
                           strict=True, progress=False)
-  # Two shapes ([32, 64] for a, b; [64, 32] for c): compiled once each, reused across blocks.
-  assert rounding._optimize._cache_size() - before <= 2
   losses = res.info["signround_loss"]
   assert sorted(losses) == [f"{b}/{n}" for b in ("b0", "b1") for n in "abc"]
   for name, rec in losses.items():
     assert rec["final"] <= rec["init"], name
     blk, leaf = name.split("/")
     q = res.params[blk][leaf]
-    assert q.fmt.gguf_type == spec.upper()
+    assert isinstance(q, QArray) and q.fmt.gguf_type == QuantFormat.parse(spec).gguf_type
     _same_layout(q, qarray_lib.quantize(params[blk][leaf], q.fmt))
+    # On the grid: re-encoding the values with their own scales gives them back.
+    dq = q.dequantize()
+    again = qarray_lib.quantize_with_scale(dq, q.fmt, q.scale, q.zero_point)
+    np.testing.assert_array_equal(np.asarray(again.dequantize()), np.asarray(dq))
+  if spec in ("q4_0", "q4_1"):  # GGUF blocks export code for code
+    q = res.params["b1"]["c"]
+    raw = gguf_io.qarray_to_blocks(q, spec.upper(), axis=0)
+    back = gguf_io.blocks_to_qarray(raw, spec.upper(), axis=0)
+    np.testing.assert_array_equal(np.asarray(back.codes()), np.asarray(q.codes()))
+
+
+def test_one_compile_per_block_structure_and_a_mistyped_rule():
+  params, batches = _mlp_params_and_batches()
+  rules = (QuantRule(module_path=r"b\d/[abc]", format="int4_g32"),)
+  before = rounding._fit_block._cache_size()
+  methods.calibrate(_mlp, params, batches, rules, methods.SignRound(iters=10), strict=True,
+                    progress=False)
+  # Three span structures (a/b -> c's input, c -> the next block's input, the last c's
+  # output); the two blocks' a/b spans share one compiled loop.
+  assert rounding._fit_block._cache_size() - before <= 3
   with pytest.raises(ValueError, match="matched no leaf"):
-    methods.calibrate(_mlp, params, batches, (QuantRule(module_path=r"b\d/[abcd]x", format=spec),),
+    methods.calibrate(_mlp, params, batches, (QuantRule(module_path=r"b\d/[abcd]x",
+                                                        format="int4_g32"),),
                       methods.SignRound(iters=5), strict=True, progress=False)
+  with pytest.raises(ValueError, match="sequential"):
+    methods.calibrate(_mlp, params, batches, rules, methods.SignRound(iters=5),
+                      mode="one_pass", progress=False)
 
 
 def test_nan_weight_and_nan_loss_are_named_and_nothing_is_returned():
@@ -136,11 +159,12 @@ def test_nan_weight_and_nan_loss_are_named_and_nothing_is_returned():
   bad["b1"]["b"] = bad["b1"]["b"].at[3, 5].set(jnp.nan)
   with pytest.raises(ValueError, match=re.escape("b1/b") + ".*NaN"):
     methods.calibrate(_mlp, bad, batches, rules, methods.SignRound(iters=5), progress=False)
-  # Finite inputs whose squares overflow float32: the Hessian, and so the loss, is not
-  # finite at the first step; the driver returns nothing.
+  # Finite inputs whose products overflow float32: the float model's values at the end
+  # of the first block, and so its loss, are not finite at the first step; the driver
+  # returns nothing.
   huge = [x.at[0, 0].set(1e20) for x in batches]
-  with pytest.raises(ValueError, match=re.escape("SignRound b0/a: the layer loss became NaN/Inf "
-                                                 "at iteration 0")):
+  with pytest.raises(ValueError, match=re.escape("SignRound block [b0/a, b0/b]: the block loss "
+                                                 "became NaN/Inf at iteration 0")):
     methods.calibrate(_mlp, params, huge, rules, methods.SignRound(iters=5), progress=False)
   assert not any(isinstance(x, QArray) for x in jax.tree.leaves(
       params, is_leaf=lambda x: isinstance(x, QArray)))  # the caller's tree is untouched
@@ -171,30 +195,27 @@ def test_formats_it_cannot_learn_are_refused_and_casts_pass_through():
   assert methods.base.make("signround", iters=7).iters == 7
 
 
-# Two of test_capture's four user models (fused multi-axis DenseGeneral, and conv patches),
-# to keep this file within a minute; on all four (int3 g16, 200 steps) SignRound / RTN
-# measured gpt2 0.65, einsum 0.60, scan 0.62, conv 0.51.
-@pytest.fixture(scope="module", params=["conv", "gpt2"])
-def model(request):
-  fn, params, loss = user_models.trained(request.param)
-  assert loss < 3.2, (request.param, loss)
-  return request.param, fn, params
-
-
-def test_learned_rounding_beats_round_to_nearest_on_user_models(model):
-  """Held-out output error (batches not used for calibration) at int3 g16. GPTQ / RTN
-  measured 0.34 (gpt2) and 0.36 (conv) without act-order: per-layer learned rounding
-  does not reach GPTQ on these models (docs/methods.md, "SignRound"), so only RTN is
-  the bar here."""
-  name, fn, params = model
-  rules = (QuantRule(module_path=TARGETS[name], format="int3_g16"), SKIP)
-  batches, x = user_models.calibration(), user_models.held_out()
-  rtn = methods.calibrate(fn, params, batches, rules, methods.RTN(), progress=False)
-  sr = methods.calibrate(fn, params, batches, rules, methods.SignRound(), progress=False)
-  e_rtn, e_sr = _err(fn, params, rtn.params, x), _err(fn, params, sr.params, x)
-  assert e_sr < 0.8 * e_rtn, (name, e_sr, e_rtn)
-  quantized = [p for p, leaf in rules_lib.tree_leaves_with_paths(sr.params)
-               if isinstance(leaf, QArray)]
-  assert quantized and all(re.fullmatch(TARGETS[name], p) for p in quantized)
-  losses = sr.info["signround_loss"]
-  assert losses and all(r["final"] < r["init"] for r in losses.values()), losses
+def test_block_rounding_beats_gptq_on_the_user_models():
+  """Held-out output error (windows not used for calibration) at int3 g16 on the four
+  user-written models of test_capture.py, SignRound (block objective) against GPTQ.
+  Measured SignRound / GPTQ at 200 steps: einsum 0.41, gpt2 0.51, scan 0.53, conv 1.11;
+  GPTQ / RTN 0.33-0.47. Three of the four must beat GPTQ; all must beat RTN."""
+  wins = {}
+  for name in sorted(TARGETS):
+    fn, params, loss = user_models.trained(name)
+    assert loss < 3.2, (name, loss)
+    rules = (QuantRule(module_path=TARGETS[name], format="int3_g16"), SKIP)
+    batches, x = user_models.calibration(), user_models.held_out()
+    rtn = methods.calibrate(fn, params, batches, rules, methods.RTN(), progress=False)
+    gptq = methods.calibrate(fn, params, batches, rules, methods.GPTQ(), progress=False)
+    sr = methods.calibrate(fn, params, batches, rules, methods.SignRound(), strict=True,
+                           progress=False)
+    e_rtn, e_gptq, e_sr = (_err(fn, params, r.params, x) for r in (rtn, gptq, sr))
+    assert e_sr < 0.6 * e_rtn, (name, e_sr, e_rtn)
+    wins[name] = e_sr / e_gptq
+    quantized = [p for p, leaf in rules_lib.tree_leaves_with_paths(sr.params)
+                 if isinstance(leaf, QArray)]
+    assert quantized and all(re.fullmatch(TARGETS[name], p) for p in quantized)
+    losses = sr.info["signround_loss"]
+    assert losses and all(r["final"] < r["init"] for r in losses.values()), (name, losses)
+  assert sum(r < 1.0 for r in wins.values()) >= 3, wins

@@ -46,6 +46,13 @@ structure (identical layers share one executable). *One-pass* mode takes all
 statistics from the float model (the quantized weights are not fed forward),
 batch by batch. Nothing after the last targeted group is run.
 
+A method with `wants_block = True` (SignRound) is handed, with each group's
+parts, the group's `Block` (`part.block`): the span of the program from the
+group's first matmul to the next group boundary as a differentiable function
+of its inputs and weights, its inputs from the quantized prefix, and the
+float model's values at its end, taken from a second chain of live values
+run with the float weights (one more forward of each segment).
+
 Trade-offs of the jaxpr route, against patching `jax.lax.dot_general` during a
 call (Qwix's interception): it sees every matmul, including `jnp.einsum`,
 `x @ w`, stock Flax layers and calls inside jitted or scanned code, with
@@ -66,10 +73,10 @@ References:
 
 from quantjax.methods.capture.driver import (CalibrationResult, MemoryOptions, calibrate,
                                              collect_stats, effective_weight, tree_from_parts)
-from quantjax.methods.capture.parts import Part
+from quantjax.methods.capture.parts import Block, Part
 from quantjax.methods.capture.stats import STAT_KINDS, InputStats
 from quantjax.methods.capture.trace import Capture, Layout, Site, linen_apply, nnx_apply, trace
 
 __all__ = ["Site", "Layout", "Capture", "InputStats", "Part", "trace", "calibrate",
            "collect_stats", "nnx_apply", "linen_apply", "CalibrationResult", "STAT_KINDS",
-           "tree_from_parts", "effective_weight", "MemoryOptions"]
+           "tree_from_parts", "effective_weight", "MemoryOptions", "Block"]

@@ -19,7 +19,7 @@ from quantjax.methods.rtn import RTN
 from quantjax.numerics import qarray as qarray_lib
 from quantjax.methods.capture.trace import Capture, Site, Source, is_drop, is_lit, trace
 from quantjax.methods.capture.stats import InputStats, STAT_KINDS, finalize_stats, stat_init
-from quantjax.methods.capture.parts import Part
+from quantjax.methods.capture.parts import Block, Part
 from quantjax.methods.capture.spill import DiskStack, Spill
 from quantjax.methods.capture.segments import (Runner, SiteTransform, State, env_batch, env_bytes,
                                                region_get, run_batched, run_segment, site_transform)
@@ -122,6 +122,15 @@ def _last_reads(cap: Capture) -> dict[int, int]:
         if not is_drop(o):
           leaves_of[o] = ins
   return last
+
+
+def _dependent_outputs(jaxpr: Any, inputs: set[int]) -> list[int]:
+  """Indices of `jaxpr`'s outputs that depend on its inputs at positions `inputs`."""
+  dep = {v for i, v in enumerate(jaxpr.invars) if i in inputs}
+  for e in jaxpr.eqns:
+    if any(not is_lit(a) and a in dep for a in e.invars):
+      dep.update(o for o in e.outvars if not is_drop(o))
+  return [j for j, v in enumerate(jaxpr.outvars) if not is_lit(v) and v in dep]
 
 
 def _starved_parts(parts: Sequence[Part], min_tokens: int, starved: str, method: Any,
@@ -253,6 +262,10 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     mode: "sequential" (the inputs of each group come from the model with
       the groups before it already quantized, activation quantization
       included) or "one_pass" (every statistic from the float model).
+      A method with `wants_block = True` (SignRound) is handed each group's
+      `Block` (`part.block`): the program from the group to the next group
+      boundary, its quantized-prefix inputs and the float model's values
+      there; sequential mode only, activations in memory.
     strict: raise when a rule matches no leaf, a leaf matches no rule, or a
       selected weight is read by no matmul (otherwise warned).
     max_samples: input rows kept per input for methods that sample.
@@ -291,6 +304,11 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
   """
   if mode not in ("sequential", "one_pass"):
     raise ValueError(f"mode must be 'sequential' or 'one_pass', got {mode!r}")
+  wants_block = bool(getattr(method, "wants_block", False))
+  if wants_block and mode != "sequential":
+    raise ValueError(f"{type(method).__name__} fits each group to the float model's values "
+                     "downstream of it through the quantized prefix: it needs "
+                     f"mode='sequential', not {mode!r}")
   if starved not in ("rtn", "error"):
     raise ValueError(f"starved must be 'rtn' or 'error', got {starved!r}")
   if not isinstance(batches, collections.abc.Sequence):
@@ -474,11 +492,12 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
       bar = tqdm(total=len(order), desc=f"{getattr(method, 'label', type(method).__name__)} "
                  f"({mode})", unit="group", leave=False)
 
-    def finish(keys):
+    def finish(keys, block=None):
       t0 = time.perf_counter()
       todo = []
       for key in keys:
         part = parts[key]
+        part.block = block
         # In the leaf's own dtype (a stacked leaf holds float32 stand-ins beside its
         # unfinished slices with `stand_in_dtype`; those slices convert back exactly).
         part.value = region_get(state.leaves[part.leaf], part.layout).astype(
@@ -521,6 +540,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
                     "the experts' weights only")
               transforms[si] = t
         part.stats = None
+        part.block = None
         for si in part.sites:
           src = cap.sites[si].source
           pending_of_source[src] -= 1
@@ -535,8 +555,57 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
         out.append([a[n] for n in sorted(a)])
       return out
 
+    def block_and_advance(n: int, keys: list, fenv: dict) -> tuple[Block | None, dict | None]:
+      """The block objective of group n's ready parts, and the float model's live values
+      at the next boundary (`fenv`: the float model's live values at bounds[n])."""
+      t0 = time.perf_counter()
+      todo = [parts[k] for k in keys]
+      nxt = bounds[n + 1] if n + 1 < len(order) else None
+      hi = max([nxt or 0] + [cap.sites[si].eqn_index + 1 for p in todo for si in p.sites
+                             if cap.sites[si].eqn_index >= bounds[n]])
+      block, new_fenv = None, None
+
+      def run_float(seg):
+        w = [state.weight_input(li, reg) for li, reg in seg.weights_in]
+        out, _, _ = seg.fn([fenv[v] for v in seg.env_in],
+                           [*w, *seg.const_vals, *seg.transform_data], [])
+        return list(out)
+      if todo:
+        seg = runner.build(bounds[n], hi, [], frozenset(), 0, {})
+        f_out = run_float(seg)
+        slot: dict[tuple, int] = {}
+        for p in todo:
+          want = (p.leaf, tuple(p.layout.region) if p.layout.region else None)
+          at = [i for i, (li, reg) in enumerate(seg.weights_in)
+                if (li, tuple(reg) if reg else None) == want]
+          if not at or p.slots:
+            raise ValueError(
+                f"{p.name}: {type(method).__name__}'s block objective needs the weight as a "
+                "segment input of its group's span; "
+                + ("one slice of a batched or ragged matmul (an expert) is not one: use GPTQ "
+                   "or RTN on experts" if p.slots else
+                   "it is read before its group (by matmuls in several groups)"))
+          slot[p.key] = at[0]
+        n_env = len(seg.env_in)
+        outputs = _dependent_outputs(seg.jaxpr, {n_env + i for i in slot.values()})
+        pos = {v: i for i, v in enumerate(env_vars)}
+        block = Block(
+            name=", ".join(p.name for p in todo), fn=seg.raw,
+            env=[envs[pos[v]] for v in seg.env_in],
+            weights=[state.weight_input(li, reg) for li, reg in seg.weights_in],
+            consts=[*seg.const_vals, *seg.transform_data], slot=slot,
+            outputs=tuple(outputs), targets=[f_out[j] for j in outputs])
+        if nxt is not None and hi == nxt:
+          new_fenv = dict(zip(seg.env_out, f_out))
+      if nxt is not None and new_fenv is None:
+        seg = runner.build(bounds[n], nxt, [], frozenset(), 0, {})
+        new_fenv = dict(zip(seg.env_out, run_float(seg)))
+      timing["stats"] += time.perf_counter() - t0
+      return block, new_fenv
+
     if mode == "sequential":
       lo, env_vars = 0, list(cap.batch_vars)
+      fenv: dict | None = None
       for n, g in enumerate(order):
         t0 = time.perf_counter()
         srcs = sources_of_group.get(g, [])
@@ -555,7 +624,16 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
         accs = samples = None  # the statistics live in stats_of_source only
         timing["stats"] += time.perf_counter() - t0
         release(bounds[n])  # later segments run equations from bounds[n] on
-        finish(ready.get(n, []))
+        block = None
+        if wants_block:
+          if any(isinstance(x, DiskStack) for x in envs):
+            raise ValueError(f"{type(method).__name__}'s block objective needs the "
+                             "calibration activations in memory; raise "
+                             "MemoryOptions.activation_limit or use fewer batches")
+          if fenv is None:  # before the first group the float and quantized models agree
+            fenv = dict(zip(env_vars, envs))
+          block, fenv = block_and_advance(n, ready.get(n, []), fenv)
+        finish(ready.get(n, []), block)
         if bar is not None:
           bar.update(1)
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,48 @@ from quantjax.methods.capture.trace import Layout
 from quantjax.methods.capture.stats import InputStats
 from quantjax.numerics.formats import resolve_format
 from quantjax.numerics.qarray import QArray
+
+
+# ----------------------------------------------------------------------------
+# Blocks: the program downstream of a group, for block-wise objectives.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Block:
+  """The traced program from a group's first matmul to the next group boundary, handed
+  to methods that fit a group's weights to the float model's values there (a method
+  asks for it with a class attribute `wants_block = True`; sequential mode only).
+
+  `fn(*env_b, *weights, *consts)` is the span for one calibration batch (`env_b[j] =
+  env[j][b]`), differentiable, the same Python object for every span of one structure
+  (identical layers), so a method's compiled loop keyed on it is reused. Its outputs are
+  every value live at the span's end; `outputs` lists those that depend on the group's
+  weights, and `targets[j]` (`[n_batches, ...]`) is output `outputs[j]` of the float
+  model (the float span on the float model's inputs).
+
+  Attributes:
+    name: the group's weights, for messages.
+    fn: see above.
+    env: the span's inputs, stacked over batches, from the quantized prefix.
+    weights: the span's weight inputs (current values; the group's are float).
+    consts: the span's other inputs.
+    slot: `{part.key: index in weights}` for the group's parts.
+    outputs: indices of the compared outputs of `fn`.
+    targets: the float model's values of those outputs, stacked over batches.
+  """
+
+  name: str
+  fn: Callable[..., Any]
+  env: list[jax.Array]
+  weights: list[jax.Array]
+  consts: list[Any]
+  slot: dict[tuple, int]
+  outputs: tuple[int, ...]
+  targets: list[jax.Array]
+
+  @property
+  def n_batches(self) -> int:
+    return int(self.targets[0].shape[0]) if self.targets else 0
 
 
 # ----------------------------------------------------------------------------
@@ -44,6 +86,8 @@ class Part:
   sites: list[int] = dataclasses.field(default_factory=list)
   # site -> which slice of its batched matmul this part is (experts); absent: the whole site
   slots: dict[int, int] = dataclasses.field(default_factory=dict)
+  # The block objective of its group (methods with `wants_block`; see `Block`).
+  block: Block | None = None
 
   @property
   def key(self) -> tuple[str, tuple[int, ...]]:

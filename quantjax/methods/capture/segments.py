@@ -158,6 +158,10 @@ class Segment:
   sources: list[int]
   acc_names: list[list[str]]
   n_sample: int
+  # The segment's one-batch program `raw(*env_b, *weights, *consts, *data, *accs)` (shared
+  # by segments of one structure) and its jaxpr: what `span` hands to block objectives.
+  raw: Any = None
+  jaxpr: Any = None
 
 
 class Runner:
@@ -319,16 +323,18 @@ class Runner:
     jaxpr = jcore.Jaxpr([], invars, outvars, seg_eqns, effects, dbg)
     key = (str(jaxpr), _params_key(seg_eqns), tuple(tkeys))
     fn = self.compiled.get(key)
+    raw = self.compiled.get(("raw",) + key)
     if fn is None:
-      fn = _scan_over_batches(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, [])), len(env_in),
-                              len(invars) - len(env_in) - len(acc_in), len(acc_in),
-                              len(live_out))
+      raw = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, []))
+      fn = _scan_over_batches(raw, len(env_in), len(invars) - len(env_in) - len(acc_in),
+                              len(acc_in), len(live_out))
       self.compiled[key] = fn
+      self.compiled[("raw",) + key] = raw
       self.compiles += 1
     return Segment(fn=fn, env_in=env_in, env_out=live_out,
                     weights_in=[weights[v] for v in w_vars], const_vals=const_vals,
                     transform_data=data_vals, sources=list(sources), acc_names=acc_names,
-                    n_sample=n_sample)
+                    n_sample=n_sample, raw=raw, jaxpr=jaxpr)
 
 
 def _scan_over_batches(raw: Callable, n_env: int, n_static: int, n_acc: int, n_env_out: int):
