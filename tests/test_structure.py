@@ -162,12 +162,7 @@ def test_the_check_sees_each_kind_of_use():
 # (importing layer, imported layer): why the upward edge is still there.
 ALLOWED_LAYER_EDGES: dict = {}
 # (importing module, imported module): why the edge that closes a circle is still there.
-ALLOWED_MODULE_EDGES = {
-    ("quantjax.numerics.qarray", "quantjax.numerics.calibrate"):
-        "quantize() calls calibrate's scale search, which calls qarray's block math "
-        "(block_view, encode, decode, scale_from_range); the block math belongs in a "
-        "module of its own below both",
-}
+ALLOWED_MODULE_EDGES: dict = {}
 
 # Imports of quantjax modules inside functions ("lazy" imports) carry a comment saying
 # why, on the import's first line or the line above it: `# lazy: <why>` (an
@@ -180,8 +175,6 @@ ALLOWED_UNEXPLAINED_LAZY = {
     ("quantjax/methods/gptq.py", "quantjax.rules"): _REWORKED,
     ("quantjax/methods/gptq.py", "quantjax.methods.activations"): _REWORKED,
     ("quantjax/methods/rtn.py", "quantjax.methods.activations"): _REWORKED,
-    ("quantjax/numerics/qarray.py", "quantjax.numerics.calibrate"):
-        "the circle numerics.qarray <-> numerics.calibrate (ALLOWED_MODULE_EDGES)",
 }
 
 

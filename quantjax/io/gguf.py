@@ -44,13 +44,16 @@ modules), looked up by config class or `general.architecture`
 (`architecture_of`, `tensor_table`, `expected_shapes`, `config_from_reader`,
 `check_gguf_names`, `check_tensor_shapes`). Dequantizing to float32 is
 `quantjax.io.gguf_dequant`'s.
+
+This module is the writer (`export_gguf`, `write_gguf_file`, `encode_tensor`, the type
+rules); the block types and their codecs are in `quantjax.io.gguf_blocks`, the tensor
+names, the file checks and `import_gguf` in `quantjax.io.gguf_import`; their public
+names are importable from here.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import logging
 import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -58,23 +61,28 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from quantjax import rules as rules_lib
-from quantjax.io import architecture as architecture_lib
 from quantjax.io import atomic
 from quantjax.io import gguf_codebook
-from quantjax.io import gguf_dequant
 from quantjax.io import gguf_read
 from quantjax.io import kquants
+from quantjax.io.gguf_blocks import (ALL_TYPES, BLOCK_TYPES, CODEBOOK_TYPES, FLOAT_TYPES, K_TYPES,
+                                     QK, BlockType, block_format, block_type, block_type_of,
+                                     blocks_to_qarray, pack_blocks, permute_qk, qarray_to_blocks,
+                                     unpack_blocks)
+from quantjax.io.gguf_import import (architecture_of, check_gguf_names, check_tensor_shapes,
+                                     config_from_reader, expected_shapes, file_tensor_bytes,
+                                     get_leaf, import_gguf, pure_tree, tensor_table)
 from quantjax.io.gguf_read import GGUFError
-from quantjax.io.tokenizer import load_tokenizer
 from quantjax.numerics import llamacpp_types
 from quantjax.numerics import qarray as qarray_lib
-from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 from quantjax.optional import require
 
 __all__ = [
     "BLOCK_TYPES",
+    "BlockType",
+    "FLOAT_TYPES",
+    "QK",
     "CODEBOOK_TYPES",
     "K_TYPES",
     "type_rules",
@@ -100,329 +108,6 @@ __all__ = [
     "tensor_table",
     "unpack_blocks",
 ]
-
-QK = 32  # values per block of every legacy type
-_log = logging.getLogger("quantjax.gguf")
-
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockType:
-  name: str
-  bits: int
-  symmetric: bool
-  block_bytes: int
-
-
-BLOCK_TYPES: dict[str, BlockType] = {
-    "Q8_0": BlockType("Q8_0", 8, True, 2 + QK),
-    "Q4_0": BlockType("Q4_0", 4, True, 2 + QK // 2),
-    "Q4_1": BlockType("Q4_1", 4, False, 4 + QK // 2),
-    "Q5_0": BlockType("Q5_0", 5, True, 2 + 4 + QK // 2),
-    "Q5_1": BlockType("Q5_1", 5, False, 4 + 4 + QK // 2),
-}
-FLOAT_TYPES = ("F32", "F16", "BF16")
-# k-quants (super-blocks of 256; `quantjax.io.kquants`): written from float
-# weights, on rows that are multiples of 256 (other rows: an error naming the
-# tensor and the types that fit).
-K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
-# llama.cpp's newer block types (`gguf_codebook`): IQ4_NL, MXFP4, NVFP4, Q1_0, Q2_0, TQ2_0.
-CODEBOOK_TYPES = tuple(gguf_codebook.TYPES)
-_ALL_TYPES = tuple(BLOCK_TYPES) + CODEBOOK_TYPES + K_TYPES + FLOAT_TYPES
-
-
-def _block_type(name: str) -> BlockType:
-  if name not in BLOCK_TYPES:
-    raise GGUFError(f"unknown GGUF block type {name!r}; supported: "
-                    f"{', '.join(list(BLOCK_TYPES) + list(FLOAT_TYPES))}")
-  return BLOCK_TYPES[name]
-
-
-def block_format(name: str, axis: int = 0) -> QuantFormat:
-  """The `QuantFormat` that is GGUF type `name` with blocks along `axis`.
-
-  `axis` is the contraction axis: 0 for `[in, out]` kernels, 1 for `[vocab, d]`
-  embedding tables. `QuantFormat.parse("q4_0")` is the axis-0 format. The newer
-  types (IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0, TQ2_0) are accepted too.
-  """
-  if name in gguf_codebook.TYPES:
-    return gguf_codebook.TYPES[name].format(axis)
-  _block_type(name)
-  return QuantFormat.parse(name.lower(), group_axis=axis, channel_axis=1 - axis)
-
-
-def block_type_of(fmt: QuantFormat, axis: int, ndim: int = 2) -> str | None:
-  """The GGUF block type `fmt` is exactly, with blocks along `axis`; else None."""
-  if fmt.gguf_type is None or fmt.group_axis % ndim != axis % ndim:
-    return None
-  return fmt.gguf_type
-
-
-# ----------------------------------------------------------------------------
-# Rows of codes <-> rows of blocks (numpy; rows are `[..., n]`, blocks along n).
-
-
-def _code_offset(bt: BlockType) -> int:
-  # Symmetric types store u = q + 2^(bits-1) (Q8_0 stores q itself as int8).
-  return 0 if (not bt.symmetric or bt.bits == 8) else 2 ** (bt.bits - 1)
-
-
-def pack_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, name: str) -> np.ndarray:
-  """Integer codes `[rows, n]` + fp16 scales (and minima) `[rows, n/32]` -> uint8 blocks.
-
-  Codes are in the `QuantFormat`'s range: signed for Q8_0/Q4_0/Q5_0, unsigned
-  for Q4_1/Q5_1. Returns `[rows, n/32 * block_bytes]` uint8.
-  """
-  bt = _block_type(name)
-  codes = np.asarray(codes)
-  rows, n = codes.shape
-  if n % QK:
-    raise GGUFError(f"rows of {n} values do not fit {name}'s blocks of {QK}")
-  nb = n // QK
-  d = np.asarray(d, np.float16).reshape(rows, nb, 1)
-  lo_code = -(2 ** (bt.bits - 1)) if bt.symmetric else 0
-  hi_code = lo_code + 2 ** bt.bits - 1
-  if codes.size and (codes.min() < lo_code or codes.max() > hi_code):
-    raise GGUFError(f"{name} codes must lie in [{lo_code}, {hi_code}], got "
-                    f"[{codes.min()}, {codes.max()}]")
-  q = codes.astype(np.int32).reshape(rows, nb, QK)
-  head = [d.view(np.uint8)]
-  if not bt.symmetric:
-    if m is None:
-      raise GGUFError(f"{name} needs a minimum per block")
-    head.append(np.asarray(m, np.float16).reshape(rows, nb, 1).view(np.uint8))
-  if bt.bits == 8:
-    body = [q.astype(np.int8).view(np.uint8)]
-  else:
-    u = (q + _code_offset(bt)).astype(np.uint8)
-    lo = u & 0x0F
-    qs = lo[..., :QK // 2] | (lo[..., QK // 2:] << 4)
-    body = [qs]
-    if bt.bits == 5:
-      hi = ((u >> 4) & 1).astype(np.uint32) << np.arange(QK, dtype=np.uint32)
-      qh = np.bitwise_or.reduce(hi, axis=-1, keepdims=True).astype("<u4")
-      body = [qh.view(np.uint8), qs]
-  return np.concatenate(head + body, axis=-1).reshape(rows, nb * bt.block_bytes)
-
-
-def unpack_blocks(raw: np.ndarray, name: str):
-  """Inverse of `pack_blocks`: uint8 `[rows, bytes]` -> `(codes, d, m_or_None)`."""
-  bt = _block_type(name)
-  raw = np.ascontiguousarray(raw, np.uint8)
-  if raw.ndim == 1:
-    raw = raw[None]
-  rows, nbytes = raw.shape
-  if nbytes % bt.block_bytes:
-    raise GGUFError(f"a {name} row of {nbytes} bytes is not a whole number of "
-                    f"{bt.block_bytes}-byte blocks")
-  b = raw.reshape(rows, nbytes // bt.block_bytes, bt.block_bytes)
-  d = b[..., 0:2].copy().view(np.float16)[..., 0]
-  off = 2
-  m = None
-  if not bt.symmetric:
-    m = b[..., 2:4].copy().view(np.float16)[..., 0]
-    off = 4
-  if bt.bits == 8:
-    q = b[..., off:].copy().view(np.int8).astype(np.int16)
-  else:
-    hi = None
-    if bt.bits == 5:
-      qh = b[..., off:off + 4].copy().view("<u4")
-      hi = ((qh >> np.arange(QK, dtype=np.uint32)) & 1).astype(np.int16)
-      off += 4
-    qs = b[..., off:].astype(np.int16)
-    u = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-    if hi is not None:
-      u = u | (hi << 4)
-    q = u - _code_offset(bt)
-  return q.reshape(rows, -1).astype(np.int8), d, m
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-  """llama.cpp's convert-time Q/K row permutation (rows of `[out, ...]`).
-
-  Inverse of `quantjax.io.gguf_dequant.unpermute_qk`; applies to codes, scales and
-  minima alike since it only moves whole rows.
-  """
-  head = w.shape[0] // n_head
-  return w.reshape(n_head, 2, head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def qarray_to_blocks(q: QArray, name: str, axis: int, *, rows_fn=None) -> np.ndarray:
-  """A 2-D QArray of format `block_format(name, axis)` -> uint8 rows of blocks.
-
-  Rows are the non-contraction axis (GGUF's `[out, in]`). `rows_fn` (e.g. the
-  Q/K permutation) is applied to codes, scales and minima as rows.
-  """
-  if block_type_of(q.fmt, axis) != name:
-    raise GGUFError(f"QArray format {q.fmt.name} (group axis {q.fmt.group_axis}, scale dtype "
-                    f"{jnp.dtype(q.fmt.scale_dtype).name}) is not GGUF {name} along axis {axis}")
-  codes = np.asarray(q.codes())
-  d = np.asarray(q.scale)
-  if name in gguf_codebook.TYPES:
-    if axis == 0:
-      codes, d = codes.T, d.T
-    if rows_fn is not None:
-      codes, d = rows_fn(codes), rows_fn(d)
-    return gguf_codebook.pack(codes, d, name)
-  m = None if q.zero_point is None else np.asarray(q.zero_point)
-  if axis == 0:
-    codes, d = codes.T, d.T
-    m = None if m is None else m.T
-  if rows_fn is not None:
-    codes, d = rows_fn(codes), rows_fn(d)
-    m = None if m is None else rows_fn(m)
-  return pack_blocks(codes, d, m, name)
-
-
-def blocks_to_qarray(raw: np.ndarray, name: str, axis: int, *, rows_fn=None,
-                     dtype: Any = jnp.float32) -> QArray:
-  """uint8 rows of blocks `[rows, bytes]` -> QArray (blocks along `axis`), no dequantization."""
-  if name in gguf_codebook.TYPES:
-    codes, d = gguf_codebook.unpack(raw, name)
-    if rows_fn is not None:
-      codes, d = rows_fn(codes), rows_fn(d)
-    if axis == 0:
-      codes, d = codes.T, d.T
-    return QArray.from_codes(jnp.asarray(np.ascontiguousarray(codes)), block_format(name, axis),
-                             jnp.asarray(np.ascontiguousarray(d)), dtype=dtype)
-  codes, d, m = unpack_blocks(raw, name)
-  if rows_fn is not None:
-    codes, d = rows_fn(codes), rows_fn(d)
-    m = None if m is None else rows_fn(m)
-  if axis == 0:
-    codes, d = codes.T, d.T
-    m = None if m is None else m.T
-  fmt = block_format(name, axis)
-  return QArray.from_codes(jnp.asarray(np.ascontiguousarray(codes)), fmt,
-                           jnp.asarray(np.ascontiguousarray(d)),
-                           None if m is None else jnp.asarray(np.ascontiguousarray(m)),
-                           dtype=dtype)
-
-
-# ----------------------------------------------------------------------------
-# Tensor names <-> parameter paths.
-
-
-def architecture_of(config) -> architecture_lib.Architecture:
-  """The registered architecture (`quantjax.io.architecture`) of `config`, with its GGUF
-  names; GGUFError naming the config's type when there is none."""
-  try:
-    arch = architecture_lib.for_config(config)
-  except architecture_lib.UnknownArchitecture:
-    arch = None
-  if arch is None or arch.gguf is None:
-    known = [f"{a.config_type.__module__}.{a.config_type.__name__}"
-             for a in architecture_lib.registered() if a.gguf is not None]
-    raise GGUFError(f"GGUF supports the configs of the registered architectures "
-                    f"({', '.join(known)}), got {type(config).__name__}")
-  return arch
-
-
-def tensor_table(config, arch: architecture_lib.Architecture | None = None,
-                 ) -> list[tuple[str, tuple, int | None, int]]:
-  """`(gguf name, params path, Q/K heads or None, contraction axis)` for every tensor of a
-  model of `config`, in file order (`arch.gguf.table`; `arch` defaults to `config`'s
-  registered architecture)."""
-  return (arch or architecture_of(config)).gguf.table(config)
-
-
-def _get(tree: Any, path: tuple) -> Any:
-  return rules_lib.leaf_at(tree, path, GGUFError)
-
-
-def _pure(params: Any) -> Any:
-  from flax import nnx
-  if isinstance(params, nnx.State):
-    return nnx.to_pure_dict(params)
-  return params
-
-
-def expected_shapes(config, arch: architecture_lib.Architecture | None = None,
-                    ) -> dict[str, tuple[tuple[int, ...], str]]:
-  """`{gguf name: (row-major shape in the file, params path)}` the config implies."""
-  from flax import nnx
-  arch = arch or architecture_of(config)
-  pure = nnx.to_pure_dict(arch.abstract_state(config))
-  out = {}
-  for gname, ppath, _, _ in tensor_table(config, arch):
-    node = pure
-    for k in ppath:
-      node = node[k]
-    shape = tuple(int(s) for s in node.shape)
-    out[gname] = (shape[::-1] if ppath[-1] == "kernel" else shape, "/".join(map(str, ppath)))
-  return out
-
-
-def config_from_reader(reader: Any, path: str) -> Any:
-  """The model config of a GGUF file, by its `general.architecture` (the registered
-  architectures, `quantjax.io.architecture.for_gguf`), with the architecture's own
-  shape checks (`GGUFNames.check_shapes`)."""
-  meta = gguf_read.gguf_metadata(reader)
-  names = {t.name for t in reader.tensors}
-  try:
-    arch = architecture_lib.for_gguf(meta.get("general.architecture"))
-  except architecture_lib.UnknownArchitecture as e:
-    raise GGUFError(f"{path}: {e}") from None
-  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-  if emb is None:
-    raise GGUFError(f"{path}: no token_embd.weight tensor")
-  vocab = int(list(emb.shape)[-1])
-  tie = "output.weight" not in names
-  config = arch.gguf.config_from_metadata(meta, vocab, tie, path)
-  if arch.gguf.check_shapes is not None:
-    shapes = {t.name: tuple(int(s) for s in reversed(list(t.shape))) for t in reader.tensors}
-    arch.gguf.check_shapes(config, shapes, path)
-  return config
-
-
-def check_gguf_names(config, reader, path: str) -> None:
-  """Every tensor the config needs is in the file, and nothing unknown is."""
-  arch = architecture_of(config)
-  have = {t.name for t in reader.tensors}
-  table = tensor_table(config, arch)
-  missing = [g for g, *_ in table if g not in have]
-  if missing:
-    raise GGUFError(f"{path}: missing tensor{'s' if len(missing) > 1 else ''} "
-                    f"{', '.join(repr(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}"
-                    f" ({len(missing)} of {len(table)} that a {config.num_layers}-layer "
-                    f"{type(config).__name__} needs)")
-  unknown = sorted(have - {g for g, *_ in table} - set(arch.gguf.ignored))
-  if unknown:
-    raise GGUFError(f"{path}: unsupported tensor{'s' if len(unknown) > 1 else ''} "
-                    f"{', '.join(repr(u) for u in unknown[:5])}")
-
-
-_SHAPE_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count",
-               "attention.head_count_kv", "attention.key_length", "block_count")
-
-
-def check_tensor_shapes(config, reader, path: str) -> None:
-  """Checks, before any data is read, that the file holds exactly the tensors
-  `config` implies with the shapes it implies (GGUF rows: `[out, in]`).
-
-  Raises:
-    GGUFError: a missing or unexpected tensor, or a shape that contradicts the
-      metadata (the message names the tensor and the metadata keys involved).
-  """
-  arch = architecture_of(config)
-  want = expected_shapes(config, arch)
-  have = {t.name: t for t in reader.tensors}
-  missing = [n for n in want if n not in have]
-  if missing:
-    raise GGUFError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                    f"(the metadata implies {len(want)} tensors)")
-  unknown = sorted(set(have) - set(want) - set(arch.gguf.ignored))
-  if unknown:
-    raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
-  arch = getattr(reader, "get", lambda *_: None)("general.architecture") or "llama"
-  for name, (shape, ppath) in want.items():
-    got = tuple(int(s) for s in reversed(have[name].shape.tolist()))
-    if got != shape:
-      raise GGUFError(
-          f"{path}: tensor {name!r} has shape {list(got)} but the metadata implies "
-          f"{list(shape)} (for {ppath}); check the keys "
-          f"{', '.join(arch + '.' + k for k in _SHAPE_KEYS)}")
 
 
 # ----------------------------------------------------------------------------
@@ -601,9 +286,9 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
     t, how = "F32", "float"
   elif forced is not None:
     t = forced
-    if t not in _ALL_TYPES:
+    if t not in ALL_TYPES:
       raise GGUFError(f"rule for {spath}: unknown GGUF type {t!r}; supported: "
-                      f"{', '.join(_ALL_TYPES)}")
+                      f"{', '.join(ALL_TYPES)}")
     if t not in FLOAT_TYPES:
       # A type the rows do not fill is an error naming the tensor and the types that fit,
       # never a silent fallback (llama-quantize swaps k-quants for Q5_0 / Q5_1 / Q8_0).
@@ -630,7 +315,7 @@ def encode_tensor(gname: str, ppath: tuple, heads: int | None, axis: int, leaf: 
       raw = qarray_to_blocks(leaf, t, axis, rows_fn=rows_fn)  # code for code
     elif imp is not None and t in ("Q4_0", "Q5_0"):
       codes, d = kquants.fit_symmetric_blocks(_float_rows(leaf, axis, rows_fn),
-                                              _block_type(t).bits, imp)
+                                              block_type(t).bits, imp)
       raw = pack_blocks(codes, d, None, t)
     else:
       x = leaf.dequantize(jnp.float32) if isinstance(leaf, QArray) else jnp.asarray(
@@ -845,14 +530,14 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
   if float_type.upper() not in FLOAT_TYPES:
     raise GGUFError(f"float_type must be one of {FLOAT_TYPES}, got {float_type!r}")
   float_type = float_type.upper()
-  pure = _pure(params)
+  pure = pure_tree(params)
 
   # Encode every tensor first: a bad leaf fails before any file exists.
   tensors: list[tuple[str, np.ndarray, str]] = []
   report: list[TensorExport] = []
   want = expected_shapes(config, arch)
   for gname, ppath, heads, axis in tensor_table(config, arch):
-    raw, t, rec = encode_tensor(gname, ppath, heads, axis, _get(pure, ppath), want, types,
+    raw, t, rec = encode_tensor(gname, ppath, heads, axis, get_leaf(pure, ppath), want, types,
                                 float_type, importance)
     tensors.append((gname, raw, t))
     report.append(rec)
@@ -933,90 +618,3 @@ def export_summary(report: list[TensorExport]) -> str:
   for (t, how), rs in sorted(groups.items()):
     lines.append(f"{t:5s} {how:22s} {len(rs):4d} tensors {sum(r.nbytes for r in rs):>13,} bytes")
   return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------
-# Import.
-
-
-def import_gguf(path: str | os.PathLike, *, tokenizer: bool = True, dtype: Any = jnp.float32,
-                check_values: bool = False):
-  """Loads a llama or gemma3 GGUF keeping block-quantized tensors as QArrays.
-
-  Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 become QArrays of the equivalent format with
-  the file's codes and scales (no dequantization); F16 and BF16 become cast
-  QArrays; F32 stays float32; k-quants (Q4_K, Q6_K, ...) are dequantized to
-  float32. Returns `(config, params, tokenizer, info)` with `info` mapping each
-  GGUF tensor name to `(type, "qarray" | "float" | "dequantized")`.
-
-  The file is checked before any tensor is read (`quantjax.io.gguf_read`:
-  structure, offsets, block scales, metadata, tensor shapes against the
-  metadata); `check_values=True` also checks every float tensor value.
-  """
-  path = os.fspath(path)
-  reader = gguf_read.open_gguf(path, check_values=check_values)
-  config = config_from_reader(reader, path)
-  arch = architecture_of(config)
-  check_tensor_shapes(config, reader, path)
-  by_name = {t.name: t for t in reader.tensors}
-  info: dict[str, tuple[str, str]] = {}
-  pure: dict = {}
-  table = tensor_table(config, arch)
-  known = {g for g, *_ in table} | set(arch.gguf.ignored)
-  unknown = sorted(set(by_name) - known)
-  if unknown:
-    raise GGUFError(f"{path}: unsupported tensors {unknown[:5]}")
-  for gname, ppath, heads, axis in table:
-    t = by_name.get(gname)
-    if t is None:
-      raise GGUFError(f"{path}: missing tensor {gname!r}")
-    kind = t.tensor_type.name
-    rows_fn = (lambda a, h=heads: gguf_dequant.unpermute_qk(a, h)) if heads else None
-    shape = tuple(int(s) for s in reversed(list(t.shape)))  # row-major [out, in]
-    if kind in BLOCK_TYPES or kind in CODEBOOK_TYPES:
-      raw = np.asarray(t.data).reshape(shape[0], -1)
-      try:
-        leaf = blocks_to_qarray(raw, kind, axis, rows_fn=rows_fn, dtype=dtype)
-      except GGUFError as e:
-        raise GGUFError(f"{path}: tensor {gname!r}: {e}") from None
-      how = "qarray"
-    elif kind in ("F16", "BF16") and len(shape) == 2:
-      x = np.asarray(t.data)
-      if kind == "BF16":
-        x = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-      x = x.reshape(shape)
-      if rows_fn is not None:
-        x = rows_fn(x)
-      if axis == 0:
-        x = x.T
-      fmt = QuantFormat(kind="fp16" if kind == "F16" else "bf16", granularity="per_tensor")
-      leaf = QArray.from_codes(jnp.asarray(np.ascontiguousarray(x)).astype(fmt.code_dtype), fmt,
-                               None, dtype=dtype)
-      how = "qarray"
-    else:
-      x = gguf_dequant.dequantize_gguf_tensor(t)
-      if rows_fn is not None:
-        x = rows_fn(x)
-      if len(shape) == 2 and axis == 0:
-        x = x.T
-      leaf = jnp.asarray(np.ascontiguousarray(x), dtype)
-      how = "float" if kind == "F32" else "dequantized"
-    info[gname] = (kind, how)
-    node = pure
-    for k in ppath[:-1]:
-      node = node.setdefault(k, {})
-    node[ppath[-1]] = leaf
-  architecture_lib.check_params_complete(arch, config, pure, path)
-  deq = collections.Counter(k for k, h in info.values() if h == "dequantized")
-  if deq:
-    _log.warning("%s: dequantized to float32 on import (no QArray equivalent): %s", path,
-                 ", ".join(f"{k} x{n}" for k, n in sorted(deq.items())))
-  params = arch.as_state(config, pure)
-  tok = load_tokenizer(path) if tokenizer else None
-  return config, params, tok, info
-
-
-def file_tensor_bytes(path: str | os.PathLike) -> int:
-  """Sum of the tensor data sizes in a GGUF file."""
-  reader = gguf_read.open_gguf(os.fspath(path))
-  return sum(int(t.n_bytes) for t in reader.tensors)

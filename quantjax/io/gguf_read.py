@@ -45,7 +45,9 @@ type or shape does not match what was written.
 `GGUFFile` presents the parsed file with the attributes of gguf-py's
 `GGUFReader` that quantjax uses (`fields[key].contents()`, `.types`;
 `tensors[i].name`, `.tensor_type`, `.shape`, `.n_bytes`, `.data_offset`,
-`.data`), so loaders read either.
+`.data`), so loaders read either. The parsed objects, the constants and value types and
+the value checks are in `quantjax.io.gguf_file` (importable from here); this module is
+the header parser and the metadata checks.
 
 References:
   GGUF specification: github.com/ggml-org/ggml/blob/master/docs/gguf.md.
@@ -56,7 +58,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import mmap
 import os
@@ -65,9 +66,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from quantjax.optional import require
+from quantjax.io.gguf_file import (ARR, BOOL, DEFAULT_ALIGNMENT, EXTRA_GGML_TYPES, ExtraGGMLType,
+                                   F32, F64, FLOAT_VALUE_TYPES, GGML_MAX_DIMS, GGML_MAX_NAME,
+                                   GGUFError, GGUFField, GGUFFile, GGUFTensor, GGUF_MAGIC, I16, I32,
+                                   I64, I8, INT_VALUE_TYPES, SCALE_LAYOUT, STR, U16, U32, U64,
+                                   U64_AT, U8, VALUE_TYPE_NAMES, check_raw_tensor,
+                                   check_tensor_values, first_bad, ggml_type)
 
 __all__ = [
+    "DEFAULT_ALIGNMENT",
+    "ExtraGGMLType",
     "GGUFError",
     "GGUFField",
     "GGUFFile",
@@ -86,256 +94,10 @@ __all__ = [
 ]
 
 
-class GGUFError(ValueError):
-  """A GGUF file that cannot be read or holds something we do not support."""
-
-
-GGUF_MAGIC = b"GGUF"
-GGML_MAX_DIMS = 4
-GGML_MAX_NAME = 64
-DEFAULT_ALIGNMENT = 32
-
 # GGUF value types: (struct code, size) for fixed-size scalars.
-_U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
-_SCALAR = {_U8: ("<B", 1), _I8: ("<b", 1), _U16: ("<H", 2), _I16: ("<h", 2),
-           _U32: ("<I", 4), _I32: ("<i", 4), _F32: ("<f", 4), _BOOL: ("<B", 1),
-           _U64: ("<Q", 8), _I64: ("<q", 8), _F64: ("<d", 8)}
-_NP = {_U8: "<u1", _I8: "<i1", _U16: "<u2", _I16: "<i2", _U32: "<u4", _I32: "<i4",
-       _F32: "<f4", _BOOL: "<u1", _U64: "<u8", _I64: "<i8", _F64: "<f8"}
-_INT_TYPES = frozenset({_U8, _I8, _U16, _I16, _U32, _I32, _U64, _I64})
-_FLOAT_TYPES = frozenset({_F32, _F64})
-_TYPE_NAMES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL",
-               "STRING", "ARRAY", "UINT64", "INT64", "FLOAT64")
-
-# Where each block type keeps its scales: (byte offset in the block, numpy dtype, name).
-# From ggml-common.h (block_q4_0 ... block_iq4_xs, block_tq2_0, block_q1_0, block_q2_0).
-SCALE_LAYOUT: dict[str, tuple[tuple[int, str, str], ...]] = {
-    "Q4_0": ((0, "<f2", "d"),),
-    "Q4_1": ((0, "<f2", "d"), (2, "<f2", "m")),
-    "Q5_0": ((0, "<f2", "d"),),
-    "Q5_1": ((0, "<f2", "d"), (2, "<f2", "m")),
-    "Q8_0": ((0, "<f2", "d"),),
-    "Q2_K": ((80, "<f2", "d"), (82, "<f2", "dmin")),
-    "Q3_K": ((108, "<f2", "d"),),
-    "Q4_K": ((0, "<f2", "d"), (2, "<f2", "dmin")),
-    "Q5_K": ((0, "<f2", "d"), (2, "<f2", "dmin")),
-    "Q6_K": ((208, "<f2", "d"),),
-    "Q8_K": ((0, "<f4", "d"),),
-    "IQ2_XXS": ((0, "<f2", "d"),),
-    "IQ2_XS": ((0, "<f2", "d"),),
-    "IQ2_S": ((0, "<f2", "d"),),
-    "IQ3_XXS": ((0, "<f2", "d"),),
-    "IQ3_S": ((0, "<f2", "d"),),
-    "IQ1_S": ((0, "<f2", "d"),),
-    "IQ4_NL": ((0, "<f2", "d"),),
-    "IQ4_XS": ((0, "<f2", "d"),),
-    "TQ2_0": ((64, "<f2", "d"),),
-    "Q1_0": ((0, "<f2", "d"),),
-    "Q2_0": ((0, "<f2", "d"),),
-}
-_FLOAT_TENSORS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
-
-
-# ggml types newer than gguf-py 0.19's table: {id: (name, block size, type size)}
-# (ggml.h / ggml-common.h: GGML_TYPE_Q2_0 = 42, block_q2_0 = fp16 d + 64 2-bit codes).
-EXTRA_GGML_TYPES = {42: ("Q2_0", 64, 2 + 16)}
-
-
-class ExtraGGMLType(int):
-  """A ggml type id gguf-py's `GGMLQuantizationType` lacks, with its `name`."""
-
-  def __new__(cls, value: int, name: str):
-    obj = super().__new__(cls, value)
-    obj.name = name
-    return obj
-
-  def __repr__(self) -> str:
-    return f"<GGMLQuantizationType.{self.name}: {int(self)}>"
-
-
-def ggml_type(type_id: int):
-  """gguf-py's `GGMLQuantizationType` for `type_id`, or an `ExtraGGMLType` for the ids in
-  `EXTRA_GGML_TYPES`."""
-  gguf = require("gguf", "gguf", "GGUF files")
-  try:
-    return gguf.GGMLQuantizationType(type_id)
-  except ValueError:
-    if type_id in EXTRA_GGML_TYPES:
-      return ExtraGGMLType(type_id, EXTRA_GGML_TYPES[type_id][0])
-    raise
-
-
-def _quant_types():
-  """`{id: (name, block size, type size)}` of the ggml types gguf-py knows, and
-  `EXTRA_GGML_TYPES`."""
-  gguf = require("gguf", "gguf", "GGUF files")
-  out = {int(t): (t.name, int(b), int(s)) for t, (b, s) in gguf.GGML_QUANT_SIZES.items()}
-  for tid, v in EXTRA_GGML_TYPES.items():
-    out.setdefault(tid, v)
-  return out
-
-
-# ----------------------------------------------------------------------------
-# Parsed objects (gguf-py's ReaderField / ReaderTensor surface).
-
-
-@dataclasses.dataclass
-class GGUFField:
-  """One key/value pair. `types` as gguf-py gives them (`[ARRAY, sub]` for arrays)."""
-
-  name: str
-  offset: int            # where the key starts in the file
-  value_offset: int      # where the value starts
-  type_ids: tuple[int, ...]
-  count: int             # array length (1 for scalars)
-  _file: "GGUFFile" = dataclasses.field(repr=False, compare=False)
-  _scalar: Any = dataclasses.field(default=None, repr=False)
-
-  @property
-  def types(self) -> list[Any]:
-    gguf = require("gguf", "gguf", "GGUF files")
-    return [gguf.GGUFValueType(t) for t in self.type_ids]
-
-  @property
-  def is_array(self) -> bool:
-    return self.type_ids[0] == _ARR
-
-  @property
-  def value_type(self) -> int:
-    """The scalar type, or the element type of an array."""
-    return self.type_ids[-1]
-
-  def type_name(self) -> str:
-    if self.is_array:
-      return f"array of {self.count} {_TYPE_NAMES[self.value_type]}"
-    return _TYPE_NAMES[self.value_type]
-
-  def contents(self) -> Any:
-    """The value: a Python scalar or str, or a list for arrays (decoded now)."""
-    if not self.is_array:
-      return self._scalar
-    mm = self._file._mm
-    if self.value_type == _STR:
-      out, off = [], self.value_offset + 12
-      for j in range(self.count):
-        (n,) = _U64_AT(mm, off)
-        try:
-          out.append(bytes(mm[off + 8:off + 8 + n]).decode("utf-8"))
-        except UnicodeDecodeError as e:
-          raise GGUFError(f"{self._file.path}: string {j} of key {self.name!r} is not UTF-8 "
-                          f"({e.reason})") from None
-        off += 8 + n
-      return out
-    arr = np.frombuffer(mm, dtype=_NP[self.value_type], count=self.count,
-                        offset=self.value_offset + 12)
-    if self.value_type == _BOOL:
-      return [bool(v) for v in arr]
-    return arr.tolist()
-
-  def array(self) -> np.ndarray:
-    """A numeric array's values as a read-only numpy view (no copy)."""
-    if not self.is_array or self.value_type == _STR:
-      raise TypeError(f"GGUF key {self.name!r} is a {self.type_name()}, not a numeric array")
-    return np.frombuffer(self._file._mm, dtype=_NP[self.value_type], count=self.count,
-                         offset=self.value_offset + 12)
-
-
-@dataclasses.dataclass
-class GGUFTensor:
-  """One tensor: `shape` in GGUF order (`ne[0]` = row length), data a zero-copy view."""
-
-  name: str
-  type_id: int
-  shape: np.ndarray        # uint64 ne, GGUF order (innermost first)
-  n_elements: int
-  n_bytes: int
-  data_offset: int         # absolute offset in the file
-  info_offset: int         # where its description starts in the header
-  _file: "GGUFFile" = dataclasses.field(repr=False, compare=False)
-
-  @property
-  def tensor_type(self):
-    return ggml_type(self.type_id)
-
-  @property
-  def type_name(self) -> str:
-    return self.tensor_type.name
-
-  @property
-  def data(self) -> np.ndarray:
-    """The bytes as gguf-py shapes them: F32/F16/F64 values `[ne_{n-1}, ..., ne_0]`,
-    everything else uint8 rows `[..., bytes per row]`. Read-only, backed by the file."""
-    kind = self.type_name
-    dims = tuple(int(s) for s in reversed(self.shape.tolist()))
-    np_t = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2",
-            "I32": "<i4", "I64": "<i8"}.get(kind)
-    if np_t is not None:
-      return np.frombuffer(self._file._mm, dtype=np_t, count=self.n_elements,
-                           offset=self.data_offset).reshape(dims)
-    _, block, tsize = self._file._types[self.type_id]
-    row = dims[-1] // block * tsize if dims else tsize
-    raw = np.frombuffer(self._file._mm, dtype=np.uint8, count=self.n_bytes,
-                        offset=self.data_offset)
-    return raw.reshape(dims[:-1] + (row,)) if dims else raw
-
-
-class GGUFFile:
-  """A parsed, checked GGUF file (see `read_gguf`). Its data stays memory-mapped."""
-
-  def __init__(self, path: str, mm: mmap.mmap | bytes, size: int):
-    self.path = path
-    self.size = size
-    self._mm = mm
-    self._types = _quant_types()
-    self.version = 0
-    self.alignment = DEFAULT_ALIGNMENT
-    self.data_start = 0
-    self.data_size = 0
-    self.fields: dict[str, GGUFField] = {}
-    self.tensors: list[GGUFTensor] = []
-
-  # gguf-py spelling
-  @property
-  def data_offset(self) -> int:
-    return self.data_start
-
-  def tensor(self, name: str) -> GGUFTensor | None:
-    for t in self.tensors:
-      if t.name == name:
-        return t
-    return None
-
-  def get(self, key: str, default: Any = None) -> Any:
-    f = self.fields.get(key)
-    return default if f is None else f.contents()
-
-  def drop_pages(self) -> bool:
-    """Takes the pages read so far out of this process's resident memory (Linux
-    `madvise(MADV_DONTNEED)` on the read-only map: later reads fault them in again from
-    the page cache), keeping the parsed header. False where that is not available (the
-    caller may `close()` instead)."""
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None or not isinstance(self._mm, mmap.mmap) or self._mm.closed:
-      return False
-    self._mm.madvise(advice)
-    return True
-
-  def close(self) -> None:
-    if isinstance(self._mm, mmap.mmap):
-      try:
-        self._mm.close()
-      except BufferError:  # views still alive: the mapping closes when they go
-        pass
-
-  def __enter__(self) -> "GGUFFile":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def __repr__(self) -> str:
-    return (f"GGUFFile({self.path!r}, v{self.version}, {len(self.fields)} keys, "
-            f"{len(self.tensors)} tensors, {self.size} bytes)")
+_SCALAR = {U8: ("<B", 1), I8: ("<b", 1), U16: ("<H", 2), I16: ("<h", 2),
+           U32: ("<I", 4), I32: ("<i", 4), F32: ("<f", 4), BOOL: ("<B", 1),
+           U64: ("<Q", 8), I64: ("<q", 8), F64: ("<d", 8)}
 
 
 # ----------------------------------------------------------------------------
@@ -370,10 +132,10 @@ class _Cursor:
     return v
 
   def u32(self, what: str) -> int:
-    return self.scalar(_U32, what)
+    return self.scalar(U32, what)
 
   def u64(self, what: str) -> int:
-    return self.scalar(_U64, what)
+    return self.scalar(U64, what)
 
   def string(self, what: str, *, decode: bool = True) -> str | None:
     n = self.u64(f"the length of {what}")
@@ -392,8 +154,9 @@ class _Cursor:
 
 def _type_id(cur: _Cursor, key: str, what: str) -> int:
   t = cur.u32(f"the type of {what}")
-  if t >= len(_TYPE_NAMES):
-    raise cur.fail(f"{what} has unknown value type {t} (GGUF types are 0..{len(_TYPE_NAMES) - 1})")
+  if t >= len(VALUE_TYPE_NAMES):
+    raise cur.fail(f"{what} has unknown value type {t} "
+                   f"(GGUF types are 0..{len(VALUE_TYPE_NAMES) - 1})")
   return t
 
 
@@ -406,12 +169,12 @@ def _read_kv(cur: _Cursor, i: int, f: GGUFFile) -> GGUFField:
     raise cur.fail(f"duplicate key {key!r} (key {i}, at offset {start})")
   t = _type_id(cur, key, f"key {key!r}")
   voff = cur.off
-  if t == _ARR:
+  if t == ARR:
     sub = _type_id(cur, key, f"the elements of key {key!r}")
-    if sub == _ARR:
+    if sub == ARR:
       raise cur.fail(f"key {key!r} is an array of arrays, which llama.cpp does not read")
     n = cur.u64(f"the length of key {key!r}")
-    if sub == _STR:
+    if sub == STR:
       # each string costs at least its 8-byte length
       if n > cur.left() // 8:
         raise cur.fail(f"key {key!r} declares {n} strings at offset {voff}, more than the "
@@ -420,20 +183,17 @@ def _read_kv(cur: _Cursor, i: int, f: GGUFFile) -> GGUFField:
     else:
       size = _SCALAR[sub][1]
       if n > cur.left() // size:
-        raise cur.fail(f"key {key!r} declares {n} {_TYPE_NAMES[sub]} values ({n * size} bytes) "
-                       f"at offset {voff} but only {cur.left()} bytes are left in the file")
+        raise cur.fail(f"key {key!r} declares {n} {VALUE_TYPE_NAMES[sub]} values "
+                       f"({n * size} bytes) at offset {voff} but only {cur.left()} bytes are left in the file")
       cur.off += n * size
-    return GGUFField(key, start, voff, (_ARR, sub), int(n), f)
-  if t == _STR:
+    return GGUFField(key, start, voff, (ARR, sub), int(n), f)
+  if t == STR:
     v = cur.string(f"the value of key {key!r}")
   else:
     v = cur.scalar(t, f"the value of key {key!r}")
-    if t == _BOOL:
+    if t == BOOL:
       v = bool(v)
   return GGUFField(key, start, voff, (t,), 1, f, v)
-
-
-_U64_AT = struct.Struct("<Q").unpack_from
 
 
 def _skip_strings(cur: _Cursor, n: int, key: str) -> None:
@@ -443,7 +203,7 @@ def _skip_strings(cur: _Cursor, n: int, key: str) -> None:
     if end - off < 8:
       cur.off = off
       raise cur.fail(f"truncated inside key {key!r}: string {j} of {n} has no length")
-    (ln,) = _U64_AT(mm, off)
+    (ln,) = U64_AT(mm, off)
     off += 8
     if ln > end - off:
       raise cur.fail(f"string {j} of key {key!r} declares {ln} bytes at offset {off - 8} but "
@@ -552,16 +312,16 @@ def _parse(f: GGUFFile) -> None:
   if n_tensors > cur.left() // 25:
     raise cur.fail(f"the header declares {n_tensors} tensors; the {cur.left()} bytes left "
                    "cannot hold them")
-  f.fields["GGUF.version"] = _pseudo(f, "GGUF.version", _U32, version)
-  f.fields["GGUF.tensor_count"] = _pseudo(f, "GGUF.tensor_count", _U64, n_tensors)
-  f.fields["GGUF.kv_count"] = _pseudo(f, "GGUF.kv_count", _U64, n_kv)
+  f.fields["GGUF.version"] = _pseudo(f, "GGUF.version", U32, version)
+  f.fields["GGUF.tensor_count"] = _pseudo(f, "GGUF.tensor_count", U64, n_tensors)
+  f.fields["GGUF.kv_count"] = _pseudo(f, "GGUF.kv_count", U64, n_kv)
   for i in range(n_kv):
     fld = _read_kv(cur, i, f)
     f.fields[fld.name] = fld
 
   al = f.fields.get("general.alignment")
   if al is not None:
-    if al.type_ids != (_U32,):
+    if al.type_ids != (U32,):
       raise cur.fail(f"key 'general.alignment' must be a UINT32, it is a {al.type_name()}")
     a = int(al.contents())
     if a == 0 or a & (a - 1):
@@ -608,81 +368,6 @@ def _parse(f: GGUFFile) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Values.
-
-
-def check_raw_tensor(where: str, name: str, kind: str, raw: np.ndarray, row: int, *,
-                     full: bool = True, file_offset: int | None = None) -> None:
-  """Checks one tensor's bytes: block scales finite (block types), and with
-  `full` every value finite (F32 / F16 / BF16 / F64).
-
-  Args:
-    where: the file (or "export") for messages.
-    name: the tensor's name.
-    kind: its ggml type name ("Q4_0", "F16", ...).
-    raw: its data, any numpy array holding exactly its bytes.
-    row: values per row (`ne[0]`), to name the row of a bad block.
-    full: check float values too.
-    file_offset: where the data starts in the file, for messages.
-
-  Raises:
-    GGUFError: naming the tensor, the block and row, and the value.
-  """
-  layout = SCALE_LAYOUT.get(kind)
-  if layout:
-    _, block, tsize = next(v for v in _quant_types().values() if v[0] == kind)
-    b = np.asarray(raw).reshape(-1).view(np.uint8).reshape(-1, tsize)
-    per_row = max(1, row // block)
-    for off, dt, label in layout:
-      size = np.dtype(dt).itemsize
-      s = b[:, off:off + size].view(dt)[:, 0]
-      bad = ~np.isfinite(s)
-      if bad.any():
-        k = _first_bad(bad)
-        at = "" if file_offset is None else f" (file offset {file_offset + k * tsize + off})"
-        raise GGUFError(
-            f"{where}: tensor {name!r} ({kind}) has {int(bad.sum())} non-finite block "
-            f"{'scales' if label == 'd' else 'values of ' + label} of {s.size}; the first is "
-            f"{label} = {s[k]} in block {k % per_row} of row {k // per_row}{at}")
-  elif full and kind in _FLOAT_TENSORS:
-    flat = np.asarray(raw).reshape(-1)
-    flat = flat.view(np.uint8).view(_FLOAT_TENSORS[kind])
-    _check_float_values(where, name, kind, flat)
-
-
-def _first_bad(bad: np.ndarray) -> int:
-  return int(np.argmax(bad))
-
-
-def check_tensor_values(f: GGUFFile, *, full: bool = False, tensors: Any = None) -> None:
-  """Checks the block scales (and with `full`, the float values) of `f`'s tensors.
-
-  Raises `GGUFError` naming the tensor, the block (and its row) and the value.
-  """
-  for t in (f.tensors if tensors is None else tensors):
-    if t.type_name not in SCALE_LAYOUT and not (full and t.type_name in _FLOAT_TENSORS):
-      continue
-    raw = np.frombuffer(f._mm, dtype=np.uint8, count=t.n_bytes, offset=t.data_offset)
-    check_raw_tensor(f.path, t.name, t.type_name, raw,
-                     int(t.shape[0]) if len(t.shape) else 1, full=full,
-                     file_offset=t.data_offset)
-
-
-def _check_float_values(path: str, name: str, kind: str, flat: np.ndarray,
-                        chunk: int = 1 << 22) -> None:
-  for lo in range(0, flat.size, chunk):
-    part = flat[lo:lo + chunk]
-    bad = ((part & 0x7F80) == 0x7F80) if kind == "BF16" else ~np.isfinite(part)
-    if bad.any():
-      i = lo + _first_bad(bad)
-      v = flat[i]
-      if kind == "BF16":
-        v = np.array([int(v) << 16], np.uint32).view(np.float32)[0]
-      raise GGUFError(f"{path}: tensor {name!r} ({kind}) holds {int(bad.sum())}+ non-finite "
-                      f"values; the first is {v} at flat index {i} (of {flat.size})")
-
-
-# ----------------------------------------------------------------------------
 # Metadata.
 
 # Hyper-parameters an architecture's loader divides by or sizes arrays with:
@@ -718,7 +403,7 @@ def validate_metadata(f: GGUFFile) -> None:
   arch_f = f.fields.get("general.architecture")
   if arch_f is None:
     raise fail("no 'general.architecture' key: not a model file")
-  if arch_f.type_ids != (_STR,):
+  if arch_f.type_ids != (STR,):
     raise fail(f"key 'general.architecture' must be a STRING, it is a {arch_f.type_name()}")
   arch = arch_f.contents()
   if not arch:
@@ -730,7 +415,7 @@ def validate_metadata(f: GGUFFile) -> None:
     fld = f.fields.get(key)
     if fld is None:
       continue
-    if fld.value_type not in _INT_TYPES:
+    if fld.value_type not in INT_VALUE_TYPES:
       raise fail(f"key {key!r} must be an integer, it is a {fld.type_name()}")
     vals = fld.array() if fld.is_array else np.asarray([fld.contents()])
     if fld.is_array:
@@ -750,7 +435,7 @@ def validate_metadata(f: GGUFFile) -> None:
     fld = f.fields.get(key)
     if fld is None:
       continue
-    if fld.is_array or fld.value_type not in (_FLOAT_TYPES | _INT_TYPES):
+    if fld.is_array or fld.value_type not in (FLOAT_VALUE_TYPES | INT_VALUE_TYPES):
       raise fail(f"key {key!r} must be a number, it is a {fld.type_name()}")
     v = float(fld.contents())
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
@@ -778,7 +463,7 @@ def validate_metadata(f: GGUFFile) -> None:
   tok = f.fields.get("tokenizer.ggml.tokens")
   n_tok = None
   if tok is not None:
-    if not (tok.is_array and tok.value_type == _STR):
+    if not (tok.is_array and tok.value_type == STR):
       raise fail(f"key 'tokenizer.ggml.tokens' must be an array of strings, it is a "
                  f"{tok.type_name()}")
     n_tok = tok.count
@@ -788,14 +473,14 @@ def validate_metadata(f: GGUFFile) -> None:
         raise fail(f"key {key!r} holds {fld.count if fld.is_array else 'a scalar'} values for "
                    f"{n_tok} tokens in 'tokenizer.ggml.tokens'")
     scores = f.fields.get("tokenizer.ggml.scores")
-    if scores is not None and scores.value_type in _FLOAT_TYPES:
+    if scores is not None and scores.value_type in FLOAT_VALUE_TYPES:
       s = scores.array()
       if not np.isfinite(s).all():
         raise fail(f"key 'tokenizer.ggml.scores' holds non-finite values (first at token "
-                   f"{_first_bad(~np.isfinite(s))})")
+                   f"{first_bad(~np.isfinite(s))})")
   model = f.fields.get("tokenizer.ggml.model")
   if model is not None:
-    if model.type_ids != (_STR,):
+    if model.type_ids != (STR,):
       raise fail(f"key 'tokenizer.ggml.model' must be a STRING, it is a {model.type_name()}")
     name = model.contents()
     if name not in _TOKENIZER_MODELS:
@@ -805,13 +490,13 @@ def validate_metadata(f: GGUFFile) -> None:
       raise fail(f"tokenizer {name!r} without its vocabulary 'tokenizer.ggml.tokens'")
     if name == "gpt2":
       merges = f.fields.get("tokenizer.ggml.merges")
-      if merges is None or not (merges.is_array and merges.value_type == _STR):
+      if merges is None or not (merges.is_array and merges.value_type == STR):
         raise fail("a 'gpt2' (byte-level BPE) tokenizer needs 'tokenizer.ggml.merges', an "
                    "array of strings: "
                    + ("it is missing" if merges is None else f"it is a {merges.type_name()}"))
   for key, fld in f.fields.items():
     if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
-      if fld.is_array or fld.value_type not in _INT_TYPES:
+      if fld.is_array or fld.value_type not in INT_VALUE_TYPES:
         raise fail(f"key {key!r} must be an integer token id, it is a {fld.type_name()}")
       v = int(fld.contents())
       if v < 0 or (n_tok is not None and v >= n_tok):

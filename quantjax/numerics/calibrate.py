@@ -2,7 +2,7 @@
 
 Every method works per block (tensor, channel or group, from the format's
 granularity) and returns block-shaped `(scale, zero_point)`; see
-`qarray.block_view`.
+`blocks.block_view`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from quantjax.numerics import blocks as blocks_lib
 from quantjax.numerics import llamacpp_types
-from quantjax.numerics import qarray as qarray_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 
 __all__ = ["Calibration", "choose_scales", "calibrate_blocks", "block_scales", "sign_scales",
@@ -105,16 +105,16 @@ def calibrate_blocks(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
     return _signed_max_scale(xb, axes, fmt)
   lo, hi = _range(xb, axes, fmt, cal)
   if cal.method != "mse":
-    return qarray_lib.scale_from_range(fmt, lo, hi)
+    return blocks_lib.scale_from_range(fmt, lo, hi)
 
   x = xb.astype(jnp.float32)
   search_fmt = fmt.replace(rounding="nearest_even") if fmt.rounding == "stochastic" else fmt
   ratios = jnp.linspace(1.0, cal.min_ratio, cal.grid)
 
   def err_for(r):
-    s, z = qarray_lib.scale_from_range(fmt, lo * r, hi * r)
-    q = qarray_lib.encode(x, search_fmt, s, z)
-    d = qarray_lib.decode(q, search_fmt, s, z)
+    s, z = blocks_lib.scale_from_range(fmt, lo * r, hi * r)
+    q = blocks_lib.encode(x, search_fmt, s, z)
+    d = blocks_lib.decode(q, search_fmt, s, z)
     return jnp.sum(jnp.abs(d - x) ** cal.norm, axis=axes, keepdims=True), s, z
 
   e0, s0, z0 = err_for(ratios[0])
@@ -158,7 +158,7 @@ def _signed_max_scale(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat):
   lo = jnp.min(x, axis=axes, keepdims=True)
   ext = jnp.where(-lo > hi, lo, hi)  # the signed value of largest magnitude
   raw = ext / fmt.qmin
-  floor = qarray_lib.scale_floor(fmt.scale_dtype)
+  floor = blocks_lib.scale_floor(fmt.scale_dtype)
   scale = jnp.where(ext != 0, jnp.sign(raw) * jnp.maximum(jnp.abs(raw), floor), 1.0)
   scale = jnp.where(jnp.isnan(lo) | jnp.isnan(hi), jnp.nan, scale)  # NaN stays visible
   return scale.astype(fmt.scale_dtype), None
@@ -228,8 +228,8 @@ def choose_scales(x: jax.Array, fmt: QuantFormat, calibration: Any = "auto"):
   `calibration` rule (see `QArray` for the layout). Not to be confused with
   `quantjax.calibrate`, the calibrated-method driver."""
   fmt = resolve_format(fmt)
-  xb, axes = qarray_lib.block_view(jnp.asarray(x), fmt)
+  xb, axes = blocks_lib.block_view(jnp.asarray(x), fmt)
   s, z, _ = block_scales(xb, axes, fmt, calibration)
   shape = tuple(jnp.shape(x))
-  return (qarray_lib.stored_scale(s, shape, fmt),
-          None if z is None else qarray_lib.stored_scale(z, shape, fmt))
+  return (blocks_lib.stored_scale(s, shape, fmt),
+          None if z is None else blocks_lib.stored_scale(z, shape, fmt))
