@@ -302,7 +302,7 @@ def test_command_line_overrides_and_unknown_keys(tmp_path):
 
 CONFIGS = ("default", "calibrated", "ptq", "ablation_gptq", "prune_compare", "qat",
            "prune_distill_quantize", "export", "gguf_compare", "mixed_precision", "bench_eval",
-           "gemma3", "rotation", "rounding")
+           "gemma3", "rotation", "rounding", "llamacpp_types")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
