@@ -18,9 +18,9 @@ Nibble order inside a block: value `j < 16` is the low nibble of byte `j`,
 value `j + 16` its high nibble; Q5's fifth bits are bit `j` of a
 little-endian uint32.
 
-llama.cpp's newer types IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0 and TQ2_0 are formats
-of their own (`quantjax.numerics.llamacpp_types`; QuantFormat specs `iq4_nl`,
-`mxfp4`, `nvfp4`, `q2_0`, `q1_0`, `tq2_0`) and go in and out code for code likewise
+llama.cpp's newer types IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0, TQ2_0 and TQ1_0 are
+formats of their own (`quantjax.numerics.llamacpp_types`; QuantFormat specs `iq4_nl`,
+`mxfp4`, `nvfp4`, `q2_0`, `q1_0`, `tq2_0`, `tq1_0`) and go in and out code for code likewise
 (`quantjax.io.gguf_codebook` has their block layouts).
 
 * `export_gguf` writes a params tree (arrays and QArrays) with the model's
@@ -184,8 +184,10 @@ def _file_type(kinds: list[str]) -> int:
            "Q8_0": ft.MOSTLY_Q8_0, "Q4_0": ft.MOSTLY_Q4_0, "Q4_1": ft.MOSTLY_Q4_1,
            "Q5_0": ft.MOSTLY_Q5_0, "Q5_1": ft.MOSTLY_Q5_1, "Q4_K": ft.MOSTLY_Q4_K_M,
            "Q5_K": ft.MOSTLY_Q5_K_M, "Q6_K": ft.MOSTLY_Q6_K,
-           # llama.h's LLAMA_FTYPE_MOSTLY_*: IQ4_NL 25, MXFP4_MOE 38, NVFP4 39, Q1_0 40, Q2_0 41
-           "IQ4_NL": 25, "MXFP4": 38, "NVFP4": 39, "Q1_0": 40, "Q2_0": 41, "TQ2_0": 37}
+           # llama.h's LLAMA_FTYPE_MOSTLY_*: IQ4_NL 25, MXFP4_MOE 38, NVFP4 39, Q1_0 40, Q2_0 41,
+           # TQ1_0 36, TQ2_0 37
+           "IQ4_NL": 25, "MXFP4": 38, "NVFP4": 39, "Q1_0": 40, "Q2_0": 41, "TQ2_0": 37,
+           "TQ1_0": 36}
   if not kinds:
     return int(ft.ALL_F32)
   most = max(set(kinds), key=kinds.count)
@@ -496,7 +498,7 @@ def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any 
       path (`layers/3/mlp/down_proj/kernel`) or GGUF name (`blk.3.ffn_down.weight`).
       A rule forces the type; a QArray already of that type stays lossless.
       Block types Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, llama.cpp's IQ4_NL/MXFP4/NVFP4/Q2_0/
-      Q1_0/TQ2_0, k-quants Q4_K/Q5_K/Q6_K (rows of 256), F32/F16/BF16. A type
+      Q1_0/TQ2_0/TQ1_0, k-quants Q4_K/Q5_K/Q6_K (rows of 256), F32/F16/BF16. A type
       whose block does not divide a tensor's rows is an error naming the tensor,
       its row length and the types that fit: never a silent fallback (llama.cpp's
       own quantizer swaps k-quants for Q5_0 / Q5_1 / Q8_0 there).

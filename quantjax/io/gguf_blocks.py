@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantjax.io import gguf_codebook
+from quantjax.io.gguf_file import whole_blocks
 from quantjax.io.gguf_read import GGUFError
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import QArray
@@ -39,7 +40,8 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # weights, on rows that are multiples of 256 (other rows: an error naming the
 # tensor and the types that fit).
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
-# llama.cpp's newer block types (`gguf_codebook`): IQ4_NL, MXFP4, NVFP4, Q1_0, Q2_0, TQ2_0.
+# llama.cpp's newer block types (`gguf_codebook`): IQ4_NL, MXFP4, NVFP4, Q1_0, Q2_0, TQ2_0,
+# TQ1_0.
 CODEBOOK_TYPES = tuple(gguf_codebook.TYPES)
 ALL_TYPES = tuple(BLOCK_TYPES) + CODEBOOK_TYPES + K_TYPES + FLOAT_TYPES
 
@@ -56,7 +58,7 @@ def block_format(name: str, axis: int = 0) -> QuantFormat:
 
   `axis` is the contraction axis: 0 for `[in, out]` kernels, 1 for `[vocab, d]`
   embedding tables. `QuantFormat.parse("q4_0")` is the axis-0 format. The newer
-  types (IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0, TQ2_0) are accepted too.
+  types (IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0, TQ2_0, TQ1_0) are accepted too.
   """
   if name in gguf_codebook.TYPES:
     return gguf_codebook.TYPES[name].format(axis)
@@ -121,14 +123,9 @@ def pack_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, name: st
 def unpack_blocks(raw: np.ndarray, name: str):
   """Inverse of `pack_blocks`: uint8 `[rows, bytes]` -> `(codes, d, m_or_None)`."""
   bt = block_type(name)
-  raw = np.ascontiguousarray(raw, np.uint8)
-  if raw.ndim == 1:
-    raw = raw[None]
-  rows, nbytes = raw.shape
-  if nbytes % bt.block_bytes:
-    raise GGUFError(f"a {name} row of {nbytes} bytes is not a whole number of "
-                    f"{bt.block_bytes}-byte blocks")
-  b = raw.reshape(rows, nbytes // bt.block_bytes, bt.block_bytes)
+  raw = np.asarray(raw)
+  b = whole_blocks(raw[None] if raw.ndim == 1 else raw, name, bt.block_bytes)
+  rows = b.shape[0]
   d = b[..., 0:2].copy().view(np.float16)[..., 0]
   off = 2
   m = None

@@ -1,7 +1,8 @@
 """GGUF blocks of llama.cpp's newer types <-> quantjax codes and scales.
 
 The formats are `quantjax.numerics.llamacpp_types`' (IQ4_NL, MXFP4, NVFP4,
-Q2_0) and binary signs for Q1_0; their codes and scales go into the bytes of
+Q2_0, TQ2_0), binary signs for Q1_0 and ternary codes for TQ1_0; their codes
+and scales go into the bytes of
 ggml's blocks (`ggml/src/ggml-common.h`) one for one, so a QArray of such a
 format is written code for code and read back without dequantizing:
 
@@ -21,7 +22,19 @@ Q2_0    42       64 values   fp16 d; 16 bytes: code j in bits 2 (j % 4) of
 TQ2_0   35       256 values  64 bytes, then fp16 d: in each run of 128 values,
                              byte m holds codes m, m + 32, m + 64, m + 96 in
                              bits 0-1, 2-3, 4-5, 6-7; value (code - 1) * d
+TQ1_0   34       256 values  48 bytes qs, 4 bytes qh, then fp16 d: trits t + 1
+                             (t = -1, 0, 1; value t * d) in base 3, most
+                             significant first: qs byte m < 32 holds values
+                             m, m + 32, ..., m + 128, byte 32 + m values 160 +
+                             m, 176 + m, ..., 224 + m; qh byte m holds 240 + m,
+                             244 + m, 248 + m, 252 + m (and a fifth trit 0);
+                             each byte is ceil(q * 256 / 243) of its base-3
+                             number q (`llamacpp_types.pack_trits`)
 ======  =======  ==========  ==================================================
+
+Any byte decodes in TQ1_0 (ggml's multiply-shift): a file whose bytes are not
+ceil(q * 256 / 243) for their trits (no llama.cpp quantizer writes one) is read
+at its values and re-written in the canonical bytes.
 
 Q2_0 is newer than gguf-py 0.19 (`gguf.GGMLQuantizationType` has no 42), so
 its id, block and size are kept here (`EXTRA_GGML_TYPES`) for the reader and
@@ -34,7 +47,9 @@ import dataclasses
 
 import numpy as np
 
+from quantjax.io.gguf_file import whole_blocks
 from quantjax.io.gguf_read import EXTRA_GGML_TYPES, GGUFError
+from quantjax.numerics import llamacpp_types
 from quantjax.numerics.formats import QuantFormat
 
 __all__ = ["CodebookType", "TYPES", "EXTRA_GGML_TYPES", "pack", "unpack", "dequantize"]
@@ -63,6 +78,7 @@ TYPES: dict[str, CodebookType] = {
     "Q1_0": CodebookType("Q1_0", 41, 128, 2 + 16, "q1_0"),
     "Q2_0": CodebookType("Q2_0", 42, 64, 2 + 16, "q2_0"),
     "TQ2_0": CodebookType("TQ2_0", 35, 256, 64 + 2, "tq2_0"),
+    "TQ1_0": CodebookType("TQ1_0", 34, 256, 48 + 4 + 2, "tq1_0"),
 }
 
 
@@ -87,7 +103,7 @@ def _from_nibbles(qs: np.ndarray) -> np.ndarray:
 
 def pack(codes: np.ndarray, scales: np.ndarray, name: str) -> np.ndarray:
   """Codes `[rows, n]` (the QuantFormat's: level indices 0..15 for IQ4_NL / MXFP4 /
-  NVFP4, 0..3 for Q2_0, -1/+1 for Q1_0) and scales `[rows, n / group]` (in the format's
+  NVFP4, 0..3 for Q2_0 / TQ2_0, -1/+1 for Q1_0, -1/0/+1 for TQ1_0) and scales `[rows, n / group]` (in the format's
   scale dtype) -> uint8 GGUF blocks `[rows, n / block * type_size]`."""
   ct = _type(name)
   codes = np.asarray(codes)
@@ -127,6 +143,10 @@ def pack(codes: np.ndarray, scales: np.ndarray, name: str) -> np.ndarray:
     body = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)
     out = np.concatenate([body.reshape(rows, nb, 64), sbytes.reshape(rows, nb, 2)], axis=-1)
     return out.reshape(rows, nb * ct.type_size)
+  elif name == "TQ1_0":  # 52 code bytes, then the scale
+    body = llamacpp_types.pack_trits(u.reshape(rows, n)).reshape(rows, nb, 52)
+    out = np.concatenate([body, sbytes.reshape(rows, nb, 2)], axis=-1)
+    return out.reshape(rows, nb * ct.type_size)
   else:  # Q1_0
     head = sbytes.reshape(rows, nb, 2)
     bits = (u > 0).astype(np.uint8).reshape(rows, nb, 16, 8)
@@ -141,15 +161,9 @@ def unpack(raw: np.ndarray, name: str, *, what: str = "tensor"):
   differently from llama.cpp (MXFP4's 255; NVFP4's bytes >= 0x7F, which llama.cpp reads
   without their sign bit, or as 0) are refused, naming `what`."""
   ct = _type(name)
-  raw = np.ascontiguousarray(raw, np.uint8)
-  if raw.ndim == 1:
-    raw = raw[None]
-  rows, nbytes = raw.shape
-  if nbytes % ct.type_size:
-    raise GGUFError(f"{what}: a {name} row of {nbytes} bytes is not a whole number of "
-                    f"{ct.type_size}-byte blocks")
-  nb = nbytes // ct.type_size
-  b = raw.reshape(rows, nb, ct.type_size)
+  raw = np.asarray(raw)
+  b = whole_blocks(raw[None] if raw.ndim == 1 else raw, name, ct.type_size, what)
+  rows, nb = b.shape[:2]
   sdt = _scale_dtype(name)
   if name in ("IQ4_NL", "Q1_0", "Q2_0"):
     sbytes, body = b[..., :2], b[..., 2:]
@@ -157,6 +171,8 @@ def unpack(raw: np.ndarray, name: str, *, what: str = "tensor"):
     sbytes, body = b[..., :1], b[..., 1:]
   elif name == "TQ2_0":
     sbytes, body = b[..., 64:], b[..., :64]
+  elif name == "TQ1_0":
+    sbytes, body = b[..., 52:], b[..., :52]
   else:
     sbytes, body = b[..., :4], b[..., 4:]
   if name == "MXFP4" and np.any(sbytes == 0xFF):
@@ -177,6 +193,8 @@ def unpack(raw: np.ndarray, name: str, *, what: str = "tensor"):
   elif name == "TQ2_0":
     c = (body.reshape(rows, nb, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
     codes = c.reshape(rows, nb, 256)
+  elif name == "TQ1_0":
+    codes = llamacpp_types.unpack_trits(np.ascontiguousarray(body).reshape(rows, nb * 52))
   else:
     bits = (body[..., None] >> np.arange(8, dtype=np.uint8)) & 1
     codes = bits.reshape(rows, nb, 128).astype(np.int8) * 2 - 1
@@ -189,6 +207,6 @@ def dequantize(raw: np.ndarray, name: str) -> np.ndarray:
   codes, scales = unpack(raw, name)
   fmt = _type(name).format()
   s = np.repeat(scales.astype(np.float32), fmt.group_size, axis=1)
-  if name == "Q1_0":
+  if name in ("Q1_0", "TQ1_0"):  # the codes are the levels: -1, +1 / -1, 0, +1
     return codes.astype(np.float32) * s
   return fmt.levels[codes.astype(np.int64)] * s

@@ -3,7 +3,7 @@
 * `dequantize_gguf_tensor(tensor)` / `dequantize_gguf_rows(tensor, rows)`: a
   tensor of a `quantjax.io.gguf_read.GGUFFile` (or gguf-py's `GGUFReader`)
   dequantized to float32: F32, F16, BF16, Q8_0, Q4_0 and Q4_1 by our own code
-  (`dequantize_q8_0`, ...), IQ4_NL, MXFP4, NVFP4, Q1_0, Q2_0 and TQ2_0 by
+  (`dequantize_q8_0`, ...), IQ4_NL, MXFP4, NVFP4, Q1_0, Q2_0, TQ2_0 and TQ1_0 by
   `quantjax.io.gguf_codebook`, Q4_K, Q5_K, Q6_K and the rest of the k-quants
   through `gguf.quants.dequantize`.
 * `unpermute_qk(w, n_head)`: undoes llama.cpp's convert-time permutation of
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from quantjax.io import gguf_codebook
+from quantjax.io.gguf_file import whole_blocks
 from quantjax.io.gguf_read import GGUFError
 from quantjax.optional import require
 
@@ -38,18 +39,15 @@ __all__ = [
 _QK = 32  # elements per block for Q4_0 / Q4_1 / Q8_0
 
 
-def _blocks(raw: np.ndarray, block_bytes: int) -> tuple[np.ndarray, tuple[int, ...]]:
-  raw = np.ascontiguousarray(raw, dtype=np.uint8)
-  if raw.shape[-1] % block_bytes:
-    raise GGUFError(f"row of {raw.shape[-1]} bytes is not a whole number of "
-                    f"{block_bytes}-byte blocks")
-  lead = raw.shape[:-1]
-  return raw.reshape(-1, block_bytes), lead
+def _blocks(raw: np.ndarray, name: str, block_bytes: int) -> tuple[np.ndarray, tuple[int, ...]]:
+  """`[..., bytes]` -> (`[all blocks, block_bytes]`, the leading shape)."""
+  b = whole_blocks(raw, name, block_bytes)
+  return b.reshape(-1, block_bytes), b.shape[:-2]
 
 
 def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
   """Q8_0: per block of 32, an fp16 scale `d` and 32 int8 `q`; x = d * q."""
-  b, lead = _blocks(raw, 2 + _QK)
+  b, lead = _blocks(raw, "Q8_0", 2 + _QK)
   d = b[:, :2].copy().view(np.float16).astype(np.float32)
   q = b[:, 2:].view(np.int8).astype(np.float32)
   return (d * q).reshape(*lead, -1)
@@ -62,7 +60,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
   """Q4_0: fp16 scale `d` and 16 bytes of nibbles per 32; x = d * (q - 8)."""
-  b, lead = _blocks(raw, 2 + _QK // 2)
+  b, lead = _blocks(raw, "Q4_0", 2 + _QK // 2)
   d = b[:, :2].copy().view(np.float16).astype(np.float32)
   q = _nibbles(b[:, 2:]) - 8.0
   return (d * q).reshape(*lead, -1)
@@ -70,7 +68,7 @@ def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
 
 def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
   """Q4_1: fp16 step `d` and fp16 minimum `m` per 32; x = d * q + m."""
-  b, lead = _blocks(raw, 4 + _QK // 2)
+  b, lead = _blocks(raw, "Q4_1", 4 + _QK // 2)
   d = b[:, :2].copy().view(np.float16).astype(np.float32)
   m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
   q = _nibbles(b[:, 4:])

@@ -19,6 +19,20 @@ class GGUFError(ValueError):
   """A GGUF file that cannot be read or holds something we do not support."""
 
 
+def whole_blocks(raw: Any, type_name: str, block_bytes: int, what: str = "") -> np.ndarray:
+  """Raw GGUF rows (uint8 `[..., row bytes]`) as contiguous whole blocks, uint8
+  `[..., row bytes / block_bytes, block_bytes]`. A row that is not a whole number of
+  `type_name`'s blocks is a `GGUFError` naming `what` (the tensor), the type, the row's
+  byte count and the block size."""
+  raw = np.ascontiguousarray(raw, dtype=np.uint8)
+  nbytes = int(raw.shape[-1]) if raw.ndim else 0
+  if raw.ndim == 0 or nbytes % block_bytes:
+    raise GGUFError(f"{what + ': ' if what else ''}a {type_name} row of {nbytes} bytes is not a "
+                    f"whole number of {type_name}'s {block_bytes}-byte blocks "
+                    f"({nbytes % block_bytes} bytes over)")
+  return raw.reshape(raw.shape[:-1] + (nbytes // block_bytes, block_bytes))
+
+
 GGUF_MAGIC = b"GGUF"
 GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64
@@ -34,7 +48,8 @@ VALUE_TYPE_NAMES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOA
                "STRING", "ARRAY", "UINT64", "INT64", "FLOAT64")
 
 # Where each block type keeps its scales: (byte offset in the block, numpy dtype, name).
-# From ggml-common.h (block_q4_0 ... block_iq4_xs, block_tq2_0, block_q1_0, block_q2_0).
+# From ggml-common.h (block_q4_0 ... block_iq4_xs, block_tq1_0, block_tq2_0, block_q1_0,
+# block_q2_0).
 SCALE_LAYOUT: dict[str, tuple[tuple[int, str, str], ...]] = {
     "Q4_0": ((0, "<f2", "d"),),
     "Q4_1": ((0, "<f2", "d"), (2, "<f2", "m")),
@@ -55,6 +70,7 @@ SCALE_LAYOUT: dict[str, tuple[tuple[int, str, str], ...]] = {
     "IQ1_S": ((0, "<f2", "d"),),
     "IQ4_NL": ((0, "<f2", "d"),),
     "IQ4_XS": ((0, "<f2", "d"),),
+    "TQ1_0": ((52, "<f2", "d"),),
     "TQ2_0": ((64, "<f2", "d"),),
     "Q1_0": ((0, "<f2", "d"),),
     "Q2_0": ((0, "<f2", "d"),),

@@ -2,7 +2,8 @@
 
 A `QuantFormat` is pure description (no arrays): the kind of number (integer,
 binary, ternary, FP8, NF4, one of llama.cpp's codebook types IQ4_NL, MXFP4,
-NVFP4 and Q2_0, or a plain FP16/BF16 cast), its bit width and
+NVFP4 and Q2_0, or a plain FP16/BF16 cast; llama.cpp's Q1_0 and TQ1_0 are the
+binary and ternary kinds in blocks of 128 and 256 with float16 scales), its bit width and
 signedness, whether it is symmetric or asymmetric (and then whether the offset
 is an integer zero point, as in PyTorch/ONNX, or a float minimum, as GGUF's
 Q4_1 stores it), the granularity of the scales (per tensor, per channel, or in
@@ -70,8 +71,9 @@ GGUF_SPECS = {
 # llama.cpp's newer block types (ggml-common.h of the pinned llama.cpp) as formats, each
 # with its block's scale: IQ4_NL (32 values, fp16 scale, 4.5 bits per weight), MXFP4 (32,
 # E8M0 power-of-two scale, 4.25), NVFP4 (16 per UE4M3 scale, 4 scales per 64-value GGUF
-# block, 4.5), Q2_0 (64, fp16, 2.25), Q1_0 (128 signs, fp16 mean |x|, 1.125), and TQ2_0
-# (Q2_0's levels in blocks of 256, another byte layout, 2.0625).
+# block, 4.5), Q2_0 (64, fp16, 2.25), Q1_0 (128 signs, fp16 mean |x|, 1.125), TQ2_0
+# (Q2_0's levels in blocks of 256, another byte layout, 2.0625), and TQ1_0 (the ternary
+# kind, -1/0/+1 times an fp16 scale per 256, trits stored 5 per byte: 1.6875).
 LLAMACPP_SPECS = {
     "iq4_nl": dict(kind="iq4_nl", group_size=32, scale_dtype=jnp.float16),
     "mxfp4": dict(kind="mxfp4", group_size=32, scale_dtype=jnp.float8_e8m0fnu),
@@ -79,9 +81,11 @@ LLAMACPP_SPECS = {
     "q2_0": dict(kind="q2_0", group_size=64, scale_dtype=jnp.float16),
     "q1_0": dict(kind="binary", group_size=128, scale_dtype=jnp.float16),
     "tq2_0": dict(kind="q2_0", group_size=256, scale_dtype=jnp.float16),
+    "tq1_0": dict(kind="ternary", group_size=256, scale_dtype=jnp.float16),
 }
 # Values per GGUF block of each llama.cpp type (a row's length must be a multiple).
-LLAMACPP_BLOCKS = {"iq4_nl": 32, "mxfp4": 32, "nvfp4": 64, "q2_0": 64, "q1_0": 128, "tq2_0": 256}
+LLAMACPP_BLOCKS = {"iq4_nl": 32, "mxfp4": 32, "nvfp4": 64, "q2_0": 64, "q1_0": 128, "tq2_0": 256,
+                   "tq1_0": 256}
 _SCALE_TOKENS = {"fp16s": jnp.float16, "fp32s": jnp.float32, "e8m0s": jnp.float8_e8m0fnu,
                  "e4m3s": jnp.float8_e4m3fn}
 
@@ -268,8 +272,8 @@ class QuantFormat:
 
   @property
   def llamacpp_type(self) -> str | None:
-    """"IQ4_NL", "MXFP4", "NVFP4", "Q2_0", "Q1_0" or "TQ2_0" when this format is that
-    llama.cpp block type (its kind, its block's scale grouping and scale dtype)."""
+    """"IQ4_NL", "MXFP4", "NVFP4", "Q2_0", "Q1_0", "TQ2_0" or "TQ1_0" when this format is
+    that llama.cpp block type (its kind, its block's scale grouping and scale dtype)."""
     if self.granularity != "group" or self.rounding != "nearest_even":
       return None
     for spec, kw in LLAMACPP_SPECS.items():
@@ -281,7 +285,8 @@ class QuantFormat:
   @property
   def gguf_type(self) -> str | None:
     """"Q4_0", "Q4_1", "Q5_0", "Q5_1" or "Q8_0" when this format is that GGUF block type;
-    "IQ4_NL", "MXFP4", "NVFP4", "Q2_0", "Q1_0" or "TQ2_0" for llama.cpp's newer types."""
+    "IQ4_NL", "MXFP4", "NVFP4", "Q2_0", "Q1_0", "TQ2_0" or "TQ1_0" for llama.cpp's newer
+    types."""
     if self.llamacpp_type is not None:
       return self.llamacpp_type
     if (self.kind != "int" or self.granularity != "group" or self.group_size != 32
@@ -341,8 +346,8 @@ class QuantFormat:
     `fp8_e5m2`, `binary`, `ternary_g64`, `fp16`, `bf16`; `_sr` adds stochastic
     rounding; `_fp16s` stores scales (and float minima) in float16; `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1` are GGUF's block types
     (group 32, float16 scales), which export to GGUF code for code; `iq4_nl`,
-    `mxfp4`, `nvfp4`, `q2_0`, `q1_0` and `tq2_0` are llama.cpp's newer block types
-    (`LLAMACPP_SPECS`), likewise. A codebook kind with tokens (`iq4_nl_g64`,
+    `mxfp4`, `nvfp4`, `q2_0`, `q1_0`, `tq2_0` and `tq1_0` are llama.cpp's newer block
+    types (`LLAMACPP_SPECS`), likewise (`ternary_g256_fp16s` is `tq1_0`). A codebook kind with tokens (`iq4_nl_g64`,
     `mxfp4_g32_fp32s`) starts from its llama.cpp type and changes the grouping
     (`g<n>`, `t`, `c`) or the scale dtype (`fp16s`, `fp32s`, `e8m0s`, `e4m3s`).
     Keyword overrides are applied last (e.g. `group_axis=1`)."""

@@ -1,4 +1,5 @@
-"""llama.cpp's codebook block types as quantjax formats: IQ4_NL, MXFP4, NVFP4, Q2_0, TQ2_0.
+"""llama.cpp's codebook block types as quantjax formats: IQ4_NL, MXFP4, NVFP4, Q2_0, TQ2_0,
+and the scale search and trit storage of TQ1_0 (the ternary kind).
 
 A code is an index into a fixed table of levels (`QuantFormat.levels`) and a
 value is `levels[code] * scale`, one scale per block along the contraction
@@ -19,6 +20,8 @@ Q2_0     64     -1, 0, 1, 2                             fp16, signed         2.2
 Q1_0     128    -1, +1 (`kind="binary"`, packed signs)  fp16 mean |x|        1.125
 TQ2_0    256    -1, 0, 1, 2 (Q2_0's kind, blocks of     fp16, signed         2.0625
                 256, ggml's ternary type)
+TQ1_0    256    -1, 0, 1 (`kind="ternary"`; trits 5     fp16, >= 0           1.6875
+                per byte, `pack_trits`)
 =======  =====  ======================================  ===================  =====
 
 Scales, as llama.cpp chooses them (`scale_from_range`, the "minmax" rule):
@@ -42,7 +45,28 @@ Scales, as llama.cpp chooses them (`scale_from_range`, the "minmax" rule):
   scales with least-squares refits, uniform weights), which uses all four
   levels and halves the error (relative RMS 0.72 -> 0.36 on Gaussian rows).
   "minmax" is llama.cpp's rule.
+* TQ1_0: llama.cpp's quantizer uses `d = max|x|` and rounds `x / d`, which
+  zeroes most of a block (relative RMS error 0.81 on Gaussian rows). Q2_0's
+  candidate search applies to the ternary grid, and there it can be solved
+  exactly: for a scale `d` a value takes +-1 iff `|x| > d / 2`, so the best
+  non-zero set is always the `k` largest magnitudes, and the least-squares
+  scale of that set is `sum(w |x|) / sum(w)` over it with error reduction
+  `sum(w |x|)^2 / sum(w)`; `search_scales` sorts each block by `|x|` and
+  takes the best `k` (0.435 on Gaussian rows; TWN's closed-form threshold,
+  the ternary kind's rule elsewhere, gives 0.437, and 0.65 vs 0.59 on
+  Student-t rows). So "auto" on TQ1_0 is this search (`searches`); every
+  other calibration name keeps the ternary kind's TWN scales
+  (`calibrate.sign_scales`). llama.cpp's own rule is not a calibration here:
+  its bytes are read code for code and re-written byte for byte, and
+  `quantize_with_scale` with `max|x|` scales reproduces them except where
+  `x / d` sits within float16 rounding of 1/2.
 
+TQ1_0 QArrays keep llama.cpp's block bytes as their codes (`pack_trits`): per
+256 values along the group axis, 48 bytes of 5 trits (values `32 n + m` in
+byte m < 32 for n < 5, then `160 + 16 n + m` in byte 32 + m) and 4 bytes of 4
+trits (`240 + 4 n + m` in byte 48 + m), trit `t + 1` digits most significant
+first, each byte `ceil(q * 256 / 243)` so that trit n is `((b * 3^n) mod 256 * 3)
+>> 8`; `nbytes` is 54 per 256 values with the fp16 scale, the GGUF size.
 `quantize` (calibration "auto") and GPTQ's group scales call `search_scales`
 where `searches(fmt, calibration)`; every other calibration method goes through
 `numerics.calibrate`, whose range rules end in `scale_from_range` here.
@@ -70,7 +94,8 @@ from quantjax.numerics.formats import CODEBOOK_KINDS, QuantFormat
 
 __all__ = ["CODEBOOK_KINDS", "SEARCH_KINDS", "encode", "decode", "scale_from_range",
            "search_scales", "searches", "importance_weights", "e8m0_scale", "ue4m3_scale",
-           "check_blocks", "fits", "nearest_level"]
+           "check_blocks", "fits", "nearest_level", "stores_trits", "pack_trits",
+           "unpack_trits", "TRIT_BLOCK", "TRIT_BLOCK_BYTES"]
 
 # Kinds whose default ("auto") scales come from a least-squares search.
 SEARCH_KINDS = ("iq4_nl", "q2_0")
@@ -85,6 +110,10 @@ _TARGETS = {
 }
 _LEVELS = {"iq4_nl": formats_lib.IQ4_NL_LEVELS, "q2_0": formats_lib.Q2_0_LEVELS}
 GROUP_MAX_EPS = 1e-15  # ggml: blocks with max|x| below this are all zero
+# TQ1_0's code bytes: 256 trits in 48 bytes of 5 (runs of 32 then 16) and 4 bytes of 4.
+TRIT_BLOCK = 256
+TRIT_BLOCK_BYTES = 52
+_TRIT_RUNS = ((0, 160, 5, 32), (160, 240, 5, 16), (240, 256, 4, 4))  # start, stop, trits, bytes
 
 
 def _safe(d: jax.Array) -> jax.Array:
@@ -217,17 +246,21 @@ def search_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
   `sum(w q x) / sum(w q^2)`; the candidate with the largest `sum(w q x)^2 /
   sum(w q^2)` (the least weighted error) wins, the first on ties (ggml's
   `quantize_row_iq4_nl_impl` with ntry = 7 for IQ4_NL). Default weights: `x^2`
-  for IQ4_NL (ggml's, without an importance matrix), 1 for Q2_0.
+  for IQ4_NL (ggml's, without an importance matrix), 1 for Q2_0. The ternary
+  grid (TQ1_0) takes every candidate at once: the exact least-squares scale
+  over the sorted magnitudes (`_ternary_scales`).
 
   Returns the block-shaped scale in `fmt.scale_dtype` (all-zero blocks get 0).
   """
-  if fmt.kind not in SEARCH_KINDS:
+  if fmt.kind not in SEARCH_KINDS and fmt.kind != "ternary":
     raise ValueError(f"no scale search for {fmt.name}; it has a closed-form scale")
   x = xb.astype(jnp.float32)
   if weights is None:
     w = x * x if fmt.kind == "iq4_nl" else jnp.ones_like(x)
   else:
     w = jnp.broadcast_to(weights.astype(jnp.float32), x.shape)
+  if fmt.kind == "ternary":
+    return _ternary_scales(x, w, axes, fmt)
   lv = jnp.asarray(fmt.levels)
   hi = jnp.max(x, axis=axes, keepdims=True)
   lo = jnp.min(x, axis=axes, keepdims=True)
@@ -258,13 +291,103 @@ def search_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
   return _guard_signed(best_d, amax, fmt).astype(fmt.scale_dtype)
 
 
+def _ternary_scales(x: jax.Array, w: jax.Array, axes: tuple[int, ...],
+                    fmt: QuantFormat) -> jax.Array:
+  """The weighted least-squares scale of a ternary block, exactly: with the block's
+  magnitudes sorted in decreasing order, `k` maximizing `S_k^2 / W_k` (`S_k` the sum of
+  the first `k` of `w |x|`, `W_k` of `w`; the first on ties) and `d = S_k / W_k`."""
+  nd = x.ndim
+  red = sorted(a % nd for a in axes)
+  keep = [a for a in range(nd) if a not in red]
+  perm = keep + red
+  kept = tuple(x.shape[a] for a in keep)
+  a = jnp.transpose(jnp.abs(x), perm).reshape(kept + (-1,))
+  wt = jnp.transpose(w, perm).reshape(kept + (-1,))
+  order = jnp.argsort(-a, axis=-1, stable=True)
+  wa = jnp.cumsum(jnp.take_along_axis(a * wt, order, axis=-1), axis=-1)
+  ws = jnp.cumsum(jnp.take_along_axis(wt, order, axis=-1), axis=-1)
+  gain = jnp.where(ws > 0, wa * wa / jnp.where(ws > 0, ws, 1.0), 0.0)
+  k = jnp.argmax(gain, axis=-1)[..., None]
+  sk, wk = jnp.take_along_axis(wa, k, axis=-1), jnp.take_along_axis(ws, k, axis=-1)
+  amax = a.max(axis=-1, keepdims=True)
+  # A degenerate fit (weights all zero) falls back to llama.cpp's max|x|.
+  d = jnp.where((wk > 0) & (sk > 0), sk / jnp.where(wk > 0, wk, 1.0), amax)
+  d = jnp.where(amax < GROUP_MAX_EPS, 0.0, d)
+  kshape = tuple(1 if i in red else x.shape[i] for i in range(nd))
+  inv = np.argsort(perm)
+  d = jnp.transpose(d.reshape(kept + (1,) * len(red)), inv).reshape(kshape)
+  amax = jnp.transpose(amax.reshape(kept + (1,) * len(red)), inv).reshape(kshape)
+  return _guard_signed(d, amax, fmt).astype(fmt.scale_dtype)
+
+
 def searches(fmt: QuantFormat, calibration: Any) -> bool:
   """True when `calibration` (a `calibrate.Calibration` or a method name) means
-  `search_scales` for `fmt`: "auto" on IQ4_NL / Q2_0 / TQ2_0. Every other method, and
-  every other kind, takes the range rules of `calibrate` (which end in
+  `search_scales` for `fmt`: "auto" on IQ4_NL / Q2_0 / TQ2_0 and on TQ1_0 (the ternary
+  format that is exactly llama.cpp's type; other ternary formats keep TWN). Every other
+  method, and every other kind, takes the range rules of `calibrate` (which end in
   `scale_from_range`)."""
   method = getattr(calibration, "method", calibration)
-  return fmt.kind in SEARCH_KINDS and method in ("auto", None)
+  if method not in ("auto", None):
+    return False
+  return fmt.kind in SEARCH_KINDS or stores_trits(fmt)
+
+
+# ----------------------------------------------------------------------------
+# TQ1_0's trits, 5 per byte (numpy or jax arrays alike).
+
+def stores_trits(fmt: QuantFormat) -> bool:
+  """True when `fmt` is llama.cpp's TQ1_0 (ternary, blocks of 256, fp16 scales), whose
+  QArray codes are kept as TQ1_0's code bytes (`pack_trits`) rather than 2-bit fields."""
+  return fmt.llamacpp_type == "TQ1_0"
+
+
+def _xp(a):
+  return np if isinstance(a, np.ndarray) else jnp
+
+
+def pack_trits(codes, axis: int = -1):
+  """Ternary codes (-1, 0, 1; any integer dtype) -> uint8 TQ1_0 code bytes along `axis`,
+  `TRIT_BLOCK_BYTES` per `TRIT_BLOCK` codes (whose multiple that axis must be). Numpy in,
+  numpy out; otherwise jax."""
+  xp = _xp(codes)
+  u = xp.moveaxis(codes, axis, -1).astype(xp.int32) + 1
+  n = u.shape[-1]
+  if n % TRIT_BLOCK:
+    raise ValueError(f"TQ1_0 packs trits in blocks of {TRIT_BLOCK}: an axis of {n} codes is "
+                     "not a whole number of them")
+  u = u.reshape(u.shape[:-1] + (n // TRIT_BLOCK, TRIT_BLOCK))
+  parts = []
+  for start, stop, per, nbytes in _TRIT_RUNS:
+    run = u[..., start:stop].reshape(u.shape[:-1] + (per, nbytes))
+    q = xp.zeros(run.shape[:-2] + (nbytes,), xp.int32)
+    for j in range(per):  # value start + j * nbytes + m is trit j of byte m, most significant first
+      q = q * 3 + run[..., j, :]
+    q = q * 3 ** (5 - per)  # qh: the four trits sit in the top digits
+    parts.append((q * 256 + 242) // 243)  # ceil(q * 256 / 243): trits come back by multiply-shift
+  out = xp.concatenate(parts, axis=-1).astype(xp.uint8)
+  out = out.reshape(out.shape[:-2] + (-1,))
+  return xp.moveaxis(out, -1, axis)
+
+
+def unpack_trits(packed, axis: int = -1):
+  """Inverse of `pack_trits`: uint8 TQ1_0 code bytes -> int8 codes (-1, 0, 1) along `axis`
+  (`TRIT_BLOCK` per `TRIT_BLOCK_BYTES` bytes). Every byte decodes, as in ggml's
+  `dequantize_row_tq1_0`: trit n of byte b is `((b * 3^n) mod 256 * 3) >> 8`."""
+  xp = _xp(packed)
+  b = xp.moveaxis(packed, axis, -1).astype(xp.int32)
+  n = b.shape[-1]
+  if n % TRIT_BLOCK_BYTES:
+    raise ValueError(f"TQ1_0 code bytes come in blocks of {TRIT_BLOCK_BYTES}: an axis of {n} "
+                     "bytes is not a whole number of them")
+  b = b.reshape(b.shape[:-1] + (n // TRIT_BLOCK_BYTES, TRIT_BLOCK_BYTES))
+  parts, lo = [], 0
+  for _, _, per, nbytes in _TRIT_RUNS:
+    run = b[..., lo:lo + nbytes]
+    lo += nbytes
+    parts += [((run * 3 ** j) % 256 * 3) >> 8 for j in range(per)]
+  u = xp.concatenate(parts, axis=-1)
+  u = u.reshape(u.shape[:-2] + (-1,))
+  return xp.moveaxis((u - 1).astype(xp.int8), -1, axis)
 
 
 def fits(shape, fmt: QuantFormat) -> bool:
@@ -294,4 +417,4 @@ def check_blocks(shape, fmt: QuantFormat, name: str = "array") -> None:
                      f"axis {ax} hold {n} values, not a multiple of {t}'s GGUF blocks of "
                      f"{block}; llama.cpp types that fit rows of {n}: "
                      f"{', '.join(fit) if fit else 'none'}"
-                     + (f" (and Q8_0/Q4_0/Q4_1/Q5_0/Q5_1)" if n % 32 == 0 else ""))
+                     + (" (and Q8_0/Q4_0/Q4_1/Q5_0/Q5_1)" if n % 32 == 0 else ""))

@@ -16,6 +16,9 @@ Layout:
     costs exactly its bits per value, and a shard of whole bytes along the
     packing axis holds whole logical rows. The packing
     axis is padded to a whole number of bytes; `shape` keeps the logical size.
+    TQ1_0 (ternary, groups of 256, fp16 scales) keeps llama.cpp's code bytes
+    instead, 52 per group of 256 trits (`llamacpp_types.pack_trits`): with its
+    scale, 1.6875 bits per value.
   * Integer codes are stored offset to unsigned (`u = q - qmin`) when packed,
     as int8/uint8 when 8-bit, FP8 codes as float8 dtypes, casts as fp16/bf16.
 
@@ -36,12 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta as flax_meta
 
+from quantjax.numerics import blocks as blocks_lib
 from quantjax.numerics import calibrate as calibrate_lib
 from quantjax.numerics import formats as formats_lib
 from quantjax.numerics import llamacpp_types
 from quantjax.numerics.blocks import (block_scale, block_view, decode, encode, norm_axis,
-                                      pack_axis, pack_codes, packed_length, scale_floor,
-                                      scale_from_range, stored_scale, unblock, unpack_codes)
+                                      pack_axis, packed_length, scale_floor,
+                                      scale_from_range, stored_scale, unblock)
 from quantjax.numerics.formats import QuantFormat
 
 __all__ = [
@@ -51,6 +55,21 @@ __all__ = [
     "scale_floor", "slice_format", "stack_index", "stack_qarrays", "quantize_stacked",
     "StaticActQuantized", "stored_scale", "block_scale", "packed_length",
 ]
+
+
+def pack_codes(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """`blocks.pack_codes`, except TQ1_0's trits: llama.cpp's code bytes along the group axis."""
+  if llamacpp_types.stores_trits(fmt) and codes.ndim:
+    return llamacpp_types.pack_trits(jnp.asarray(codes), pack_axis(fmt, codes.ndim))
+  return blocks_lib.pack_codes(codes, fmt)
+
+
+def unpack_codes(packed: jax.Array, fmt: QuantFormat, shape: Sequence[int]) -> jax.Array:
+  """Inverse of `pack_codes`: int8 codes of the logical `shape`."""
+  if llamacpp_types.stores_trits(fmt) and len(shape):
+    codes = llamacpp_types.unpack_trits(jnp.asarray(packed), pack_axis(fmt, len(shape)))
+    return codes.reshape(tuple(shape))
+  return blocks_lib.unpack_codes(packed, fmt, shape)
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +410,8 @@ def quantize(x: jax.Array, fmt: QuantFormat | str, *, calibration: Any = "auto",
       signed symmetric integers, min-max otherwise), "minmax", "signed_max",
       "percentile", "mse", or a `quantjax.numerics.calibrate.Calibration`. Binary and ternary formats
       always use their closed-form scales (XNOR-Net mean|w|; TWN threshold
-      0.7 mean|w| and optimal alpha).
+      0.7 mean|w| and optimal alpha), except TQ1_0 under "auto": the exact
+      least-squares ternary scale (`llamacpp_types.search_scales`).
     key: PRNG key, required for stochastic rounding.
     name: used in error messages.
     checks: under `jit` (traced `x`), add `jax.experimental.checkify` checks

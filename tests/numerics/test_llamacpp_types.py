@@ -1,4 +1,4 @@
-"""llama.cpp's IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0 and TQ2_0 as formats: sizes, nearest-level codes,
+"""llama.cpp's IQ4_NL, MXFP4, NVFP4, Q2_0, Q1_0, TQ2_0 and TQ1_0 as formats: sizes, nearest-level codes,
 llama.cpp's scale rules, ggml's own (de)quantizers (the pinned libggml of llama-cpp-python,
 when installed), quantize_params / qdot / GPTQ."""
 
@@ -18,14 +18,21 @@ from quantjax import ops
 from quantjax.io import gguf_codebook as cb
 from quantjax.methods import gptq
 from quantjax.numerics import llamacpp_types as lt
+from quantjax.numerics import qarray
 from quantjax.numerics.formats import QuantFormat
 
-SPECS = ["iq4_nl", "mxfp4", "nvfp4", "q2_0", "q1_0", "tq2_0"]
-BPW = {"iq4_nl": 4.5, "mxfp4": 4.25, "nvfp4": 4.5, "q2_0": 2.25, "q1_0": 1.125, "tq2_0": 2.0625}
-# Relative RMS error bounds on Gaussian rows (measured: 0.076, 0.115, 0.095, 0.359, 0.601, 0.384).
-REL = {"iq4_nl": 0.085, "mxfp4": 0.125, "nvfp4": 0.105, "q2_0": 0.39, "q1_0": 0.62, "tq2_0": 0.41}
-# Row lengths: 640 as in 640-wide models (576 fits all but Q1_0 and TQ2_0); TQ2_0 needs 256s.
-WIDTH = {"tq2_0": 768}
+SPECS = ["iq4_nl", "mxfp4", "nvfp4", "q2_0", "q1_0", "tq2_0", "tq1_0"]
+BPW = {"iq4_nl": 4.5, "mxfp4": 4.25, "nvfp4": 4.5, "q2_0": 2.25, "q1_0": 1.125, "tq2_0": 2.0625,
+       "tq1_0": 1.6875}
+# Relative RMS error bounds on Gaussian rows (measured: 0.076, 0.115, 0.095, 0.359, 0.601, 0.384,
+# 0.436).
+REL = {"iq4_nl": 0.085, "mxfp4": 0.125, "nvfp4": 0.105, "q2_0": 0.39, "q1_0": 0.62, "tq2_0": 0.41,
+       "tq1_0": 0.46}
+# Row lengths: 640 as in 640-wide models (576 fits all but Q1_0, TQ2_0 and TQ1_0); TQ2_0 and
+# TQ1_0 need 256s.
+WIDTH = {"tq2_0": 768, "tq1_0": 768}
+# GPTQ rounds to codebook levels or signs; ternary formats (TQ1_0) are quantjax.methods.ternary's.
+NO_GPTQ = ("tq1_0",)
 
 
 # ----------------------------------------------------------------------------
@@ -111,6 +118,8 @@ def test_variants_parse_back():
     assert f.gguf_type is None and QuantFormat.parse(f.name) == f, spec
   assert QuantFormat.parse("mxfp4").scale_dtype == jnp.float8_e8m0fnu
   assert QuantFormat.parse("nvfp4").group_size == 16
+  assert QuantFormat.parse("ternary_g256_fp16s").name == "tq1_0"  # the same format
+  assert QuantFormat.parse("ternary_g256").gguf_type is None  # float32 scales: not TQ1_0
   with pytest.raises(ValueError, match="unknown token 'asym'"):
     QuantFormat.parse("iq4_nl_asym")
   with pytest.raises(ValueError, match="stochastic rounding"):
@@ -128,7 +137,9 @@ def test_codes_are_the_nearest_levels_and_error_is_bounded(seed, log_scale, spec
   q = qj.quantize(jnp.asarray(x), f)
   y = np.asarray(q.dequantize())
   s = np.repeat(np.asarray(q.scale).astype(np.float32), f.group_size, axis=1)
-  levels = np.array([-1.0, 1.0], np.float32) if spec == "q1_0" else f.levels
+  levels = {"q1_0": np.array([-1.0, 1.0], np.float32),
+            "tq1_0": np.array([-1.0, 0.0, 1.0], np.float32)}.get(spec)
+  levels = f.levels if levels is None else levels
   best = np.min(np.abs(levels[None, None, :] * s[..., None] - x[..., None]), axis=-1)
   err = np.abs(y - x)
   if spec == "q1_0":  # signs, not nearest levels: x >= 0 -> +d
@@ -149,6 +160,10 @@ def test_all_zero_blocks_decode_to_zero(spec):
     _, y = _ours(x, spec, calibration=cal)
     assert np.all(y[1, :256] == 0) and np.all(y[3] == 0), (spec, cal)
   h = np.eye(x.shape[1])
+  if spec in NO_GPTQ:
+    with pytest.raises(ValueError, match="ternary uses quantjax.methods.ternary"):
+      gptq.gptq_quantize(jnp.asarray(x.T), h, spec)
+    return
   y = np.asarray(gptq.gptq_quantize(jnp.asarray(x.T), h, spec).qarray.dequantize()).T
   assert np.all(y[1, :256] == 0) and np.all(y[3] == 0), spec
 
@@ -211,6 +226,18 @@ def test_against_ggmls_quantizer(kind):
     assert abs(_rel(y_rule, x) / _rel(theirs, x) - 1) < 0.01, spec
     _, y = _ours(x, spec)
     assert _rel(y, x) < 0.7 * _rel(theirs, x), (spec, _rel(y, x), _rel(theirs, x))
+  # TQ1_0: ggml's d = max|x| zeroes most of a block; the default is the exact least-squares
+  # ternary scale (measured: 0.44 vs 0.81 relative RMS error on Gaussian rows, 0.54 vs 0.84 on
+  # the heavy-tailed ones). ggml's bytes are read at its values and re-written byte for byte.
+  theirs_raw = ggml_quantize(x, "TQ1_0")
+  theirs = ggml_dequantize(theirs_raw, "TQ1_0")
+  np.testing.assert_array_equal(cb.dequantize(theirs_raw, "TQ1_0"), theirs)
+  from quantjax.io import gguf as gio
+  back = gio.blocks_to_qarray(theirs_raw, "TQ1_0", 1)
+  np.testing.assert_array_equal(gio.qarray_to_blocks(back, "TQ1_0", 1), theirs_raw)
+  raw, y = _ours(x, "tq1_0")
+  np.testing.assert_array_equal(ggml_dequantize(raw, "TQ1_0"), y)
+  assert _rel(y, x) < 0.7 * _rel(theirs, x), (_rel(y, x), _rel(theirs, x))
 
 
 @pytest.mark.requires_extra("llamacpp")
@@ -244,6 +271,10 @@ def test_quantize_params_qdot_and_gptq(spec):
   y = jax.jit(lambda a, b: ops.qdot(a, b))(xs, q)
   np.testing.assert_allclose(np.asarray(y), np.asarray(xs @ q.dequantize()), rtol=1e-5, atol=1e-5)
   h = 2.0 * x.T.astype(np.float64) @ x / n
+  if spec in NO_GPTQ:
+    with pytest.raises(ValueError, match="ternary uses quantjax.methods.ternary"):
+      gptq.gptq_quantize(jnp.asarray(w), h, spec)
+    return
   res = gptq.gptq_quantize(jnp.asarray(w), h, spec)
   assert res.qarray.fmt.name == spec and res.qarray.nbytes == q.nbytes
   out_err = lambda wq: float(np.mean((x @ (np.asarray(wq) - w)) ** 2))  # noqa: E731
@@ -298,3 +329,48 @@ def test_bad_row_length_and_nan_are_named():
   bad[3, 1] = np.nan
   with pytest.raises(ValueError, match=r"cannot quantize w: it holds 1 NaN/Inf"):
     qj.quantize(jnp.asarray(bad), "mxfp4", name="w")
+
+
+# ----------------------------------------------------------------------------
+# TQ1_0: the exact least-squares ternary scale, and trits stored 5 per byte.
+
+def test_tq1_0_scale_is_the_least_squares_ternary_fit():
+  x = _rows("heavy", rows=16, n=512, seed=12)
+  x[0, :256] = 0.0
+  _, y = _ours(x, "tq1_0")
+  xb, yb = x.reshape(-1, 256).astype(np.float64), y.reshape(-1, 256)
+  err = np.sum((yb - xb) ** 2, axis=1)
+  # every non-zero set of the k largest magnitudes with its least-squares scale
+  a = -np.sort(-np.abs(xb), axis=1)
+  s = np.cumsum(a, axis=1)
+  k = np.arange(1, 257)
+  best = np.sum(xb ** 2, axis=1) - np.max(s * s / k, axis=1)
+  assert err[0] == 0.0
+  np.testing.assert_array_less(err[1:], best[1:] * (1 + 2e-3))  # the scale is rounded to fp16
+  # TWN (the ternary kind's rule) and llama.cpp's max|x| do no better on any block
+  twn = QuantFormat(kind="ternary", granularity="group", group_size=256, group_axis=1,
+                    channel_axis=0)
+  y2 = np.asarray(qj.quantize(jnp.asarray(x), twn).dequantize()).reshape(-1, 256)
+  assert np.all(err <= np.sum((y2 - xb) ** 2, axis=1) * (1 + 2e-3))
+  _, y3 = _ours(x, "tq1_0", calibration="minmax")  # other names: the ternary kind's TWN
+  np.testing.assert_allclose(y3.reshape(-1, 256), y2, rtol=1e-3)  # its scales in float16
+
+
+def test_tq1_0_stores_llamacpps_code_bytes_and_slices_stacks_and_gathers():
+  x = jax.random.normal(jax.random.key(5), (3, 512, 8))
+  q = qarray.quantize_stacked(x, "tq1_0", (0,))
+  assert q.qvalue.shape == (3, 2 * 52, 8) and q.bits_per_value == 1.6875
+  want = np.stack([np.asarray(qj.quantize(x[i], "tq1_0").dequantize()) for i in range(3)])
+  np.testing.assert_array_equal(np.asarray(q.dequantize()), want)
+  # scan hands each step one layer's slice
+  _, ys = jax.lax.scan(lambda c, qi: (c, qi.dequantize()), 0, q)
+  np.testing.assert_array_equal(np.asarray(ys), want)
+  # an embedding table: blocks along axis 1, rows gathered without the rest
+  emb = qj.quantize(x[0].T, QuantFormat.parse("tq1_0", group_axis=1, channel_axis=0))
+  ids = jnp.array([[7, 0], [3, 3]])
+  np.testing.assert_array_equal(np.asarray(emb[ids]), np.asarray(emb.dequantize())[np.asarray(ids)])
+  # the codes round trip through from_codes, and the bytes are TQ1_0's qs / qh
+  c = np.asarray(emb.codes())
+  again = qj.QArray.from_codes(jnp.asarray(c), emb.fmt, emb.scale)
+  np.testing.assert_array_equal(np.asarray(again.qvalue), np.asarray(emb.qvalue))
+  np.testing.assert_array_equal(np.asarray(emb.qvalue), lt.pack_trits(c))
