@@ -68,6 +68,9 @@ class GGUFNames:
       the tensor and the metadata keys (run before the generic shape check).
     check_exportable: optional `config -> None` that refuses (GGUFError) a
       config llama.cpp would misread.
+    write_metadata: optional `(config, writer, gguf module) -> None` that adds the
+      family's own keys to a `gguf.GGUFWriter` beyond the common ones (context,
+      widths, heads, RoPE base, norm epsilon), which the writer adds itself.
   """
 
   arch: str
@@ -78,6 +81,7 @@ class GGUFNames:
   ignored: tuple[str, ...] = ()
   check_shapes: Callable[[Any, Mapping[str, tuple], str], None] | None = None
   check_exportable: Callable[[Any], None] | None = None
+  write_metadata: Callable[[Any, Any, Any], None] = lambda config, writer, gguf: None
 
   def table(self, config: Any) -> list[tuple[str, tuple, int | None, int]]:
     """`(GGUF name, params path, Q/K heads to permute or None, contraction axis)` per
@@ -104,6 +108,8 @@ class Architecture:
     config_type: the config class (`LlamaConfig`, ...); a config is of this
       family when it is an instance of it.
     model: the nnx module class (`Llama`, ...).
+    module: the model module whose functions take such a config (`forward_fn`,
+      `loss_fn`, `decoder`, ...; `quantjax.models.load.model_module`).
     abstract_state: `config -> nnx.State` of shape/dtype structs (no memory).
     as_state: `(config, nested dict of leaves) -> nnx.State` the model takes.
     hf: the Hugging Face names and config translation
@@ -117,6 +123,7 @@ class Architecture:
   name: str
   config_type: type
   model: Any
+  module: Any
   abstract_state: Callable[[Any], Any]
   as_state: Callable[[Any, Any], Any]
   hf: Any = None

@@ -397,13 +397,13 @@ def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str
   with the checks any reader makes before it takes `path`'s name."""
   gguf = require("gguf", "gguf", "GGUF export")
 
-  arch_name = architecture_of(config).gguf.arch
+  arch = architecture_of(config)
+  arch_name = arch.gguf.arch
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = atomic.temp_path(path)  # mode 0666 less the umask, like any new file
   try:
     try:
-      gemma = arch_name == "gemma3"  # llama.cpp's gemma3 keys; "llama" otherwise
       w = gguf.GGUFWriter(tmp, arch_name)
       w.add_name(name or config.name)
       w.add_context_length(int(config.max_position_embeddings))
@@ -414,22 +414,7 @@ def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str
       w.add_head_count_kv(int(config.num_kv_heads))
       w.add_rope_freq_base(float(config.rope_theta))
       w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-      if gemma:
-        w.add_key_length(int(config.head_dim))
-        w.add_value_length(int(config.head_dim))
-        if config.sliding_window is not None:
-          w.add_sliding_window(int(config.sliding_window))
-        if config.final_logit_softcapping is not None:
-          w.add_final_logit_softcapping(float(config.final_logit_softcapping))
-        if config.rope_scaling_factor != 1.0:
-          w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-          w.add_rope_scaling_factor(float(config.rope_scaling_factor))
-      else:
-        w.add_rope_dimension_count(int(config.head_dim))
-        if config.head_dim * config.num_heads != config.hidden_size:
-          w.add_key_length(int(config.head_dim))
-          w.add_value_length(int(config.head_dim))
-        w.add_vocab_size(int(config.vocab_size))
+      arch.gguf.write_metadata(config, w, gguf)  # the family's own keys
       w.add_file_type(_file_type([t for _, r, t in tensors if r.ndim == 2]))
       w.add_quantization_version(gguf.GGML_QUANT_VERSION)
       if tokenizer is not None:

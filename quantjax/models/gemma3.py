@@ -64,6 +64,7 @@ The configuration (`Gemma3Config`, `SLIDING` / `GLOBAL` layer types,
 from __future__ import annotations
 
 import dataclasses
+import sys
 import functools
 import math
 from typing import Any, Mapping
@@ -636,6 +637,19 @@ GGUF_LAYER_NAMES = {
 GGUF_TOP_NAMES = llama_lib.GGUF_TOP_NAMES
 
 
+def _gguf_metadata(cfg: Gemma3Config, w, gguf) -> None:
+  """llama.cpp's "gemma3" keys beyond the common ones (`GGUFNames.write_metadata`)."""
+  w.add_key_length(int(cfg.head_dim))
+  w.add_value_length(int(cfg.head_dim))
+  if cfg.sliding_window is not None:
+    w.add_sliding_window(int(cfg.sliding_window))
+  if cfg.final_logit_softcapping is not None:
+    w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+  if cfg.rope_scaling_factor != 1.0:
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(float(cfg.rope_scaling_factor))
+
+
 def _config_from_gguf(meta: Mapping[str, Any], vocab_size: int, tie_embeddings: bool,
                       source: str) -> Gemma3Config:
   try:
@@ -692,17 +706,19 @@ def check_gguf_exportable(config: Gemma3Config) -> None:
 
 
 ARCHITECTURE = architecture_lib.Architecture(
-    name="gemma3", config_type=Gemma3Config, model=Gemma3, abstract_state=abstract_state,
+    name="gemma3", config_type=Gemma3Config, model=Gemma3, module=sys.modules[__name__],
+    abstract_state=abstract_state,
     as_state=as_state,
     hf=HFArchitecture(
         model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
-        config_type=Gemma3Config, to_hf_config=_hf_config,
+        to_hf_config=_hf_config,
         from_hf_config=lambda d, name, source: Gemma3Config.from_hf(d, name=name, source=source),
-        tensors=_hf_tensors, to_params=as_state,
+        tensors=_hf_tensors,
         ignorable=(r".*rotary_emb.*inv_freq", r"lm_head\.weight")),
     gguf=architecture_lib.GGUFNames(
         arch="gemma3", layer=GGUF_LAYER_NAMES, top=GGUF_TOP_NAMES,
         config_from_metadata=_config_from_gguf, ignored=llama_lib.GGUF_IGNORED_NAMES,
-        check_shapes=check_gguf_shapes, check_exportable=check_gguf_exportable),
+        check_shapes=check_gguf_shapes, check_exportable=check_gguf_exportable,
+        write_metadata=_gguf_metadata),
     fold_groups=fold_groups, rotation_table=rotation_table)
 architecture_lib.register(ARCHITECTURE)

@@ -37,6 +37,7 @@ llama.cpp's GGUF tensor names (`GGUF_LAYER_NAMES`, `GGUF_TOP_NAMES`,
 from __future__ import annotations
 
 import dataclasses
+import sys
 import functools
 import math
 from typing import Any, Mapping
@@ -665,6 +666,16 @@ GGUF_TOP_NAMES = {
 GGUF_IGNORED_NAMES = ("rope_freqs.weight",)
 
 
+def _gguf_metadata(cfg: LlamaConfig, w, gguf) -> None:
+  """llama.cpp's "llama" keys beyond the common ones (`GGUFNames.write_metadata`)."""
+  del gguf
+  w.add_rope_dimension_count(int(cfg.head_dim))
+  if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+    w.add_key_length(int(cfg.head_dim))
+    w.add_value_length(int(cfg.head_dim))
+  w.add_vocab_size(int(cfg.vocab_size))
+
+
 def _config_from_gguf(meta: Mapping[str, Any], vocab_size: int, tie_embeddings: bool,
                       source: str) -> LlamaConfig:
   return LlamaConfig.from_gguf_metadata(meta, vocab_size=vocab_size,
@@ -672,19 +683,20 @@ def _config_from_gguf(meta: Mapping[str, Any], vocab_size: int, tie_embeddings: 
 
 
 ARCHITECTURE = architecture_lib.Architecture(
-    name="llama", config_type=LlamaConfig, model=Llama, abstract_state=abstract_state,
+    name="llama", config_type=LlamaConfig, model=Llama, module=sys.modules[__name__],
+    abstract_state=abstract_state,
     as_state=as_state,
     hf=HFArchitecture(
         model_types=("llama", "mistral", "smollm", "smollm2"), hf_class="LlamaForCausalLM",
-        config_type=LlamaConfig, to_hf_config=_hf_config,
+        to_hf_config=_hf_config,
         from_hf_config=lambda d, name, source: LlamaConfig.from_hf(d, name=name),
-        tensors=_hf_tensors, to_params=as_state,
+        tensors=_hf_tensors,
         ignorable=(r".*rotary_emb\.inv_freq", r"lm_head\.weight")),
     # llama.cpp permutes Q/K rows at conversion (its RoPE rotates interleaved pairs)
     gguf=architecture_lib.GGUFNames(
         arch="llama", layer=GGUF_LAYER_NAMES, top=GGUF_TOP_NAMES,
         config_from_metadata=_config_from_gguf,
         qk_heads={"attn_q.weight": "num_heads", "attn_k.weight": "num_kv_heads"},
-        ignored=GGUF_IGNORED_NAMES),
+        ignored=GGUF_IGNORED_NAMES, write_metadata=_gguf_metadata),
     fold_groups=fold_groups, rotation_table=rotation_table)
 architecture_lib.register(ARCHITECTURE)

@@ -64,12 +64,12 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def model_module(config: Any):
-  """The model module (`llama` or `gemma3`) whose functions take `config`."""
-  if isinstance(config, gemma3_lib.Gemma3Config):
-    return gemma3_lib
-  if isinstance(config, llama_lib.LlamaConfig):
-    return llama_lib
-  raise TypeError(f"not a quantjax model config: {type(config).__name__}")
+  """The model module (`llama`, `gemma3`, ...) whose functions take `config`: its
+  registered architecture's `module`."""
+  try:
+    return architecture_lib.for_config(config).module
+  except architecture_lib.UnknownArchitecture as e:
+    raise TypeError(f"not a quantjax model config: {e}") from None
 
 
 def _set(tree: dict, path: tuple, value) -> None:

@@ -189,7 +189,7 @@ def check_source(directory: str | os.PathLike) -> Source:
     arch = hf.architecture_for(model_type)
   except hf.HFFormatError as e:
     raise hf.HFFormatError(f"{cfg_path}: {e}") from None
-  if arch.config_type is not llama.LlamaConfig:
+  if arch is not llama.ARCHITECTURE.hf:
     raise hf.HFFormatError(f"{cfg_path}: model_type {model_type!r}: streaming compression "
                            "covers the Llama family (model_type 'llama', 'mistral', 'smollm')")
   if cfg_json.get("quantization_config"):

@@ -709,8 +709,8 @@ def test_registered_architecture_plugs_in(tiny_tied, tmp_path, monkeypatch):
   monkeypatch.setattr(architecture, "_REGISTRY", list(architecture.registered()))
   architecture.register(dataclasses.replace(
       base, name="llama_shifted", config_type=ShiftedConfig, gguf=None,
-      hf=dataclasses.replace(base.hf, model_types=("llama_shifted",), config_type=ShiftedConfig,
-                             tensors=tensors, from_hf_config=from_hf)))
+      hf=dataclasses.replace(base.hf, model_types=("llama_shifted",), tensors=tensors,
+                             from_hf_config=from_hf)))
   scfg = ShiftedConfig(**dataclasses.asdict(cfg))
   q = _quantize(params, [qj.QuantRule(module_path=PROJ, format="int4_g32")])
   hf.export_hf(tmp_path / "m", scfg, q)

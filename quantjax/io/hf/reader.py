@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from quantjax.io import architecture as architecture_lib
 from quantjax.io import safetensors as st
 from quantjax.io.hf.packing import unpack_fp4, unpack_int32
 from quantjax.io.hf.scheme import (INDEX_FILE, QUANT_METHOD, SUPPORTED_FORMATS, HFFormatError,
@@ -534,7 +535,7 @@ def import_hf(directory: str | os.PathLike, *, dtype: Any = jnp.float32, tokeniz
     raise HFFormatError(f"{directory}: tensors the {arch.hf_class} of config.json does not have "
                         f"(or a quantization_config that does not cover them): {extra[:6]}"
                         f"{' ...' if len(extra) > 6 else ''} in {reader.ckpt.where[extra[0]]}")
-  params = arch.to_params(config, pure)
+  params = architecture_lib.for_config(config).as_state(config, pure)
   tok = None
   if tokenizer and any(os.path.exists(os.path.join(directory, f)) for f in
                        ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):

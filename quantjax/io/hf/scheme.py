@@ -72,29 +72,26 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class HFArchitecture:
-  """What `export_hf` / `import_hf` need to know about one model family (data).
+  """What `export_hf` / `import_hf` need to know about one model family (data): the
+  `hf` field of its `quantjax.io.architecture.Architecture` (whose config class and
+  `as_state` the reader uses too).
 
   Attributes:
     model_types: `config.json` `model_type` values read as this family; the
       first is written.
     hf_class: the transformers class named in `architectures`.
-    config_type: the quantjax config class (e.g. `LlamaConfig`).
     to_hf_config: config -> the `config.json` body (no quantization_config).
     from_hf_config: (config.json dict, name, path of config.json for messages) -> config.
     tensors: config -> every `TensorSpec` of the checkpoint.
-    to_params: (config, nested dict of leaves) -> the params tree the model
-      takes (e.g. `llama.as_state`).
     ignorable: regexes of checkpoint tensors that may be present and are not
       parameters (rotary tables, a tied head saved anyway).
   """
 
   model_types: tuple[str, ...]
   hf_class: str
-  config_type: type
   to_hf_config: Callable[[Any], dict]
   from_hf_config: Callable[[dict, str], Any]
   tensors: Callable[[Any], list[TensorSpec]]
-  to_params: Callable[[Any, dict], Any]
   ignorable: tuple[str, ...] = ()
 
 
