@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from quantjax import rules as rules_lib
+from quantjax.numerics import llamacpp_types
 from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import ActQuantized, InputScaled, QArray
 from quantjax.sparsity.nm import NMSparse
@@ -143,6 +144,8 @@ def format_bits_per_weight(fmt: QuantFormat | str | None, *, row_length: int | N
   if fmt.is_cast:
     return 16.0
   bits = float(fmt.bits)
+  if fmt.llamacpp_type == "TQ1_0":  # trits 5 to a byte: 52 bytes per 256 values
+    bits = 8.0 * llamacpp_types.TRIT_BLOCK_BYTES / llamacpp_types.TRIT_BLOCK
   sbits = 8.0 * np.dtype(fmt.scale_dtype).itemsize
   extra = sbits
   if fmt.has_zero_point:

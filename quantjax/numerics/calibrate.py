@@ -210,7 +210,8 @@ def block_scales(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
 
   Binary and ternary use their closed-form scales (`sign_scales`; `threshold`
   is TWN's Delta for ternary); IQ4_NL and Q2_0 / TQ2_0 under "auto" llama.cpp's
-  scale search (`llamacpp_types.search_scales`); every other kind
+  scale search, TQ1_0 under "auto" the exact least-squares ternary scale
+  (`llamacpp_types.search_scales`); every other kind
   `calibrate_blocks`. `qarray.quantize`, `choose_scales` and `fake_quant` all
   take their scales from here.
   """

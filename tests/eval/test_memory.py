@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import quantjax as qj
@@ -30,6 +31,12 @@ def test_estimate_store_vs_train():
   assert e4.store_bytes_per_param == pytest.approx(4.5 / 8)
   assert memory.format_bits_per_weight("int4_g32_asymf") == pytest.approx(6.0)
   assert memory.format_bits_per_weight("bf16") == 16
+  # the estimate agrees with a QArray's real bytes for every llama.cpp type (TQ1_0 packs
+  # 5 trits to a byte, not 2 bits a value)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(512, 8)), jnp.float32)
+  for spec, want in (("tq1_0", 1.6875), ("tq2_0", 2.0625), ("iq4_nl", 4.5), ("q1_0", 1.125)):
+    assert memory.format_bits_per_weight(spec) == pytest.approx(want)
+    assert 8 * qj.quantize(x, spec).nbytes / x.size == pytest.approx(want), spec
   with pytest.raises(ValueError, match="positive"):
     memory.estimate(0)
 
