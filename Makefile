@@ -15,6 +15,12 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # Test files run on this many pytest-xdist workers, a file on one worker (its module
 # fixtures load once): XLA compiles on one thread, so two overlap on 2 cores.
 TEST_WORKERS ?= 2
+# A test that runs past this many seconds is a hang: its worker prints every thread's
+# stack and exits (pytest-timeout, thread method: it also stops native code), the run
+# goes on and reports it.
+TEST_TIMEOUT ?= 900
+TEST_FLAGS := -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --timeout=$(TEST_TIMEOUT) \
+              --timeout-method=thread
 
 PEERS   ?= .venv-peers
 LOCK    := requirements/lock.txt
@@ -55,7 +61,7 @@ run: $(STAMP)
 	JAX_PLATFORMS=cpu $(PYTHON) -m experiments.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PYTHON) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(TEST_ENV) $(PYTHON) -m pytest tests $(TEST_FLAGS) --durations=15
 
 # The oldest supported JAX stack (jax/jaxlib, flax, optax, orbax-checkpoint at the low
 # ends of setup.py's ranges), installed first; quantjax's own install must keep it.
@@ -68,7 +74,7 @@ $(OLDEST)/.installed: setup.py Makefile requirements/oldest.txt
 
 test-oldest: $(OLDEST)/.installed
 	$(TEST_ENV) QUANTJAX_EXPECT_OLDEST=requirements/oldest.txt $(OLDEST)/bin/python -m pytest \
-	  $(CORE_TESTS) -m "not requires_extra" -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+	  $(CORE_TESTS) -m "not requires_extra" $(TEST_FLAGS)
 
 # Peer libraries for side-by-side benchmarks (experiments/bench_calibration.py), in their
 # own venv: llm-compressor pins another transformers than ours.

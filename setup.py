@@ -29,6 +29,9 @@ EXTRAS["test"] = EXTRAS["all"] + [
     # `make test` runs test files on 2 workers (--dist loadfile): XLA compiles on one
     # thread, so two files overlap their compiles on a 2-core machine.
     "pytest-xdist>=3.5",
+    # A test that hangs fails with every thread's stack (make test's --timeout) instead
+    # of running into CI's time limit with nothing printed.
+    "pytest-timeout>=2.3",
     "hypothesis>=6.100",
     # The parity oracle (transformers on PyTorch); the CPU build of this pin lies on
     # the project's machines, any other release pulls a multi-GB CUDA build.

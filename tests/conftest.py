@@ -35,3 +35,14 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "requires_extra(name): needs quantjax[name] beyond the "
                           "core, gguf and plots (deselected by make test-oldest)")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Each test module's compiled programs (and the constants they hold) are dropped when
+  the module ends: a pytest-xdist worker runs dozens of modules, and jit's caches
+  otherwise keep every executable of every earlier module alive (a worker grew past
+  10 GB by the end of the suite, and two such workers do not fit a 24 GiB machine)."""
+  yield
+  import gc
+  jax.clear_caches()
+  gc.collect()

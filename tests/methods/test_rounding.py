@@ -197,9 +197,11 @@ def test_formats_it_cannot_learn_are_refused_and_casts_pass_through():
 
 def test_block_rounding_beats_gptq_on_the_user_models():
   """Held-out output error (windows not used for calibration) at int3 g16 on the four
-  user-written models of test_capture.py, SignRound (block objective) against GPTQ.
-  Measured SignRound / GPTQ at 200 steps: einsum 0.41, gpt2 0.51, scan 0.53, conv 1.11;
-  GPTQ / RTN 0.33-0.47. Three of the four must beat GPTQ; all must beat RTN."""
+  user-written models of test_capture.py, SignRound (block objective, 50 steps: a
+  quarter of the default, for the suite's time) against GPTQ. Measured SignRound / GPTQ
+  at 50 steps: einsum 0.45, gpt2 0.60, scan 0.60, conv 1.17 (200 steps: 0.41, 0.51,
+  0.53, 1.11); SignRound / RTN 0.18-0.42. Three of the four must beat GPTQ; all must
+  beat RTN by 40%."""
   wins = {}
   for name in sorted(TARGETS):
     fn, params, loss = user_models.trained(name)
@@ -208,8 +210,8 @@ def test_block_rounding_beats_gptq_on_the_user_models():
     batches, x = user_models.calibration(), user_models.held_out()
     rtn = methods.calibrate(fn, params, batches, rules, methods.RTN(), progress=False)
     gptq = methods.calibrate(fn, params, batches, rules, methods.GPTQ(), progress=False)
-    sr = methods.calibrate(fn, params, batches, rules, methods.SignRound(), strict=True,
-                           progress=False)
+    sr = methods.calibrate(fn, params, batches, rules, methods.SignRound(iters=50),
+                           strict=True, progress=False)
     e_rtn, e_gptq, e_sr = (_err(fn, params, r.params, x) for r in (rtn, gptq, sr))
     assert e_sr < 0.6 * e_rtn, (name, e_sr, e_rtn)
     wins[name] = e_sr / e_gptq
