@@ -56,6 +56,11 @@ ENTRIES = (
     # The same function in llama.cpp: F32 files of the model and of its rotation.
     entry("f32_gguf", "export,llamacpp", export__types=[]),
     entry("rot_f32_gguf", "rotate,export,llamacpp", export__types=[]),
+    # rot_gptq_w4_g64 as a compressed-tensors directory (int4 g64 pack-quantized, the
+    # untied head int8 g32 as Q8_0), scored by transformers on the same windows.
+    entry("rot_gptq_w4_g64_hf", "rotate,quantize,export,transformers", quantize__method="gptq",
+          quantize__format="int4_g64", quantize__act_order=True, quantize__head_format=HEAD,
+          export__format="hf", export__types=[]),
 )
 
 

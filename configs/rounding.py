@@ -44,6 +44,10 @@ ENTRIES = (
           quantize__format="int3_g64"),
     entry("signround_q4_0", "quantize,export,llamacpp", quantize__method="signround",
           quantize__format="q4_0"),
+    # Rotation first (configs/rotation.py's R1 + R2 Hadamard; the untied head in Q8_0, its
+    # bytes counted), then SignRound on the rotated model.
+    entry("rot_signround_w4_g64", "rotate,quantize,evaluate", quantize__method="signround",
+          quantize__format="int4_g64", quantize__head_format="q8_0"),
 )
 
 
