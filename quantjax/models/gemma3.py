@@ -64,9 +64,9 @@ The configuration (`Gemma3Config`, `SLIDING` / `GLOBAL` layer types,
 from __future__ import annotations
 
 import dataclasses
-import sys
 import functools
 import math
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -77,7 +77,7 @@ from flax import nnx
 from quantjax import ops
 from quantjax.io import architecture as architecture_lib
 from quantjax.io.gguf_read import GGUFError
-from quantjax.io.hf import HFArchitecture, TensorSpec
+from quantjax.io.hf import HFArchitecture, TensorSpec, decoder_tensors
 from quantjax.kernels import dispatch
 from quantjax.methods.rotation import HeadRotation, RotationTable
 from quantjax.models import llama as llama_lib
@@ -581,40 +581,15 @@ def _hf_config(cfg: Gemma3Config) -> dict:
 def _hf_tensors(cfg: Gemma3Config) -> list[TensorSpec]:
   """Gemma 3's checkpoint names. quantjax keeps each RMSNorm weight as the multiplier
   `1 + w`; checkpoints store `w`."""
-  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-
-  def norm(name, path, n):
-    return (name, path, (n,), "vector")
-  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d),
-                    "embedding")]
-  layer = [norm("input_layernorm.weight", ("input_norm", "scale"), d),
-           ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q), "linear"),
-           ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d), "linear"),
-           norm("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), hd),
-           norm("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), hd),
-           norm("post_attention_layernorm.weight", ("post_attn_norm", "scale"), d),
-           norm("pre_feedforward_layernorm.weight", ("pre_mlp_norm", "scale"), d),
-           ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f), "linear"),
-           ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f), "linear"),
-           ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d), "linear"),
-           norm("post_feedforward_layernorm.weight", ("post_mlp_norm", "scale"), d)]
-
-  def spec(name, path, shape, kind):
-    if kind != "vector":
-      return TensorSpec(name, path, shape, kind)
-    return TensorSpec(name, path, shape, kind, to_hf=lambda w: w - np.float32(1.0),
-                      from_hf=lambda w: (np.float32(1.0) + w).astype(np.float32))
-  for i in range(cfg.num_layers):
-    for name, path, shape, kind in layer:
-      out.append(spec(f"model.layers.{i}.{name}", ("layers", i) + path, shape, kind))
-  out.append(spec("model.norm.weight", ("final_norm", "scale"), (d,), "vector"))
-  if not cfg.tie_embeddings:
-    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, cfg.vocab_size),
-                          "linear"))
-  return out
+  d, hd = cfg.hidden_size, cfg.head_dim
+  return decoder_tensors(
+      cfg, ([("input_layernorm.weight", ("input_norm", "scale"), d)],
+            [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), hd),
+             ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), hd),
+             ("post_attention_layernorm.weight", ("post_attn_norm", "scale"), d),
+             ("pre_feedforward_layernorm.weight", ("pre_mlp_norm", "scale"), d)],
+            [("post_feedforward_layernorm.weight", ("post_mlp_norm", "scale"), d)]),
+      norm_offset=1.0)
 
 
 # llama.cpp's `gemma3` tensor names -> params paths: no Q/K row permutation (NEOX-style

@@ -37,9 +37,9 @@ llama.cpp's GGUF tensor names (`GGUF_LAYER_NAMES`, `GGUF_TOP_NAMES`,
 from __future__ import annotations
 
 import dataclasses
-import sys
 import functools
 import math
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -49,7 +49,7 @@ from flax import nnx
 
 from quantjax import ops
 from quantjax.io import architecture as architecture_lib
-from quantjax.io.hf import HFArchitecture, TensorSpec
+from quantjax.io.hf import HFArchitecture, TensorSpec, decoder_tensors
 from quantjax.kernels import dispatch
 from quantjax.methods.fold import FoldGroup
 from quantjax.methods.rotation import HeadRotation, ResidualRotation, RotationTable
@@ -622,27 +622,10 @@ def _hf_config(cfg: LlamaConfig) -> dict:
 
 def _hf_tensors(cfg: LlamaConfig) -> list[TensorSpec]:
   """The Hugging Face checkpoint's tensors (`model.layers.3.self_attn.q_proj.weight`, ...)."""
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d),
-                    "embedding")]
-  layer = [("input_layernorm.weight", ("input_norm", "scale"), (d,), "vector"),
-           ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q), "linear"),
-           ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv), "linear"),
-           ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d), "linear"),
-           ("post_attention_layernorm.weight", ("post_attn_norm", "scale"), (d,), "vector"),
-           ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f), "linear"),
-           ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f), "linear"),
-           ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d), "linear")]
-  for i in range(cfg.num_layers):
-    for name, path, shape, kind in layer:
-      out.append(TensorSpec(f"model.layers.{i}.{name}", ("layers", i) + path, shape, kind))
-  out.append(TensorSpec("model.norm.weight", ("final_norm", "scale"), (d,), "vector"))
-  if not cfg.tie_embeddings:
-    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, cfg.vocab_size),
-                          "linear"))
-  return out
+  d = cfg.hidden_size
+  return decoder_tensors(cfg, ([("input_layernorm.weight", ("input_norm", "scale"), d)],
+                               [("post_attention_layernorm.weight", ("post_attn_norm", "scale"), d)],
+                               []))
 
 
 # llama.cpp's GGUF tensor names -> params paths (per block `blk.{i}.` / top level).

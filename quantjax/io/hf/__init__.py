@@ -85,7 +85,7 @@ from quantjax.io.hf.packing import pack_fp4, pack_int32, unpack_fp4, unpack_int3
 from quantjax.io.hf.reader import Checkpoint, import_hf, read_config
 from quantjax.io.hf.scheme import (CT_VERSION, INDEX_FILE, QUANT_METHOD, REPORT_FILE,
                                    SINGLE_FILE, HFArchitecture, HFFormatError, QArgs, Scheme,
-                                   TensorSpec, architecture_for, fused_notes,
+                                   TensorSpec, architecture_for, decoder_tensors, fused_notes,
                                    quantization_config)
 
 __all__ = [
@@ -103,6 +103,7 @@ __all__ = [
     "TensorExport",
     "TensorSpec",
     "architecture_for",
+    "decoder_tensors",
     "encode_leaf",
     "export_hf",
     "fused_notes",

@@ -95,6 +95,45 @@ class HFArchitecture:
   ignorable: tuple[str, ...] = ()
 
 
+def decoder_tensors(config: Any, norms: tuple[Sequence, Sequence, Sequence], *,
+                    norm_offset: float = 0.0) -> list[TensorSpec]:
+  """Every checkpoint tensor of a Llama-style decoder, in file order: the embedding;
+  per layer (`model.layers.{i}.`) the norms `norms[0]`, the attention projections
+  (`self_attn.q_proj` ... `o_proj`, params `attn/q_proj/kernel` ...), the norms
+  `norms[1]`, the MLP projections (`mlp.gate_proj`, `up_proj`, `down_proj`), the norms
+  `norms[2]`; the final norm; an untied head. A norm is `(name after the layer
+  prefix, params path inside the layer, width)`. `norm_offset` c: the checkpoint
+  stores each norm weight as `w - c` (Gemma's `1 + w` multipliers: c = 1)."""
+  d, f = config.hidden_size, config.intermediate_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  attn = [("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), (d, q)),
+          ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), (d, kv)),
+          ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), (d, kv)),
+          ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), (q, d))]
+  mlp = [("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (d, f)),
+         ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (d, f)),
+         ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f, d))]
+  c = np.float32(norm_offset)
+
+  def norm(name, path, n):
+    if not norm_offset:
+      return TensorSpec(name, path, (n,), "vector")
+    return TensorSpec(name, path, (n,), "vector", to_hf=lambda w: w - c,
+                      from_hf=lambda w: (c + w).astype(np.float32))
+  out = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"),
+                    (config.vocab_size, d), "embedding")]
+  for i in range(config.num_layers):
+    pre = f"model.layers.{i}."
+    for part, linears in zip(norms, (attn, mlp, ())):
+      out += [norm(pre + n, ("layers", i) + tuple(p), w) for n, p, w in part]
+      out += [TensorSpec(pre + n, ("layers", i) + p, shape, "linear") for n, p, shape in linears]
+  out.append(norm("model.norm.weight", ("final_norm", "scale"), d))
+  if not config.tie_embeddings:
+    out.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, config.vocab_size),
+                          "linear"))
+  return out
+
+
 def architecture_for(config_or_model_type: Any) -> HFArchitecture:
   """The `HFArchitecture` of the registered architecture (`quantjax.io.architecture`) of a
   config object or a `model_type` string."""
