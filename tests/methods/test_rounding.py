@@ -221,3 +221,29 @@ def test_block_rounding_beats_gptq_on_the_user_models():
     losses = sr.info["signround_loss"]
     assert losses and all(r["final"] < r["init"] for r in losses.values()), (name, losses)
   assert sum(r < 1.0 for r in wins.values()) >= 3, wins
+
+
+def test_an_untied_head_is_learned_against_the_logits():
+  """The last group of an untied Llama is its head, whose span ends in the program's
+  output (the logits): the block objective takes them as its target (a rotated model's
+  head is untied, so rotation -> SignRound needs this)."""
+  from flax import nnx
+  from quantjax.models import llama
+  cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=False)
+  params = rules_lib.to_pure(nnx.state(llama.Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32) for _ in range(2)]
+  rules = [QuantRule(module_path=r"(layers/\d+/(attn|mlp)/\w+_proj|lm_head)/kernel",
+                     format="int4_g16"), QuantRule(module_path=".*", skip=True)]
+  res = methods.calibrate(llama.forward_fn(cfg), params, batches, rules,
+                          methods.SignRound(iters=20), strict=True, progress=False)
+  assert isinstance(res.params["lm_head"]["kernel"], QArray)
+  head = res.info["signround_loss"]["lm_head/kernel"]
+  assert head["final"] <= head["init"], head
+  rtn = methods.calibrate(llama.forward_fn(cfg), params, batches, rules, methods.RTN(),
+                          progress=False)
+  x = batches[0]
+  ref = llama.forward(cfg, params, x)
+  err = [float(jnp.mean((llama.forward(cfg, r.params, x) - ref) ** 2)) for r in (res, rtn)]
+  assert err[0] < err[1], err

@@ -431,6 +431,13 @@ def calibrate(fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]
     raise ValueError(f"{type(method).__name__} asks for unknown statistics {sorted(bad_needs)}")
   n_sample = max(1, int(max_samples) // len(batches)) if "sample" in needs else 0
   uses = {cap.group_roots[g]: first[g] - 1 for g in order}
+  if wants_block:
+    # The program's outputs are live to its end, so that a block ending in one (an
+    # untied head: its logits) has them as its objective. Other methods never run the
+    # equations that only outputs need (the logits).
+    for v in cap.flat.outvars:
+      if not is_lit(v):
+        uses[v] = max(uses.get(v, -1), len(cap.flat.eqns))
   for src in cap.sources:  # a ragged_dot's group sizes stay live until its statistics
     if src.gs_var is not None and not is_lit(src.gs_var):
       uses[src.gs_var] = max(uses.get(src.gs_var, -1), first[src.group] - 1)
