@@ -370,11 +370,12 @@ def check_row_length(n: int, t: str, what: str) -> None:
 
 def _codebook_from_floats(x: np.ndarray, t: str, importance: Any, name: str) -> np.ndarray:
   """Float GGUF rows `[out, in]` as blocks of codebook type `t`: `quantize`'s scales
-  (IQ4_NL / Q2_0: the least-squares search), weighting each value's error by the
-  per-input-column `importance` when given (IQ4_NL, Q2_0; ggml's imatrix weights)."""
+  (IQ4_NL / Q2_0 / TQ2_0 / TQ1_0: the least-squares search), weighting each value's
+  error by the per-input-column `importance` when given (those types; ggml's imatrix
+  weights)."""
   fmt = block_format(t, 1)
   xj = jnp.asarray(x, jnp.float32)
-  if importance is None or fmt.kind not in llamacpp_types.SEARCH_KINDS:
+  if importance is None or not llamacpp_types.searches(fmt, "auto"):
     q = qarray_lib.quantize(xj, fmt, name=name)
   else:
     imp = jnp.asarray(np.asarray(importance, np.float32).reshape(1, -1))
