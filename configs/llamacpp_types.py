@@ -20,9 +20,14 @@ Launch:
   (the bindings cannot hand one to it); none for MXFP4, whose file type
   (`MXFP4_MOE`) quantizes only the experts of mixture-of-experts models, and
   none for NVFP4, which `llama_model_quantize` refuses for this model.
-  Q1_0 and TQ2_0 need rows of 128 / 256, which SmolLM2's 576-wide
-  projections do not have (a rule asking for them is an error naming the
-  tensor and the types that fit).
+  Q1_0, TQ2_0 and TQ1_0 need rows of 128 / 256, which only SmolLM2's
+  `down_proj` (rows of 1536) has (a rule asking for them elsewhere is an error
+  naming the tensor and the types that fit).
+* `rtn_<type>_down0_5` (tq2_0, tq1_0): round-to-nearest into the type on the
+  `down_proj` of blocks 0-5 only, everything else F32 but the Q8_0 embedding,
+  scored by llama.cpp and by the JAX model on the same file (first 8 windows):
+  a check of llama.cpp's arithmetic on these types on a model that still
+  works (all 30 `down_proj` in a ternary type is not a working model).
 * `mixed_<b>bpw`: the mixed-precision allocation (Fisher sensitivity over the 8
   windows, GPTQ codes) over `LOWBIT_CANDIDATES` under a budget of `b` bits per
   weight of the projections, exported code for code.
@@ -51,6 +56,10 @@ def _entries():
     # refuses the NVFP4 file type for this model (return code 1).
     if t not in ("mxfp4", "nvfp4"):
       out.append(entry(f"llamacpp_{t}", "export,llamacpp", export__llamacpp_quantize=t.upper()))
+  for t in ("tq2_0", "tq1_0"):
+    out.append(entry(f"rtn_{t}_down0_5", "quantize,export,llamacpp",
+                     targets=r"layers/[0-5]/mlp/down_proj/kernel", quantize__format=t,
+                     llamacpp__jax=True, llamacpp__windows=8))
   for b in BUDGETS:
     out.append(entry(f"mixed_{b:g}bpw", "mixed,export,llamacpp", mixed__budget_bpw=b,
                      mixed__method="gptq", mixed__candidates=list(LOWBIT_CANDIDATES),
