@@ -144,7 +144,7 @@ def format_bits_per_weight(fmt: QuantFormat | str | None, *, row_length: int | N
   if fmt.is_cast:
     return 16.0
   bits = float(fmt.bits)
-  if fmt.llamacpp_type == "TQ1_0":  # trits 5 to a byte: 52 bytes per 256 values
+  if llamacpp_types.stores_trits(fmt):  # TQ1_0: trits 5 to a byte, 52 bytes per 256
     bits = 8.0 * llamacpp_types.TRIT_BLOCK_BYTES / llamacpp_types.TRIT_BLOCK
   sbits = 8.0 * np.dtype(fmt.scale_dtype).itemsize
   extra = sbits
