@@ -1,9 +1,8 @@
-"""The functional surface shared by quantjax's NNX decoders (Llama, Gemma 3).
+"""The functional surface of quantjax's NNX models (`quantjax.models.decoder`).
 
-Each model module builds its `graphdef` / `abstract_state` / `as_state` /
-`model_from_params` with `model_api(ModelClass)`, and its `generate` runs
-`generate_loop` over the model's own jitted cached step, so the two families
-differ only where the architectures do.
+`model_api(ModelClass)` builds a model's `graphdef` / `abstract_state` /
+`as_state` / `model_from_params`; `generate_loop` and `decode_tokens` run a
+model's jitted cached step; `attend` is the attention every decoder layer uses.
 
 Decoding runs on the device: after the prefill step, `decode_tokens` runs
 every decode step, the sampling and the end-of-sequence test inside one
@@ -24,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from quantjax.kernels import dispatch
-from quantjax.methods.fold import FoldGroup
 
 __all__ = ["model_api", "intify", "sample", "generate_loop", "decode_tokens", "Decoder",
            "BoundStep", "make_decoder", "Causal", "attend", "softcap"]
@@ -248,29 +246,6 @@ def generate_loop(step: Callable, init_cache: Callable, params: Any, prompt: Any
       break
     logits, cache = step(params, nxt[:, None], cache, jnp.int32(t + i))
   return np.concatenate(out, axis=1)
-
-
-def decoder_fold_groups(config: Any, *, mlp_norm: str, prefix: str = "layers",
-                        up_to_down: bool = True, v_to_o: bool = True) -> list:
-  """The exact input-scale folds of a pre-norm decoder with q/k/v/o and a gated MLP.
-
-  `input_norm` -> q/k/v and `mlp_norm` -> gate/up always; up_proj -> down_proj
-  (the gate multiplies up's output into down's input, so its columns absorb
-  the scales); v_proj -> o_proj only without grouped-query attention (with it,
-  one v head feeds several o inputs and per-input scales cannot fold).
-  """
-  out = []
-  for i in range(config.num_layers):
-    p = f"{prefix}/{i}"
-    out.append(FoldGroup(f"{p}/input_norm/scale",
-                         tuple(f"{p}/attn/{n}_proj/kernel" for n in ("q", "k", "v"))))
-    if v_to_o and config.num_heads == config.num_kv_heads:
-      out.append(FoldGroup(f"{p}/attn/v_proj/kernel", (f"{p}/attn/o_proj/kernel",), "linear"))
-    out.append(FoldGroup(f"{p}/{mlp_norm}/scale",
-                         (f"{p}/mlp/gate_proj/kernel", f"{p}/mlp/up_proj/kernel")))
-    if up_to_down:
-      out.append(FoldGroup(f"{p}/mlp/up_proj/kernel", (f"{p}/mlp/down_proj/kernel",), "linear"))
-  return out
 
 
 def consumers_regex(groups: list) -> str:

@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from quantjax.models.decoder import Switches
+
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
 _LAYER_TYPES = (SLIDING, GLOBAL)
@@ -112,6 +114,22 @@ class Gemma3Config:
 
   def replace(self, **kw) -> "Gemma3Config":
     return dataclasses.replace(self, **kw)
+
+  def switches(self):
+    """The decoder preset (`quantjax.models.decoder.Switches`): GeGLU, QK-norm, sandwich
+    norms multiplied in float32, the embedding times sqrt(d), sliding and global layers
+    with their RoPE bases, the query scale and the soft-caps."""
+    n = self.num_layers
+    return Switches(activation="gelu_tanh", qk_norm=True, post_norms=True,
+                    norm_in_float32=True, embed_scale=True,
+                    attn_scale=float(self.query_pre_attn_scalar) ** -0.5,
+                    attn_softcap=self.attn_logit_softcapping,
+                    final_softcap=self.final_logit_softcapping,
+                    rope_theta=self.rope_theta, rope_scaling=self.rope_scaling_factor,
+                    rope_local_theta=self.rope_local_theta,
+                    local_rope=tuple(t == SLIDING for t in self.layer_types),
+                    sliding=tuple(self.is_sliding(i) for i in range(n)),
+                    window=self.sliding_window)
 
   def is_sliding(self, i: int) -> bool:
     """Whether layer `i` uses the sliding window."""

@@ -22,7 +22,7 @@ bytes `io.gguf.export_gguf` writes), holding at most one layer in memory:
    the forward's computation and by the method), the method runs
    on it through the ordinary calibration driver (`methods.calibrate`,
    sequential mode) with the layer's own forward taken from the model code
-   (`models.llama.Block`), the quantized tensors are encoded exactly as
+   (`models.decoder.Block`), the quantized tensors are encoded exactly as
    `export_hf` encodes them and written as one shard, and the layer's output
    hidden states, computed with the quantized weights, become the next
    layer's inputs (GPTQ's sequential recipe: every layer is calibrated on the

@@ -313,7 +313,7 @@ def compress_streaming(source: str | os.PathLike, output: str | os.PathLike,
                        f"{hidden_shape}")
   phase_peak()
 
-  # The block's own forward (models.llama.Block), with the model's RoPE tables and mask.
+  # The block's own forward (models.decoder.Block), with the model's RoPE tables and mask.
   gd_fn, _, as_state, _ = llama.block_api
   graph = gd_fn(cfg)
   rows = bsz * nproc  # rows of a (global) calibration batch

@@ -160,9 +160,9 @@ def test_greedy_generation_identical(fmt):
   tok = jnp.asarray(ref[:, -1:])
   state = llama.as_state(cfg, qparams)
   with dispatch.matmul_path("xla"):
-    a, _ = llama._step(cfg, state, tok, llama.init_cache(cfg, 2, 8), jnp.int32(0))
+    a, _ = llama.cached_step(cfg, state, tok, llama.init_cache(cfg, 2, 8), jnp.int32(0))
   with dispatch.matmul_path("cpu"):
-    b, _ = llama._step(cfg, state, tok, llama.init_cache(cfg, 2, 8), jnp.int32(0))
+    b, _ = llama.cached_step(cfg, state, tok, llama.init_cache(cfg, 2, 8), jnp.int32(0))
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quantjax.models import gemma3
+from quantjax.models import decoder, gemma3
 from quantjax.models import load
 from tests.models.conftest import make_tiny_gemma_hf
 
@@ -101,7 +101,7 @@ def test_norms_embedding_scale_and_paths(tiny_gemma):
   assert set(pure["layers"][0]["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm",
                                             "k_norm"}
   # The sqrt(d) embedding factor is rounded to the table's dtype: 25.25 in bf16 for d = 640.
-  emb = gemma3.Embed(4, 640, rngs=nnx.Rngs(0))
+  emb = decoder.Embed(4, 640, scale=True, rngs=nnx.Rngs(0))
   emb.embedding.set_value(jnp.ones((4, 640), jnp.bfloat16))
   np.testing.assert_array_equal(np.asarray(emb(jnp.array([1]), jnp.float32))[0, :2], [25.25] * 2)
   emb.embedding.set_value(jnp.ones((4, 640), jnp.float32))

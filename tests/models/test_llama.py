@@ -49,9 +49,11 @@ def test_param_paths_are_regex_friendly():
   _, state = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(0)))
   got = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
   for want in ("embed/embedding", "layers/1/attn/q_proj/kernel", "layers/0/mlp/down_proj/kernel",
-               "layers/0/input_norm/scale", "layers/1/post_attn_norm/scale",
+               "layers/0/input_norm/scale", "layers/1/pre_mlp_norm/scale",
                "final_norm/scale", "lm_head/kernel"):
     assert want in got, (want, sorted(got))
+  # Llama has no sandwich norms: `post_attn_norm` is the attention output's norm (Gemma 3's)
+  assert not any("post_attn_norm" in p or "post_mlp_norm" in p for p in got), sorted(got)
 
 
 def test_kv_cache_matches_full_forward(tiny_hf, tiny_tokens):
@@ -157,7 +159,7 @@ def test_device_decode_loop_equals_host_loop(tiny_hf, tiny_tokens):
   directory, _, _ = tiny_hf
   cfg, params, _ = load.load_hf(directory)
   state = llama.as_state(cfg, params)
-  step = functools.partial(llama._step, cfg)
+  step = functools.partial(llama.cached_step, cfg)
   init = functools.partial(llama.init_cache, cfg)
   prompt = tiny_tokens[:, :6]
   greedy_host = functional.generate_loop(step, init, state, prompt, 12, device_loop=False)
@@ -179,5 +181,5 @@ def test_device_decode_loop_equals_host_loop(tiny_hf, tiny_tokens):
   toks, _ = dec.decode(params, logits, cache, 6, 12)
   np.testing.assert_array_equal(np.asarray(toks), greedy_host[:, 6:])
   with pytest.raises(ValueError, match="n >= 1"):
-    functional.decode_tokens(functional.BoundStep(llama._step, (cfg,)), state, logits,
+    functional.decode_tokens(functional.BoundStep(llama.cached_step, (cfg,)), state, logits,
                              dec.init_cache(2, 20), 6, 0)
