@@ -654,14 +654,16 @@ def quantize_stage(ctx: Context, params, block):
     from quantjax.eval import llamacpp
     from quantjax.methods import importance as importance_lib
     n = int(block.get("importance_windows", 0) or 0)
+    batches = ctx.calib_batches(n) if n else []
     imp = None if not n else importance_lib.input_importance(
-        ctx.forward(), params, ctx.calib_batches(n), ctx.targets, progress=ctx.progress)
+        ctx.forward(), params, batches, ctx.targets, progress=ctx.progress)
     out = llamacpp.ggml_quantize_params(params, ctx.targets, str(block.format).upper(),
                                         importance=imp, progress=ctx.progress)
     out = quantize_params(out, rules[1:]) if len(rules) > 1 else out
+    extra = {} if imp is None else {"imatrix": _write_imatrix(ctx, imp, batches)}
     return out, {"label": f"llama.cpp {str(block.format).upper()}"
                           + (f" + imatrix ({n} windows)" if n else ""),
-                 "format": str(block.format), "method": method}
+                 "format": str(block.format), "method": method, **extra}
   else:
     fam = ctx.model.family
     obs = str(block.get("act_observer", "") or "")
@@ -746,8 +748,8 @@ def export_stage(ctx: Context, params, block):
   importance = None
   if int(block.get("importance_windows", 0) or 0):
     from quantjax.methods import importance as importance_lib
-    importance = importance_lib.input_importance(
-        ctx.forward(), params, ctx.calib_batches(int(block.importance_windows)), ctx.targets)
+    batches = ctx.calib_batches(int(block.importance_windows))
+    importance = importance_lib.input_importance(ctx.forward(), params, batches, ctx.targets)
   theirs = str(block.get("llamacpp_quantize", "") or "")
   types_from = str(block.get("types_from", "") or "")
   if theirs or types_from:
@@ -770,7 +772,25 @@ def export_stage(ctx: Context, params, block):
         f" + importance ({block.importance_windows} windows)" if importance else "")
   stats = gguf_file_stats(path)
   ctx.file = {"path": path, "format": "gguf", "label": label, **stats}
+  if importance:  # beside the model: `llama-quantize --imatrix imatrix.gguf`
+    ctx.file["imatrix"] = _write_imatrix(ctx, importance, batches)
   return params, {"label": label, "file": ctx.file}
+
+
+def _write_imatrix(ctx: Context, importance: dict, batches: list) -> str:
+  """Writes `importance` (params path -> mean x² per input feature over `batches`) as
+  llama.cpp's importance-matrix file `imatrix.gguf` in the stage's directory (what
+  `llama-quantize --imatrix` reads), prints it, and returns its path relative to the work
+  directory (`quantjax.io.imatrix`)."""
+  from quantjax.io import imatrix as imatrix_lib
+  path = os.path.join(ctx.stage_dir, "imatrix.gguf")
+  data = ctx.config.data
+  tensors = imatrix_lib.tensor_importance(importance, imatrix_lib.gguf_names(ctx.model.config))
+  imatrix_lib.write_imatrix(path, tensors, chunk_count=sum(int(b.shape[0]) for b in batches),
+                            chunk_size=int(batches[0].shape[1]),
+                            datasets=[str(data.get("calib_corpus", "") or data.corpus)])
+  print(f"[quantjax]   importance matrix ({len(tensors)} tensors): {path}", flush=True)
+  return os.path.relpath(path, ctx.workdir)
 
 
 def gguf_file_stats(path: str) -> dict:

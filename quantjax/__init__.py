@@ -10,6 +10,7 @@ from quantjax.eval.memory import (bits_per_weight, estimate, memory_table, train
                                   tree_bytes)
 from quantjax.io.gguf import export_gguf, import_gguf
 from quantjax.io.hf import export_hf, import_hf
+from quantjax.io.imatrix import read_imatrix, write_imatrix
 from quantjax.numerics.calibrate import Calibration, choose_scales
 from quantjax.numerics.fake_quant import fake_quant, lsq_fake_quant, lsq_init_step, round_ste
 from quantjax.numerics.formats import QuantFormat
@@ -78,10 +79,12 @@ __all__ = [
     "quantize",
     "quantize_params",
     "quantize_with_scale",
+    "read_imatrix",
     "round_ste",
     "sparsegpt_prune",
     "sparsity",
     "sparsity_of",
     "tree_bytes",
     "wanda_mask",
+    "write_imatrix",
 ]
