@@ -2,6 +2,7 @@
 
     python -m experiments.bench_decode --out=runs/bench_decode          # full (~40 min, 2 cores)
     python -m experiments.bench_decode --quick --out=/tmp/bench_decode  # smoke run
+    python -m experiments.bench_decode --layers_only --out=/tmp/bench_layers  # layer table (~2 min)
 
 One run, the same prompts (random tokens, `speed.bench_prompts`) and the
 same number of greedy steps for every row:
@@ -11,7 +12,9 @@ same number of greedy steps for every row:
   XLA's dequantize-then-dot (the reference path), a multiply-and-reduce
   written in `jnp` so that XLA fuses the unpacking of the codes into the
   reduction, and the C++ FFI kernel (`kernels/cpu_matmul.py`); with the
-  fraction of the machine's copy bandwidth each reaches.
+  fraction of the machine's copy bandwidth each reaches. Formats: `--layer_formats`
+  (default int4 g64, q4_0, llama.cpp's 4-bit table types IQ4_NL and MXFP4, and int8),
+  each row also as a ratio to q4_0's time for the same option.
 * **generation**: prefill and decode tokens/s at batch 1 and 8 for FP32
   weights; for each format (every `*_proj` kernel quantized by
   round-to-nearest; embedding / tied head FP32, as in the default
@@ -54,6 +57,9 @@ DECODE_FORMATS = ("q4_0", "q4_1", "q8_0", "int4_g64", "int4_g64_asym", "int8")
 EVAL_FORMATS = ("bf16", "int8", "int4", "int4_g64", "int4_g64_asym", "int3_g64_asym", "nf4_g64",
                 "fp8_e4m3", "w8a8", "q4_0", "q4_1", "q8_0")
 LAYER_SHAPE = (576, 1536)
+# Formats of the layer table: q4_0 beside the other 4-bit formats the kernel takes
+# through a table of levels (IQ4_NL, MXFP4), int4 g64 and int8.
+LAYER_FORMATS = ("int4_g64", "q4_0", "iq4_nl", "mxfp4", "int8")
 _RESULT = "BENCH_DECODE_RESULT "
 
 
@@ -110,8 +116,12 @@ def _fused_reduce(x, w):
   if f.bits == 4:
     g = f.group_size or k
     b = w.qvalue.reshape(k // g, g // 2, n)
-    lo = (b & 15).astype(jnp.float32) + f.qmin
-    hi = (b >> 4).astype(jnp.float32) + f.qmin
+    if f.kind == "int":
+      lo = (b & 15).astype(jnp.float32) + f.qmin
+      hi = (b >> 4).astype(jnp.float32) + f.qmin
+    else:  # codes index a table of levels (NF4, IQ4_NL, MXFP4, NVFP4)
+      lv = jnp.asarray(f.levels, jnp.float32)
+      lo, hi = lv[(b & 15).astype(jnp.int32)], lv[(b >> 4).astype(jnp.int32)]
     xe = x[:, 0::2].reshape(-1, k // g, g // 2, 1)
     xo = x[:, 1::2].reshape(-1, k // g, g // 2, 1)
     inner = jnp.sum(xe * lo[None] + xo * hi[None], axis=2)  # [M, groups, N]
@@ -137,21 +147,28 @@ def _layers(spec: dict) -> dict:
   w = jax.random.normal(jax.random.key(0), (k, n)) * 0.02
   rows = []
 
-  def timeit(fn, *args, repeats=spec["layer_repeats"]):
-    for _ in range(5):
-      jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      ts.append(time.perf_counter() - t0)
-    return min(ts), statistics.median(ts)
+  def timeit(entries, repeats=spec["layer_repeats"], block=10):
+    """Min and median seconds of each `(fn, args)`. The calls run in interleaved rounds:
+    per round, each entry in turn makes one untimed call (its weight back in cache, as
+    in a run of calls of one entry) and `block` timed ones, so that load from elsewhere
+    on the machine falls on every entry alike, not on whichever ran during it."""
+    for fn, args in entries:
+      for _ in range(5):
+        jax.block_until_ready(fn(*args))
+    ts = [[] for _ in entries]
+    for _ in range(max(1, repeats // block)):
+      for i, (fn, args) in enumerate(entries):
+        jax.block_until_ready(fn(*args))
+        for _ in range(block):
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          ts[i].append(time.perf_counter() - t0)
+    return [(min(t), statistics.median(t)) for t in ts]
 
   for m in (1, 8):
     x = jax.random.normal(jax.random.key(1), (m, k))
-    fmin, fmed = timeit(jax.jit(lambda a, b: a @ b), x, w)
-    rows.append({"m": m, "format": "fp32", "option": "FP32 dot", "min_s": fmin, "median_s": fmed,
-                 "weight_bytes": k * n * 4})
+    entries = [(jax.jit(lambda a, b: a @ b), (x, w))]
+    meta = [{"m": m, "format": "fp32", "option": "FP32 dot", "weight_bytes": k * n * 4}]
     for fmt in spec["layer_formats"]:
       q = qj.quantize(w, fmt)
       ref = jax.jit(lambda a, b: cpu_matmul.cpu_matmul_reference(a, b))(x, q)
@@ -164,9 +181,11 @@ def _layers(spec: dict) -> dict:
         opts["C++ FFI kernel"] = jax.jit(lambda a, b: cpu_matmul.cpu_matmul(a, b))
       for name, fn in opts.items():
         err = float(jnp.max(jnp.abs(fn(x, q) - ref)) / jnp.max(jnp.abs(ref)))
-        tmin, tmed = timeit(fn, x, q)
-        rows.append({"m": m, "format": fmt, "option": name, "min_s": tmin, "median_s": tmed,
-                     "weight_bytes": int(q.nbytes), "max_rel_err": err})
+        entries.append((fn, (x, q)))
+        meta.append({"m": m, "format": fmt, "option": name, "weight_bytes": int(q.nbytes),
+                     "max_rel_err": err})
+    for r, (tmin, tmed) in zip(meta, timeit(entries)):
+      rows.append(dict(r, min_s=tmin, median_s=tmed))
   return {"bandwidth": bw, "layers": rows}
 
 
@@ -305,28 +324,46 @@ def _gen(rows, b, key):
   return None
 
 
+def _layer_table(res: dict) -> list[str]:
+  """The layer table: each option's time, as a speed ratio to the FP32 dot and to q4_0's
+  same option (>1: faster than q4_0), weight GB/s, fraction of the copy bandwidth."""
+  bw = res["bandwidth"]["xla_read_write_bytes_per_s"]
+  out = ["| M | format | option | µs (min) | µs (median) | vs FP32 dot | vs q4_0 | weight GB/s | "
+         "of copy bandwidth | max rel. err |",
+         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  base = {r["m"]: r["min_s"] for r in res["layers"] if r["format"] == "fp32"}
+  q4 = {(r["m"], r["option"]): r["min_s"] for r in res["layers"] if r["format"] == "q4_0"}
+  for r in res["layers"]:
+    gbs = r["weight_bytes"] / r["min_s"]
+    err = r.get("max_rel_err")
+    vs_q4 = q4.get((r["m"], r["option"]))
+    vs_q4 = "–" if vs_q4 is None else f"{vs_q4 / r['min_s']:.2f}x"
+    out.append(f"| {r['m']} | {r['format']} | {r['option']} | {1e6 * r['min_s']:.0f} | "
+               f"{1e6 * r['median_s']:.0f} | {base[r['m']] / r['min_s']:.2f}x | "
+               f"{vs_q4} | {gbs / 1e9:.1f} | "
+               f"{gbs / bw:.0%} | {'' if err is None else f'{err:.1e}'} |")
+  out.append("")
+  return out
+
+
 def markdown(res: dict) -> str:
   bw = res["bandwidth"]["xla_read_write_bytes_per_s"]
-  out = [f"# Decode / prefill / evaluation speed, SmolLM2-135M on CPU\n",
+  out = ["# Decode / prefill / evaluation speed, SmolLM2-135M on CPU\n",
          f"Command: `{res['command']}`  ",
          f"Machine: {res['env']['cpu']} ({res['env']['cpu_count']} cores), jax "
          f"{res['env']['jax_version']}; measured copy bandwidth {bw / 1e9:.1f} GB/s "
          f"(XLA read+write over 1 GiB; numpy copy "
          f"{res['bandwidth']['numpy_copy_bytes_per_s'] / 1e9:.1f} GB/s). "
-         f"Prompt {res['prompt_len']} random tokens, {res['decode_steps']} greedy steps, "
-         f"median of {res['repeats']} runs after a warm-up. Total {res['wall_s'] / 60:.0f} min.\n"]
+         + (f"Layer table only: {res.get('layer_repeats')} timed calls per option after 5 "
+            f"warm-up calls, in interleaved rounds of 10. "
+            f"Total {res['wall_s'] / 60:.1f} min.\n" if "generation" not in res else
+            f"Prompt {res['prompt_len']} random tokens, {res['decode_steps']} greedy steps, "
+            f"median of {res['repeats']} runs after a warm-up. "
+            f"Total {res['wall_s'] / 60:.0f} min.\n")]
   out.append(f"## Layer options: x [M, {LAYER_SHAPE[0]}] @ W [{LAYER_SHAPE[0]}, {LAYER_SHAPE[1]}]\n")
-  out.append("| M | format | option | µs (min) | µs (median) | vs FP32 dot | weight GB/s | "
-             "of copy bandwidth | max rel. err |")
-  out.append("|---:|---|---|---:|---:|---:|---:|---:|---:|")
-  base = {r["m"]: r["min_s"] for r in res["layers"] if r["format"] == "fp32"}
-  for r in res["layers"]:
-    gbs = r["weight_bytes"] / r["min_s"]
-    err = r.get("max_rel_err")
-    out.append(f"| {r['m']} | {r['format']} | {r['option']} | {1e6 * r['min_s']:.0f} | "
-               f"{1e6 * r['median_s']:.0f} | {base[r['m']] / r['min_s']:.2f}x | {gbs / 1e9:.1f} | "
-               f"{gbs / bw:.0%} | {'' if err is None else f'{err:.1e}'} |")
-  out.append("")
+  out.extend(_layer_table(res))
+  if "generation" not in res:  # --layers_only
+    return "\n".join(out)
   out.append("## Generation (KV cache), batch 1 and 8\n")
   out.append("| runtime | weights | path | weight MB | decode tok/s b1 | decode tok/s b8 | "
              "decode tok/s b1, per-step Python loop | "
@@ -389,6 +426,11 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--eval_repeats", type=int, default=3)
   parser.add_argument("--no_llamacpp", action="store_true")
+  parser.add_argument("--layers_only", action="store_true",
+                      help="only the layer table (formats vs FP32 on one [576, 1536] weight)")
+  parser.add_argument("--layer_formats", default=",".join(LAYER_FORMATS))
+  parser.add_argument("--layer_repeats", type=int, default=None,
+                      help="timed calls per option (default 200; 20 with --quick)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
@@ -396,7 +438,6 @@ def main(argv=None) -> None:
     return
 
   from quantjax.eval import perplexity, report, speed
-  from quantjax.models import load
 
   t_start = time.perf_counter()
   formats = [f for f in args.formats.split(",") if f]
@@ -416,9 +457,20 @@ def main(argv=None) -> None:
       "env": perplexity.environment(), "prompt_len": args.prompt_len, "decode_steps": steps,
       "repeats": repeats, "generation": [], "eval": []}
   log("layers and copy bandwidth")
-  lay = _run({"kind": "layers", "layer_formats": ["int4_g64", "q4_0", "int8"],
-              "layer_repeats": 20 if args.quick else 200}, log)
+  layer_repeats = args.layer_repeats or (20 if args.quick else 200)
+  lay = _run({"kind": "layers", "layer_formats": [f for f in args.layer_formats.split(",") if f],
+              "layer_repeats": layer_repeats}, log)
   res["bandwidth"], res["layers"] = lay["bandwidth"], lay["layers"]
+  if args.layers_only:
+    for key in ("generation", "eval", "prompt_len", "decode_steps", "repeats"):
+      res.pop(key)
+    res["layer_repeats"] = layer_repeats
+    res["wall_s"] = time.perf_counter() - t_start
+    report.write_json_atomic(os.path.join(args.out, "bench_decode_layers.json"), res)
+    md = markdown(res)
+    report.write_text_atomic(os.path.join(args.out, "bench_decode_layers.md"), md)
+    print(md)
+    return
 
   def jax_row(fmt, path, generate, evaluate):
     log(f"jax {fmt} path={path} generate={generate} eval={evaluate}")

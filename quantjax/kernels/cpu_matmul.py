@@ -4,8 +4,9 @@ On CPU, `qdot(x, w)` with a `QArray` weight and few rows of activations
 (decode: batch 1 to 8; `MAX_ROWS` rows at most) runs a C++ kernel that XLA
 calls through its FFI (`kernels/cpu/qmatmul.cc`, built from source by
 `kernels/cpu_build.py`). The kernel reads the stored codes, decodes 16 at a
-time in vector registers (4-bit nibbles, int8, uint8, NF4 through its
-16-level table, FP8 e4m3 / e5m2, BF16 / FP16), accumulates `x * code` in
+time in vector registers (4-bit nibbles, int8, uint8, 4-bit codes through a
+16-level table: NF4, IQ4_NL, MXFP4 / NVFP4's E2M1; FP8 e4m3 / e5m2, BF16 /
+FP16), accumulates `x * code` in
 float32 per quantization group and applies the group's scale and offset once
 per group, so a decode step moves the weight's stored bytes and nothing else:
 no dequantized weight is ever written to memory. With more rows than `MAX_ROWS`
@@ -60,14 +61,30 @@ reference path, with a debug log naming the reason):
 
 * codes: packed int4 / uint4 (int4 per-channel or group-wise, sym or asym,
   GGUF q4_0 / q4_1), int8 / uint8 (int8 per-channel, q8_0, int8 asym),
-  NF4, FP8 e4m3 / e5m2, and the BF16 / FP16 casts; 3-, 5-, 6- and 7-bit
-  bit-plane codes, binary and ternary are not taken;
+  FP8 e4m3 / e5m2, the BF16 / FP16 casts, and 4-bit codes that index a
+  16-level table (`QuantFormat.levels`, passed to the kernel as float32):
+  NF4, and llama.cpp's IQ4_NL (`kvalues_iq4nl`, fp16 block scales),
+  MXFP4 (E2M1, E8M0 power-of-two block scales) and NVFP4 (E2M1, E4M3 scales
+  per 16 values), which are stored packed like NF4 (two codes a byte along
+  the group axis, low nibble first), so they take NF4's path with their own
+  levels; 3-, 5-, 6- and 7-bit bit-plane codes, binary, ternary, Q2_0 and
+  TQ1_0's trits are not taken;
 * scales per group along the contraction axis, per output channel, or per
-  tensor; integer zero points or float minima (q4_1);
+  tensor, stored as f32, f16, bf16, E8M0 or E4M3 (the last two decoded in
+  the kernel exactly as `scale.astype(float32)`: E8M0 byte e is
+  `2**(e - 127)`); integer zero points or float minima (q4_1);
 * `contract_axis=0` (`[in, out]` weights, packed along `in`, output width a
   multiple of 16) and `contract_axis=1` (`[out, in]`, e.g. a tied embedding
   as the output head, packed along `in`, group a multiple of 32 codes for
-  4-bit and 16 for the others).
+  4-bit and 16 for the others: NVFP4's blocks of 16 fall back there).
+
+IQ4_NL and MXFP4 decode as fast as q4_0: on a `[576, 1536]` weight
+(`python -m experiments.bench_decode --layers_only`), 36 us against q4_0's
+35 us at batch 1 (0.97x; 1.96x the FP32 dot), 81 against 80 us at batch 8;
+they run at NF4's speed (the table lookup, `vpermps`, is the only
+difference from q4_0's integer decode). NVFP4 was 0.83-0.91x of q4_0 (twice
+as many scales, group 16). Through XLA's reference path they were about 2.5x
+slower than q4_0's reference.
 
 Activations of any float dtype are multiplied in float32; the result is cast
 back to `x.dtype`. The gradient (should anything differentiate through a
@@ -101,13 +118,24 @@ _log = logging.getLogger(__name__)
 # Above, XLA's dequantize-then-dot wins (see the module docstring).
 MAX_ROWS = 16
 _TARGET = "quantjax_qmatmul"
-_ABI = 1
+_ABI = 2  # 2: E8M0 / E4M3 scales, IQ4_NL / MXFP4 / NVFP4 as table kinds
 
 # Code kinds, zero-point modes and layouts of qmatmul.cc.
 _U4, _S8, _U8, _NF4, _E4M3, _E5M2, _BF16, _F16, _F32 = range(9)
 _FLOAT_KINDS = {jnp.dtype(jnp.float32): _F32, jnp.dtype(jnp.bfloat16): _BF16,
                 jnp.dtype(jnp.float16): _F16}
 _ZP = {"none": 0, "int": 1, "float": 2}
+# 4-bit codes that index a 16-level table (`QuantFormat.levels`): NF4 and llama.cpp's
+# IQ4_NL, MXFP4 and NVFP4, all packed like NF4 (two codes a byte along the group axis,
+# the first in the low nibble); they run as the kernel's table kind with their levels.
+_TABLE_KINDS = ("nf4", "iq4_nl", "mxfp4", "nvfp4")
+# Scale dtypes the kernel reads as they are stored. E8M0 (MXFP4: byte e is 2^(e - 127))
+# and E4M3 (NVFP4) are decoded in the kernel to the float32 values of the format's own
+# dequantization (`scale.astype(float32)`); converting them in XLA before the call
+# instead cost an extra op that doubled the call's time at batch 1 (76 against 35 us
+# for q4_0 on a [576, 1536] weight).
+_SCALE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16,
+                                               jnp.float8_e8m0fnu, jnp.float8_e4m3fn))
 
 
 class Plan(NamedTuple):
@@ -121,6 +149,7 @@ class Plan(NamedTuple):
   code_offset: float  # added to the stored code (packed int codes are stored minus qmin)
   k: int
   n: int
+  table: str = ""   # 4-bit table kinds: the format kind whose 16 levels the codes index
 
 
 _lock = threading.Lock()
@@ -207,7 +236,7 @@ def plan(x: Any, w: Any, contract_axis: int = 0, *, max_rows: int | None = MAX_R
   # code kind
   if f.kind == "int" and f.bits == 4:
     kind, offset = _U4, float(f.qmin)
-  elif f.kind == "nf4":
+  elif f.kind in _TABLE_KINDS:
     kind, offset = _NF4, 0.0
   elif f.kind == "int" and f.bits == 8:
     kind, offset = (_S8 if f.signed else _U8), 0.0
@@ -238,9 +267,8 @@ def plan(x: Any, w: Any, contract_axis: int = 0, *, max_rows: int | None = MAX_R
   if k % group:
     return None, f"group {group} does not divide K={k}"
   sdt = None if w.scale is None else jnp.dtype(w.scale.dtype)
-  if has_scale and sdt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16),
-                               jnp.dtype(jnp.bfloat16)):
-    return None, f"scale dtype {sdt} is not f32/f16/bf16"
+  if has_scale and sdt not in _SCALE_DTYPES:
+    return None, f"scale dtype {sdt} is not f32/f16/bf16/e8m0/e4m3"
   zp_mode = _ZP["none"] if not f.has_zero_point else _ZP[f.zero_point]
   if zp_mode == _ZP["int"] and jnp.dtype(w.zero_point.dtype) not in (jnp.dtype(jnp.int8),
                                                                      jnp.dtype(jnp.uint8)):
@@ -249,7 +277,8 @@ def plan(x: Any, w: Any, contract_axis: int = 0, *, max_rows: int | None = MAX_R
     return None, f"output width N={n} is not a multiple of 16"
   if contract_axis == 1 and group % (16 * per):
     return None, f"group {group} along the contraction axis is not a multiple of {16 * per}"
-  return Plan(contract_axis, kind, group, zp_mode, has_scale, offset, k, n), ""
+  return Plan(contract_axis, kind, group, zp_mode, has_scale, offset, k, n,
+              f.kind if kind == _NF4 else ""), ""
 
 
 def _scales(w: QArray, p: Plan) -> tuple[jax.Array, jax.Array]:
@@ -267,6 +296,11 @@ def _scales(w: QArray, p: Plan) -> tuple[jax.Array, jax.Array]:
   return scale, zero
 
 
+def _levels(kind: str) -> np.ndarray:
+  """The 16 float32 levels a table kind's codes index (NF4, IQ4_NL, MXFP4, NVFP4)."""
+  return formats_lib.QuantFormat(kind=kind).levels.astype(np.float32)
+
+
 def _call(x2: jax.Array, w: Any, p: Plan) -> jax.Array:
   if isinstance(w, QArray):
     codes = w.qvalue
@@ -274,7 +308,7 @@ def _call(x2: jax.Array, w: Any, p: Plan) -> jax.Array:
   else:
     codes = w
     scale = zero = jnp.zeros((1,), jnp.float32)
-  lut = jnp.asarray(formats_lib.NF4_CODEBOOK if p.kind == _NF4 else np.zeros((1,), np.float32))
+  lut = jnp.asarray(_levels(p.table) if p.kind == _NF4 else np.zeros((1,), np.float32))
   call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], p.n), jnp.float32),
                           vmap_method="sequential")
   return call(x2, codes, scale, zero, lut, layout=np.int64(p.layout), kind=np.int64(p.kind),

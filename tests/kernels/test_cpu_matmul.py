@@ -1,5 +1,6 @@
 """The CPU kernel behind `qdot` (kernels/cpu_matmul.py) against the XLA reference path."""
 
+import dataclasses
 import logging
 
 import jax
@@ -18,10 +19,14 @@ pytestmark = pytest.mark.skipif(not cpu_matmul.available(),
 
 # Every format the kernel takes, by code kind: packed 4-bit (sym, asym int zero point,
 # GGUF float minimum, per channel, per tensor, fp16 scales), 8-bit (signed, unsigned,
-# asym, q8_0), NF4, FP8 and the 16-bit casts.
+# asym, q8_0), 4-bit codes indexing a table of 16 levels (NF4; llama.cpp's IQ4_NL with
+# fp16 scales and MXFP4 with E8M0 scales, per block of 32), FP8 and the 16-bit casts.
 FORMATS = ["q4_0", "q4_1", "q8_0", "int4_g64", "int4_g64_asym", "int4_g32_asymf", "int4",
            "int4_t", "int4_g64_fp16s", "int8", "int8_g32_asym", "uint8_t", "nf4_g64",
-           "fp8_e4m3", "fp8_e5m2", "bf16", "fp16"]
+           "iq4_nl", "mxfp4", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16"]
+# llama.cpp's 4-bit table types (`numerics.llamacpp_types`) and the layouts the kernel
+# takes them in: NVFP4's scales cover 16 values, fewer than the [out, in] kernel's 32.
+TABLE_FORMATS = [("iq4_nl", 0), ("iq4_nl", 1), ("mxfp4", 0), ("mxfp4", 1), ("nvfp4", 0)]
 
 
 def _weight(fmt: str, axis: int, k: int = 128, n: int = 48, seed: int = 0):
@@ -55,7 +60,60 @@ def test_matches_reference(fmt, axis):
     assert out.shape == ref.shape == (*lead, 48) and out.dtype == x.dtype
 
 
-@pytest.mark.parametrize("fmt", ["int4_g64_asym", "q4_1", "int8", "nf4_g64", "bf16"])
+@pytest.mark.parametrize("fmt,axis", TABLE_FORMATS)
+def test_llamacpp_table_formats_take_the_kernel(fmt, axis):
+  """IQ4_NL / MXFP4 / NVFP4: the plan picks the kernel's table kind with the format's own
+  levels (not the XLA fallback), and decode rows M = 1, 3, 8 match the reference."""
+  w = _weight(fmt, axis)
+  assert w.fmt.kind == fmt and w.fmt.llamacpp_type == fmt.upper()
+  for m in (1, 3, 8):
+    x = jax.random.normal(jax.random.key(m), (m, 128))
+    p, reason = cpu_matmul.plan(x, w, axis)
+    assert p is not None, reason
+    assert p.kind == cpu_matmul._NF4 and p.table == fmt and p.group == w.fmt.group_size
+    np.testing.assert_array_equal(cpu_matmul._levels(p.table), w.fmt.levels)
+    out, ref = _assert_kernel_matches_reference(x, w, axis)
+    # ... and `cpu_matmul_reference`, the dequantize-then-dot it is defined as
+    wf = w.dequantize(jnp.float32)
+    np.testing.assert_allclose(np.asarray(cpu_matmul.cpu_matmul_reference(x, w, axis)),
+                               np.asarray(x @ (wf if axis == 0 else wf.T)), rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_llamacpp_table_scales_as_the_format_decodes_them():
+  # Scales over a wide range: MXFP4's E8M0 powers of two 2^-20 ... 2^20, IQ4_NL's signed
+  # fp16 scales (negative ones too), NVFP4's E4M3 scales down to its subnormals. The
+  # kernel uses the scales the format's dequantization uses, exactly.
+  k, n = 256, 32
+  rng = np.random.default_rng(0)
+  x = jax.random.normal(jax.random.key(0), (1, k))
+  for fmt in ("mxfp4", "iq4_nl", "nvfp4"):
+    f = qj.QuantFormat.parse(fmt)
+    w = qj.quantize(jax.random.normal(jax.random.key(1), (k, n)), f)
+    g = k // f.group_size
+    if fmt == "mxfp4":
+      scale = 2.0 ** rng.integers(-20, 21, (g, n))
+    elif fmt == "iq4_nl":
+      scale = rng.normal(size=(g, n)) * 0.01
+    else:
+      scale = rng.integers(1, 64, (g, n)) * 2.0 ** rng.integers(-9, 3, (g, n))
+    w = dataclasses.replace(w, scale=jnp.asarray(scale, jnp.float32).astype(f.scale_dtype))
+    assert cpu_matmul.plan(x, w, 0)[0] is not None
+    _assert_kernel_matches_reference(x, w, 0)
+
+
+def test_nvfp4_of_an_out_in_weight_falls_back(caplog):
+  w = _weight("nvfp4", 1)
+  x = jax.random.normal(jax.random.key(0), (1, 128))
+  assert "group 16 along the contraction axis" in cpu_matmul.plan(x, w, 1)[1]
+  with caplog.at_level(logging.DEBUG, logger=dispatch.__name__):
+    out = _qdot("auto", x, w, 1)
+  assert "CPU kernel declines weight nvfp4 (48, 128)" in caplog.text
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(_qdot("xla", x, w, 1)))
+
+
+@pytest.mark.parametrize("fmt", ["int4_g64_asym", "q4_1", "int8", "nf4_g64", "bf16", "iq4_nl",
+                                 "mxfp4", "nvfp4"])
 def test_large_weight_split_over_threads(fmt):
   # Big enough for the kernel to split the work (K * N above its serial limit): decode
   # rows (1-4) read the codes in storage order, split by rows of codes over the helper
@@ -163,6 +221,29 @@ def test_greedy_generation_identical(fmt):
     a, _ = llama.cached_step(cfg, state, tok, llama.init_cache(cfg, 2, 8), jnp.int32(0))
   with dispatch.matmul_path("cpu"):
     b, _ = llama.cached_step(cfg, state, tok, llama.init_cache(cfg, 2, 8), jnp.int32(0))
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,head", [("iq4_nl", "iq4_nl"), ("mxfp4", "mxfp4"),
+                                      ("nvfp4", "mxfp4")])
+def test_llamacpp_table_formats_decode_step(fmt, head, caplog):
+  """A jitted decode step of a tiny SmolLM2-like Llama with IQ4_NL / MXFP4 / NVFP4
+  projections and an IQ4_NL / MXFP4 tied head (`[out, in]`, contract_axis=1): the
+  kernel's logits are the XLA path's, and every matmul took the kernel."""
+  cfg, state = _tiny_llama()
+  rules = [qj.QuantRule(module_path=llama.PROJ_KERNELS, format=fmt),
+           qj.QuantRule(module_path="embed/embedding",
+                        format=qj.QuantFormat.parse(head, group_axis=1, channel_axis=0))]
+  qparams = qj.quantize_params(state, rules)
+  st = llama.as_state(cfg, qparams)
+  tok = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 1)), jnp.int32)
+  with dispatch.matmul_path("xla"):
+    a, _ = llama.cached_step(cfg, st, tok, llama.init_cache(cfg, 1, 8), jnp.int32(0))
+  with caplog.at_level(logging.DEBUG, logger=dispatch.__name__):
+    b, _ = llama.cached_step(cfg, st, tok, llama.init_cache(cfg, 1, 8), jnp.int32(0))  # auto
+  assert "CPU kernel declines" not in caplog.text
+  assert f"qdot: cpu_matmul for weight {fmt} (64, 128)" in caplog.text  # gate / up
+  assert f"qdot: cpu_matmul for weight {head} (256, 64)" in caplog.text  # the tied head
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
 
 

@@ -10,7 +10,8 @@
 // Weight value at logical [k, n] (k: contraction index, n: output index):
 //   w = s[g, n] * (c + code_offset) + off[g, n],   g = k / group
 // where c is the stored code decoded as a float (packed 4-bit, int8, uint8,
-// NF4 through a 16-entry table, FP8, BF16/FP16), and off is -s*z for an
+// 4-bit codes through a 16-entry table of levels: NF4, IQ4_NL, MXFP4 / NVFP4's
+// E2M1, FP8, BF16/FP16), s is read as f32, f16, bf16, E8M0 or E4M3, and off is -s*z for an
 // integer zero point z, the float minimum m for GGUF-style Q4_1, else 0. The
 // product is accumulated per group and scaled once per group:
 //   out[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] c[k, n]
@@ -58,8 +59,11 @@ enum Kind : int64_t {
 };
 enum ZpMode : int64_t { kNone = 0, kIntZp = 1, kFloatMin = 2 };
 enum Layout : int64_t { kKN = 0, kNK = 1 };
-// Types of the scale / zero-point operands.
-enum Elem : int { kF32e = 0, kF16e = 1, kBF16e = 2, kU8e = 3, kS8e = 4, kOther = 5 };
+// Types of the scale / zero-point operands. E8M0 (MXFP4's power-of-two block scales)
+// and E4M3 (NVFP4's) are read as scales only.
+enum Elem : int {
+  kF32e = 0, kF16e = 1, kBF16e = 2, kU8e = 3, kS8e = 4, kE8M0e = 5, kE4M3e = 6, kOther = 7
+};
 
 inline v16f zero16() { return v16f{}; }
 
@@ -155,7 +159,16 @@ inline v16f e4m3_to_f(v16u b) {
   return (v16f)((v16u)r | sign);
 }
 
-// 16 consecutive values of a float operand (f32 / f16 / bf16) as floats.
+// E8M0 byte e -> 2^(e - 127), as ml_dtypes' float8_e8m0fnu (byte 0 is the subnormal
+// 2^-127, byte 255 NaN).
+inline v16f e8m0_to_f(v16u b) {
+  v16u u = b << 23;
+  u = (b == 0u) ? v16u{} + 0x00400000u : u;
+  u = (b == 255u) ? v16u{} + 0x7fc00000u : u;
+  return as_f(u);
+}
+
+// 16 consecutive values of a float operand (f32 / f16 / bf16 / e8m0 / e4m3) as floats.
 inline v16f load_vals(const void* base, int elem, int64_t idx) {
   const uint8_t* p = static_cast<const uint8_t*>(base);
   switch (elem) {
@@ -168,6 +181,8 @@ inline v16f load_vals(const void* base, int elem, int64_t idx) {
     case kBF16e: return load_bf16(p + 2 * idx);
     case kU8e: return to_f(widen_u8(p + idx));
     case kS8e: return to_f(widen_s8(p + idx));
+    case kE8M0e: return e8m0_to_f(widen_u8(p + idx));
+    case kE4M3e: return e4m3_to_f(widen_u8(p + idx));
   }
   return zero16();
 }
@@ -218,6 +233,24 @@ inline float load_val(const void* base, int elem, int64_t idx) {
     }
     case kU8e: return float(p[idx]);
     case kS8e: return float(int8_t(p[idx]));
+    case kE8M0e: {
+      const uint32_t e = p[idx];
+      const uint32_t u = e == 0 ? 0x00400000u : (e == 255 ? 0x7fc00000u : e << 23);
+      float f;
+      std::memcpy(&f, &u, 4);
+      return f;
+    }
+    case kE4M3e: {
+      const uint32_t b = p[idx], em = b & 0x7fu;
+      float f;
+      if (em < 0x8u) {
+        f = float(em) * (1.0f / 512.0f);
+      } else {
+        const uint32_t u = (em << 20) + (120u << 23);
+        std::memcpy(&f, &u, 4);
+      }
+      return (b & 0x80u) ? -f : f;
+    }
   }
   return 0.0f;
 }
@@ -309,7 +342,7 @@ struct Args {
   int64_t zp_mode;
   int64_t group, groups;
   float code_offset;
-  v16f lut;             // NF4 levels
+  v16f lut;             // the table kind's 16 levels (NF4, IQ4_NL, MXFP4, NVFP4)
   float* out;           // [M, N]
 };
 
@@ -341,6 +374,7 @@ template <int64_t KIND, int MT, int V>
 void kn_tile(const Args& a, int64_t m0, int64_t n0) {
   using D = Dec<KIND>;
   constexpr int P = D::per;
+  const v16f lut = a.lut;  // a local: stores to the float sums cannot alias it
   v16f acc[MT][V];
   for (int m = 0; m < MT; ++m)
     for (int v = 0; v < V; ++v) acc[m][v] = zero16();
@@ -355,7 +389,7 @@ void kn_tile(const Args& a, int64_t m0, int64_t n0) {
     const uint8_t* row = a.codes + r0 * a.row_bytes + n0 * D::esize;
     for (int64_t r = r0; r < r0 + rows_g; ++r, row += a.row_bytes) {
       v16f c[V][P];
-      for (int v = 0; v < V; ++v) D::run(row + v * 16 * D::esize, a.lut, c[v]);
+      for (int v = 0; v < V; ++v) D::run(row + v * 16 * D::esize, lut, c[v]);
       for (int m = 0; m < MT; ++m) {
         for (int j = 0; j < P; ++j) {
           const float xs = xrow[m][r * P + j];
@@ -395,6 +429,7 @@ template <int64_t KIND, int MT, int NR>
 void nk_tile(const Args& a, int64_t m0, int64_t n0) {
   using D = Dec<KIND>;
   constexpr int P = D::per;
+  const v16f lut = a.lut;
   v16f acc[MT][NR];
   float off[MT][NR];
   for (int m = 0; m < MT; ++m)
@@ -415,7 +450,7 @@ void nk_tile(const Args& a, int64_t m0, int64_t n0) {
     for (int64_t q = 0; q < vecs; ++q) {
       const int64_t e = (g * vecs + q) * 16;  // stored element index along the row
       v16f c[NR][P];
-      for (int r = 0; r < NR; ++r) D::run(rows[r] + e * D::esize, a.lut, c[r]);
+      for (int r = 0; r < NR; ++r) D::run(rows[r] + e * D::esize, lut, c[r]);
       for (int m = 0; m < MT; ++m) {
         v16f xv;
         std::memcpy(&xv, x0 + (m0 + m) * kstride + e, 64);
@@ -631,6 +666,7 @@ void kn_stream(const Args& a, int64_t ra, int64_t rb, float* acc, float* t) {
   constexpr int P = D::per;
   const int64_t M = a.M, N = a.N, nv = N / 16;
   const int64_t rows_g = a.group / P;
+  const v16f lut = a.lut;  // a local: stores to `t` cannot alias it
   std::fill(acc, acc + M * N, 0.0f);
   for (int64_t r0 = ra; r0 < rb;) {
     const int64_t g = r0 / rows_g;
@@ -648,7 +684,7 @@ void kn_stream(const Args& a, int64_t ra, int64_t rb, float* acc, float* t) {
           _mm_prefetch(reinterpret_cast<const char*>(row + v * 16 * D::esize + kPrefetchBytes),
                        _MM_HINT_T0);
 #endif
-        D::run(row + v * 16 * D::esize, a.lut, c);
+        D::run(row + v * 16 * D::esize, lut, c);
         for (int64_t m = 0; m < M; ++m) {
           v16f tv;
           std::memcpy(&tv, t + m * N + 16 * v, 64);
@@ -744,6 +780,8 @@ int elem_of(ffi::DataType t) {
     case ffi::DataType::BF16: return kBF16e;
     case ffi::DataType::U8: return kU8e;
     case ffi::DataType::S8: return kS8e;
+    case ffi::DataType::F8E8M0FNU: return kE8M0e;
+    case ffi::DataType::F8E4M3FN: return kE4M3e;
     default: return kOther;
   }
 }
@@ -806,9 +844,9 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
   a.code_offset = code_offset;
   a.out = out->typed_data();
   a.lut = zero16();
-  if (kind == kNF4) {
+  if (kind == kNF4) {  // NF4, IQ4_NL, MXFP4, NVFP4: the format's 16 levels
     if (lut.element_count() != 16) {
-      return ffi::Error::InvalidArgument("quantjax_qmatmul: NF4 needs a 16-entry table, got " +
+      return ffi::Error::InvalidArgument("quantjax_qmatmul: a table kind needs 16 levels, got " +
                                          std::to_string(lut.element_count()));
     }
     std::memcpy(&a.lut, lut.typed_data(), 64);
@@ -822,8 +860,10 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
     }
     a.scale = scale.untyped_data();
     a.scale_elem = elem_of(scale.element_type());
-    if (a.scale_elem > kBF16e) {
-      return ffi::Error::InvalidArgument("quantjax_qmatmul: scales must be f32, f16 or bf16");
+    if (a.scale_elem != kF32e && a.scale_elem != kF16e && a.scale_elem != kBF16e &&
+        a.scale_elem != kE8M0e && a.scale_elem != kE4M3e) {
+      return ffi::Error::InvalidArgument(
+          "quantjax_qmatmul: scales must be f32, f16, bf16, e8m0 or e4m3");
     }
     if (zp_mode != kNone) {
       if (static_cast<int64_t>(zero.element_count()) != want) {
@@ -833,7 +873,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
       }
       a.zero = zero.untyped_data();
       a.zero_elem = elem_of(zero.element_type());
-      if (a.zero_elem == kOther) {
+      if (a.zero_elem > kS8e) {
         return ffi::Error::InvalidArgument("quantjax_qmatmul: unsupported zero-point dtype");
       }
     }
@@ -896,7 +936,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantjaxQMatmul, QMatmulImpl,
                                   .Arg<ffi::AnyBuffer>()         // codes
                                   .Arg<ffi::AnyBuffer>()         // scale
                                   .Arg<ffi::AnyBuffer>()         // zero point / minimum
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // NF4 table
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // 16 levels (table kind)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [M, N]
                                   .Attr<int64_t>("layout")
                                   .Attr<int64_t>("kind")
@@ -905,5 +945,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantjaxQMatmul, QMatmulImpl,
                                   .Attr<int64_t>("has_scale")
                                   .Attr<float>("code_offset"));
 
-// Version of the calling convention, checked by the loader.
-extern "C" QJ_EXPORT int quantjax_qmatmul_abi() { return 1; }
+// Version of the calling convention, checked by the loader. 2: E8M0 / E4M3 scales
+// (MXFP4, NVFP4), IQ4_NL / MXFP4 / NVFP4 levels as the table kind's.
+extern "C" QJ_EXPORT int quantjax_qmatmul_abi() { return 2; }
