@@ -48,6 +48,8 @@ ENTRIES = (
     # bytes counted), then SignRound on the rotated model.
     entry("rot_signround_w4_g64", "rotate,quantize,evaluate", quantize__method="signround",
           quantize__format="int4_g64", quantize__head_format="q8_0"),
+    entry("rot_signround_w3_g64", "rotate,quantize,evaluate", quantize__method="signround",
+          quantize__format="int3_g64", quantize__head_format="q8_0"),
 )
 
 
