@@ -51,9 +51,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+import quantjax.methods  # noqa: F401  (registers the calibrated quantizers)
+import quantjax.sparsity  # noqa: F401  (registers the calibrated pruners)
 from quantjax.eval import data as data_lib
 from quantjax.eval import report as report_lib
 from quantjax.io import gguf_read
+from quantjax.io.export import EXPORT_FORMATS
+from quantjax.methods import base as methods_base
+from quantjax.rules import PruneRule, QuantRule
 
 __all__ = ["STAGES", "Stage", "Context", "run", "entries", "exported_file", "parse_pattern",
            "validate"]
@@ -95,12 +100,17 @@ def _stage(name: str, block: str | None, kind: str, compresses: bool = False):
 
 
 ROTATION_KINDS = ("hadamard", "auto", "random")
-# "llamacpp": llama.cpp's own row quantizer (ggml) into the GGUF type `format`, with an
-# importance matrix over `importance_windows` calibration windows (0: none): the peer.
-QUANT_METHODS = ("rtn", "cast", "gptq", "awq", "smoothquant", "static", "signround", "llamacpp")
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-EXPORT_FORMATS = ("gguf", "hf")
-_CALIBRATED = ("gptq", "awq", "smoothquant", "static", "signround")
+# The method names come from the registry of calibrated methods (`quantjax.methods.base`:
+# a registered quantizer or pruner is a runner method), plus the runner's own:
+# "cast" (a float format), "static" (RTN weights with static activation ranges from a
+# min-max observer), "llamacpp" (llama.cpp's own row quantizer (ggml) into the GGUF type
+# `format`, with an importance matrix over `importance_windows` calibration windows, 0:
+# none: the peer) and "magnitude" pruning (no calibration).
+_CALIBRATED = tuple(n for n in methods_base.names(QuantRule) if n != "rtn") + ("static",)
+QUANT_METHODS = ("rtn", "cast") + _CALIBRATED + ("llamacpp",)
+PRUNE_METHODS = ("magnitude",) + methods_base.names(PruneRule)
+# Methods whose result moves pruned weights off zero (error feedback, rescaling).
+_MOVES_ZEROS = tuple(n for n in _CALIBRATED if n != "static")
 
 
 @dataclasses.dataclass
@@ -248,7 +258,7 @@ def validate(config, entry: str = "") -> list[str]:
         for k in ("embedding_format", "head_format"):
           if q.get(k):
             QuantFormat.parse(str(q[k]))
-        if pruned and method in ("gptq", "awq", "smoothquant", "signround"):
+        if pruned and method in _MOVES_ZEROS:
           raise ValueError(
               f"quantize method {method!r} after pruning: it moves pruned weights off zero "
               f"(GPTQ's error feedback updates every remaining column, AWQ/SmoothQuant "
@@ -474,7 +484,6 @@ def rotate_stage(ctx: Context, params, block):
   if steps:
     # SpinQuant: R1 / R2 trained on the calibration windows against the loss of the model
     # fake-quantized in `learn_format` (the format the quantize stage then uses).
-    from quantjax.rules import QuantRule
     fmt = str(block.get("learn_format", "") or "")
     if not fmt:
       raise ValueError("rotate.learn_steps > 0 needs rotate.learn_format (e.g. int4_g64)")
@@ -518,7 +527,6 @@ def rotation_model(model):
 def prune_stage(ctx: Context, params, block):
   """Magnitude, Wanda or SparseGPT (unstructured or N:M) on the target leaves."""
   from quantjax import sparsity
-  from quantjax.rules import PruneRule
   pattern = parse_pattern(block.pattern)
   if "m" in pattern:
     for path, x in _leaves(params).items():
@@ -526,7 +534,6 @@ def prune_stage(ctx: Context, params, block):
         raise ValueError(f"N:M pruning with M={pattern['m']} does not divide the input "
                          f"dimension {x.shape[0]} of {path} (shape {tuple(x.shape)})")
   rules = [PruneRule(module_path=ctx.targets, **pattern)]
-  from quantjax.methods import base as methods_base
   method = "magnitude" if str(block.method) == "magnitude" else methods_base.make(str(block.method))
   out, masks = sparsity.prune_calibrated(ctx.forward(), params, ctx.calib_batches(), rules,
                                          method, progress=ctx.progress)
@@ -609,7 +616,6 @@ def distill_stage(ctx: Context, params, block):
 @_stage("qat", "qat", "params", compresses=True)
 def qat_stage(ctx: Context, params, block):
   """Quantization-aware training (LSQ or straight-through min-max), ending in QArrays."""
-  from quantjax.rules import QuantRule
   rules = [QuantRule(module_path=ctx.targets, format=str(block.format))]
   out, info = _train(ctx, params, block, qat_rules=rules, lsq=bool(block.lsq))
   return out, dict(info, label=f"qat{'-lsq' if block.lsq else ''} {block.format}")
@@ -617,7 +623,6 @@ def qat_stage(ctx: Context, params, block):
 
 def _quant_rules(ctx: Context, block) -> list:
   from quantjax.numerics.formats import QuantFormat
-  from quantjax.rules import QuantRule
   act = str(block.get("act_format", "") or "") or None
   rules = [QuantRule(module_path=ctx.targets, format=str(block.format),
                      calibration=str(block.get("calibration", "auto")), act_format=act)]

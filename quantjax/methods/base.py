@@ -62,6 +62,13 @@ def make(name: str, **options: Any) -> CalibratedMethod:
   return _REGISTRY[name](**options)
 
 
-def names() -> tuple[str, ...]:
-  """The registered method names, sorted."""
-  return tuple(sorted(_REGISTRY))
+def names(rule_type: type | None = None) -> tuple[str, ...]:
+  """The registered method names, sorted; with `rule_type` (`QuantRule`, `PruneRule`),
+  only the methods that take that rule and change the weights (a statistics-only method,
+  `changes_weights = False`, such as the importance matrix, is left out), in the order
+  they were registered."""
+  if rule_type is None:
+    return tuple(sorted(_REGISTRY))
+  return tuple(n for n, f in _REGISTRY.items()
+               if getattr(f, "rule_type", None) is rule_type
+               and getattr(f, "changes_weights", True))

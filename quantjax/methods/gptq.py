@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quantjax import rules as rules_lib
 from quantjax.numerics import calibrate as calibrate_lib
 from quantjax.numerics import llamacpp_types
 from quantjax.numerics import qarray as qarray_lib
@@ -576,11 +577,7 @@ class GPTQ:
   act_observer: Any = None
   solve_dtype: str = "float64"
   label: ClassVar[str] = "GPTQ"
-
-  @property
-  def rule_type(self):
-    from quantjax.rules import QuantRule
-    return QuantRule
+  rule_type: ClassVar[type] = rules_lib.QuantRule
 
   @property
   def needs(self) -> frozenset:

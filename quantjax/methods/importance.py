@@ -31,6 +31,7 @@ class Importance:
   label: ClassVar[str] = "importance"
   needs: ClassVar[frozenset] = frozenset({"sqmean"})
   rule_type: ClassVar[type] = rules_lib.QuantRule
+  changes_weights: ClassVar[bool] = False
 
   def apply(self, parts, record) -> dict:
     out = record.setdefault("importance", {})

@@ -28,6 +28,19 @@ def test_every_registered_method_follows_the_protocol():
     base.register("gptq", methods.RTN)
 
 
+def test_names_by_rule_type_are_the_runner_methods():
+  from experiments import pipeline
+  from quantjax.rules import PruneRule
+  quant = base.names(QuantRule)
+  assert {"rtn", "gptq", "awq", "smoothquant", "signround"} <= set(quant)
+  assert "importance" not in quant  # statistics only: it changes no weight
+  assert set(base.names(PruneRule)) >= {"wanda", "sparsegpt"} and "gptq" not in base.names(
+      PruneRule)
+  # the runner takes every registered method by name, and only those plus its own
+  assert set(pipeline.QUANT_METHODS) == set(quant) | {"cast", "static", "llamacpp"}
+  assert set(pipeline.PRUNE_METHODS) == set(base.names(PruneRule)) | {"magnitude"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ScaledRTN:
   """A user's method: round-to-nearest of the weight times the mean |x| of its input

@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from quantjax.io import architecture as architecture_lib
 from quantjax.io import safetensors as st
 from quantjax.io.hf.packing import unpack_fp4, unpack_int32
 from quantjax.io.hf.scheme import (INDEX_FILE, QUANT_METHOD, SUPPORTED_FORMATS, HFFormatError,
-                                   QArgs, Scheme, TensorSpec, architecture_for, scheme_format)
+                                   QArgs, Scheme, TensorSpec, family_for, scheme_format)
 from quantjax.io.tokenizer import load_tokenizer
 from quantjax.numerics.formats import QuantFormat
 from quantjax.numerics.qarray import ActQuantized, QArray, StaticActQuantized
@@ -490,9 +489,10 @@ def import_hf(directory: str | os.PathLike, *, dtype: Any = jnp.float32, tokeniz
   cfg_path, cfg_json = read_config(directory)
   model_type = cfg_json.get("model_type")
   try:
-    arch = architecture_for(str(model_type))
+    family = family_for(str(model_type))  # looked up once: names here, state below
   except HFFormatError as e:
     raise HFFormatError(f"{cfg_path}: {e}") from None
+  arch = family.hf
   try:
     config = arch.from_hf_config(cfg_json, os.path.basename(os.path.abspath(directory)),
                                  cfg_path)
@@ -535,7 +535,7 @@ def import_hf(directory: str | os.PathLike, *, dtype: Any = jnp.float32, tokeniz
     raise HFFormatError(f"{directory}: tensors the {arch.hf_class} of config.json does not have "
                         f"(or a quantization_config that does not cover them): {extra[:6]}"
                         f"{' ...' if len(extra) > 6 else ''} in {reader.ckpt.where[extra[0]]}")
-  params = architecture_lib.for_config(config).as_state(config, pure)
+  params = family.as_state(config, pure)
   tok = None
   if tokenizer and any(os.path.exists(os.path.join(directory, f)) for f in
                        ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):

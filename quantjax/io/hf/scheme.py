@@ -134,9 +134,9 @@ def decoder_tensors(config: Any, norms: tuple[Sequence, Sequence, Sequence], *,
   return out
 
 
-def architecture_for(config_or_model_type: Any) -> HFArchitecture:
-  """The `HFArchitecture` of the registered architecture (`quantjax.io.architecture`) of a
-  config object or a `model_type` string."""
+def family_for(config_or_model_type: Any) -> architecture_lib.Architecture:
+  """The registered architecture record (`quantjax.io.architecture`) of a config object
+  or a `model_type` string, one with Hugging Face names (`HFFormatError` otherwise)."""
   try:
     if isinstance(config_or_model_type, str):
       arch = architecture_lib.for_model_type(config_or_model_type)
@@ -146,7 +146,12 @@ def architecture_for(config_or_model_type: Any) -> HFArchitecture:
     raise HFFormatError(str(e)) from None
   if arch.hf is None:
     raise HFFormatError(f"architecture {arch.name!r} has no Hugging Face names")
-  return arch.hf
+  return arch
+
+
+def architecture_for(config_or_model_type: Any) -> HFArchitecture:
+  """The `HFArchitecture` (Hugging Face names) of `family_for(config_or_model_type)`."""
+  return family_for(config_or_model_type).hf
 
 
 # ----------------------------------------------------------------------------
