@@ -8,11 +8,13 @@ The activation spec travels in the params tree beside the weight it feeds:
   channel, int8 activations) runs as an int8 x int8 -> int32 `dot_general`.
 * static: `StaticActQuantized(weight, act_scale, act_zero_point, act_format)`
   (`numerics.qarray`), a subclass whose scales were fixed from calibration
-  batches by an `ActObserver` here (min-max, percentile or MSE; per tensor or
-  per input channel). `ops.static_qdot` computes its matmul (`ops.qdot` calls
-  it): int8 x int8 -> int32 for a per-tensor symmetric int8 activation scale
-  and an int8 weight, else the input is quantized-dequantized with the fixed
-  scales (per-channel input scales sit on the contraction axis and cannot be
+  batches by an `ActObserver` here (per tensor or per input channel; its
+  range rule is a `numerics.calibrate.Calibration`, min-max, percentile or
+  MSE, computed by the weights' estimator `calibrate.range_scales`).
+  `ops.static_qdot` computes its matmul (`ops.qdot` calls it): int8 x int8
+  -> int32 for a per-tensor symmetric int8 activation scale and an int8
+  weight, else the input is quantized-dequantized with the fixed scales
+  (per-channel input scales sit on the contraction axis and cannot be
   factored out of an integer dot). Both names are re-exported here.
 
 The observers are pure: `init(k) -> stat`, `update(stat, x) -> stat`,
@@ -35,18 +37,17 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from quantjax import rules as rules_lib
-from quantjax.numerics import qarray as qarray_lib
+from quantjax.numerics import calibrate as calibrate_lib
 from quantjax.numerics.formats import QuantFormat, resolve_format
 from quantjax.numerics.qarray import ActQuantized, InputScaled, StaticActQuantized
 from quantjax.ops import static_qdot
 
-__all__ = ["ActObserver", "ActStat", "StaticActQuantized", "static_qdot", "attach_act_quant",
-           "observe", "OBSERVER_METHODS", "observer_needs", "wrap_weight"]
+__all__ = ["ActObserver", "ActStat", "ACT_RANGE", "StaticActQuantized", "static_qdot",
+           "attach_act_quant", "observe", "OBSERVER_METHODS", "observer_needs", "wrap_weight"]
 
-OBSERVER_METHODS = ("minmax", "percentile", "mse")
+OBSERVER_METHODS = calibrate_lib.RANGE_METHODS
 
 
 class ActStat(NamedTuple):
@@ -64,38 +65,76 @@ class ActStat(NamedTuple):
   sample: jax.Array
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+# The observer's default range rule: min-max; for percentile, the 99.99th (a
+# finer tail than weights' 99.9: activation outliers are few and large); for
+# MSE, 50 clip ratios down to 0.3 of the min-max range.
+ACT_RANGE = calibrate_lib.Calibration(method="minmax", percentile=99.99, grid=50, min_ratio=0.3)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class ActObserver:
-  """How a static activation range is chosen.
+  """How a static activation range is chosen: running statistics plus a range rule.
 
   Attributes:
-    method: "minmax", "percentile" (clip |x| at `percentile`) or "mse" (the
-      clip ratio of the min-max range with the least squared error on the
-      sampled rows, `grid` ratios in [`min_ratio`, 1]).
+    range: the range rule, a `numerics.calibrate.Calibration` (the same range
+      estimator as weights', `calibrate.range_scales`) with method "minmax",
+      "percentile" (clip |x|, or x at both ends for a zero-point format, at
+      `percentile` of the sampled rows) or "mse" (the clip ratio of the
+      observed min-max range with the least `norm`-error on the sampled rows,
+      `grid` ratios from 1 down to `min_ratio`). Default `ACT_RANGE`: min-max,
+      percentile 99.99, grid 50, min_ratio 0.3.
     granularity: "per_tensor" (one scale, usable by the int8 dot) or
       "per_channel" (one scale per input channel).
-    percentile: for "percentile", in (0, 100].
     max_samples: rows kept for percentile / MSE.
-    grid, min_ratio: the MSE search.
+
+  `ActObserver(method=..., percentile=..., grid=..., min_ratio=...)` is short
+  for `ActObserver(range=dataclasses.replace(ACT_RANGE, method=..., ...))`
+  (fields given override those of `range` when both are passed);
+  `observer.method` etc. read `observer.range`.
   """
 
-  method: str = "minmax"
-  granularity: str = "per_tensor"
-  percentile: float = 99.99
-  max_samples: int = 4096
-  grid: int = 50
-  min_ratio: float = 0.3
+  range: calibrate_lib.Calibration
+  granularity: str
+  max_samples: int
 
-  def __post_init__(self):
-    if self.method not in OBSERVER_METHODS:
-      raise ValueError(f"observer method {self.method!r} is not one of {OBSERVER_METHODS}")
-    if self.granularity not in ("per_tensor", "per_channel"):
+  def __init__(self, *, range: calibrate_lib.Calibration | None = None,  # noqa: A002
+               granularity: str = "per_tensor", max_samples: int = 4096,
+               method: str | None = None, percentile: float | None = None,
+               grid: int | None = None, min_ratio: float | None = None):
+    cal = ACT_RANGE if range is None else range
+    if not isinstance(cal, calibrate_lib.Calibration):
+      raise TypeError(f"observer range must be a Calibration, got {cal!r}")
+    given = dict(method=method, percentile=percentile, grid=grid, min_ratio=min_ratio)
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("method", cal.method) not in OBSERVER_METHODS:
+      raise ValueError(f"observer method {given.get('method', cal.method)!r} is not one of "
+                       f"{OBSERVER_METHODS}")
+    if given:
+      cal = dataclasses.replace(cal, **given)  # Calibration validates the rest
+    if granularity not in ("per_tensor", "per_channel"):
       raise ValueError(f"observer granularity must be 'per_tensor' or 'per_channel', got "
-                       f"{self.granularity!r}")
-    if not 0.0 < self.percentile <= 100.0:
-      raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
-    if self.max_samples < 1 or self.grid < 1 or not 0.0 < self.min_ratio <= 1.0:
-      raise ValueError("max_samples and grid must be >= 1 and min_ratio in (0, 1]")
+                       f"{granularity!r}")
+    if max_samples < 1:
+      raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    object.__setattr__(self, "range", cal)
+    object.__setattr__(self, "granularity", granularity)
+    object.__setattr__(self, "max_samples", max_samples)
+
+  @property
+  def method(self) -> str:
+    return self.range.method
+
+  @property
+  def percentile(self) -> float:
+    return self.range.percentile
+
+  @property
+  def grid(self) -> int:
+    return self.range.grid
+
+  @property
+  def min_ratio(self) -> float:
+    return self.range.min_ratio
 
   def init(self, k: int) -> ActStat:
     return ActStat(lo=jnp.full((k,), jnp.inf, jnp.float32),
@@ -133,38 +172,9 @@ class ActObserver:
     per_tensor = self.granularity == "per_tensor"
     lo = jnp.min(stat.lo, keepdims=True) if per_tensor else stat.lo
     hi = jnp.max(stat.hi, keepdims=True) if per_tensor else stat.hi
-    lo, hi = lo.reshape(1, -1), hi.reshape(1, -1)
-    if self.method == "percentile" and self.percentile < 100.0:
-      s = stat.sample
-      if fmt.symmetric:
-        a = jnp.abs(s)
-        amax = (jnp.percentile(a, self.percentile) if per_tensor else
-                jnp.percentile(a, self.percentile, axis=0)).reshape(1, -1)
-        lo, hi = -amax, amax
-      else:
-        q_lo, q_hi = 100.0 - self.percentile, self.percentile
-        lo = (jnp.percentile(s, q_lo) if per_tensor else jnp.percentile(s, q_lo, axis=0))
-        hi = (jnp.percentile(s, q_hi) if per_tensor else jnp.percentile(s, q_hi, axis=0))
-        lo, hi = lo.reshape(1, -1), hi.reshape(1, -1)
-    elif self.method == "mse":
-      lo, hi = _mse_range(stat.sample, lo, hi, fmt, self.grid, self.min_ratio, per_tensor)
-    return qarray_lib.scale_from_range(fmt, lo, hi)
-
-
-def _mse_range(sample, lo, hi, fmt, grid, min_ratio, per_tensor):
-  axes = (0, 1) if per_tensor else (0,)
-  best_e, best_r = None, None
-  for r in np.linspace(1.0, min_ratio, grid):
-    s, z = qarray_lib.scale_from_range(fmt, lo * r, hi * r)
-    d = qarray_lib.decode(qarray_lib.encode(sample, fmt, s, z), fmt, s, z)
-    e = jnp.sum((d - sample) ** 2, axis=axes, keepdims=True)
-    rr = jnp.full(e.shape, r, jnp.float32)
-    if best_e is None:
-      best_e, best_r = e, rr
-    else:
-      better = e < best_e
-      best_e, best_r = jnp.where(better, e, best_e), jnp.where(better, rr, best_r)
-  return lo * best_r, hi * best_r
+    # Sample rows [s, k] are the blocks' values: one block (per tensor) or k blocks of a column.
+    return calibrate_lib.range_scales(stat.sample, (0, 1) if per_tensor else (0,), fmt,
+                                      self.range, lo.reshape(1, -1), hi.reshape(1, -1))
 
 
 def observe(observer: ActObserver, batches: Sequence[jax.Array]) -> ActStat:

@@ -2,7 +2,10 @@
 
 Every method works per block (tensor, channel or group, from the format's
 granularity) and returns block-shaped `(scale, zero_point)`; see
-`blocks.block_view`.
+`blocks.block_view`. `Calibration` is the one range rule and `range_scales`
+the one range estimator (min-max, percentile, MSE clip search), for weight
+blocks here and for static activation ranges
+(`methods.activations.ActObserver.range`).
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ from quantjax.numerics import blocks as blocks_lib
 from quantjax.numerics import llamacpp_types
 from quantjax.numerics.formats import QuantFormat, resolve_format
 
-__all__ = ["Calibration", "choose_scales", "calibrate_blocks", "block_scales", "sign_scales",
-           "resolve_calibration", "auto_method"]
+__all__ = ["Calibration", "choose_scales", "calibrate_blocks", "range_scales", "block_scales",
+           "sign_scales", "resolve_calibration", "auto_method", "RANGE_METHODS"]
 
 METHODS = ("auto", "minmax", "percentile", "mse", "signed_max")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Calibration:
-  """How a range is chosen for each block.
+  """How a range is chosen for each block: the range rule of weights' scales
+  (`choose_scales`, defaults below) and of static activation ranges
+  (`methods.activations.ActObserver.range`, defaults `ACT_RANGE`: min-max,
+  percentile 99.99, grid 50, min_ratio 0.3); `range_scales` computes it.
 
   Attributes:
     method: "auto" (the default, `auto_method(fmt)`: "signed_max" for
@@ -35,7 +41,8 @@ class Calibration:
       worse; see README.md's default comparison),
       "minmax" (the full range), "percentile" (clip at the given
       percentile of |x|, or of x at both ends for asymmetric formats) or "mse"
-      (search clip ratios in [min_ratio, 1] for the least `norm`-error), or
+      (search `grid` clip ratios from 1 down to min_ratio of the min-max range
+      for the least `norm`-error; the first least wins), or
       "signed_max" (signed symmetric integers only: the value of largest
       magnitude maps exactly to the code `qmin = -2^(b-1)`, so the scale
       carries that value's sign and all 2^b codes are in use; llama.cpp's
@@ -83,31 +90,45 @@ def _percentile(x: jax.Array, q: float, axes: tuple[int, ...]) -> jax.Array:
   return p.reshape(out_shape)
 
 
-def _range(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
-           cal: Calibration) -> tuple[jax.Array, jax.Array]:
-  x = xb.astype(jnp.float32)
+RANGE_METHODS = ("minmax", "percentile", "mse")
+
+
+def range_scales(x: jax.Array, axes: tuple[int, ...], fmt: QuantFormat, cal: Calibration,
+                 lo: jax.Array | None = None, hi: jax.Array | None = None):
+  """Block-shaped `(scale, zero_point)` by a range rule: the range estimator.
+
+  The one implementation of "minmax", "percentile" and "mse" (`RANGE_METHODS`)
+  for weight blocks (`calibrate_blocks`) and activation observers
+  (`activations.ActObserver.finalize`).
+
+  Args:
+    x: values, block-shaped: `cal.percentile` is taken of them over `axes`
+      (of |x|, or of x at both ends for formats with a zero point) and "mse"
+      measures its error on them.
+    axes: the axes of `x` that one block spans.
+    fmt: the format.
+    cal: the rule; `cal.method` one of `RANGE_METHODS`.
+    lo, hi: the min-max range, `x` reduced over `axes` with keepdims
+      (default: that of `x`; an observer passes the range of all it saw, `x`
+      being a sample). "minmax" uses it, "mse" searches `cal.grid` clip ratios
+      from 1 down to `cal.min_ratio` of it (the first least `cal.norm`-error
+      wins), "percentile" at 100 is "minmax".
+  """
+  if cal.method not in RANGE_METHODS:
+    raise ValueError(f"range method {cal.method!r} is not one of {RANGE_METHODS}")
+  x = x.astype(jnp.float32)
+  if lo is None or hi is None:
+    lo = jnp.min(x, axis=axes, keepdims=True)
+    hi = jnp.max(x, axis=axes, keepdims=True)
   if cal.method == "percentile" and cal.percentile < 100.0:
-    if fmt.kind == "int" and not fmt.symmetric:
-      return (_percentile(x, 100.0 - cal.percentile, axes),
-              _percentile(x, cal.percentile, axes))
-    amax = _percentile(jnp.abs(x), cal.percentile, axes)
-    return -amax, amax
-  return (jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True))
-
-
-def calibrate_blocks(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
-                     calibration: Any = "auto"):
-  """Block-shaped `(scale, zero_point)` for block-shaped `xb`."""
-  cal = resolve_calibration(calibration)
-  if cal.method == "auto":
-    cal = dataclasses.replace(cal, method=auto_method(fmt))
-  if cal.method == "signed_max":
-    return _signed_max_scale(xb, axes, fmt)
-  lo, hi = _range(xb, axes, fmt, cal)
+    if fmt.has_zero_point:
+      lo, hi = _percentile(x, 100.0 - cal.percentile, axes), _percentile(x, cal.percentile, axes)
+    else:
+      amax = _percentile(jnp.abs(x), cal.percentile, axes)
+      lo, hi = -amax, amax
   if cal.method != "mse":
     return blocks_lib.scale_from_range(fmt, lo, hi)
 
-  x = xb.astype(jnp.float32)
   search_fmt = fmt.replace(rounding="nearest_even") if fmt.rounding == "stochastic" else fmt
   ratios = jnp.linspace(1.0, cal.min_ratio, cal.grid)
 
@@ -129,6 +150,18 @@ def calibrate_blocks(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
 
   (_, s, z), _ = jax.lax.scan(body, (e0, s0, z0), ratios[1:])
   return s, z
+
+
+def calibrate_blocks(xb: jax.Array, axes: tuple[int, ...], fmt: QuantFormat,
+                     calibration: Any = "auto"):
+  """Block-shaped `(scale, zero_point)` for block-shaped `xb`: "auto" resolved
+  (`auto_method`), "signed_max", else `range_scales`."""
+  cal = resolve_calibration(calibration)
+  if cal.method == "auto":
+    cal = dataclasses.replace(cal, method=auto_method(fmt))
+  if cal.method == "signed_max":
+    return _signed_max_scale(xb, axes, fmt)
+  return range_scales(xb, axes, fmt, cal)
 
 
 def _signed_symmetric(fmt: QuantFormat) -> bool:

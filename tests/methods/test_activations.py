@@ -135,3 +135,28 @@ def test_observer_errors():
     obs.finalize(obs.init(4), INT8_T)
   with pytest.raises(ValueError, match="per tensor or per channel"):
     obs.finalize(act.observe(obs, [jnp.ones((3, 64))]), QuantFormat.parse("int8_g32"))
+
+
+def test_observer_range_is_a_calibration():
+  from quantjax.numerics import calibrate as cal
+  obs = act.ActObserver()
+  assert obs.range == act.ACT_RANGE == cal.Calibration(method="minmax", percentile=99.99, grid=50,
+                                                         min_ratio=0.3)
+  short = act.ActObserver(method="mse", grid=20, granularity="per_channel")
+  assert short == act.ActObserver(range=cal.Calibration(method="mse", percentile=99.99, grid=20,
+                                                        min_ratio=0.3), granularity="per_channel")
+  assert (short.method, short.grid, short.min_ratio, short.percentile) == ("mse", 20, 0.3, 99.99)
+  # One validation: the range rule's own, plus the methods an observer can use.
+  with pytest.raises(ValueError, match="percentile"):
+    act.ActObserver(method="percentile", percentile=0.0)
+  with pytest.raises(ValueError, match="observer method"):
+    act.ActObserver(range=cal.Calibration())  # "auto" is a weight rule
+  # The observer's range is the weights' estimator on its sample, within the observed range.
+  xs = _acts()
+  for m in ("percentile", "mse"):
+    obs = act.ActObserver(method=m, percentile=99.0, granularity="per_channel")
+    st = act.observe(obs, [jnp.asarray(x) for x in xs])
+    s, _ = obs.finalize(st, INT8_T)
+    fmt = INT8_T.replace(granularity="per_channel", channel_axis=-1)
+    s_ref, _ = cal.range_scales(st.sample, (0,), fmt, obs.range, st.lo[None], st.hi[None])
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s_ref))

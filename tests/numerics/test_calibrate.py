@@ -90,3 +90,18 @@ def test_auto_is_signed_max_for_signed_symmetric_ints_and_minmax_otherwise():
   assert codes.min() == -8 and np.all(np.abs(codes) <= 8)
   np.testing.assert_allclose(np.max(np.abs(np.asarray(q.dequantize())), axis=0),
                              np.max(np.abs(np.asarray(x)), axis=0), rtol=1e-2)
+
+
+def test_range_scales_is_calibrate_blocks_for_range_rules():
+  from quantjax.numerics import blocks as blocks_lib
+  from quantjax.numerics.formats import QuantFormat
+  x = jnp.asarray(np.random.default_rng(3).laplace(size=(64, 16)).astype(np.float32))
+  for name in ("int4_g32", "uint4_asym_g32"):
+    fmt = QuantFormat.parse(name)
+    xb, axes = blocks_lib.block_view(x, fmt)
+    for m in ("minmax", "percentile", "mse"):
+      c = cal.Calibration(method=m, percentile=99.0)
+      a, b = cal.range_scales(xb, axes, fmt, c), cal.calibrate_blocks(xb, axes, fmt, c)
+      np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+  with pytest.raises(ValueError, match="range method"):
+    cal.range_scales(xb, axes, fmt, cal.Calibration(method="signed_max"))
