@@ -59,11 +59,11 @@ from quantjax.models import functional
 from quantjax.numerics.qarray import QArray
 
 __all__ = [
-    "Attention", "Block", "CausalLM", "cached_step", "Embed", "KVCache", "Linear", "MLP", "RMSNorm",
+    "Attention", "Block", "CausalLM", "Embed", "KVCache", "Linear", "MLP", "RMSNorm",
     "Switches", "abstract_state", "apply_rope", "as_state", "block_api", "block_inputs",
-    "decoder", "fold_groups", "foldable", "forward", "forward_fn", "generate", "graphdef",
-    "init_cache", "loss_fn", "model_from_params", "rename_legacy", "rope_tables", "step",
-    "token_nll", "window_nll_fn",
+    "cached_step", "decoder", "fold_groups", "foldable", "forward", "forward_fn", "generate",
+    "graphdef", "init_cache", "loss_fn", "model_from_params", "rename_legacy", "rope_tables",
+    "step", "token_nll", "window_nll_fn",
 ]
 
 _ACTIVATIONS = ("silu", "gelu_tanh")

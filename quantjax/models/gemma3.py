@@ -89,6 +89,7 @@ __all__ = [
     "SLIDING",
     "abstract_state",
     "as_state",
+    "cached_step",
     "check_gguf_exportable",
     "check_gguf_shapes",
     "decoder",

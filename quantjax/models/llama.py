@@ -61,6 +61,7 @@ __all__ = [
     "KVCache",
     "abstract_state",
     "as_state",
+    "cached_step",
     "forward",
     "graphdef",
     "generate",
