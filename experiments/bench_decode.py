@@ -2,7 +2,7 @@
 
     python -m experiments.bench_decode --out=runs/bench_decode          # full (~40 min, 2 cores)
     python -m experiments.bench_decode --quick --out=/tmp/bench_decode  # smoke run
-    python -m experiments.bench_decode --layers_only --out=/tmp/bench_layers  # layer table (~2 min)
+    python -m experiments.bench_decode --layers_only --out=runs/bench_layers  # layer table (~2 min)
 
 One run, the same prompts (random tokens, `speed.bench_prompts`) and the
 same number of greedy steps for every row:
