@@ -89,8 +89,8 @@ class ActObserver:
 
   `ActObserver(method=..., percentile=..., grid=..., min_ratio=...)` is short
   for `ActObserver(range=dataclasses.replace(ACT_RANGE, method=..., ...))`
-  (fields given override those of `range` when both are passed);
-  `observer.method` etc. read `observer.range`.
+  (fields given override those of `range` when both are passed); the rule is
+  read as `observer.range`.
   """
 
   range: calibrate_lib.Calibration
@@ -120,22 +120,6 @@ class ActObserver:
     object.__setattr__(self, "granularity", granularity)
     object.__setattr__(self, "max_samples", max_samples)
 
-  @property
-  def method(self) -> str:
-    return self.range.method
-
-  @property
-  def percentile(self) -> float:
-    return self.range.percentile
-
-  @property
-  def grid(self) -> int:
-    return self.range.grid
-
-  @property
-  def min_ratio(self) -> float:
-    return self.range.min_ratio
-
   def init(self, k: int) -> ActStat:
     return ActStat(lo=jnp.full((k,), jnp.inf, jnp.float32),
                    hi=jnp.full((k,), -jnp.inf, jnp.float32),
@@ -149,7 +133,7 @@ class ActObserver:
     cnt = stat.count + jnp.asarray(n, jnp.float32)
     absmean = stat.absmean + (jnp.sum(jnp.abs(x2), 0) - stat.absmean * n) / cnt
     sample = stat.sample
-    if self.method != "minmax":
+    if self.range.method != "minmax":
       room = self.max_samples - sample.shape[0]
       if room > 0:
         stride = max(1, n // room)
@@ -245,7 +229,8 @@ def observer_needs(observer: ActObserver | None) -> frozenset:
   """The input statistics (`capture.STAT_KINDS`) an observer's ranges need."""
   if observer is None:
     return frozenset()
-  return frozenset({"range", "absmean"} | ({"sample"} if observer.method != "minmax" else set()))
+  sample = {"sample"} if observer.range.method != "minmax" else set()
+  return frozenset({"range", "absmean"} | sample)
 
 
 def wrap_weight(part: Any, weight: Any, *, observer: ActObserver | None = None,

@@ -145,7 +145,8 @@ def test_observer_range_is_a_calibration():
   short = act.ActObserver(method="mse", grid=20, granularity="per_channel")
   assert short == act.ActObserver(range=cal.Calibration(method="mse", percentile=99.99, grid=20,
                                                         min_ratio=0.3), granularity="per_channel")
-  assert (short.method, short.grid, short.min_ratio, short.percentile) == ("mse", 20, 0.3, 99.99)
+  assert (short.range.method, short.range.grid, short.range.min_ratio,
+          short.range.percentile) == ("mse", 20, 0.3, 99.99)
   # One validation: the range rule's own, plus the methods an observer can use.
   with pytest.raises(ValueError, match="percentile"):
     act.ActObserver(method="percentile", percentile=0.0)
