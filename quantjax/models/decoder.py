@@ -443,8 +443,9 @@ def rename_legacy(config: Any, params: Any) -> Any:
   if config.switches().post_norms or not isinstance(params, Mapping):
     return params
   layers = params.get("layers")
-  if not isinstance(layers, Mapping):
-    return params
+  if not isinstance(layers, Mapping) or not any(
+      isinstance(layer, Mapping) and "post_attn_norm" in layer for layer in layers.values()):
+    return params  # nothing old: the tree is handed on as it is (every forward call)
   renamed = {}
   for k, layer in layers.items():
     if (isinstance(layer, Mapping) and "post_attn_norm" in layer

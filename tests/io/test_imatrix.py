@@ -361,8 +361,7 @@ def test_pipeline_writes_the_imatrix_beside_the_export(tmp_path, capsys):
 
 def _llamacpp():
   from quantjax.eval import llamacpp
-  if not llamacpp.available():
-    pytest.skip("llama-cpp-python is not importable")
+  assert llamacpp.available(), "llama-cpp-python is missing: `make install` installs it"
   return llamacpp
 
 
