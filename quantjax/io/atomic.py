@@ -178,6 +178,26 @@ def commit_file(tmp: str, path: str | os.PathLike) -> None:
   _fsync_dir(os.path.dirname(path))
 
 
+def write_checked(path: str | os.PathLike, write: Callable[[str], Any],
+                  check: Callable[[str], Any], *, what: str) -> None:
+  """A file for writers that open by name: `write(tmp)` writes it at a reserved
+  temporary name beside `path` (an OSError is re-raised naming `what` and `path`),
+  `check(tmp)` reads it back and raises if it must not be kept, then it takes `path`
+  (`commit_file`); the temporary file never stays."""
+  path = os.fspath(path)
+  tmp = temp_path(path)
+  try:
+    try:
+      write(tmp)
+    except OSError as e:
+      raise named_os_error(e, f"cannot write {what} {path}") from e
+    check(tmp)
+    commit_file(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
 def unlink_quiet(p: str) -> None:
   """Removes the file `p` if it can; never raises OSError."""
   try:

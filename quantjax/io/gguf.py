@@ -401,67 +401,63 @@ def write_gguf_file(path: str | os.PathLike, config, tensors: Sequence[tuple[str
   arch = architecture_of(config)
   arch_name = arch.gguf.arch
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = atomic.temp_path(path)  # mode 0666 less the umask, like any new file
-  try:
-    try:
-      w = gguf.GGUFWriter(tmp, arch_name)
-      w.add_name(name or config.name)
-      w.add_context_length(int(config.max_position_embeddings))
-      w.add_embedding_length(int(config.hidden_size))
-      w.add_block_count(int(config.num_layers))
-      w.add_feed_forward_length(int(config.intermediate_size))
-      w.add_head_count(int(config.num_heads))
-      w.add_head_count_kv(int(config.num_kv_heads))
-      w.add_rope_freq_base(float(config.rope_theta))
-      w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-      arch.gguf.write_metadata(config, w, gguf)  # the family's own keys
-      w.add_file_type(_file_type([t for _, r, t in tensors if r.ndim == 2]))
-      w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-      if tokenizer is not None:
-        if isinstance(tokenizer, (str, os.PathLike)) and os.fspath(tokenizer).endswith(".gguf"):
-          n_tok = _copy_tokenizer_fields(w, os.fspath(tokenizer))
-        else:
-          n_tok = _hf_tokenizer_fields(w, tokenizer)
-        if n_tok and n_tok != int(config.vocab_size):
-          raise GGUFError(f"{path}: the tokenizer has {n_tok} tokens but the model's vocabulary "
-                          f"(config.vocab_size, the embedding's rows) is {config.vocab_size}; "
-                          "llama.cpp refuses such a file, so nothing was written")
-      for gname, raw, t in tensors:
-        if t in CODEBOOK_TYPES and t not in gguf.GGMLQuantizationType.__members__:
-          # newer than gguf-py (Q2_0): its ggml id, and the shape in values
-          ct = gguf_codebook.TYPES[t]
-          rows = np.asarray(raw).reshape(np.asarray(raw).shape[0], -1)
-          w.add_tensor(gname, rows.view(np.int8),
-                       raw_shape=(rows.shape[0], rows.shape[1] // ct.type_size * ct.block),
-                       raw_dtype=ct.ggml_id)
-        elif t in BLOCK_TYPES or t in K_TYPES or t in CODEBOOK_TYPES:
-          w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[t])
-        elif t == "BF16":
-          w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-          w.add_tensor(gname, raw)
-      w.write_header_to_file()
-      w.write_kv_data_to_file()
-      w.write_tensors_to_file()
-      w.close()
-    except OSError as e:
-      raise OSError(e.errno, f"cannot write GGUF file {path}: {e.strerror or e}") if e.errno \
-          else OSError(f"cannot write GGUF file {path}: {e}") from e
+
+  def write(tmp):
+    w = gguf.GGUFWriter(tmp, arch_name)
+    w.add_name(name or config.name)
+    w.add_context_length(int(config.max_position_embeddings))
+    w.add_embedding_length(int(config.hidden_size))
+    w.add_block_count(int(config.num_layers))
+    w.add_feed_forward_length(int(config.intermediate_size))
+    w.add_head_count(int(config.num_heads))
+    w.add_head_count_kv(int(config.num_kv_heads))
+    w.add_rope_freq_base(float(config.rope_theta))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    arch.gguf.write_metadata(config, w, gguf)  # the family's own keys
+    w.add_file_type(_file_type([t for _, r, t in tensors if r.ndim == 2]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer is not None:
+      if isinstance(tokenizer, (str, os.PathLike)) and os.fspath(tokenizer).endswith(".gguf"):
+        n_tok = _copy_tokenizer_fields(w, os.fspath(tokenizer))
+      else:
+        n_tok = _hf_tokenizer_fields(w, tokenizer)
+      if n_tok and n_tok != int(config.vocab_size):
+        raise GGUFError(f"{path}: the tokenizer has {n_tok} tokens but the model's vocabulary "
+                        f"(config.vocab_size, the embedding's rows) is {config.vocab_size}; "
+                        "llama.cpp refuses such a file, so nothing was written")
+    for gname, raw, t in tensors:
+      if t in CODEBOOK_TYPES and t not in gguf.GGMLQuantizationType.__members__:
+        # newer than gguf-py (Q2_0): its ggml id, and the shape in values
+        ct = gguf_codebook.TYPES[t]
+        rows = np.asarray(raw).reshape(np.asarray(raw).shape[0], -1)
+        w.add_tensor(gname, rows.view(np.int8),
+                     raw_shape=(rows.shape[0], rows.shape[1] // ct.type_size * ct.block),
+                     raw_dtype=ct.ggml_id)
+      elif t in BLOCK_TYPES or t in K_TYPES or t in CODEBOOK_TYPES:
+        w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[t])
+      elif t == "BF16":
+        w.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+      else:
+        w.add_tensor(gname, raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+  def check(tmp):
     # Read back what was written, as any reader will, before it takes the name.
     try:
-      with gguf_read.read_gguf(tmp) as check:
-        gguf_read.validate_metadata(check)
-        check_tensor_shapes(config, check, tmp)
-        if len(check.tensors) != len(tensors):
-          raise GGUFError(f"{len(check.tensors)} tensors were written, {len(tensors)} expected")
+      with gguf_read.read_gguf(tmp) as back:
+        gguf_read.validate_metadata(back)
+        check_tensor_shapes(config, back, tmp)
+        if len(back.tensors) != len(tensors):
+          raise GGUFError(f"{len(back.tensors)} tensors were written, {len(tensors)} expected")
     except GGUFError as e:
       raise GGUFError(f"{path}: the written file fails the reader's checks, so it was not "
                       f"kept: {e}") from None
-    atomic.commit_file(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+
+  # a new file: mode 0666 less the umask
+  atomic.write_checked(path, write, check, what="GGUF file")
 
 
 def export_gguf(path: str | os.PathLike, config, params: Any, *, tokenizer: Any = None,

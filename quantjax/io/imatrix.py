@@ -258,25 +258,22 @@ def write_imatrix(path: str | os.PathLike, importance: Mapping[str, Any], *, chu
     if extra:
       raise ValueError(f"{path}: counts for tensors without importance: {extra[:4]}")
 
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = atomic.temp_path(path)
-  try:
-    try:
-      w = gguf.GGUFWriter(tmp, "")  # an empty architecture writes no general.architecture
-      w.add_type("imatrix")
-      w.add_key_value(KEY_DATASETS, datasets, gguf.GGUFValueType.ARRAY,
-                      sub_type=gguf.GGUFValueType.STRING)
-      w.add_uint32(KEY_CHUNK_COUNT, chunk_count)
-      w.add_uint32(KEY_CHUNK_SIZE, chunk_size)
-      for name, _, s, cnt in entries:  # sorted, in_sum2 then counts, as llama-imatrix writes
-        w.add_tensor(name + SUM2, s)    # numpy [1, n_in] = ggml [n_in, 1]
-        w.add_tensor(name + COUNTS, cnt)
-      w.write_header_to_file()
-      w.write_kv_data_to_file()
-      w.write_tensors_to_file()
-      w.close()
-    except OSError as e:
-      raise atomic.named_os_error(e, f"cannot write imatrix file {path}") from e
+  def write(tmp):
+    w = gguf.GGUFWriter(tmp, "")  # an empty architecture writes no general.architecture
+    w.add_type("imatrix")
+    w.add_key_value(KEY_DATASETS, datasets, gguf.GGUFValueType.ARRAY,
+                    sub_type=gguf.GGUFValueType.STRING)
+    w.add_uint32(KEY_CHUNK_COUNT, chunk_count)
+    w.add_uint32(KEY_CHUNK_SIZE, chunk_size)
+    for name, _, s, cnt in entries:  # sorted, in_sum2 then counts, as llama-imatrix writes
+      w.add_tensor(name + SUM2, s)    # numpy [1, n_in] = ggml [n_in, 1]
+      w.add_tensor(name + COUNTS, cnt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+  def check(tmp):
     # Read back what was written, as llama-quantize will, before it takes the name.
     try:
       back = read_imatrix_file(tmp)
@@ -287,10 +284,8 @@ def write_imatrix(path: str | os.PathLike, importance: Mapping[str, Any], *, chu
       if counts is None and not np.array_equal(back.means[name], mean):
         raise GGUFError(f"{path}: tensor {name}: the means read back differ from those "
                         "written, so the file was not kept")
-    atomic.commit_file(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+
+  atomic.write_checked(path, write, check, what="imatrix file")
 
 
 # ----------------------------------------------------------------------------
